@@ -1,0 +1,218 @@
+"""Turn LLaVA conversation JSON (or JSON Lines) plus an image folder into webdataset shards.
+
+Each sample is the original image bytes (key.png, key.jpg, ...) and the record (key.json).
+Bad records are skipped, counted by reason, and the build goes on:
+  missing_image           image file missing, unreadable or undecodable
+  malformed_conversation  not a dict, no id, conversations not a non-empty list of
+                          human/gpt turns alternating from human, or an empty value
+  image_tag_mismatch      number of <image> tags != number of images (1 with "image", else 0)
+  duplicate_id            id already used by an earlier record
+OUT/manifest.json lists the shards with sample counts and sizes, and the skipped counts.
+Same input, byte-identical shards and manifest. Every file is written under a temporary
+name and renamed, and the manifest last, so an interrupted build never looks complete.
+
+    python -m tools.build_shards --json data/synth/data.json --image-root data/synth --out data/synth_shards
+"""
+
+import argparse
+import concurrent.futures
+import glob
+import io
+import json
+import os
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.tokens import IMAGE_TOKEN
+
+REASONS = ["missing_image", "malformed_conversation", "image_tag_mismatch", "duplicate_id"]
+EXAMPLES_PER_REASON = 5
+CHUNK = 512  # records validated per batch of worker jobs; bounds the image bytes held in memory
+TMP_SUFFIX = ".tmp"
+
+
+def load_records(path):
+    """A list of records from a JSON list or a JSON Lines file (a bad line becomes None)."""
+    with open(path) as f:
+        if path.endswith(".jsonl"):
+            records = []
+            for line in f:
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        records.append(None)
+            return records
+        records = json.load(f)
+    if not isinstance(records, list):
+        raise SystemExit(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return records
+
+
+def conversation_problem(record):
+    """The skip reason for a record's text, or None if it is fine (images are checked apart)."""
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        return "malformed_conversation"
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or turn.get("from") != ("human", "gpt")[i % 2]:
+            return "malformed_conversation"
+        if not isinstance(turn.get("value"), str) or not turn["value"].strip():
+            return "malformed_conversation"
+    has_image = "image" in record
+    if has_image and not isinstance(record["image"], str):
+        return "malformed_conversation"
+    tags = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
+    if tags != int(has_image):
+        return "image_tag_mismatch"
+    return None
+
+
+def read_image(path):
+    """(bytes, None) if the file decodes fully, else (None, 'missing_image')."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # full decode: truncated files pass Image.open but fail here
+        return data, None
+    except Exception:  # any unreadable or undecodable file is the same skip reason
+        return None, "missing_image"
+
+
+class ShardWriter:
+    """Writes shard-NNNNNN.tar files of fixed size, each under a temporary name until complete."""
+
+    def __init__(self, out_dir, samples_per_shard):
+        self.out_dir, self.samples_per_shard = out_dir, samples_per_shard
+        self.shards, self.writer, self.file, self.total = [], None, None, 0
+
+    def write(self, sample):
+        if self.writer is None:
+            name = f"shard-{len(self.shards):06d}.tar"
+            self.file = open(os.path.join(self.out_dir, name + TMP_SUFFIX), "wb")
+            # Fixed mtime/user/group make the tar bytes a function of the data alone.
+            self.writer = wds.TarWriter(self.file, mtime=0, user="data", group="data")
+            self.shards.append({"name": name, "num_samples": 0, "num_bytes": 0})
+        self.writer.write(sample)
+        self.shards[-1]["num_samples"] += 1
+        self.total += 1
+        if self.shards[-1]["num_samples"] == self.samples_per_shard:
+            self.close()
+
+    def close(self):
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.file.close()
+        path = os.path.join(self.out_dir, self.shards[-1]["name"])
+        os.replace(path + TMP_SUFFIX, path)
+        self.shards[-1]["num_bytes"] = os.path.getsize(path)
+        self.writer = self.file = None
+
+
+def write_json_atomic(path, obj):
+    with open(path + TMP_SUFFIX, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(path + TMP_SUFFIX, path)
+
+
+def clean_out_dir(out_dir):
+    """Remove what an earlier (perhaps interrupted) build left: temp files, shards, manifest."""
+    os.makedirs(out_dir, exist_ok=True)
+    for path in glob.glob(os.path.join(out_dir, "*" + TMP_SUFFIX)) + glob.glob(os.path.join(out_dir, "shard-*.tar")):
+        os.remove(path)
+    manifest = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(manifest):
+        os.remove(manifest)
+
+
+def build(json_path, image_root, out_dir, samples_per_shard=1000, workers=1):
+    """Build the shards and manifest; returns the manifest dict."""
+    records = load_records(json_path)
+    clean_out_dir(out_dir)
+    skipped = {reason: 0 for reason in REASONS}
+    examples = {reason: [] for reason in REASONS}
+    seen_ids = set()
+    writer = ShardWriter(out_dir, samples_per_shard)
+
+    def skip(reason, record_id):
+        skipped[reason] += 1
+        if len(examples[reason]) < EXAMPLES_PER_REASON:
+            examples[reason].append(record_id)
+
+    pool = concurrent.futures.ProcessPoolExecutor(workers) if workers > 1 else None
+    progress = tqdm(total=len(records), desc="building shards", unit="rec")
+    try:
+        for start in range(0, len(records), CHUNK):
+            # Text checks in order (duplicates depend on order), then images in parallel.
+            candidates = []
+            for index, record in enumerate(records[start:start + CHUNK], start):
+                if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)):
+                    skip("malformed_conversation", f"<record {index}>")
+                elif record["id"] in seen_ids:
+                    skip("duplicate_id", record["id"])
+                else:
+                    seen_ids.add(record["id"])
+                    problem = conversation_problem(record)
+                    if problem:
+                        skip(problem, record["id"])
+                    else:
+                        candidates.append(record)
+            paths = [os.path.join(image_root, r["image"]) for r in candidates if "image" in r]
+            images = iter(pool.map(read_image, paths, chunksize=16) if pool else map(read_image, paths))
+            for record in candidates:
+                sample = {"json": json.dumps(record, sort_keys=True, ensure_ascii=False).encode()}
+                if "image" in record:
+                    data, problem = next(images)
+                    if problem:
+                        skip(problem, record["id"])
+                        continue
+                    ext = os.path.splitext(record["image"])[1].lstrip(".").lower() or "img"
+                    sample[ext] = data
+                # Keys are running numbers: record ids may hold dots or slashes that tar keys can't.
+                sample["__key__"] = f"{writer.total:09d}"
+                writer.write(sample)
+            progress.update(min(CHUNK, len(records) - start))
+        writer.close()
+    finally:
+        progress.close()
+        if pool:
+            pool.shutdown()
+
+    manifest = {
+        "source": os.path.basename(json_path),
+        "samples_per_shard": samples_per_shard,
+        "shards": writer.shards,
+        "total_samples": writer.total,
+        "total_bytes": sum(s["num_bytes"] for s in writer.shards),
+        "total_records": len(records),
+        "skipped": skipped,
+        "skipped_examples": {r: ids for r, ids in examples.items() if ids},
+    }
+    write_json_atomic(os.path.join(out_dir, "manifest.json"), manifest)
+    return manifest
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", required=True, help="LLaVA conversation JSON list, or .jsonl")
+    parser.add_argument("--image-root", required=True, help="folder the records' 'image' paths are relative to")
+    parser.add_argument("--out", required=True, help="output folder for shard-*.tar and manifest.json")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=1, help="processes validating images")
+    args = parser.parse_args(argv)
+    if args.samples_per_shard < 1 or args.workers < 1:
+        parser.error("--samples-per-shard and --workers must be >= 1")
+    manifest = build(args.json, args.image_root, args.out, args.samples_per_shard, args.workers)
+    print(f"kept {manifest['total_samples']} of {manifest['total_records']} records "
+          f"in {len(manifest['shards'])} shards ({manifest['total_bytes']} bytes)")
+    for reason, count in manifest["skipped"].items():
+        print(f"skipped {reason}: {count}" + (f" (e.g. {manifest['skipped_examples'][reason]})" if count else ""))
+
+
+if __name__ == "__main__":
+    main()
