@@ -5,6 +5,8 @@ is expanded into N copies (the step's vision-token count); the projector's N out
 those slots in order.
 """
 
+from transformers import PreTrainedTokenizerFast
+
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
 
@@ -40,12 +42,21 @@ def expand_image_markers(input_ids, labels, image_token_id, num_vision_tokens):
 def prepare_tokenizer(tokenizer):
     """Give any HF tokenizer the project's image marker, chat template and a pad token.
 
-    Idempotent, so a tokenizer saved with a VLM comes back unchanged. Returns the number of
-    tokens added, which is how many rows the LM's embedding table must grow by.
+    Idempotent, so a tokenizer saved with a VLM comes back unchanged.
     """
     missing = [t for t in [IMAGE_TOKEN, *CHAT_SPECIAL_TOKENS] if t not in tokenizer.get_vocab()]
-    added = tokenizer.add_tokens(missing, special_tokens=True)
+    tokenizer.add_tokens(missing, special_tokens=True)
     tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return added
+
+
+def load_tokenizer(path):
+    """Load a tokenizer from its tokenizer.json, whatever model folder it sits in.
+
+    AutoTokenizer picks the class from the folder's model_type, which would re-tokenize a
+    sentencepiece vocabulary in a Qwen2 folder as byte-level BPE; tokenizer.json is the truth.
+    """
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    prepare_tokenizer(tokenizer)
+    return tokenizer

@@ -1,0 +1,79 @@
+"""Projectors from the vision tower's patch grid into the LM's embedding space.
+
+Registry in the style of LLaVA's projector builder: a name in the config picks the class,
+`build_projector(name, vision_dim, lm_dim, **options)` makes it. Every projector takes
+(images, patches, vision_dim) features and a token count N and returns (images, N, lm_dim).
+"""
+
+import math
+
+from torch import nn
+from torch.nn import functional as F
+
+PROJECTORS = {}
+
+
+def register_projector(name):
+    def add(cls):
+        PROJECTORS[name] = cls
+        return cls
+
+    return add
+
+
+def build_projector(name, vision_dim, lm_dim, **options):
+    if name not in PROJECTORS:
+        raise ValueError(f"unknown projector {name!r}; registered: {sorted(PROJECTORS)}")
+    return PROJECTORS[name](vision_dim, lm_dim, **options)
+
+
+def square_side(count, what):
+    side = math.isqrt(count) if count > 0 else 0
+    if side * side != count:
+        raise ValueError(f"{what}={count} is not a perfect square n*n (e.g. 64, 144, 256)")
+    return side
+
+
+@register_projector("adaptive_pool_swiglu")
+class AdaptivePoolSwiGLUProjector(nn.Module):
+    """TokenFLEX's token-adaptive projector: pool the grid to n x n, then norm and SwiGLU."""
+
+    def __init__(self, vision_dim, lm_dim, hidden_dim=None):
+        super().__init__()
+        hidden_dim = hidden_dim or lm_dim
+        self.norm = nn.LayerNorm(vision_dim)
+        self.gate = nn.Linear(vision_dim, hidden_dim, bias=False)
+        self.up = nn.Linear(vision_dim, hidden_dim, bias=False)
+        self.down = nn.Linear(hidden_dim, lm_dim, bias=False)
+
+    def forward(self, features, num_tokens):
+        images, patches, dim = features.shape
+        grid = square_side(patches, "vision patch count")
+        side = square_side(num_tokens, "num_vision_tokens")
+        if side > grid:
+            raise ValueError(
+                f"num_vision_tokens={num_tokens} asks for a {side}x{side} grid, "
+                f"larger than the encoder's {grid}x{grid} patches"
+            )
+        grid_map = features.transpose(1, 2).reshape(images, dim, grid, grid)
+        pooled = F.adaptive_avg_pool2d(grid_map, side).flatten(2).transpose(1, 2)
+        x = self.norm(pooled)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+@register_projector("mlp2x_gelu")
+class MLPProjector(nn.Module):
+    """LLaVA-1.5's projector: every patch becomes one token, so N is fixed to the patch count."""
+
+    def __init__(self, vision_dim, lm_dim):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+
+    def forward(self, features, num_tokens):
+        if num_tokens != features.shape[1]:
+            raise ValueError(
+                f"the mlp2x_gelu projector has a fixed token count of {features.shape[1]} "
+                f"(one per patch); got num_vision_tokens={num_tokens}"
+            )
+        return self.net(features)
+
