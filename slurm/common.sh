@@ -1,0 +1,57 @@
+# Shared body of slurm/stage1.sh and slurm/stage2.sh; sourced inside the batch job, not run.
+# Usage from a stage script: run_stage SCRIPT_NAME DEFAULT_CONFIG "$@"
+
+# Exit code of pipeline.train after it saved a checkpoint on SIGUSR1/SIGTERM
+# (pipeline.checkpoint.PREEMPTED_EXIT_CODE).
+PREEMPTED_EXIT_CODE=3
+
+log() { echo "[$(date '+%F %T')] $*"; }
+
+stage_usage() {
+    cat <<USAGE
+Usage: sbatch [SBATCH OPTIONS] slurm/$1 [CONFIG.yaml] [key.sub=value ...]
+
+Run from the repo root. CONFIG defaults to $2; dotted overrides go to pipeline.train.
+Starts one training process per GPU with srun. On SIGUSR1/SIGTERM (time limit or preemption)
+training saves a checkpoint and exits $PREEMPTED_EXIT_CODE; this script then requeues the job,
+which resumes from the latest checkpoint in train.output_dir.
+
+Example: sbatch --nodes 4 slurm/$1 $2 train.max_steps=100
+USAGE
+}
+
+run_stage() {
+    local script=$1 default_config=$2
+    shift 2
+    if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+        stage_usage "$script" "$default_config"
+        exit 0
+    fi
+    [[ -n ${SLURM_JOB_ID:-} ]] || { log "error: not in a Slurm job; submit with: sbatch slurm/$script"; exit 2; }
+    local config=$default_config
+    # The first argument is the config unless it is an override (key=value).
+    if [[ $# -gt 0 && $1 != *=* ]]; then
+        config=$1
+        shift
+    fi
+    [[ -f $config ]] || { log "error: config '$config' not found (relative paths are from $PWD)"; exit 2; }
+
+    # All ranks meet at the first node; the port is derived from the job id so that
+    # two jobs sharing a node don't collide, and stays the same across requeues.
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+    export MASTER_ADDR MASTER_PORT PYTHONUNBUFFERED=1
+
+    log "job $SLURM_JOB_ID start (restart count ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
+    log "command: python -m pipeline.train $config $*"
+    local code=0
+    srun python -m pipeline.train "$config" "$@" || code=$?
+
+    if [[ $code == "$PREEMPTED_EXIT_CODE" ]]; then
+        log "training saved a checkpoint and stopped; requeueing job $SLURM_JOB_ID (next restart count $((${SLURM_RESTART_COUNT:-0} + 1)))"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    log "training finished with exit code $code"
+    exit "$code"
+}
