@@ -1,0 +1,93 @@
+"""tools/make_synthetic and tools/build_shards: validation counts, determinism, atomic output."""
+
+import json
+import os
+
+import pytest
+import webdataset as wds
+
+from tools import build_shards, make_synthetic
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    make_synthetic.main(["--out", str(out), "--n", "60", "--seed", "3"])
+    return out
+
+
+def test_synthetic_is_deterministic_and_typed(synth, tmp_path):
+    make_synthetic.main(["--out", str(tmp_path), "--n", "60", "--seed", "3"])
+    assert (tmp_path / "data.json").read_bytes() == (synth / "data.json").read_bytes()
+    records = json.loads((synth / "data.json").read_text())
+    assert {r["question_type"] for r in records} == {"coarse", "medium", "fine", "text"}
+    for r in records:
+        assert ("image" in r) == (r["question_type"] != "text")
+        assert all(len(t["value"].split()) == 1 for t in r["conversations"][1::2])  # one-word answers
+
+
+def test_bad_records_are_counted_by_reason(synth, tmp_path):
+    good = json.loads((synth / "data.json").read_text())[:10]
+    image = next(r["image"] for r in good if "image" in r)
+    (tmp_path / "garbage.png").write_bytes(b"not a png at all")
+    (tmp_path / "truncated.png").write_bytes((synth / image).read_bytes()[:60])
+    os.symlink(synth / "images", tmp_path / "images")
+
+    def rec(i, **kw):
+        return {"id": f"bad-{i}", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                                    {"from": "gpt", "value": "a"}], "image": image, **kw}
+    bad = [
+        rec(0, image="images/nope.png"), rec(1, image="garbage.png"), rec(2, image="truncated.png"),  # missing_image x3
+        rec(3, conversations=[]), rec(4, conversations="hi"),                                          # malformed x8
+        rec(5, conversations=[{"from": "gpt", "value": "a"}, {"from": "human", "value": "<image>"}]),
+        rec(6, conversations=[{"from": "human", "value": "<image>"}, {"from": "robot", "value": "a"}]),
+        rec(7, conversations=[{"from": "human", "value": "<image>"}, {"from": "gpt", "value": " "}]),
+        [1, 2], {"conversations": []}, "text",
+        rec(8, conversations=[{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "a"}]),       # tag mismatch x3
+        rec(9, conversations=[{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "a"}]),
+        {"id": "bad-10", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]},
+        dict(good[1]), dict(good[2]),                                                                  # duplicate x2
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(good + bad))
+    manifest = build_shards.build(str(data), str(tmp_path), str(tmp_path / "out"), samples_per_shard=4)
+    assert manifest["skipped"] == {"missing_image": 3, "malformed_conversation": 8,
+                                   "image_tag_mismatch": 3, "duplicate_id": 2}
+    assert manifest["total_samples"] == 10
+    assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 2]
+    assert manifest["skipped_examples"]["missing_image"] == ["bad-0", "bad-1", "bad-2"]
+    assert manifest["skipped_examples"]["duplicate_id"] == [good[1]["id"], good[2]["id"]]
+
+    # JSON Lines input: an unparsable line is a malformed record, the rest is kept.
+    lines = tmp_path / "data.jsonl"
+    lines.write_text("\n".join(json.dumps(r) for r in good[:5]) + "\n{broken\n")
+    manifest = build_shards.build(str(lines), str(synth), str(tmp_path / "out_jsonl"))
+    assert manifest["total_samples"] == 5 and manifest["skipped"]["malformed_conversation"] == 1
+
+
+def test_build_is_byte_identical_and_readable(synth, tmp_path):
+    args = ["--json", str(synth / "data.json"), "--image-root", str(synth), "--samples-per-shard", "16"]
+    build_shards.main(args + ["--out", str(tmp_path / "a")])
+    build_shards.main(args + ["--out", str(tmp_path / "b"), "--workers", "2"])
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b")) == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    records = json.loads((synth / "data.json").read_text())
+    shards = sorted(str(p) for p in (tmp_path / "a").glob("shard-*.tar"))
+    samples = list(wds.WebDataset(shards, shardshuffle=False))
+    assert [json.loads(s["json"])["id"] for s in samples] == [r["id"] for r in records]
+    for sample, record in zip(samples, records):
+        if "image" in record:
+            assert sample["png"] == (synth / record["image"]).read_bytes()  # original bytes kept
+
+
+def test_rebuild_removes_stale_and_partial_files(synth, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for stale in ["shard-000000.tar.tmp", "shard-000099.tar", "manifest.json.tmp"]:
+        (out / stale).write_bytes(b"left by an interrupted run")
+    manifest = build_shards.build(str(synth / "data.json"), str(synth), str(out), samples_per_shard=100)
+    assert sorted(os.listdir(out)) == ["manifest.json", "shard-000000.tar"]
+    assert manifest["shards"][0]["num_bytes"] == os.path.getsize(out / "shard-000000.tar")
