@@ -13,7 +13,6 @@ import torch
 from huggingface_hub import load_torch_model, save_torch_state_dict
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -26,7 +25,6 @@ from pipeline.projector import build_projector
 from pipeline.tokens import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers, load_tokenizer
 
 MODEL_TYPE = "tokenflex_vlm"
-LOSS_CHUNK_TOKENS = 1024  # logits of this many supervised tokens exist at once during the loss
 
 
 @dataclass
@@ -121,26 +119,11 @@ class TokenFlexVLM(nn.Module):
     def _is_tied(self, name):
         return self.language_model.config.tie_word_embeddings and name.endswith("lm_head.weight")
 
-    def save_pretrained(self, path, state_dict=None, max_shard_size="5GB"):
-        """config.json, sharded safetensors, tokenizer, image processor and generation config."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state_dict = self.state_dict() if state_dict is None else state_dict
-        tied = [name for name in state_dict if self._is_tied(name)]
-        save_torch_state_dict({k: v for k, v in state_dict.items() if k not in tied}, path,
-                              max_shard_size=max_shard_size)
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2, default=str))
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
-        self.generation_config().save_pretrained(path)
+    def save_pretrained(self, path, max_shard_size="5GB"):
+        write_model_folder(path, self.config, self.tokenizer, self.image_processor, self.state_dict(), max_shard_size)
 
     def generation_config(self, **options):
-        return GenerationConfig(
-            do_sample=False,
-            **options,
-            eos_token_id=self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        return generation_config(self.tokenizer, **options)
 
     # ---- forward ----
 
@@ -184,27 +167,25 @@ class TokenFlexVLM(nn.Module):
         ).last_hidden_state
         loss = None
         if "labels" in batch:
-            loss = self.chunked_loss(hidden, batch["labels"])
+            loss = self.supervised_loss(hidden, batch["labels"])
         logits = self.language_model.lm_head(hidden) if return_logits else None
         return VLMOutput(loss=loss, logits=logits)
 
-    def chunked_loss(self, hidden, labels):
-        """Next-token cross-entropy over supervised positions only, chunked and recomputed in
-        backward so that no more than LOSS_CHUNK_TOKENS rows of fp32 logits are ever alive."""
+    def supervised_loss(self, hidden, labels):
+        """Next-token cross-entropy computed only where a label exists.
+
+        Image slots and prompts carry no label, so at large N most positions never get
+        full-vocabulary logits: the fp32 logits that dominate memory in a plain HF loss shrink
+        to the supervised rows. (A recomputed chunked loss does not survive ZeRO-3's
+        parameter gathering inside backward, so this is the CPU/ZeRO-3 path.)
+        """
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        selected = hidden[:, :-1][keep]
-        targets = targets[keep]
-        if targets.numel() == 0:
-            return hidden.sum() * 0.0
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, targets.numel(), LOSS_CHUNK_TOKENS):
-            piece = slice(start, start + LOSS_CHUNK_TOKENS)
-            total = total + checkpoint(self._loss_sum, selected[piece], targets[piece], use_reentrant=False)
-        return total / targets.numel()
-
-    def _loss_sum(self, hidden, targets):
-        return F.cross_entropy(self.language_model.lm_head(hidden).float(), targets, reduction="sum")
+        if not keep.any():
+            # lm_head still runs: under ZeRO-3 every rank must run the same module forwards
+            return self.language_model.lm_head(hidden[:, 0]).sum() * 0.0
+        logits = self.language_model.lm_head(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep])
 
     # ---- inference ----
 
@@ -256,6 +237,27 @@ class TokenFlexVLM(nn.Module):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter() - started
+
+
+def generation_config(tokenizer, **options):
+    return GenerationConfig(do_sample=False, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                            pad_token_id=tokenizer.pad_token_id, **options)
+
+
+def write_model_folder(path, config, tokenizer, image_processor, state_dict=None, max_shard_size="5GB"):
+    """A model folder: config.json, tokenizer, image processor, generation config and, when
+    given, the weights as sharded safetensors. Without weights it records what a ZeRO
+    checkpoint cannot: the structure to convert that checkpoint back into a model."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    generation_config(tokenizer).save_pretrained(path)
+    if state_dict is not None:
+        tied = config.text_config.get("tie_word_embeddings", False)
+        weights = {k: v for k, v in state_dict.items() if not (tied and k.endswith("lm_head.weight"))}
+        save_torch_state_dict(weights, path, max_shard_size=max_shard_size)
 
 
 def read_vlm_config(path):

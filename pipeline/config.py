@@ -1,0 +1,176 @@
+"""Typed run configuration: dataclasses loaded from YAML plus dotted command-line overrides.
+
+Every key is checked against the dataclasses, so a typo or a value of the wrong type is an
+error that names the key instead of a silently ignored setting.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.data import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    """Stage 1 assembles the VLM from `vision_path` + `lm_path`; stage 2 starts from `init_from`,
+    a converted model folder (stage 1 writes one to <output_dir>/final)."""
+
+    vision_path: str = ""
+    lm_path: str = ""
+    init_from: str = ""
+    projector: str = "adaptive_pool_swiglu"
+    projector_options: dict = field(default_factory=dict)
+    vision_feature_layer: int = -1
+
+
+@dataclass
+class TokensConfig:
+    """Vision-token counts N drawn per optimizer step, with weights. One entry = fixed-N baseline."""
+
+    counts: dict = field(default_factory=lambda: {64: 1.0, 144: 1.0, 256: 1.0})
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.counts:
+            raise ValueError("tokens.counts must name at least one token count")
+        for count, weight in self.counts.items():
+            if not isinstance(count, int) or count <= 0 or not isinstance(weight, (int, float)) or weight <= 0:
+                raise ValueError(f"tokens.counts: {count}: {weight} must be a positive int count with a positive weight")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    vision_lr: float = 0.0  # > 0 trains the vision tower in stage 2, at this learning rate
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "align"  # align (stage 1) or finetune (stage 2)
+    output_dir: str = "runs/stage1"
+    max_steps: int = 1000
+    grad_accum: int = 1
+    save_every: int = 500
+    keep_last: int = 2
+    deepspeed: str = "configs/zero3.json"
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seed: int = 0
+    peak_tflops: float = 989.0  # per GPU, for MFU (H100 SXM dense bf16)
+    export_final: bool = True  # write <output_dir>/final, a model folder, when training ends
+
+    def __post_init__(self):
+        if self.stage not in ("align", "finetune"):
+            raise ValueError(f"train.stage must be 'align' or 'finetune', got {self.stage!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        for name in ("max_steps", "grad_accum", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline, online or disabled
+    project: str = "tokenflex"
+    entity: str = ""
+    name: str = ""
+
+    def __post_init__(self):
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"wandb.mode must be offline, online or disabled, got {self.mode!r}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def build(cls, values, prefix=""):
+    """Make dataclass `cls` from a dict, naming the dotted key of anything unknown or mistyped."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]}; {prefix.rstrip('.') or 'config'} has {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = build(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = check_type(value, kind, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"bad config value: {error}") from None
+
+
+def check_type(value, kind, key):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = typing.get_origin(kind) or kind
+    if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
+        return value
+    raise ValueError(f"config key {key} must be {expected.__name__}, got {value!r}")
+
+
+def set_dotted(values, key, value):
+    node = values
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def load_config(path, overrides=()):
+    """YAML file, then `section.key=value` overrides (values parsed as YAML: 3, 1e-4, true, {64: 1})."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    values = yaml.safe_load(path.read_text()) or {}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r} must look like section.key=value")
+        set_dotted(values, key.strip(), yaml.safe_load(raw))
+    return build(Config, values)
+
+
+def describe_options(cls=Config, prefix=""):
+    """Lines 'section.key (default: value)' for --help."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type):
+            lines += describe_options(f.type, f"{prefix}{f.name}.")
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {prefix}{f.name} (default: {default!r})")
+    return lines
+
+
+def to_dict(config):
+    return dataclasses.asdict(config)

@@ -1,0 +1,95 @@
+"""DeepSpeed set-up: process group from the launcher's environment, the engine, the schedule."""
+
+import json
+import logging
+import math
+import os
+
+import deepspeed
+import torch
+
+log = logging.getLogger("tokenflex")
+
+
+def distributed_env():
+    """(rank, world_size, local_rank) from torchrun's variables, else from srun's SLURM_* ones."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+def init_distributed():
+    rank, world_size, local_rank = distributed_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+    return rank, world_size
+
+
+def use_bf16(precision):
+    return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(cfg):
+    """The DeepSpeed JSON named by train.deepspeed, with its "auto" values filled from our config."""
+    with open(cfg.train.deepspeed) as handle:
+        ds = json.load(handle)
+    filled = {
+        "train_micro_batch_size_per_gpu": cfg.data.rows_per_batch,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in filled.items():
+        if ds.get(key, "auto") != "auto" and ds[key] != value:
+            raise ValueError(f"{cfg.train.deepspeed}: {key}={ds[key]} disagrees with the run config ({value}); use \"auto\"")
+        ds[key] = value
+    ds["bf16"] = {"enabled": use_bf16(cfg.train.precision)}
+    world_size = int(os.environ["WORLD_SIZE"])
+    ds["train_batch_size"] = cfg.data.rows_per_batch * cfg.train.grad_accum * world_size
+    return ds
+
+
+def warmup_cosine(max_steps, warmup_ratio, min_lr_ratio):
+    """LR multiplier per optimizer step: linear warmup, then cosine decay to min_lr_ratio."""
+    warmup = math.ceil(max_steps * warmup_ratio)
+
+    def multiplier(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return multiplier
+
+
+def build_engine(model, param_groups, cfg):
+    """ZeRO-3 (or 2) engine with a plain torch AdamW: no fused-kernel compile on first use."""
+    optimizer = torch.optim.AdamW(param_groups, betas=tuple(cfg.optim.betas))
+    schedule = warmup_cosine(cfg.train.max_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    return engine
+
+
+def flops_per_step(model, tokens, images):
+    """Training FLOPs, one documented formula: 6 x parameters x tokens for the LM (embedding
+    lookups left out, attention scores ignored) plus 6 x vision parameters x patches for every
+    image the tower encodes (dummies included). Frozen parts are counted at the full 6x."""
+    lm = model.language_model
+    lm_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in lm.parameters())
+    embedding = lm.get_input_embeddings().weight
+    lm_params -= embedding.ds_numel if hasattr(embedding, "ds_numel") else embedding.numel()
+    vision_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.vision_tower.parameters())
+    vision = model.vision_tower.config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return 6 * lm_params * tokens + 6 * vision_params * patches * images

@@ -1,0 +1,24 @@
+"""Stage 1, align: train the projector only; the vision tower and the LM stay frozen.
+
+Starts from separate vision and LM checkpoints (model.vision_path, model.lm_path)."""
+
+from pipeline.model import TokenFlexVLM
+from stages.common import group, log, set_trainable
+
+
+def build_model(cfg):
+    if not cfg.model.vision_path or not cfg.model.lm_path:
+        raise ValueError("stage align needs model.vision_path and model.lm_path")
+    return TokenFlexVLM.from_components(
+        cfg.model.vision_path, cfg.model.lm_path, projector=cfg.model.projector,
+        projector_options=cfg.model.projector_options, vision_feature_layer=cfg.model.vision_feature_layer,
+    )
+
+
+def freeze_backbones(model, cfg):
+    log.info("stage align: projector only")
+    set_trainable(model, {"projector"})
+
+
+def param_groups(model, cfg):
+    return group(list(model.projector.parameters()), cfg.optim.lr, cfg.optim.weight_decay)

@@ -1,0 +1,24 @@
+"""What every stage shares: setting and reporting which parameters train."""
+
+import logging
+
+log = logging.getLogger("tokenflex")
+
+
+def set_trainable(model, trainable_parts):
+    """Freeze everything, then unfreeze the named top-level parts; log groups and counts."""
+    for name, part in model.named_children():
+        part.requires_grad_(name in trainable_parts)
+    for name, part in model.named_children():
+        count = sum(p.numel() for p in part.parameters())
+        state = "TRAINS" if name in trainable_parts else "frozen"
+        log.info("  %-16s %-6s %12s parameters", name, state, f"{count:,}")
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("  trainable total  %19s parameters", f"{total:,}")
+
+
+def group(parameters, lr, weight_decay):
+    """An optimizer group; norms and biases get no weight decay, as in LLaVA's trainer."""
+    decay = [p for p in parameters if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in parameters if p.requires_grad and p.ndim < 2]
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]

@@ -1,0 +1,31 @@
+"""Stage 2, finetune: train the projector and the LM, and the vision tower when
+optim.vision_lr > 0 (at that learning rate).
+
+Starts from model.init_from, a model folder: stage 1's <output_dir>/final, or any folder
+written by tools.convert_checkpoint."""
+
+from pipeline.model import TokenFlexVLM
+from stages.common import group, log, set_trainable
+
+
+def build_model(cfg):
+    if not cfg.model.init_from:
+        raise ValueError("stage finetune needs model.init_from: a stage-1 output folder such as runs/stage1/final")
+    return TokenFlexVLM.from_pretrained(cfg.model.init_from)
+
+
+def trainable_parts(cfg):
+    return {"projector", "language_model"} | ({"vision_tower"} if cfg.optim.vision_lr > 0 else set())
+
+
+def freeze_backbones(model, cfg):
+    log.info("stage finetune: %s", ", ".join(sorted(trainable_parts(cfg))))
+    set_trainable(model, trainable_parts(cfg))
+
+
+def param_groups(model, cfg):
+    groups = group(list(model.projector.parameters()) + list(model.language_model.parameters()),
+                   cfg.optim.lr, cfg.optim.weight_decay)
+    if cfg.optim.vision_lr > 0:
+        groups += group(list(model.vision_tower.parameters()), cfg.optim.vision_lr, cfg.optim.weight_decay)
+    return groups
