@@ -1,0 +1,310 @@
+"""TokenFlexVLM end to end on the tiny real checkpoints: slots, labels, loss, gradients,
+save/load, generation and timing."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from pipeline.model import TokenFlexVLM
+from pipeline.tokens import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers
+
+N = 64
+
+CONVERSATION = [
+    {"role": "user", "content": f"{IMAGE_TOKEN}\nwhat is the colour of the shape?"},
+    {"role": "assistant", "content": "red circle"},
+    {"role": "user", "content": "how many shapes are there?"},
+    {"role": "assistant", "content": "two"},
+]
+REPLIES = "red circle<|im_end|>two<|im_end|>"
+
+
+def build_model(tiny_models, lm="qwen2", seed=0):
+    torch.manual_seed(seed)  # the projector is random-init
+    return TokenFlexVLM.from_components(tiny_models / "vision", tiny_models / lm)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    return build_model(tiny_models)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
+
+
+def tokenize(tokenizer, messages):
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
+
+
+def sample(model, messages, num_tokens):
+    """input_ids and labels of one conversation, markers expanded to num_tokens slots."""
+    encoded = tokenize(model.tokenizer, messages)
+    labels = [t if m else IGNORE_INDEX for t, m in zip(encoded["input_ids"], encoded["assistant_masks"])]
+    return expand_image_markers(encoded["input_ids"], labels, model.config.image_token_id, num_tokens)
+
+
+def make_batch(model, rows, pixel_values, image_mask):
+    width = max(len(ids) for ids, _ in rows)
+    pad = model.tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows])
+    return dict(input_ids=input_ids, labels=labels,
+                position_ids=torch.arange(width).expand(len(rows), width).clone(),
+                pixel_values=pixel_values, image_mask=image_mask)
+
+
+def image_batch(model, images, num_tokens=N):
+    row = sample(model, CONVERSATION, num_tokens)
+    return make_batch(model, [row], model.pixel_values(images[:1]), torch.tensor([True]))
+
+
+def text_only_batch(model):
+    row = sample(model, [{"role": "user", "content": "what is two plus three?"},
+                         {"role": "assistant", "content": "five"}], N)
+    return make_batch(model, [row], torch.zeros(1, 3, 64, 64), torch.tensor([False]))
+
+
+# ---- image slots ----
+
+@pytest.mark.parametrize("num_tokens", [1, 64, 144, 256])
+def test_expand_image_markers_gives_n_slots_per_marker(num_tokens):
+    image = 99
+    ids, labels = expand_image_markers([5, image, 6, 7, image, 8], [-100, -100, 6, 7, -100, 8], image, num_tokens)
+    assert ids.count(image) == 2 * num_tokens
+    assert len(ids) == len(labels) == 4 + 2 * num_tokens
+    assert [t for t in ids if t != image] == [5, 6, 7, 8]
+    assert all(lab == IGNORE_INDEX for t, lab in zip(ids, labels) if t == image)
+    assert [lab for t, lab in zip(ids, labels) if t != image] == [-100, 6, 7, 8]
+    # slots are contiguous where each marker was
+    assert ids[1:1 + num_tokens] == [image] * num_tokens
+
+
+@pytest.mark.parametrize("num_tokens", [16, 64, 144, 256])
+def test_embed_fills_exactly_n_slots_with_projected_features(model, images, num_tokens):
+    ids, _ = sample(model, CONVERSATION, num_tokens)
+    input_ids = torch.tensor([ids])
+    slots = input_ids == model.config.image_token_id
+    assert int(slots.sum()) == num_tokens
+    pixel_values = model.pixel_values(images[:1])
+    with torch.no_grad():
+        embeds = model.embed(input_ids, pixel_values, torch.tensor([True]), num_tokens)
+        features = model.encode_images(pixel_values, num_tokens)
+        text = model.language_model.get_input_embeddings()(input_ids)
+    assert features.shape == (1, num_tokens, model.language_model.config.hidden_size)
+    torch.testing.assert_close(embeds[slots], features[0])
+    torch.testing.assert_close(embeds[~slots], text[~slots])
+
+
+def test_embed_two_images_fill_their_slots_in_order(model, images):
+    ids, _ = sample(model, CONVERSATION, N)
+    second, _ = sample(model, CONVERSATION, N)
+    input_ids = torch.tensor([ids, second])
+    pixel_values = model.pixel_values(images)
+    with torch.no_grad():
+        embeds = model.embed(input_ids, pixel_values, torch.tensor([True, True]), N)
+        features = model.encode_images(pixel_values, N)
+    slots = input_ids == model.config.image_token_id
+    torch.testing.assert_close(embeds[0][slots[0]], features[0])
+    torch.testing.assert_close(embeds[1][slots[1]], features[1])
+    assert not torch.allclose(features[0], features[1])
+
+
+@pytest.mark.parametrize("slot_count", [N - 1, N + 1, 0, 2 * N])
+def test_embed_rejects_wrong_slot_count(model, images, slot_count):
+    ids, _ = sample(model, [{"role": "user", "content": "hello"}], N)
+    image = model.config.image_token_id
+    input_ids = torch.tensor([ids[:1] + [image] * slot_count + ids[1:]])
+    with pytest.raises(ValueError, match=rf"batch has {slot_count} image slots"):
+        model.embed(input_ids, model.pixel_values(images[:1]), torch.tensor([True]), N)
+
+
+def test_forward_rejects_markers_expanded_to_a_different_n(model, images):
+    batch = image_batch(model, images, num_tokens=144)
+    with pytest.raises(ValueError, match="slots"):
+        model(batch, 64)
+
+
+# ---- label masking and loss ----
+
+def test_assistant_mask_labels_exactly_the_replies(model):
+    encoded = tokenize(model.tokenizer, CONVERSATION)
+    labelled = [t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
+    assert model.tokenizer.decode(labelled) == REPLIES
+    # nothing of the prompts, roles or the image marker is labelled
+    unlabelled = model.tokenizer.decode([t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if not m])
+    assert "red circle" not in unlabelled and "<|im_end|>" in unlabelled and IMAGE_TOKEN in unlabelled
+
+
+@pytest.mark.parametrize("num_tokens", [1, 64, 256])
+def test_image_slots_and_prompt_are_ignored_after_expansion(model, num_tokens):
+    ids, labels = sample(model, CONVERSATION, num_tokens)
+    image = model.config.image_token_id
+    assert ids.count(image) == num_tokens
+    assert all(lab == IGNORE_INDEX for t, lab in zip(ids, labels) if t == image)
+    supervised = [lab for lab in labels if lab != IGNORE_INDEX]
+    assert model.tokenizer.decode(supervised) == REPLIES
+    # supervised labels are the input tokens themselves, at the same positions
+    assert all(lab == t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX)
+    # the first user turn (everything before the first reply) is entirely ignored
+    first = labels.index(supervised[0])
+    assert first > ids.index(image) + num_tokens
+    assert set(labels[:first]) == {IGNORE_INDEX}
+
+
+@pytest.fixture(scope="module")
+def loss_and_logits(model, images):
+    batch = image_batch(model, images)
+    with torch.no_grad():
+        out = model(batch, N, return_logits=True)
+    return batch, out
+
+
+def test_loss_is_cross_entropy_over_supervised_shifted_positions(model, loss_and_logits):
+    batch, out = loss_and_logits
+    logits, labels = out.logits[0, :-1], batch["labels"][0, 1:]
+    keep = labels != IGNORE_INDEX
+    assert model.tokenizer.decode(labels[keep]) == REPLIES
+    manual = F.cross_entropy(logits[keep].float(), labels[keep])
+    torch.testing.assert_close(out.loss, manual)
+    # and it is not the loss over every position (so the masking is what makes them equal)
+    everything = F.cross_entropy(logits.float(), batch["input_ids"][0, 1:])
+    assert not torch.allclose(out.loss, everything)
+
+
+def test_loss_depends_on_which_positions_are_supervised(model, loss_and_logits):
+    """Labels, not the inputs, pick the supervised positions: un-ignoring one prompt position or
+    ignoring one reply position changes the loss, and the same batch gives the same loss again."""
+    batch, out = loss_and_logits
+    labels = batch["labels"][0]
+    prompt = (labels == IGNORE_INDEX).nonzero()[5].item()
+    widened = dict(batch, labels=batch["labels"].clone())
+    widened["labels"][0, prompt] = batch["input_ids"][0, prompt]
+    supervised = (labels != IGNORE_INDEX).nonzero()[0].item()
+    narrowed = dict(batch, labels=batch["labels"].clone())
+    narrowed["labels"][0, supervised] = IGNORE_INDEX
+    with torch.no_grad():
+        assert not torch.allclose(model(widened, N).loss, out.loss)
+        assert not torch.allclose(model(narrowed, N).loss, out.loss)
+        assert torch.equal(model(batch, N).loss, out.loss)
+
+
+def test_loss_without_supervised_tokens_is_zero_and_differentiable(model, images):
+    batch = image_batch(model, images)
+    batch["labels"][:] = IGNORE_INDEX
+    loss = model(batch, N).loss
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+# ---- gradients ----
+
+def vision_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(batch, N)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.vision_tower.named_parameters()}
+    projector = {name: p.grad for name, p in model.projector.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads, projector
+
+
+def test_text_only_batch_still_gives_vision_params_zero_grads(model, images):
+    batch = text_only_batch(model)
+    assert not (batch["input_ids"] == model.config.image_token_id).any()
+    text_grads, text_projector = vision_grads(model, batch)
+    image_grads, _ = vision_grads(model, image_batch(model, images))
+    # every vision parameter an image batch trains also joins backward without an image
+    used = {name for name, g in image_grads.items() if g is not None}
+    assert "embeddings.patch_embedding.weight" in used
+    assert any(name.startswith("encoder.layers.1.") for name in used)
+    assert used == {name for name, g in text_grads.items() if g is not None}
+    assert all(torch.count_nonzero(text_grads[name]) == 0 for name in used)
+    assert any(torch.count_nonzero(image_grads[name]) > 0 for name in used)
+    # the projector too
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in text_projector.values())
+
+
+def test_model_from_separate_components_trains(tiny_models, images):
+    model = TokenFlexVLM.from_components(tiny_models / "vision", tiny_models / "qwen2")
+    assert model.config.image_token_id == model.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    batch = image_batch(model, images, num_tokens=144)
+    out = model(batch, 144)
+    assert out.logits is None and out.loss.ndim == 0 and torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    for module in (model.projector, model.vision_tower.embeddings, model.language_model.model.layers[0]):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads)
+        assert any(torch.count_nonzero(g) > 0 for g in grads)
+
+
+# ---- persistence ----
+
+def as_json(config):
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+@pytest.mark.parametrize("lm", ["qwen2", "llama"])
+def test_save_and_load_give_identical_logits(tiny_models, images, tmp_path, lm):
+    model = build_model(tiny_models, lm, seed=1).eval()
+    batch = image_batch(model, images)
+    with torch.no_grad():
+        before = model(batch, N, return_logits=True)
+    model.save_pretrained(tmp_path / "vlm")
+    loaded = TokenFlexVLM.from_pretrained(tmp_path / "vlm").eval()
+    assert type(loaded.language_model) is type(model.language_model)
+    # equal up to JSON's string keys (id2label)
+    assert as_json(loaded.config) == as_json(model.config)
+    assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    with torch.no_grad():
+        after = loaded(batch, N, return_logits=True)
+    assert torch.equal(before.logits, after.logits)
+    assert torch.equal(before.loss, after.loss)
+    assert (loaded.language_model.lm_head.weight.data_ptr()
+            == loaded.language_model.get_input_embeddings().weight.data_ptr())
+
+
+# ---- inference ----
+
+@pytest.fixture(scope="module")
+def talkative_model(tiny_models):
+    """Random-init LMs greedily emit only newlines (which generate() strips); larger random
+    weights make the answers non-empty so that comparing them means something."""
+    model = build_model(tiny_models, seed=2).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.language_model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0, 0.5, generator=generator)
+    return model
+
+
+@pytest.mark.parametrize("num_tokens", [64, 144, 256])
+def test_greedy_generation_is_deterministic(talkative_model, images, num_tokens):
+    prompts = ["what is the colour of the shape?"] * 3
+    first = talkative_model.generate([images[0], images[1], None], prompts, num_tokens, max_new_tokens=8)
+    second = talkative_model.generate([images[0], images[1], None], prompts, num_tokens, max_new_tokens=8)
+    assert first == second
+    assert len(first) == 3 and all(isinstance(a, str) and a for a in first)
+    # the batch does not leak between rows: each answer equals the same prompt generated alone
+    alone = talkative_model.generate([images[1]], prompts[:1], num_tokens, max_new_tokens=8)
+    assert alone == first[1:2]
+
+
+def test_generate_text_only_prompt(talkative_model):
+    answers = talkative_model.generate([None], ["what is two plus three?"], 64, max_new_tokens=6)
+    assert len(answers) == 1 and answers[0]
+    # a text-only prompt has no image slots, so N does not change the answer
+    assert talkative_model.generate([None], ["what is two plus three?"], 256, max_new_tokens=6) == answers
+
+
+def test_prefill_seconds_is_positive_float(model, images):
+    seconds = model.prefill_seconds([images[0]], ["what is the colour?"], 144)
+    assert isinstance(seconds, float) and seconds > 0
+    assert model.prefill_seconds([None], ["hello"], 64) > 0
