@@ -180,7 +180,7 @@ class SampleStream(IterableDataset):
                 try:
                     item.update(self.decode(sample), kind="sample")
                 except SampleError as exn:
-                    log.warning("skipping sample %s in shard %s: %s", item["key"], item["shard"], exn)
+                    log.warning("skipping %s", exn)  # the message names the shard and key
                     item.update(kind="skip", reason=exn.reason)
             yield item
 
@@ -304,28 +304,54 @@ class TrainBatches:
                 self.counters["skipped_" + item["reason"]] += 1
 
     def _length(self, sample, n):
-        return len(sample["input_ids"]) + len(sample["markers"]) * (n - 1)
+        """Tokens after expanding to n slots per image, capped at seq_len (longer ones get truncated)."""
+        return min(len(sample["input_ids"]) + len(sample["markers"]) * (n - 1), self.cfg.seq_len)
 
-    def _pick(self, free, n, images_left):
-        """Window position of the longest sample that fits (earliest on ties), or None.
-
-        Samples whose image slots can't fit in seq_len at this N are dropped; other over-long
-        samples count as seq_len long (they will be truncated), so they fit only an empty row.
-        """
+    def _drop_unfit(self, n):
+        """Drop window samples whose image slots would end past seq_len at this N (can't truncate)."""
         while True:
             self._fill_window()
-            unfit = [s for s in self.window
-                     if s["markers"] and s["markers"][-1] + len(s["markers"]) * (n - 1) + n > self.cfg.seq_len]
-            if not unfit:
-                break
-            self.counters["dropped"] += len(unfit)
-            self.window = [s for s in self.window if all(s is not u for u in unfit)]
-        best, best_len = None, 0
-        for i, sample in enumerate(self.window):
-            length = min(self._length(sample, n), self.cfg.seq_len)
-            if best_len < length <= free and len(sample["markers"]) <= images_left:
-                best, best_len = i, length
-        return best
+            fit = [s for s in self.window
+                   if not s["markers"] or s["markers"][-1] + (len(s["markers"]) - 1) * (n - 1) + n <= self.cfg.seq_len]
+            if len(fit) == len(self.window):
+                return
+            self.counters["dropped"] += len(self.window) - len(fit)
+            self.window = fit
+
+    def _choose_row(self, n, images_left, rows_left):
+        """Window positions (ascending) of the samples that fill one row best.
+
+        The oldest sample always goes in when the image budget allows, so none waits forever;
+        the rest of the row is the subset of the window with the largest total length that fits,
+        using at most images_left images (subset sum with one bitset of reachable totals per
+        image count). Among equal totals: the image count nearest this row's share of the budget
+        (text-only samples are scarce gap fillers; later rows need images too), then older samples.
+        """
+        self._drop_unfit(n)
+        lengths = [self._length(s, n) for s in self.window]
+        images = [len(s["markers"]) for s in self.window]
+        chosen, free = [], self.cfg.seq_len
+        target = images_left / rows_left  # images this row should take, beyond the oldest sample's
+        if images[0] <= images_left:
+            target -= images[0]
+            chosen, free, images_left = [0], free - lengths[0], images_left - images[0]
+        mask = (1 << (free + 1)) - 1
+        reach = [1] + [0] * images_left  # reach[k]: bit t set if total t is reachable with k images
+        history = []
+        for i in range(len(chosen), len(self.window)):
+            history.append(reach)
+            reach = list(reach)
+            if lengths[i] <= free and images[i] <= images_left:
+                for k in range(images_left - images[i], -1, -1):
+                    reach[k + images[i]] |= (history[-1][k] << lengths[i]) & mask
+        total = max(r.bit_length() - 1 for r in reach)
+        k = min((k for k, r in enumerate(reach) if r >> total & 1), key=lambda k: abs(k - target))
+        # Walk back from the newest sample, leaving out every sample the total can do without.
+        for i, before in zip(range(len(self.window) - 1, -1, -1), reversed(history)):
+            if not before[k] >> total & 1:
+                chosen.append(i)
+                total, k = total - lengths[i], k - images[i]
+        return sorted(chosen)
 
     def next_batch(self, num_vision_tokens):
         cfg, n = self.cfg, num_vision_tokens
@@ -342,8 +368,8 @@ class TrainBatches:
         num_images = num_samples = real_tokens = 0
         for row in range(cfg.rows_per_batch):
             used = 0
-            while (pick := self._pick(cfg.seq_len - used, n, max_images - num_images)) is not None:
-                sample = self.window.pop(pick)
+            picks = self._choose_row(n, max_images - num_images, cfg.rows_per_batch - row)
+            for sample in [self.window[i] for i in picks]:
                 ids, labs = expand_image_markers(sample["input_ids"], sample["labels"], self.image_token_id, n)
                 if len(ids) > cfg.seq_len:
                     ids, labs = ids[:cfg.seq_len], labs[:cfg.seq_len]
@@ -358,6 +384,7 @@ class TrainBatches:
                     num_images += 1
                 num_samples += 1
                 used = end
+            self.window = [s for i, s in enumerate(self.window) if i not in set(picks)]
             real_tokens += used
             # The padding tail is a sequence of its own, so real tokens never attend to it.
             position_ids[row, used:] = torch.arange(cfg.seq_len - used)

@@ -1,0 +1,223 @@
+"""pipeline/data: streaming splits, label masks, corruption, determinism, shapes, resume, packing."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import webdataset as wds
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from pipeline.data import DataConfig, SampleStream, TrainBatches, image_budget, iter_samples, resolve_shards
+from pipeline.tokens import IGNORE_INDEX, IMAGE_TOKEN
+from tools import build_shards, make_synthetic, make_tiny_models
+
+N_SEQUENCE = [16, 64, 256, 144, 16, 256, 64, 64, 144, 16, 256, 64]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    make_tiny_models.main([str(out)])
+    return AutoTokenizer.from_pretrained(out / "qwen2"), AutoImageProcessor.from_pretrained(out / "vision")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """300 synthetic records in 8 shards of 40 (the last one 20)."""
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic.main(["--out", str(root / "raw"), "--n", "300", "--seed", "7"])
+    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=40)
+    return root
+
+
+def batches(cfg, models, ns, rank=0, world_size=1, state=None):
+    loader = TrainBatches(cfg, *models, rank=rank, world_size=world_size, state=state)
+    return loader, [loader.next_batch(n) for n in ns]
+
+
+def assert_same_batches(a, b):
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            if key != "stats":
+                assert torch.equal(x[key], y[key]), key
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="seq_len"):
+        DataConfig(shards="x", seq_len=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        DataConfig(shards="x", num_workers=-1)
+    with pytest.raises(FileNotFoundError, match="shard-000008.tar"):
+        resolve_shards("/nonexistent/shard-{000008..000009}.tar")
+
+
+def test_ranks_and_workers_split_without_resampling(synth, models):
+    all_ids = [r["id"] for r in json.loads((synth / "raw" / "data.json").read_text())]
+    seen = [[s["record"]["id"] for s in iter_samples(str(synth / "shards"), *models, rank=rank, world_size=2,
+                                                      num_workers=2)] for rank in range(2)]
+    assert set(seen[0]).isdisjoint(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(all_ids)
+    assert len(seen[0]) + len(seen[1]) == len(all_ids)  # each sample exactly once
+
+
+def test_labels_cover_exactly_the_assistant_replies(synth, models):
+    tokenizer = models[0]
+    for sample in iter_samples(str(synth / "shards"), *models):
+        ids, labels = sample["input_ids"], sample["labels"]
+        trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+        assert all(labels[i] == ids[i] for i in trained)
+        # Contiguous trained spans, one per reply, each exactly "<answer><|im_end|>".
+        spans = []
+        for i in trained:
+            if spans and spans[-1][-1] == i - 1:
+                spans[-1].append(i)
+            else:
+                spans.append([i])
+        replies = [t["value"] for t in sample["record"]["conversations"][1::2]]
+        assert [tokenizer.decode([ids[i] for i in span]) for span in spans] == [r + "<|im_end|>" for r in replies]
+        # The prompt for generation is the sequence up to the last reply.
+        assert ids[:len(sample["prompt_ids"])] == sample["prompt_ids"]
+        assert sample["answer"] == replies[-1]
+
+
+def write_corrupt_shards(synth, out):
+    """0: truncated mid-way; 1: an undecodable image and a garbage json; 2: not a tar; 3, 4: good."""
+    out.mkdir()
+    good = sorted((synth / "shards").glob("shard-*.tar"))
+    data = good[0].read_bytes()
+    (out / "shard-000000.tar").write_bytes(data[:len(data) // 2])
+    samples = list(wds.WebDataset(str(good[1]), shardshuffle=False))
+    image_sample = next(i for i, s in enumerate(samples) if "png" in s)
+    samples[image_sample]["png"] = b"\x89PNG garbage"
+    samples[image_sample + 1]["json"] = b"{not json"
+    with wds.TarWriter(str(out / "shard-000001.tar")) as writer:
+        for s in samples:
+            writer.write({k: v for k, v in s.items() if k not in ("__url__", "__local_path__")})
+    (out / "shard-000002.tar").write_bytes(b"garbage " * 1000)
+    for i, path in enumerate(good[2:4], 3):
+        shutil.copy(path, out / f"shard-{i:06d}.tar")
+    return f"{out}/shard-{{000000..000004}}.tar", [samples[image_sample]["__key__"], samples[image_sample + 1]["__key__"]]
+
+
+def test_corrupt_shards_are_skipped_counted_and_the_stream_goes_on(synth, models, tmp_path):
+    pattern, bad_keys = write_corrupt_shards(synth, tmp_path / "corrupt")
+    items = list(SampleStream(resolve_shards(pattern), *models, resampled=False))
+    samples = [i for i in items if i["kind"] == "sample"]
+    skips = [i for i in items if i["kind"] == "skip"]
+    assert all(s["reason"] == "corrupt" for s in skips)
+    assert [s["key"] for s in skips if "shard-000001.tar" in s["shard"]] == bad_keys
+    assert items[-1]["read_errors"] == 1  # the shard that is not a tar
+    by_shard = {n: sum(f"shard-00000{n}.tar" in s["shard"] for s in samples) for n in range(5)}
+    assert by_shard[1] == 38 and by_shard[2] == 0 and by_shard[3] == by_shard[4] == 40  # it went on past all
+    assert 0 < by_shard[0] < 40  # the truncated shard's complete samples come through
+
+    cfg = DataConfig(shards=pattern, seq_len=512, num_workers=2, shuffle_buffer=8)
+    _, out = batches(cfg, models, [64] * 30)
+    assert out[-1]["stats"]["total_skipped_corrupt"] > 0
+    assert all(b["stats"]["num_samples"] > 0 for b in out)
+
+
+def test_resampling_gives_every_rank_batches_on_uneven_shards(synth, models):
+    # Three shards of 40, 40 and 20 samples over 2 ranks x 2 workers: without resampling the
+    # ranks hold 60 and 40 samples, and one worker of each rank holds none.
+    pattern = str(synth / "shards" / "shard-{000005..000007}.tar")
+    counts = [len(list(iter_samples(pattern, *models, rank=r, world_size=2, num_workers=2))) for r in range(2)]
+    assert counts == [60, 40]
+    cfg = DataConfig(shards=pattern, seq_len=1024, num_workers=2, shuffle_buffer=16)
+    for rank in range(2):
+        _, out = batches(cfg, models, [64] * 25, rank=rank, world_size=2)  # far past one pass of the data
+        assert len(out) == 25 and all(b["stats"]["num_samples"] > 0 for b in out)
+
+
+def test_stream_is_deterministic_and_ranks_differ(synth, models):
+    cfg = DataConfig(shards=str(synth / "shards"), seq_len=512, num_workers=2, shuffle_buffer=16)
+    _, first = batches(cfg, models, N_SEQUENCE[:6])
+    _, again = batches(cfg, models, N_SEQUENCE[:6])
+    assert_same_batches(first, again)
+    _, other_rank = batches(cfg, models, N_SEQUENCE[:6], rank=1, world_size=2)
+    _, rank0 = batches(cfg, models, N_SEQUENCE[:6], rank=0, world_size=2)
+    assert not any(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(rank0, other_rank))
+    _, other_seed = batches(DataConfig(**{**cfg.__dict__, "seed": 1}), models, N_SEQUENCE[:6])
+    assert not torch.equal(first[0]["input_ids"], other_seed[0]["input_ids"])
+
+
+def test_shapes_match_across_ranks_for_each_n(synth, models):
+    cfg = DataConfig(shards=str(synth / "shards"), seq_len=640, rows_per_batch=2, num_workers=1)
+    ns = [16, 64, 256, 256, 64, 16]
+    _, rank0 = batches(cfg, models, ns, rank=0, world_size=2)
+    _, rank1 = batches(cfg, models, ns, rank=1, world_size=2)
+    for n, a, b in zip(ns, rank0, rank1):
+        for key in ["input_ids", "labels", "position_ids", "pixel_values", "image_mask"]:
+            assert a[key].shape == b[key].shape, (n, key)
+        assert a["pixel_values"].shape == (image_budget(cfg, n), 3, 64, 64)
+        assert a["input_ids"].shape == (2, 640)
+
+
+def test_batch_layout(synth, models):
+    tokenizer = models[0]
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    cfg = DataConfig(shards=str(synth / "shards"), seq_len=512, rows_per_batch=2, num_workers=0, shuffle_buffer=0)
+    _, out = batches(cfg, models, [16, 64, 144])
+    for n, batch in zip([16, 64, 144], out):
+        ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+        assert (labels[ids == image_id] == IGNORE_INDEX).all()
+        # Every image has exactly n slots, and as many real images as slot groups.
+        assert int((ids == image_id).sum()) == n * int(batch["image_mask"].sum()) == n * batch["stats"]["num_images"]
+        assert batch["image_mask"].tolist() == sorted(batch["image_mask"].tolist(), reverse=True)
+        assert (batch["pixel_values"][~batch["image_mask"]] == 0).all()
+        runs = 0
+        for row in range(2):
+            starts = (pos[row] == 0).nonzero().flatten().tolist()
+            assert starts[0] == 0
+            for a, b in zip(starts, starts[1:] + [cfg.seq_len]):
+                assert pos[row, a:b].tolist() == list(range(b - a))  # positions count up within a run
+            pad_start = cfg.seq_len - int((ids[row] == tokenizer.pad_token_id).flip(0).cumprod(0).sum())
+            assert (labels[row, pad_start:] == IGNORE_INDEX).all()
+            # One run per packed sample, plus the padding tail as a single run of its own.
+            runs += len(starts) - (pad_start < cfg.seq_len)
+            assert pad_start == cfg.seq_len or pad_start in starts
+        assert runs == batch["stats"]["num_samples"]
+        assert batch["stats"]["real_tokens"] + batch["stats"]["pad_tokens"] == ids.numel()
+
+
+def test_overlong_samples_are_truncated_or_dropped(synth, models):
+    cfg = DataConfig(shards=str(synth / "shards"), seq_len=96, num_workers=0, shuffle_buffer=0, pack_window=8)
+    loader = TrainBatches(cfg, *models)
+    # At N=256 no image fits in 96 tokens: image samples are dropped, only text-only ones pack.
+    for _ in range(3):
+        batch = loader.next_batch(256)
+        assert batch["stats"]["num_images"] == 0
+    assert batch["stats"]["total_dropped"] > 0
+    # At N=64 an image sample (~60 text tokens) overflows after its slots: truncated to one full row.
+    truncated_before = batch["stats"]["total_truncated"]
+    for _ in range(6):
+        batch = loader.next_batch(64)
+    assert batch["stats"]["total_truncated"] > truncated_before
+
+
+def test_resume_gives_identical_batches(synth, models):
+    cfg = DataConfig(shards=str(synth / "shards"), seq_len=512, num_workers=2, shuffle_buffer=16, steps_per_epoch=5)
+    loader = TrainBatches(cfg, *models)
+    head = [loader.next_batch(n) for n in N_SEQUENCE[:4]]
+    state = json.loads(json.dumps(loader.state_dict()))  # must survive a JSON checkpoint
+    assert state["pending"] and state["pulled"] > len(state["pending"])
+    tail = [loader.next_batch(n) for n in N_SEQUENCE[4:]]  # crosses two epoch boundaries
+    assert tail[-1]["stats"]["epoch"] == 2
+
+    _, resumed = batches(cfg, models, N_SEQUENCE[4:], state=state)
+    assert_same_batches(tail, resumed)
+    assert resumed[-1]["stats"]["total_samples_packed"] == tail[-1]["stats"]["total_samples_packed"]
+    assert head  # (the head batches are what the resumed loader must not repeat)
+    with pytest.raises(ValueError, match="rank"):
+        TrainBatches(cfg, *models, rank=1, world_size=2, state=state)
+
+
+def test_padding_under_two_percent_with_defaults(synth, models):
+    cfg = DataConfig(shards=str(synth / "shards"), num_workers=1)
+    loader = TrainBatches(cfg, *models)
+    for n in [16, 64, 144, 256]:
+        out = [loader.next_batch(n) for _ in range(6)]
+        pad = sum(b["stats"]["pad_tokens"] for b in out) / sum(b["input_ids"].numel() for b in out)
+        assert pad < 0.02, (n, pad)
