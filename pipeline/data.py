@@ -102,8 +102,7 @@ def resolve_shards(spec):
 def tokenize_record(record, tokenizer, num_images, key="record"):
     """input_ids and labels (assistant tokens only) of a LLaVA record, one marker per image.
 
-    Also returns the prompt ids for generation: everything before the last reply, plus the
-    generation prompt. Raises ValueError naming `key` when the markers don't match the images.
+    Raises ValueError naming `key` when the number of markers doesn't match num_images.
     """
     messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
     encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
@@ -134,6 +133,14 @@ class _ErrorCounter:
         self.count += 1
         log.warning("skipping unreadable shard data: %r", exn)
         return True
+
+
+class SampleError(Exception):
+    """A sample that can't be used; reason is 'corrupt' (bad bytes) or 'invalid' (bad record)."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
 
 
 class SampleStream(IterableDataset):
@@ -211,14 +218,6 @@ class SampleStream(IterableDataset):
             out.update(record=record, prompt_ids=prompt_ids(record, self.tokenizer),
                        answer=record["conversations"][-1]["value"])
         return out
-
-
-class SampleError(Exception):
-    """A sample that can't be used; reason is 'corrupt' (bad bytes) or 'invalid' (bad record)."""
-
-    def __init__(self, reason, message):
-        super().__init__(message)
-        self.reason = reason
 
 
 def iter_samples(shards, tokenizer, image_processor, rank=0, world_size=1, num_workers=0, with_record=True):

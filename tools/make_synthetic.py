@@ -8,11 +8,16 @@ glyph (a digit or letter a few pixels high). Questions are tagged in the record'
   text    text-only arithmetic and word facts
 Answers are one word or number, for exact-match scoring. Same seed, same files.
 
+--llava-like instead writes records with LLaVA-Instruct-like lengths (random words, text
+lengths lognormal around ~120 tokens, 2% long ones, 10% text-only) that all share one scene
+image: for measuring packing, not for training.
+
     python -m tools.make_synthetic --out data/synth --n 2000
 """
 
 import argparse
 import json
+import math
 import os
 import random
 
@@ -156,6 +161,20 @@ def make_record(rng, index, out_dir, image_size, text_only_fraction, multi_turn_
     return {"id": record_id, "image": rel_path, "question_type": questions[-1][0], "conversations": conversations}
 
 
+def llava_like_record(rng, index, text_only_fraction, word_list):
+    """A record of random words whose length follows LLaVA-Instruct's rough shape (~2 tokens a word)."""
+    words = rng.randint(240, 600) if rng.random() < 0.02 else max(4, int(rng.lognormvariate(math.log(44), 0.6)))
+    question_words = max(2, words // 5)
+    question = " ".join(rng.choice(word_list) for _ in range(question_words))
+    answer = " ".join(rng.choice(word_list) for _ in range(words - question_words))
+    record = {"id": f"llava-like-{index:06d}", "question_type": "text", "conversations": [
+        {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    if rng.random() >= text_only_fraction:
+        record.update(image="images/scene.png", question_type="description")
+        record["conversations"][0]["value"] = f"{IMAGE_TOKEN}\n{question}"
+    return record
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder: data.json and images/ go here")
@@ -164,14 +183,20 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
     parser.add_argument("--text-only-fraction", type=float, default=0.1)
     parser.add_argument("--multi-turn-fraction", type=float, default=0.2, help="image records with two Q/A turns")
+    parser.add_argument("--llava-like", action="store_true", help="LLaVA-like lengths of random words (see above)")
     args = parser.parse_args(argv)
     if args.n < 1 or args.image_size < 32:
         parser.error("--n must be >= 1 and --image-size >= 32")
 
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     rng = random.Random(args.seed)
-    records = [make_record(rng, i, args.out, args.image_size, args.text_only_fraction, args.multi_turn_fraction)
-               for i in tqdm(range(args.n), desc="rendering", unit="rec")]
+    if args.llava_like:
+        render_scene(rng, args.image_size)[0].save(os.path.join(args.out, "images", "scene.png"))
+        word_list = sorted({w for _, q, a in image_questions(render_scene(rng, 64)[1]) for w in (q + " " + a).split()})
+        records = [llava_like_record(rng, i, args.text_only_fraction, word_list) for i in range(args.n)]
+    else:
+        records = [make_record(rng, i, args.out, args.image_size, args.text_only_fraction, args.multi_turn_fraction)
+                   for i in tqdm(range(args.n), desc="rendering", unit="rec")]
     with open(os.path.join(args.out, "data.json"), "w") as f:
         json.dump(records, f, indent=1)
     print(f"wrote {len(records)} records to {args.out}/data.json")
