@@ -66,8 +66,9 @@ class DataConfig:
     pack_window: int = 64
 
     def __post_init__(self):
-        if not isinstance(self.shards, str) or not self.shards:
-            raise ValueError("DataConfig.shards must be a shard folder or brace pattern, got empty")
+        # An empty `shards` is allowed here (the config's defaults must construct); it fails on use.
+        if not isinstance(self.shards, str):
+            raise ValueError(f"DataConfig.shards must be a shard folder or brace pattern, got {self.shards!r}")
         for name, low in [("seq_len", 8), ("rows_per_batch", 1), ("text_tokens_per_image", 0), ("shuffle_buffer", 0),
                           ("num_workers", 0), ("seed", 0), ("steps_per_epoch", 0), ("pack_window", 1)]:
             value = getattr(self, name)
@@ -82,6 +83,8 @@ def image_budget(cfg, num_vision_tokens):
 
 def resolve_shards(spec):
     """Shard paths from a folder with manifest.json or a brace pattern; errors name what is missing."""
+    if not spec:
+        raise ValueError("data shards not set: give a folder with manifest.json or a brace pattern")
     if os.path.isdir(spec):
         manifest_path = os.path.join(spec, "manifest.json")
         if not os.path.exists(manifest_path):

@@ -49,6 +49,8 @@ def test_config_errors_name_the_field():
         DataConfig(shards="x", seq_len=0)
     with pytest.raises(ValueError, match="num_workers"):
         DataConfig(shards="x", num_workers=-1)
+    with pytest.raises(ValueError, match="shards not set"):
+        resolve_shards(DataConfig().shards)  # the default constructs (configs need that), but can't be used
     with pytest.raises(FileNotFoundError, match="shard-000008.tar"):
         resolve_shards("/nonexistent/shard-{000008..000009}.tar")
 
