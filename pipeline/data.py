@@ -50,9 +50,10 @@ class DataConfig:
     shuffle_buffer: samples in each worker's shuffle buffer (0 or 1: no shuffling).
     num_workers: DataLoader worker processes (0: read in the main process).
     seed: seeds shard sampling and shuffling, together with epoch, rank and worker id.
-    steps_per_epoch: batches after which the stream is re-seeded with the next epoch; this
-        also bounds the replay on resume. 0: never.
-    pack_window: pending samples the packer chooses from (best fit).
+    steps_per_epoch: next_batch calls (micro-batches, so optimizer steps x grad_accum) after
+        which the stream is re-seeded with the next epoch; this also bounds the replay on
+        resume. 0: never.
+    pack_window: pending samples the packer chooses each row's fill from.
     """
 
     shards: str = ""
