@@ -155,7 +155,7 @@ start_slurm() {
     wait_for 30 "slurmctld and slurmd" sinfo_idle
 }
 
-sinfo_idle() { sinfo -h -o %t | grep -qx -e idle -e mix -e alloc; }
+sinfo_idle() { sinfo -h -o %t | grep -qx -e idle -e mix -e alloc -e comp; }
 
 cmd_status() { pid_alive "$RUN_DIR/pid/slurmctld.pid" && sinfo_idle; }
 
@@ -175,30 +175,36 @@ cmd_start() {
     log "running; use: export SLURM_CONF=$SLURM_CONF"
 }
 
-stop_pid() {
-    local file=$RUN_DIR/pid/$1.pid
-    pid_alive "$file" || return 0
-    local pid
-    pid=$(cat "$file")
-    kill "$pid"
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    log "$1 ($pid) ignored SIGTERM for 10s; sending SIGKILL"
-    kill -9 "$pid" 2>/dev/null || true
+# stop_daemons NAME...: SIGTERM them all at once (each takes seconds to exit), then wait.
+stop_daemons() {
+    local name pids=()
+    for name in "$@"; do
+        pid_alive "$RUN_DIR/pid/$name.pid" && pids+=("$(cat "$RUN_DIR/pid/$name.pid")")
+    done
+    [[ ${#pids[@]} == 0 ]] && return 0
+    kill "${pids[@]}" 2>/dev/null || true
+    local pid deadline=$((SECONDS + 15))
+    for pid in "${pids[@]}"; do
+        while kill -0 "$pid" 2>/dev/null; do
+            if ((SECONDS >= deadline)); then
+                log "pid $pid ignored SIGTERM for 15s; sending SIGKILL"
+                kill -9 "$pid" 2>/dev/null || true
+            fi
+            sleep 0.1
+        done
+    done
 }
 
 cmd_stop() {
     # Job processes outlive slurmd, so cancel the jobs first and wait for them to end.
     if cmd_status; then
-        scancel --full --state=PENDING,RUNNING,SUSPENDED,REQUEUED --user=root 2>/dev/null || true
-        scancel --full --user=root 2>/dev/null || true
+        squeue -h -o %i | xargs -r scancel
         for _ in $(seq 300); do
             [[ -z $(squeue -h -o %i) ]] && break
             sleep 0.1
         done
     fi
-    for daemon in slurmd slurmctld slurmdbd mariadb munged; do
-        stop_pid "$daemon"
-    done
+    stop_daemons slurmd slurmctld slurmdbd mariadb munged
     log "stopped"
 }
 

@@ -38,9 +38,6 @@ def _unavailable(reason: str):
 @pytest.fixture(scope="module")
 def slurm():
     """A running cluster with SLURM_CONF set; started here if needed and then stopped again."""
-    conf = _cluster("env").stdout.strip().removeprefix("export SLURM_CONF=")
-    old_conf = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf  # for the scripts, sbatch, sacct and submitit alike
     started = False
     if _cluster("status").returncode != 0:
         if os.geteuid() != 0:
@@ -51,6 +48,9 @@ def slurm():
         if result.returncode != 0:
             _unavailable(f"slurm/local_cluster.sh start failed:\n{result.stderr}")
         started = True
+    conf = _cluster("env").stdout.strip().removeprefix("export SLURM_CONF=")
+    old_conf = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf  # for the scripts, sbatch, sacct and submitit alike
     yield conf
     if started:
         _cluster("stop")
