@@ -128,8 +128,11 @@ def build(cls, values, prefix=""):
 
 
 def check_type(value, kind, key):
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if kind is float and not isinstance(value, bool):
+        try:  # YAML reads 1e-3 (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            pass
     expected = typing.get_origin(kind) or kind
     if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
         return value

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import signal
 from dataclasses import dataclass
 
 import braceexpand
@@ -238,6 +239,13 @@ def iter_samples(shards, tokenizer, image_processor, rank=0, world_size=1, num_w
             yield item
 
 
+def ignore_stop_signals(worker_id):
+    """Slurm signals every process of a job step; a loader worker must outlive the signal so
+    that its training process can finish the step and save."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TrainBatches:
     """Endless packed training batches for one rank; resumable exactly through state_dict().
 
@@ -278,7 +286,8 @@ class TrainBatches:
         stream = SampleStream(self.urls, self.tokenizer, self.image_processor, self.rank, self.world_size,
                               seed=self.cfg.seed, epoch=epoch, resampled=True, shuffle_buffer=self.cfg.shuffle_buffer,
                               resume_pulled=pulled, resume_pending=pending)
-        self.items = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers))
+        self.items = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                                     worker_init_fn=ignore_stop_signals))
         # Replay up to the saved position: placeholders cost a tar read, pending samples are decoded again.
         while self.pulled < pulled:
             item = self._pull()

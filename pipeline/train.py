@@ -51,13 +51,15 @@ def summed_over_ranks(*values):
 
 def step_metrics(cfg, engine, step, n, loss, stats, seconds):
     world = dist.get_world_size()
-    loss_sum, real, pad, samples, images = summed_over_ranks(
-        float(loss), *(sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images")))
+    text_only = any(s["num_images"] == 0 for s in stats)
+    loss_sum, real, pad, samples, images, text_only_ranks = summed_over_ranks(
+        float(loss), *(sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images")),
+        float(text_only))
     metrics = {
         "step": step, "num_vision_tokens": n, "loss": loss_sum / world, "lr": engine.get_lr()[0],
         "grad_norm": float(engine.get_global_grad_norm() or 0.0), "step_time_s": seconds,
         "tokens_per_s": real / seconds, "samples_per_s": samples / seconds, "padding_fraction": pad / (real + pad),
-        "truncated_total": stats[-1]["total_truncated"], "skipped_corrupt_total": stats[-1]["total_skipped_corrupt"],
+        "text_only_ranks": int(text_only_ranks), "truncated_total": stats[-1]["total_truncated"], "skipped_corrupt_total": stats[-1]["total_skipped_corrupt"],
     }
     if torch.cuda.is_available():
         flops = flops_per_step(engine.module, real + pad, images)

@@ -14,3 +14,14 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 def tiny_models(tmp_path_factory):
     """Folder with vision/, qwen2/ and llama/ tiny random-init checkpoints."""
     return make_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """Shards of 240 synthetic records (about 10% text-only), 40 per shard."""
+    from tools import build_shards, make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic.main(["--out", str(root / "raw"), "--n", "240", "--seed", "3"])
+    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=40)
+    return root / "shards"
