@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoImageProcessor
 
 from pipeline.data import DataConfig, SampleStream, TrainBatches, resolve_shards, tokenize_record
+from pipeline.tokens import load_tokenizer
 from tools import build_shards, make_synthetic, make_tiny_models
 
 
@@ -75,7 +76,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         make_tiny_models.main([str(work / "models")])
-        models = (AutoTokenizer.from_pretrained(work / "models" / "qwen2"),
+        models = (load_tokenizer(work / "models" / "qwen2"),
                   AutoImageProcessor.from_pretrained(work / "models" / "vision"))
         make_synthetic.main(["--out", str(work / "synth"), "--n", str(args.n)])
         manifest = build_shards.build(str(work / "synth" / "data.json"), str(work / "synth"), str(work / "shards"),

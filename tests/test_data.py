@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 import webdataset as wds
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoImageProcessor
 
 from pipeline.data import DataConfig, SampleStream, TrainBatches, image_budget, iter_samples, resolve_shards
-from pipeline.tokens import IGNORE_INDEX, IMAGE_TOKEN
+from pipeline.tokens import IGNORE_INDEX, IMAGE_TOKEN, load_tokenizer
 from tools import build_shards, make_synthetic, make_tiny_models
 
 N_SEQUENCE = [16, 64, 256, 144, 16, 256, 64, 64, 144, 16, 256, 64]
@@ -19,7 +19,7 @@ N_SEQUENCE = [16, 64, 256, 144, 16, 256, 64, 64, 144, 16, 256, 64]
 def models(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     make_tiny_models.main([str(out)])
-    return AutoTokenizer.from_pretrained(out / "qwen2"), AutoImageProcessor.from_pretrained(out / "vision")
+    return load_tokenizer(out / "qwen2"), AutoImageProcessor.from_pretrained(out / "vision")
 
 
 @pytest.fixture(scope="module")
