@@ -25,3 +25,14 @@ def synthetic_shards(tmp_path_factory):
     make_synthetic.main(["--out", str(root / "raw"), "--n", "240", "--seed", "3"])
     build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=40)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def stage1_run(tiny_models, synthetic_shards, tmp_path_factory):
+    """A finished 2-rank ZeRO-3 stage-1 run (16 steps, checkpoints every 4, exported final/)."""
+    from tests.distributed import run_training, stage1_overrides
+
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    result = run_training("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, synthetic_shards))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -7,11 +7,8 @@ tests read their outputs (metrics.jsonl, checkpoints, the exported model folder)
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,35 +18,11 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoint import PREEMPTED_EXIT_CODE
 from pipeline.sampler import TokenCountSampler, check_same_across_ranks
+from tests.distributed import (REPO, STAGE1_STEPS, free_port, metrics, run_training, stage1_overrides,
+                               torchrun_command, train_env)
 
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 16
+STEPS = STAGE1_STEPS
 pytestmark = pytest.mark.timeout(600)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_command(config, output_dir, *overrides):
-    # --master_port 0 would hang: DeepSpeed's env:// init does not see the port torchrun picks
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            "-m", "pipeline.train", str(REPO / "configs" / config), f"train.output_dir={output_dir}",
-            "wandb.mode=disabled", *overrides]
-
-
-def train_env():
-    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO),
-                PYTHONWARNINGS="ignore::FutureWarning")
-
-
-def run_training(config, output_dir, *overrides, timeout=300):
-    result = subprocess.run(torchrun_command(config, output_dir, *overrides), cwd=REPO, env=train_env(),
-                            capture_output=True, text=True, timeout=timeout)
-    (Path(output_dir).parent / f"{Path(output_dir).name}.log").write_text(result.stdout + result.stderr)
-    return result
 
 
 def signal_workers(torchrun, sig):
@@ -58,23 +31,6 @@ def signal_workers(torchrun, sig):
     assert len(pids) == 2, f"expected 2 training processes, found {pids}"
     for pid in pids:
         os.kill(int(pid), sig)
-
-
-def metrics(output_dir):
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def stage1_overrides(tiny_models, shards):
-    return [f"model.vision_path={tiny_models / 'vision'}", f"model.lm_path={tiny_models / 'qwen2'}",
-            f"data.shards={shards}", f"train.max_steps={STEPS}", "train.save_every=4", "data.seq_len=512"]
-
-
-@pytest.fixture(scope="module")
-def stage1(tiny_models, synthetic_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage1") / "run"
-    result = run_training("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, synthetic_shards))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +56,15 @@ def resumed_stage1(tiny_models, synthetic_shards, tmp_path_factory):
     return out, killed_at, checkpoint_step, result.stderr
 
 
-def test_stage1_trains_only_the_projector_and_loss_goes_down(stage1):
-    losses = [m["loss"] for m in metrics(stage1)]
+def test_stage1_trains_only_the_projector_and_loss_goes_down(stage1_run):
+    losses = [m["loss"] for m in metrics(stage1_run)]
     assert len(losses) == STEPS
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    assert {m["num_vision_tokens"] for m in metrics(stage1)} <= {16, 64, 144}
+    assert {m["num_vision_tokens"] for m in metrics(stage1_run)} <= {16, 64, 144}
 
 
-def test_stage1_leaves_frozen_weights_bit_identical(stage1, tiny_models):
-    final = load_file(stage1 / "final" / "model.safetensors")
+def test_stage1_leaves_frozen_weights_bit_identical(stage1_run, tiny_models):
+    final = load_file(stage1_run / "final" / "model.safetensors")
     vision = load_file(tiny_models / "vision" / "model.safetensors")
     lm = load_file(tiny_models / "qwen2" / "model.safetensors")
     for name, tensor in vision.items():
@@ -119,33 +75,34 @@ def test_stage1_leaves_frozen_weights_bit_identical(stage1, tiny_models):
     assert original_projector, "projector weights missing from the exported folder"
 
 
-def test_resume_after_sigkill_reproduces_losses_bitwise(stage1, resumed_stage1):
+def test_resume_after_sigkill_reproduces_losses_bitwise(stage1_run, resumed_stage1):
     out, killed_at, checkpoint_step, log = resumed_stage1
     assert 4 <= checkpoint_step <= killed_at < STEPS, "the kill must land between a checkpoint and the end"
-    assert f"resumed from checkpoint {out / 'checkpoints' / f'step-{checkpoint_step:06d}'} at step {checkpoint_step}" in log
-    uninterrupted, resumed = metrics(stage1), metrics(out)
+    resumed_from = out / "checkpoints" / f"step-{checkpoint_step:06d}"
+    assert f"resumed from checkpoint {resumed_from} at step {checkpoint_step}" in log
+    uninterrupted, resumed = metrics(stage1_run), metrics(out)
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
     for a, b in zip(uninterrupted, resumed):
         assert (a["step"], a["num_vision_tokens"], a["loss"]) == (b["step"], b["num_vision_tokens"], b["loss"])
 
 
-def test_checkpoints_keep_last_k_with_atomic_latest(stage1):
-    ckpt = stage1 / "checkpoints"
+def test_checkpoints_keep_last_k_with_atomic_latest(stage1_run):
+    ckpt = stage1_run / "checkpoints"
     assert (ckpt / "latest").read_text() == f"step-{STEPS:06d}"
     assert sorted(p.name for p in ckpt.glob("step-*")) == [f"step-{STEPS - 4:06d}", f"step-{STEPS:06d}"]
     state = json.loads((ckpt / f"step-{STEPS:06d}" / "trainer_state.json").read_text())
     assert state["step"] == STEPS and state["world_size"] == 2
 
 
-def test_stage2_starts_from_stage1_and_trains_lm(stage1, synthetic_shards, tmp_path):
+def test_stage2_starts_from_stage1_and_trains_lm(stage1_run, synthetic_shards, tmp_path):
     out = tmp_path / "stage2"
-    result = run_training("tiny_cpu_stage2.yaml", out, f"model.init_from={stage1 / 'final'}",
+    result = run_training("tiny_cpu_stage2.yaml", out, f"model.init_from={stage1_run / 'final'}",
                           f"data.shards={synthetic_shards}", "train.max_steps=6", "optim.lr=1e-3", "data.seq_len=512")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "language_model   TRAINS" in result.stderr + result.stdout
     losses = [m["loss"] for m in metrics(out)]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
-    before = load_file(stage1 / "final" / "model.safetensors")
+    before = load_file(stage1_run / "final" / "model.safetensors")
     after = load_file(out / "final" / "model.safetensors")
     assert not torch.equal(before["language_model.model.layers.0.mlp.up_proj.weight"],
                            after["language_model.model.layers.0.mlp.up_proj.weight"])

@@ -1,0 +1,46 @@
+"""Launching real 2-rank CPU training runs (torchrun, gloo, DeepSpeed ZeRO-3) from tests."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE1_STEPS = 16
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(config, output_dir, *overrides):
+    # --master_port 0 would hang: DeepSpeed's env:// init does not see the port torchrun picks
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "pipeline.train", str(REPO / "configs" / config), f"train.output_dir={output_dir}",
+            "wandb.mode=disabled", *overrides]
+
+
+def train_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO),
+                PYTHONWARNINGS="ignore::FutureWarning")
+
+
+def run_training(config, output_dir, *overrides, timeout=300):
+    """Run to completion; the combined log lands beside output_dir as <name>.log."""
+    result = subprocess.run(torchrun_command(config, output_dir, *overrides), cwd=REPO, env=train_env(),
+                            capture_output=True, text=True, timeout=timeout)
+    (Path(output_dir).parent / f"{Path(output_dir).name}.log").write_text(result.stdout + result.stderr)
+    return result
+
+
+def metrics(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def stage1_overrides(tiny_models, shards):
+    return [f"model.vision_path={tiny_models / 'vision'}", f"model.lm_path={tiny_models / 'qwen2'}",
+            f"data.shards={shards}", f"train.max_steps={STAGE1_STEPS}", "train.save_every=4", "data.seq_len=512"]
