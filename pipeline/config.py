@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.data import DataConfig
+from pipeline.projector import square_side
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TokensConfig:
         for count, weight in self.counts.items():
             if not isinstance(count, int) or count <= 0 or not isinstance(weight, (int, float)) or weight <= 0:
                 raise ValueError(f"tokens.counts: {count}: {weight} must be a positive int count with a positive weight")
+            square_side(count, "tokens.counts entry")
 
 
 @dataclass

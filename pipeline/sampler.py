@@ -9,13 +9,10 @@ import random
 import torch
 import torch.distributed as dist
 
-from pipeline.projector import square_side
 
 
 class TokenCountSampler:
     def __init__(self, counts, seed=0):
-        for count in counts:
-            square_side(count, "tokens.counts entry")
         self.counts = sorted(counts)
         self.weights = [float(counts[c]) for c in self.counts]
         self.seed = seed

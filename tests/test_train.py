@@ -160,11 +160,6 @@ def test_sampler_follows_weights():
     assert 0.72 < share < 0.78
 
 
-def test_sampler_rejects_non_square_counts():
-    with pytest.raises(ValueError, match="100000"):
-        TokenCountSampler({64: 1, 100000: 1})
-
-
 def _check_worker(rank, port, seeds, stops, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     n = TokenCountSampler({64: 1, 144: 1, 256: 1}, seed=seeds[rank])(step=1)

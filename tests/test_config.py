@@ -1,0 +1,52 @@
+"""Typed configs: every shipped YAML loads, overrides apply, bad keys and values are named."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    assert isinstance(load_config(REPO / "configs" / name), Config)
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(REPO / "configs/stage1_align.yaml",
+                      ["train.max_steps=7", "optim.lr=1e-4", "tokens.counts={144: 1}", "wandb.mode=disabled"])
+    assert cfg.train.max_steps == 7 and cfg.optim.lr == 1e-4 and cfg.tokens.counts == {144: 1}
+    assert cfg.wandb.mode == "disabled"
+
+
+@pytest.mark.parametrize("override, named", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("trian.max_steps=3", "trian"),
+    ("train.max_steps=abc", "train.max_steps"),
+    ("data.seq_len=-5", "seq_len"),
+    ("train.stage=pretrain", "train.stage"),
+    ("tokens.counts={50: 1}", "50"),
+    ("wandb.mode=loud", "wandb.mode"),
+    ("train.max_steps", "section.key=value"),
+])
+def test_bad_keys_and_values_are_named(override, named):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        load_config(REPO / "configs/stage1_align.yaml", [override])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_help_lists_options_and_bad_config_exits_2():
+    help_text = subprocess.run([sys.executable, "-m", "pipeline.train", "--help"], cwd=REPO,
+                               capture_output=True, text=True).stdout
+    assert "tokens.counts" in help_text and "train.output_dir" in help_text
+    bad = subprocess.run([sys.executable, "-m", "pipeline.train", "configs/stage1_align.yaml", "optim.lrr=1"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown config key optim.lrr" in bad.stderr
