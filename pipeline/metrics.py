@@ -17,8 +17,9 @@ class MetricsLog:
                 project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=cfg.wandb.name or None,
                 mode=cfg.wandb.mode, dir=cfg.train.output_dir, id=wandb_id, resume="allow", config=config_dict,
             )
+        # at most one refresh a second: Slurm log files keep every refresh
         self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc=cfg.train.stage, unit="step",
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, mininterval=1.0)
 
     @property
     def wandb_id(self):

@@ -20,9 +20,15 @@ from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
 )
+from transformers.utils import ModelOutput
 
 from pipeline.projector import build_projector
-from pipeline.tokens import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers, load_tokenizer
+from pipeline.tokens import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    expand_image_markers,
+    load_tokenizer,
+)
 
 MODEL_TYPE = "tokenflex_vlm"
 
@@ -41,9 +47,11 @@ class VLMConfig:
 
 
 @dataclass
-class VLMOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None
+class VLMOutput(ModelOutput):
+    """A dict underneath, so ZeRO-3's hooks see the tensors in it."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 def load_vision_tower(path):
