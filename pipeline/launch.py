@@ -160,6 +160,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # Go through the module's real name so the pickled TrainingJob refers to
     # pipeline.launch.TrainingJob, not __main__.TrainingJob (unimportable in the job).
-    from pipeline import launch
+    from pipeline import launch  # noqa: PLW0406
 
     sys.exit(launch.main())

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _cluster(command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CLUSTER), command], capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(CLUSTER), command], check=False, capture_output=True, text=True, timeout=120)
 
 
 def _unavailable(reason: str):
@@ -84,7 +84,8 @@ def sbatch(*args: str) -> str:
 
 
 def job_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True)
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id],
+                         check=False, capture_output=True, text=True)
     # "CANCELLED by 0" -> "CANCELLED"; empty until the job reaches the accounting database.
     return (out.stdout.split() or ["PENDING"])[0]
 
@@ -96,7 +97,7 @@ def wait_for_job(job_id: str, timeout_s: float = 180) -> str:
         if state in TERMINAL_STATES:
             return state
         time.sleep(1)
-    subprocess.run(["scancel", job_id])
+    subprocess.run(["scancel", job_id], check=False)
     raise TimeoutError(f"job {job_id} did not finish within {timeout_s}s (state {state})")
 
 
