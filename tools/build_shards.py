@@ -35,6 +35,8 @@ TMP_SUFFIX = ".tmp"
 
 def load_records(path):
     """A list of records from a JSON list or a JSON Lines file (a bad line becomes None)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found")
     with open(path) as f:
         if path.endswith(".jsonl"):
             records = []
@@ -45,7 +47,10 @@ def load_records(path):
                     except json.JSONDecodeError:
                         records.append(None)
             return records
-        records = json.load(f)
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"error: {path} is not valid JSON ({error}); JSON Lines files must end in .jsonl")
     if not isinstance(records, list):
         raise SystemExit(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records
