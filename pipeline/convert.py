@@ -1,26 +1,195 @@
-"""ZeRO checkpoint -> model folder, with DeepSpeed's own consolidation utilities."""
+"""ZeRO checkpoint -> model folder, with DeepSpeed's own consolidation utilities.
 
+The folder (config.json, model.safetensors or shards with an index, tokenizer, image
+processor, generation config) loads with TokenFlexVLM.from_pretrained and is how trained
+weights leave a run: stage 1 writes it automatically to <output_dir>/final when it ends, and
+stage 2's config names that folder as model.init_from. Any other checkpoint of a run converts
+the same way (python -m tools.convert_checkpoint RUN_DIR OUT --tag step-000100).
+
+verify_folder then checks that the written folder's logits on a fixed probe batch equal those
+of a model built from the consolidated state dict itself: bitwise for fp32, within one bf16
+step for bf16.
+"""
+
+import json
+import math
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from PIL import Image, ImageDraw
 from transformers import AutoImageProcessor
 
 from pipeline.checkpoint import latest_tag
-from pipeline.model import read_vlm_config, write_model_folder
-from pipeline.tokens import load_tokenizer
+from pipeline.data import tokenize_record
+from pipeline.evaluate import grid_side, labelled_batch
+from pipeline.model import MODEL_TYPE, TokenFlexVLM, read_vlm_config, write_model_folder
+from pipeline.tokens import IMAGE_TOKEN, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def convert_checkpoint(ckpt_dir, out_dir, tag=None, dtype="fp32"):
+class ConversionError(Exception):
+    """A checkpoint that can't be converted; the message says what is wrong and what to do."""
+
+
+def convert_checkpoint(ckpt_dir, out_dir, tag=None, dtype="fp32", max_shard_size="5GB", verify=False):
     """Gather every rank's fp32 shards (frozen weights included) into one state dict and write
-    it with the structure recorded in <ckpt_dir>/model. Returns the state dict."""
-    ckpt_dir = Path(ckpt_dir)
+    it with the structure recorded in <ckpt_dir>/model. Returns the fp32 state dict.
+
+    ckpt_dir: a run's checkpoints folder, the run's output_dir, or one step-XXXXXX folder.
+    tag: which checkpoint (default: the one `latest` names). verify: see verify_folder; it
+    builds two more copies of the model in memory.
+    """
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    ckpt_dir, tag = resolve_checkpoint(ckpt_dir, tag)
     structure = ckpt_dir / "model"
-    tag = tag or latest_tag(ckpt_dir)
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    state_dict = {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
+    try:
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    except (OSError, RuntimeError, ValueError, KeyError, IndexError, EOFError, pickle.UnpicklingError) as exn:
+        raise ConversionError(
+            f"DeepSpeed could not consolidate checkpoint {ckpt_dir / tag}: {type(exn).__name__}: {exn}. "
+            f"A file is probably corrupted or from a different run; convert an older checkpoint with --tag "
+            f"(available: {', '.join(available_tags(ckpt_dir)) or 'none'})") from exn
     write_model_folder(out_dir, read_vlm_config(structure), load_tokenizer(structure),
-                       AutoImageProcessor.from_pretrained(structure), state_dict)
+                       AutoImageProcessor.from_pretrained(structure),
+                       {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}, max_shard_size)
+    if verify:
+        verify_folder(out_dir, structure, state_dict, dtype)
     return state_dict
+
+
+# ---- finding and checking the checkpoint ----
+
+def resolve_checkpoint(path, tag=None):
+    """(checkpoints folder, tag) for a run dir, its checkpoints/ or a step folder; ConversionError
+    naming the problem when the checkpoint is foreign, missing or incomplete."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"{path} is not a folder: give a run's output_dir or its checkpoints/ folder")
+    if (path / "checkpoints" / "model").is_dir():
+        path = path / "checkpoints"  # a run's output_dir
+    elif not (path / "model").is_dir() and (path.parent / "model").is_dir() and tag is None:
+        path, tag = path.parent, path.name  # one step-XXXXXX folder
+    check_structure(path)
+    if tag is None:
+        tag = latest_tag(path)
+        if tag is None:
+            raise ConversionError(
+                f"{path / 'latest'} is missing, so no checkpoint there is known to be complete (training writes it "
+                f"after every rank has saved). Pass --tag to convert one anyway; available: "
+                f"{', '.join(available_tags(path)) or 'none'}")
+    if not (path / tag).is_dir():
+        raise ConversionError(f"checkpoint {path / tag} does not exist; available: "
+                              f"{', '.join(available_tags(path)) or 'none'}")
+    check_complete(path / tag)
+    return path, tag
+
+
+def check_structure(ckpt_dir):
+    """The model structure every TokenFLEX checkpoints folder holds in model/config.json."""
+    config = ckpt_dir / "model" / "config.json"
+    if not config.is_file():
+        raise ConversionError(
+            f"{ckpt_dir} is not a TokenFLEX checkpoints folder: {config} is missing. Give the output_dir of a "
+            f"`python -m pipeline.train` run or its checkpoints/ folder")
+    try:
+        read_vlm_config(config.parent)
+    except ValueError as exn:
+        raise ConversionError(f"{ckpt_dir} holds a checkpoint from another project ({exn}); this tool converts "
+                              f"{MODEL_TYPE} checkpoints written by pipeline.train") from exn
+
+
+def available_tags(ckpt_dir):
+    return sorted(p.name for p in Path(ckpt_dir).glob("step-*") if p.is_dir())
+
+
+def check_complete(tag_dir):
+    """Every rank's files present (DeepSpeed expects one optimizer shard per rank, and under
+    ZeRO-3 one model-state file per rank) and readable as torch zip archives."""
+    state_file = tag_dir / "trainer_state.json"
+    if not state_file.is_file():
+        raise ConversionError(f"{state_file} is missing: checkpoint {tag_dir.name} is incomplete (training writes "
+                              f"it after every rank has saved); convert an older one with --tag "
+                              f"(available: {', '.join(available_tags(tag_dir.parent))})")
+    world_size = json.loads(state_file.read_text())["world_size"]
+    zero3 = any(tag_dir.glob("zero_pp_rank_*_model_states.pt"))
+    expected = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)] if zero3 \
+        else ["mp_rank_00_model_states.pt"]
+    missing = [name for name in expected if not (tag_dir / name).is_file()]
+    missing += [f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)
+                if not list(tag_dir.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))]
+    if missing:
+        raise ConversionError(
+            f"checkpoint {tag_dir} is incomplete: written by {world_size} ranks, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing (one model-state and one optimizer file per rank). "
+            f"Restore the file or convert an older checkpoint with --tag "
+            f"(available: {', '.join(available_tags(tag_dir.parent))})")
+    for file in sorted(tag_dir.glob("*_states.pt")):
+        try:
+            zipfile.ZipFile(file).close()  # reads the index at the end of the file: catches truncation
+        except (zipfile.BadZipFile, OSError) as exn:
+            raise ConversionError(f"{file} is truncated or corrupted ({exn}); the job probably died while saving. "
+                                  f"Convert an older checkpoint with --tag "
+                                  f"(available: {', '.join(available_tags(tag_dir.parent))})") from exn
+
+
+# ---- verification ----
+
+def probe_samples(tokenizer, image_processor):
+    """A fixed image question and a text-only one, tokenized as training tokenizes records."""
+    size = image_processor.size
+    image = Image.new("RGB", (size["width"], size["height"]), (40, 90, 200))
+    ImageDraw.Draw(image).ellipse([size["width"] // 4, size["height"] // 4, size["width"] // 2, size["height"] // 2],
+                                  fill=(230, 40, 40))
+    records = [
+        ({"conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\nWhat colour is the background?"},
+                            {"from": "gpt", "value": "blue"}]}, image),
+        ({"conversations": [{"from": "human", "value": "What is 2 plus 3?"}, {"from": "gpt", "value": "5"}]}, None),
+    ]
+    samples = []
+    for record, image in records:
+        input_ids, labels = tokenize_record(record, tokenizer, int(image is not None))
+        pixel_values = None if image is None else image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        samples.append({"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values})
+    return samples
+
+
+@torch.no_grad()
+def probe_logits(model):
+    """Logits on the probe batch at the full patch grid's N, which every projector accepts."""
+    model.eval()
+    n = grid_side(model.config) ** 2
+    batch = labelled_batch(model, probe_samples(model.tokenizer, model.image_processor), n)
+    return model(batch, n, return_logits=True).logits
+
+
+def verify_folder(out_dir, structure, state_dict, dtype="fp32"):
+    """ConversionError unless the written folder's probe logits equal those of a model built
+    from the consolidated fp32 state dict (fp32: bitwise; bf16: within one bf16 step)."""
+    reference = TokenFlexVLM.from_config(read_vlm_config(structure), load_tokenizer(structure),
+                                         AutoImageProcessor.from_pretrained(structure))
+    reference.load_state_dict(state_dict)
+    expected = probe_logits(reference)
+    del reference
+    actual = probe_logits(TokenFlexVLM.from_pretrained(out_dir))
+    if dtype == "fp32":
+        if not torch.equal(actual, expected):
+            raise ConversionError(f"{out_dir}: logits differ from the checkpoint's by up to "
+                                  f"{(actual - expected).abs().max():.3g}; the folder does not hold its weights")
+        return
+    try:
+        torch.testing.assert_close(actual, expected, **bf16_tolerance(expected))
+    except AssertionError as exn:
+        raise ConversionError(f"{out_dir}: bf16 logits are further than one bf16 step from the checkpoint's: {exn}")
+
+
+def bf16_tolerance(reference):
+    """torch's bf16 rtol, and an atol of one bf16 step at the logits' largest magnitude (logits
+    near zero carry rounding errors of that absolute size, not of their own)."""
+    largest = float(reference.abs().max())
+    step = torch.finfo(torch.bfloat16).eps * 2 ** math.floor(math.log2(largest)) if largest else 0.0
+    return {"rtol": 1.6e-2, "atol": step}

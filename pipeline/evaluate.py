@@ -1,0 +1,290 @@
+"""Answers, accuracy, loss and prefill latency of model folders at several vision-token counts.
+
+Each held-out sample is read once (iter_samples, not resampled). Multi-turn records are scored
+on their LAST question: the prompt holds every earlier turn (with the reference replies), the
+model generates the last reply, and the loss is the cross-entropy of that reference reply
+only. The synthetic records' question_type is the type of that last question.
+
+Per model and N: exact-match accuracy (answers normalised: stripped, lower-cased, trailing
+punctuation dropped) overall and per question type, mean loss per answer token, median prefill
+seconds per batch (vision encoding + prompt forward, the part N changes) and vision-token
+throughput (images x N / prefill seconds, over all batches).
+"""
+
+import itertools
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.data import iter_samples
+from pipeline.model import TokenFlexVLM
+from pipeline.tokens import IGNORE_INDEX, expand_image_markers
+
+TRAILING_PUNCTUATION = ".,;:!?"
+
+
+def normalise(answer):
+    return answer.strip().lower().rstrip(TRAILING_PUNCTUATION).strip()
+
+
+def grid_side(config):
+    """Side of the vision tower's square patch grid, from the model's recorded config."""
+    vision = config.vision_config
+    if "image_size" not in vision or "patch_size" not in vision:
+        raise ValueError("the model's vision_config has no image_size/patch_size: can't tell its patch grid")
+    return vision["image_size"] // vision["patch_size"]
+
+
+def check_token_count(config, num_vision_tokens):
+    """ValueError unless N is a perfect square whose side fits the encoder's patch grid."""
+    side, grid = math.isqrt(max(num_vision_tokens, 0)), grid_side(config)
+    if num_vision_tokens < 1 or side * side != num_vision_tokens:
+        raise ValueError(f"N={num_vision_tokens} is not a perfect square n*n (e.g. 16, 64, 144)")
+    if side > grid:
+        raise ValueError(f"N={num_vision_tokens} ({side}x{side}) is larger than the encoder's {grid}x{grid} "
+                         f"patch grid; the most is {grid * grid}")
+
+
+def parse_token_counts(text):
+    """'16,64,256' -> [16, 64, 256] (ValueError on anything else)."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"token counts must be comma-separated integers, got {text!r}") from None
+    if not counts:
+        raise ValueError("no token counts given")
+    return counts
+
+
+# ---- batches ----
+
+def labelled_batch(model, samples, num_vision_tokens):
+    """A forward batch as training builds one (markers expanded to N slots, per-sequence
+    position_ids, real images flagged in image_mask), one sample per right-padded row.
+
+    samples: dicts with input_ids, labels and pixel_values ((1, 3, H, W) or None). Right
+    padding needs no attention mask: under causal attention no real token sees a pad.
+    """
+    rows = [expand_image_markers(s["input_ids"], s["labels"], model.config.image_token_id, num_vision_tokens)
+            for s in samples]
+    width = max(len(ids) for ids, _ in rows)
+    pad = model.tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([labs + [IGNORE_INDEX] * (width - len(labs)) for _, labs in rows])
+    pixel_values, image_mask = batch_images(model, samples)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(width).expand(len(rows), -1),
+            "pixel_values": pixel_values, "image_mask": image_mask}
+
+
+def batch_images(model, samples):
+    """The samples' images stacked, with image_mask; one masked-out dummy when there are none,
+    because the vision path always runs (see TokenFlexVLM.embed)."""
+    images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    if images:
+        return torch.cat(images), torch.ones(len(images), dtype=torch.bool)
+    size = model.image_processor.size
+    return torch.zeros(1, 3, size["height"], size["width"]), torch.zeros(1, dtype=torch.bool)
+
+
+def last_reply_labels(sample):
+    """The sample's labels with everything before its last reply masked: only the answer is scored."""
+    prompt = sample["prompt_ids"]
+    if sample["input_ids"][:len(prompt)] != prompt:
+        raise ValueError(f"sample {sample['key']} in {sample['shard']}: its prompt is not a prefix of its tokens")
+    return [IGNORE_INDEX] * len(prompt) + sample["labels"][len(prompt):]
+
+
+def prompt_inputs(model, samples, num_vision_tokens):
+    """Left-padded prompt embeddings and attention mask from token ids and pixel values
+    (TokenFlexVLM.inference_inputs, for prompts that hold earlier turns)."""
+    rows = [expand_image_markers(s["prompt_ids"], s["prompt_ids"], model.config.image_token_id, num_vision_tokens)[0]
+            for s in samples]
+    width = max(len(r) for r in rows)
+    pad = model.tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    pixel_values, image_mask = batch_images(model, samples)
+    return model.embed(input_ids, pixel_values, image_mask, num_vision_tokens), attention_mask
+
+
+@torch.no_grad()
+def evaluate_batch(model, samples, num_vision_tokens, max_new_tokens):
+    """(answers, prefill seconds, loss summed over answer tokens, answer tokens) for one batch."""
+    started = time.perf_counter()
+    embeds, attention_mask = prompt_inputs(model, samples, num_vision_tokens)
+    model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=1)
+    seconds = time.perf_counter() - started
+    output = model.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                           generation_config=model.generation_config(max_new_tokens=max_new_tokens))
+    answers = [a.strip() for a in model.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    scored = [dict(s, labels=last_reply_labels(s)) for s in samples]
+    batch = labelled_batch(model, scored, num_vision_tokens)
+    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    loss = model(batch, num_vision_tokens).loss
+    return answers, seconds, float(loss) * tokens, tokens
+
+
+# ---- evaluation ----
+
+def load_samples(shards, model, limit=None):
+    """The first `limit` usable samples of the shards, tokenized for this model."""
+    samples = itertools.islice(iter_samples(shards, model.tokenizer, model.image_processor), limit)
+    return list(tqdm(samples, desc="reading samples", unit="sample", total=limit))
+
+
+def evaluate_model(model, samples, counts, batch_size=8, max_new_tokens=16, name="model"):
+    """One result dict per N (see the module docstring), plus the per-sample answers."""
+    model.eval()
+    for n in counts:
+        check_token_count(model.config, n)
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    # One untimed batch first: the first forward pays for allocation and kernel selection.
+    evaluate_batch(model, batches[0][:1], counts[0], 1)
+    results = []
+    progress = tqdm(total=len(counts) * len(samples), desc=f"evaluating {name}", unit="sample")
+    for n in counts:
+        answers, seconds, loss_sum, loss_tokens, images = [], [], 0.0, 0, 0
+        for batch in batches:
+            batch_answers, batch_seconds, batch_loss, batch_tokens = evaluate_batch(model, batch, n, max_new_tokens)
+            answers += batch_answers
+            seconds.append(batch_seconds)
+            loss_sum, loss_tokens = loss_sum + batch_loss, loss_tokens + batch_tokens
+            images += sum(s["pixel_values"] is not None for s in batch)
+            progress.update(len(batch))
+        results.append(score(samples, answers) | {
+            "model": name, "num_vision_tokens": n,
+            "loss": loss_sum / loss_tokens if loss_tokens else None,
+            "prefill_ms": 1000 * statistics.median(seconds),
+            "vision_tokens_per_s": images * n / sum(seconds),
+            "predictions": [{"key": s["key"], "answer": s["answer"], "prediction": a} for s, a in zip(samples, answers)],
+        })
+    progress.close()
+    return results
+
+
+def question_type(sample):
+    return sample["record"].get("question_type", "all")
+
+
+def score(samples, answers):
+    hits = [normalise(a) == normalise(s["answer"]) for s, a in zip(samples, answers, strict=True)]
+    by_type = {}
+    for sample, hit in zip(samples, hits):
+        by_type.setdefault(question_type(sample), []).append(hit)
+    return {"samples": len(hits), "accuracy": sum(hits) / len(hits),
+            "accuracy_by_type": {t: sum(h) / len(h) for t, h in sorted(by_type.items())},
+            "samples_by_type": {t: len(h) for t, h in sorted(by_type.items())}}
+
+
+def evaluate(model_dirs, shards, counts, out_dir, names=None, limit=None, batch_size=8, max_new_tokens=16):
+    """Evaluate every model at every N; write results.json, results.md and accuracy_vs_tokens.png."""
+    names = names or default_names(model_dirs)
+    if len(names) != len(model_dirs):
+        raise ValueError(f"{len(names)} names for {len(model_dirs)} models")
+    results = []
+    for name, path in zip(names, model_dirs):
+        model = TokenFlexVLM.from_pretrained(path)
+        for n in counts:  # fail before reading any data
+            check_token_count(model.config, n)
+        samples = load_samples(shards, model, limit)
+        if not samples:
+            raise ValueError(f"no usable samples in {shards}")
+        for result in evaluate_model(model, samples, counts, batch_size, max_new_tokens, name):
+            results.append(dict(result, path=str(path)))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"shards": str(shards), "limit": limit, "batch_size": batch_size, "token_counts": list(counts),
+              "results": results}
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
+    caption = (f"Exact-match accuracy on {results[0]['samples']} samples of {shards}; loss per answer token; prefill is the "
+               f"median per batch of {batch_size}.\n\n")
+    (out_dir / "results.md").write_text(caption + markdown_table(results))
+    plot(results, out_dir / "accuracy_vs_tokens.png")
+    return report
+
+
+def default_names(model_dirs):
+    names = [Path(p).name for p in model_dirs]
+    return names if len(set(names)) == len(names) else [str(p) for p in model_dirs]
+
+
+def markdown_table(results):
+    types = sorted({t for r in results for t in r["accuracy_by_type"]})
+    counts = {t: max(r["samples_by_type"].get(t, 0) for r in results) for t in types}
+    header = ["model", "N", "accuracy", *(f"{t} (n={counts[t]})" for t in types), "loss", "prefill ms",
+              "vision tokens/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        cells = [r["model"], str(r["num_vision_tokens"]), f"{r['accuracy']:.3f}",
+                 *(f"{r['accuracy_by_type'][t]:.3f}" if t in r["accuracy_by_type"] else "-" for t in types),
+                 "-" if r["loss"] is None else f"{r['loss']:.4f}", f"{r['prefill_ms']:.2f}",
+                 f"{r['vision_tokens_per_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    """Accuracy per question type vs N (left) and prefill latency vs N (right); colour is the
+    question type, line style the model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.lines import Line2D
+
+    models = list(dict.fromkeys(r["model"] for r in results))
+    types = ["overall", *sorted({t for r in results for t in r["accuracy_by_type"]})]
+    styles = dict(zip(models, ["-", "--", ":", "-."] * len(models)))
+    colours = dict(zip(types, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(types)))
+    ns = sorted({r["num_vision_tokens"] for r in results})
+    fig, (accuracy_ax, latency_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for model in models:
+        rows = [r for r in results if r["model"] == model]
+        x = [r["num_vision_tokens"] for r in rows]
+        for t in types:
+            y = [r["accuracy"] if t == "overall" else r["accuracy_by_type"].get(t, math.nan) for r in rows]
+            accuracy_ax.plot(x, y, styles[model], marker="o", color=colours[t], linewidth=2.5 if t == "overall" else 1.2)
+        latency_ax.plot(x, [r["prefill_ms"] for r in rows], styles[model], marker="o", color="black")
+    type_handles = [Line2D([], [], color=colours[t], label=t) for t in types]
+    model_handles = [Line2D([], [], color="gray", linestyle=styles[m], label=m) for m in models]
+    accuracy_ax.legend(handles=type_handles + model_handles, fontsize=8)
+    latency_ax.legend(handles=[Line2D([], [], color="black", linestyle=styles[m], label=m) for m in models], fontsize=8)
+    for ax, ylabel in ((accuracy_ax, "exact-match accuracy"), (latency_ax, "median prefill per batch (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("vision tokens N")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    accuracy_ax.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- single-prompt inference (tools/generate) ----
+
+def answers_at_counts(model, image, prompt, counts, max_new_tokens=32, repeats=3):
+    """[(N, median prefill seconds, answer)] for one image (or None) and prompt at each N."""
+    for n in counts:
+        check_token_count(model.config, n)
+    model.eval()
+    images, prompts = [image], [prompt]
+    model.prefill_seconds(images, prompts, counts[0])  # untimed warm-up
+    rows = []
+    for n in tqdm(counts, desc="generating", unit="N", disable=len(counts) == 1):
+        seconds = statistics.median(model.prefill_seconds(images, prompts, n) for _ in range(repeats))
+        rows.append((n, seconds, model.generate(images, prompts, n, max_new_tokens)[0]))
+    return rows
+
+
+def format_answers(rows):
+    """An aligned text table: N, prefill ms, answer."""
+    cells = [("N", "prefill ms", "answer")] + [(str(n), f"{1000 * s:.2f}", a or "(empty)") for n, s, a in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(2)]
+    return "\n".join(f"{n:>{widths[0]}}  {ms:>{widths[1]}}  {answer}" for n, ms, answer in cells)
