@@ -41,6 +41,10 @@ run_stage() {
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
     export MASTER_ADDR MASTER_PORT PYTHONUNBUFFERED=1
+    # Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task; pass it on explicitly.
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+        export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+    fi
 
     log "job $SLURM_JOB_ID start (restart count ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
     log "command: python -m pipeline.train $config $*"
