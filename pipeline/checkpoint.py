@@ -3,6 +3,8 @@
 Layout under <output_dir>/checkpoints:
     model/              the model's structure (config, tokenizer, image processor), no weights
     step-000100/        DeepSpeed's files, plus trainer_state.json and rank-<r>.pt (data + RNG)
+    step-000100-universal/  DeepSpeed's universal form of step-000100, made when a run resumes
+                        it with a different number of ranks; pruned together with step-000100
     latest              the tag of the newest complete checkpoint, replaced atomically
 """
 
@@ -12,6 +14,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +58,59 @@ def latest_tag(ckpt_dir):
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
+def latest_trainer_state(ckpt_dir):
+    """(tag, trainer_state) of the checkpoint `latest` names, or (None, None) when there is none."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None, None
+    state_file = Path(ckpt_dir) / tag / "trainer_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file} missing: checkpoint {tag} is incomplete; point `latest` at an older one")
+    return tag, json.loads(state_file.read_text())
+
+
+def universal_dir(checkpoint):
+    return Path(f"{checkpoint}-universal")
+
+
+def prepare_universal(ckpt_dir):
+    """Collective. True when `latest` was written by a different number of ranks than this run
+    has: rank 0 has then converted it once (reused if already there) to <tag>-universal with
+    DeepSpeed's ds_to_universal, and the engine must be built with load_universal."""
+    tag, trainer_state = latest_trainer_state(ckpt_dir)
+    if tag is None or trainer_state["world_size"] == dist.get_world_size():
+        return False
+    source = Path(ckpt_dir) / tag
+    error = [None]
+    if dist.get_rank() == 0 and not universal_dir(source).is_dir():
+        error[0] = convert_to_universal(source, trainer_state["world_size"], dist.get_world_size())
+    dist.broadcast_object_list(error)  # also the barrier: no rank loads before the folder exists
+    if error[0]:
+        raise RuntimeError(error[0])
+    return True
+
+
+def convert_to_universal(source, saved_world_size, world_size):
+    """Write <source>-universal via a temporary folder (a crash leaves no half folder behind);
+    returns None, or an error message naming the checkpoint and what to do."""
+    temporary, target = Path(f"{source}-universal.tmp"), universal_dir(source)
+    shutil.rmtree(temporary, ignore_errors=True)
+    log.info("checkpoint %s was written by %d ranks; converting it to a universal checkpoint for %d ranks",
+             source, saved_world_size, world_size)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(source), "--output_folder", str(temporary)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    (source.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we name the tag
+    if result.returncode != 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        return (f"checkpoint {source} was written by {saved_world_size} ranks and this run has {world_size}; "
+                f"converting it to a universal checkpoint failed: {(result.stderr or result.stdout)[-2000:]}\n"
+                f"Resume with {saved_world_size} ranks, or convert the weights (python -m tools.convert_checkpoint "
+                f"{source.parent} OUT) and start a new run from OUT with model.init_from=OUT in a new train.output_dir")
+    os.replace(temporary, target)
+    return None
+
+
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -83,34 +140,49 @@ def save(engine, ckpt_dir, step, trainer_state, data_state, keep_last):
         temporary = ckpt_dir / "latest.tmp"
         temporary.write_text(tag)
         os.replace(temporary, ckpt_dir / "latest")
-        for old in sorted(ckpt_dir.glob("step-*"))[:-keep_last]:
+        checkpoints = sorted(p for p in ckpt_dir.glob("step-*") if p.name.removeprefix("step-").isdigit())
+        for old in checkpoints[:-keep_last]:
             shutil.rmtree(old)
+            shutil.rmtree(universal_dir(old), ignore_errors=True)
         log.info("saved checkpoint %s", ckpt_dir / tag)
     dist.barrier()
     return tag
 
 
 def load(engine, ckpt_dir):
-    """Resume from `latest` if there is one: returns (trainer_state, data_state) or None."""
-    tag = latest_tag(ckpt_dir)
+    """Resume from `latest` if there is one: returns (trainer_state, data_state) or None.
+
+    A checkpoint from a different number of ranks loads from its universal form (see
+    prepare_universal): weights, optimizer, LR schedule and step continue, but the per-rank data
+    positions and RNG states can't be mapped to the new ranks, so the data stream restarts."""
+    tag, trainer_state = latest_trainer_state(ckpt_dir)
     if tag is None:
         return None
-    state_file = Path(ckpt_dir) / tag / "trainer_state.json"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file} missing: checkpoint {tag} is incomplete; point `latest` at an older one")
-    trainer_state = json.loads(state_file.read_text())
-    world_size = dist.get_world_size()
-    if trainer_state["world_size"] != world_size:
+    source, saved_world_size, world_size = Path(ckpt_dir) / tag, trainer_state["world_size"], dist.get_world_size()
+    if saved_world_size != world_size and not engine.load_universal_checkpoint():
         raise RuntimeError(
-            f"checkpoint {Path(ckpt_dir) / tag} was written by {trainer_state['world_size']} ranks but this run has "
-            f"{world_size}. ZeRO-3 optimizer shards are per rank, so resume with {trainer_state['world_size']} ranks, "
-            f"or convert the weights (python -m tools.convert_checkpoint {ckpt_dir} OUT) and start a new run from "
-            f"OUT with model.init_from=OUT in a new train.output_dir"
-        )
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            f"checkpoint {source} was written by {saved_world_size} ranks but this run has {world_size} "
+            f"and the engine was not built to load its universal form (checkpoint.prepare_universal)")
+    load_tag = tag if saved_world_size == world_size else universal_dir(source).name
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=load_tag)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
-    rank_state = torch.load(Path(ckpt_dir) / tag / f"rank-{dist.get_rank()}.pt", weights_only=False)
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / load_tag}")
+    log.info("resumed from checkpoint %s at step %d", source, trainer_state["step"])
+    if saved_world_size != world_size:
+        saved = torch.load(source / "rank-0.pt", weights_only=False)["data"]
+        log.warning("checkpoint %s was written by %d ranks, this run has %d: weights, optimizer state, LR schedule "
+                    "and step continue, but the data stream restarts at epoch %d for every rank (samples already "
+                    "seen may repeat) and RNG states are not restored, so losses won't match a run at %d ranks",
+                    source, saved_world_size, world_size, saved["epoch"] + 1, saved_world_size)
+        return trainer_state, next_epoch_data_state(saved, dist.get_rank(), world_size)
+    rank_state = torch.load(source / f"rank-{dist.get_rank()}.pt", weights_only=False)
     set_rng_state(rank_state["rng"])
-    log.info("resumed from checkpoint %s at step %d", Path(ckpt_dir) / tag, trainer_state["step"])
     return trainer_state, rank_state["data"]
+
+
+def next_epoch_data_state(saved, rank, world_size):
+    """A TrainBatches state at the start of the epoch after rank 0's saved one, for a new rank layout.
+
+    The rest of the stream's identity (seed, shards, workers, ...) must still match the config."""
+    return dict(saved, identity=dict(saved["identity"], rank=rank, world_size=world_size),
+                epoch=saved["epoch"] + 1, batches_in_epoch=0, pulled=0, pending=[])

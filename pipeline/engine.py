@@ -38,8 +38,10 @@ def use_bf16(precision):
     return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
 
 
-def deepspeed_config(cfg):
-    """The DeepSpeed JSON named by train.deepspeed, with its "auto" values filled from our config."""
+def deepspeed_config(cfg, load_universal=False):
+    """The DeepSpeed JSON named by train.deepspeed, with its "auto" values filled from our config.
+
+    load_universal: the checkpoint to resume is a universal one (written for another world size)."""
     with open(cfg.train.deepspeed) as handle:
         ds = json.load(handle)
     filled = {
@@ -54,6 +56,8 @@ def deepspeed_config(cfg):
     ds["bf16"] = {"enabled": use_bf16(cfg.train.precision)}
     world_size = int(os.environ["WORLD_SIZE"])
     ds["train_batch_size"] = cfg.data.rows_per_batch * cfg.train.grad_accum * world_size
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     return ds
 
 
@@ -70,12 +74,12 @@ def warmup_cosine(max_steps, warmup_ratio, min_lr_ratio):
     return multiplier
 
 
-def build_engine(model, param_groups, cfg):
+def build_engine(model, param_groups, cfg, load_universal=False):
     """ZeRO-3 (or 2) engine with a plain torch AdamW: no fused-kernel compile on first use."""
     optimizer = torch.optim.AdamW(param_groups, betas=tuple(cfg.optim.betas))
     schedule = warmup_cosine(cfg.train.max_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg),
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, load_universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
     return engine

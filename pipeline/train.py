@@ -1,7 +1,8 @@
 """Train one stage: python -m pipeline.train CONFIG.yaml [section.key=value ...]
 
 Launch one process per GPU with torchrun, deepspeed or srun; rank and world size come from
-their environment. A run whose output_dir holds a checkpoint resumes from it.
+their environment. A run whose output_dir holds a checkpoint resumes from it, also with a
+different number of ranks (through a universal checkpoint; the data stream then restarts).
 """
 
 import argparse
@@ -81,7 +82,8 @@ def run(cfg):
     if rank == 0:
         write_model_folder(ckpt_dir / "model", model.config, model.tokenizer, model.image_processor)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    engine = build_engine(model, stage.param_groups(model, cfg), cfg)
+    universal = checkpoint.prepare_universal(ckpt_dir)  # True: latest was written by another world size
+    engine = build_engine(model, stage.param_groups(model, cfg), cfg, load_universal=universal)
 
     resumed = checkpoint.load(engine, ckpt_dir)
     trainer_state, data_state = resumed or ({"step": 0, "wandb_id": None}, None)

@@ -17,9 +17,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun_command(config, output_dir, *overrides):
+def torchrun_command(config, output_dir, *overrides, ranks=2):
     # --master_port 0 would hang: DeepSpeed's env:// init does not see the port torchrun picks
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
             "-m", "pipeline.train", str(REPO / "configs" / config), f"train.output_dir={output_dir}",
             "wandb.mode=disabled", *overrides]
 
@@ -29,10 +29,10 @@ def train_env():
                 PYTHONWARNINGS="ignore::FutureWarning")
 
 
-def run_training(config, output_dir, *overrides, timeout=300):
-    """Run to completion; the combined log lands beside output_dir as <name>.log."""
-    result = subprocess.run(torchrun_command(config, output_dir, *overrides), cwd=REPO, env=train_env(),
-                            capture_output=True, text=True, timeout=timeout)
+def run_training(config, output_dir, *overrides, timeout=300, ranks=2):
+    """Run to completion on `ranks` processes; the combined log lands beside output_dir as <name>.log."""
+    result = subprocess.run(torchrun_command(config, output_dir, *overrides, ranks=ranks), cwd=REPO, env=train_env(),
+                            check=False, capture_output=True, text=True, timeout=timeout)
     (Path(output_dir).parent / f"{Path(output_dir).name}.log").write_text(result.stdout + result.stderr)
     return result
 
