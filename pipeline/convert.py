@@ -104,7 +104,8 @@ def check_structure(ckpt_dir):
 
 
 def available_tags(ckpt_dir):
-    return sorted(p.name for p in Path(ckpt_dir).glob("step-*") if p.is_dir())
+    # step-000100, not step-000100-universal (a resume's conversion for another world size)
+    return sorted(p.name for p in Path(ckpt_dir).glob("step-*") if p.name.removeprefix("step-").isdigit())
 
 
 def check_complete(tag_dir):

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.data import iter_samples
-from pipeline.model import TokenFlexVLM
+from pipeline.data import iter_samples, resolve_shards
+from pipeline.model import TokenFlexVLM, read_vlm_config
 from pipeline.tokens import IGNORE_INDEX, expand_image_markers
 
 TRAILING_PUNCTUATION = ".,;:!?"
@@ -132,51 +132,55 @@ def evaluate_batch(model, samples, num_vision_tokens, max_new_tokens):
 
 # ---- evaluation ----
 
-def load_samples(shards, model, limit=None):
-    """The first `limit` usable samples of the shards, tokenized for this model."""
-    samples = itertools.islice(iter_samples(shards, model.tokenizer, model.image_processor), limit)
-    return list(tqdm(samples, desc="reading samples", unit="sample", total=limit))
+def batches_of(samples, batch_size):
+    samples = iter(samples)
+    while batch := list(itertools.islice(samples, batch_size)):
+        yield batch
 
 
-def evaluate_model(model, samples, counts, batch_size=8, max_new_tokens=16, name="model"):
-    """One result dict per N (see the module docstring), plus the per-sample answers."""
+def evaluate_model(model, samples, counts, batch_size=8, max_new_tokens=16, name="model", total=None):
+    """One result dict per N (see the module docstring) with the per-sample predictions.
+
+    samples: an iterable of iter_samples items, streamed: only one batch of images is held at
+    a time, and every N sees each batch before the next one is read. total: for the progress bar.
+    """
     model.eval()
     for n in counts:
         check_token_count(model.config, n)
-    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-    # One untimed batch first: the first forward pays for allocation and kernel selection.
-    evaluate_batch(model, batches[0][:1], counts[0], 1)
-    results = []
-    progress = tqdm(total=len(counts) * len(samples), desc=f"evaluating {name}", unit="sample")
-    for n in counts:
-        answers, seconds, loss_sum, loss_tokens, images = [], [], 0.0, 0, 0
-        for batch in batches:
-            batch_answers, batch_seconds, batch_loss, batch_tokens = evaluate_batch(model, batch, n, max_new_tokens)
-            answers += batch_answers
-            seconds.append(batch_seconds)
-            loss_sum, loss_tokens = loss_sum + batch_loss, loss_tokens + batch_tokens
-            images += sum(s["pixel_values"] is not None for s in batch)
-            progress.update(len(batch))
-        results.append(score(samples, answers) | {
-            "model": name, "num_vision_tokens": n,
-            "loss": loss_sum / loss_tokens if loss_tokens else None,
-            "prefill_ms": 1000 * statistics.median(seconds),
-            "vision_tokens_per_s": images * n / sum(seconds),
-            "predictions": [{"key": s["key"], "answer": s["answer"], "prediction": a} for s, a in zip(samples, answers)],
-        })
+    seen = []
+    runs = {n: {"answers": [], "seconds": [], "loss_sum": 0.0, "loss_tokens": 0, "images": 0} for n in counts}
+    progress = tqdm(total=total, desc=f"evaluating {name}", unit="sample")
+    for batch in batches_of(samples, batch_size):
+        if not seen:  # one untimed sample first: the first forward pays for allocation and set-up
+            evaluate_batch(model, batch[:1], counts[0], 1)
+        seen += [{"key": s["key"], "answer": s["answer"], "question_type": s["record"].get("question_type", "all")}
+                 for s in batch]
+        for n, run in runs.items():
+            answers, seconds, loss_sum, loss_tokens = evaluate_batch(model, batch, n, max_new_tokens)
+            run["answers"] += answers
+            run["seconds"].append(seconds)
+            run["loss_sum"] += loss_sum
+            run["loss_tokens"] += loss_tokens
+            run["images"] += sum(s["pixel_values"] is not None for s in batch)
+        progress.update(len(batch))
     progress.close()
-    return results
-
-
-def question_type(sample):
-    return sample["record"].get("question_type", "all")
+    if not seen:
+        raise ValueError("no usable samples to evaluate")
+    return [score(seen, run["answers"]) | {
+        "model": name, "num_vision_tokens": n,
+        "loss": run["loss_sum"] / run["loss_tokens"] if run["loss_tokens"] else None,
+        "prefill_ms": 1000 * statistics.median(run["seconds"]),
+        "vision_tokens_per_s": run["images"] * n / sum(run["seconds"]),
+        "predictions": [dict(s, prediction=a) for s, a in zip(seen, run["answers"])],
+    } for n, run in runs.items()]
 
 
 def score(samples, answers):
+    """Exact-match accuracy of answers against samples' reference answers, overall and per question_type."""
     hits = [normalise(a) == normalise(s["answer"]) for s, a in zip(samples, answers, strict=True)]
     by_type = {}
     for sample, hit in zip(samples, hits):
-        by_type.setdefault(question_type(sample), []).append(hit)
+        by_type.setdefault(sample["question_type"], []).append(hit)
     return {"samples": len(hits), "accuracy": sum(hits) / len(hits),
             "accuracy_by_type": {t: sum(h) / len(h) for t, h in sorted(by_type.items())},
             "samples_by_type": {t: len(h) for t, h in sorted(by_type.items())}}
@@ -187,15 +191,15 @@ def evaluate(model_dirs, shards, counts, out_dir, names=None, limit=None, batch_
     names = names or default_names(model_dirs)
     if len(names) != len(model_dirs):
         raise ValueError(f"{len(names)} names for {len(model_dirs)} models")
+    resolve_shards(shards)  # fail before any model runs
+    for path in model_dirs:
+        for n in counts:
+            check_token_count(read_vlm_config(path), n)
     results = []
     for name, path in zip(names, model_dirs):
         model = TokenFlexVLM.from_pretrained(path)
-        for n in counts:  # fail before reading any data
-            check_token_count(model.config, n)
-        samples = load_samples(shards, model, limit)
-        if not samples:
-            raise ValueError(f"no usable samples in {shards}")
-        for result in evaluate_model(model, samples, counts, batch_size, max_new_tokens, name):
+        samples = itertools.islice(iter_samples(shards, model.tokenizer, model.image_processor), limit)
+        for result in evaluate_model(model, samples, counts, batch_size, max_new_tokens, name, total=limit):
             results.append(dict(result, path=str(path)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
