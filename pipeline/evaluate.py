@@ -9,6 +9,9 @@ Per model and N: exact-match accuracy (answers normalised: stripped, lower-cased
 punctuation dropped) overall and per question type, mean loss per answer token, median prefill
 seconds per batch (vision encoding + prompt forward, the part N changes) and vision-token
 throughput (images x N / prefill seconds, over all batches).
+
+Also here: the forward-batch builder the converter's probe uses, and the several-N answer
+table behind tools/generate.
 """
 
 import itertools

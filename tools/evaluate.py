@@ -1,4 +1,4 @@
-"""Evaluate model folders on held-out shards at several vision-token counts N.
+r"""Evaluate model folders on held-out shards at several vision-token counts N.
 
     python -m tools.evaluate runs/flex/final runs/fixed64/final --names flex,fixed64 \
         --shards data/shards/val --tokens 16,36,64,100,144,196,256 --out results/flex-vs-fixed
