@@ -169,9 +169,11 @@ class TokenFlexVLM(nn.Module):
         full-vocabulary logits dominate memory at large N.
         """
         embeds = self.embed(batch["input_ids"], batch["pixel_values"], batch["image_mask"], num_vision_tokens)
+        # use_cache=False matters: with a cache, transformers ignores the packed position ids and
+        # lets packed samples attend to each other
         hidden = self.language_model.model(
             inputs_embeds=embeds, position_ids=batch.get("position_ids"),
-            attention_mask=batch.get("attention_mask"),
+            attention_mask=batch.get("attention_mask"), use_cache=False,
         ).last_hidden_state
         loss = None
         if "labels" in batch:

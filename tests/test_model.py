@@ -195,6 +195,22 @@ def test_loss_depends_on_which_positions_are_supervised(model, loss_and_logits):
         assert torch.equal(model(batch, N).loss, out.loss)
 
 
+def test_packed_samples_do_not_attend_to_each_other(model, images):
+    """Two samples packed in one row (position ids restarting) give the same logits as each
+    alone: transformers builds the block-diagonal mask only without a KV cache."""
+    first = sample(model, CONVERSATION, N)
+    second = sample(model, [{"role": "user", "content": "what is two plus three?"},
+                            {"role": "assistant", "content": "five"}], N)
+    packed = make_batch(model, [(first[0] + second[0], first[1] + second[1])],
+                        model.pixel_values(images[:1]), torch.tensor([True]))
+    packed["position_ids"] = torch.tensor([list(range(len(first[0]))) + list(range(len(second[0])))])
+    alone = make_batch(model, [second], torch.zeros(1, 3, 64, 64), torch.tensor([False]))
+    with torch.no_grad():
+        packed_logits = model(packed, N, return_logits=True).logits[0, len(first[0]):]
+        alone_logits = model(alone, N, return_logits=True).logits[0]
+    torch.testing.assert_close(packed_logits, alone_logits, rtol=1e-5, atol=1e-5)
+
+
 def test_loss_without_supervised_tokens_is_zero_and_differentiable(model, images):
     batch = image_batch(model, images)
     batch["labels"][:] = IGNORE_INDEX
