@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     peak_tflops: float = 989.0  # per GPU, for MFU (H100 SXM dense bf16)
     export_final: bool = True  # write <output_dir>/final, a model folder, when training ends
+    gradient_checkpointing: bool = False  # recompute LM (and trained tower) activations in backward
 
     def __post_init__(self):
         if self.stage not in ("align", "finetune"):

@@ -86,14 +86,19 @@ def build_engine(model, param_groups, cfg, load_universal=False):
 
 
 def flops_per_step(model, tokens, images):
-    """Training FLOPs, one documented formula: 6 x parameters x tokens for the LM (embedding
-    lookups left out, attention scores ignored) plus 6 x vision parameters x patches for every
-    image the tower encodes (dummies included). Frozen parts are counted at the full 6x."""
+    """Training FLOPs, one documented formula: 6 x LM parameters x tokens, where the parameters
+    are the matmul weights (input embedding lookups left out, the lm_head projection counted
+    even when tied to them; attention scores ignored), plus 6 x vision parameters x patches for
+    every image the tower encodes (dummies included). Frozen parts count at the full 6x."""
+
+    def numel(p):
+        return p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitions hide the size
+
     lm = model.language_model
-    lm_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in lm.parameters())
-    embedding = lm.get_input_embeddings().weight
-    lm_params -= embedding.ds_numel if hasattr(embedding, "ds_numel") else embedding.numel()
-    vision_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.vision_tower.parameters())
+    lm_matmul = sum(numel(p) for p in lm.parameters()) - numel(lm.get_input_embeddings().weight)
+    if lm.config.tie_word_embeddings:
+        lm_matmul += numel(lm.get_output_embeddings().weight)
+    vision_params = sum(numel(p) for p in model.vision_tower.parameters())
     vision = model.vision_tower.config
     patches = (vision.image_size // vision.patch_size) ** 2
-    return 6 * lm_params * tokens + 6 * vision_params * patches * images
+    return 6 * lm_matmul * tokens + 6 * vision_params * patches * images

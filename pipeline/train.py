@@ -68,6 +68,16 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
     return metrics
 
 
+def enable_gradient_checkpointing(model):
+    """Recompute activations in backward wherever gradients flow: always the LM (the projector's
+    gradient passes through it even when frozen), the tower only when it trains. Reentrant
+    checkpointing, because the non-reentrant kind trips over ZeRO-3's parameter gathering."""
+    parts = [model.language_model] + [model.vision_tower] * any(p.requires_grad for p in model.vision_tower.parameters())
+    for part in parts:
+        part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    log.info("gradient checkpointing on: %s", ", ".join(type(part).__name__ for part in parts))
+
+
 def run(cfg):
     rank, world_size = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -79,6 +89,8 @@ def run(cfg):
     stage = STAGES[cfg.train.stage]
     model = stage.build_model(cfg)
     stage.freeze_backbones(model, cfg)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if rank == 0:
         write_model_folder(ckpt_dir / "model", model.config, model.tokenizer, model.image_processor)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

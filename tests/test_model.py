@@ -211,6 +211,22 @@ def test_packed_samples_do_not_attend_to_each_other(model, images):
     torch.testing.assert_close(packed_logits, alone_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_models, images):
+    from pipeline.train import enable_gradient_checkpointing
+
+    results = []
+    for checkpointing in (False, True):
+        model = build_model(tiny_models)
+        model.train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        loss = model(image_batch(model, images), N).loss
+        loss.backward()
+        results.append((loss.detach(), model.projector.gate.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
 def test_loss_without_supervised_tokens_is_zero_and_differentiable(model, images):
     batch = image_batch(model, images)
     batch["labels"][:] = IGNORE_INDEX

@@ -97,9 +97,11 @@ def test_checkpoints_keep_last_k_with_atomic_latest(stage1_run):
 def test_stage2_starts_from_stage1_and_trains_lm(stage1_run, synthetic_shards, tmp_path):
     out = tmp_path / "stage2"
     result = run_training("tiny_cpu_stage2.yaml", out, f"model.init_from={stage1_run / 'final'}",
-                          f"data.shards={synthetic_shards}", "train.max_steps=6", "optim.lr=1e-3", "data.seq_len=512")
+                          f"data.shards={synthetic_shards}", "train.max_steps=6", "optim.lr=1e-3", "data.seq_len=512",
+                          "train.gradient_checkpointing=true")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "language_model   TRAINS" in result.stderr + result.stdout
+    assert "gradient checkpointing on: Qwen2ForCausalLM" in result.stderr
     losses = [m["loss"] for m in metrics(out)]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
     before = load_file(stage1_run / "final" / "model.safetensors")
