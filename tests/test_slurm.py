@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tools import build_shards, make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
@@ -61,19 +60,12 @@ def slurm():
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    make_synthetic.main(["--out", str(root / "raw"), "--n", "100", "--seed", "3"])
-    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=25)
-    return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def train_args(tiny_models, shards):
+def train_args(tiny_models, synthetic_shards):
     """Config and overrides for a short 2-rank CPU run; call with the run's output dir."""
     def args(output_dir: Path) -> list[str]:
         return ["configs/tiny_cpu_stage1.yaml", f"model.vision_path={tiny_models / 'vision'}",
-                f"model.lm_path={tiny_models / 'qwen2'}", f"data.shards={shards}", f"train.output_dir={output_dir}",
+                f"model.lm_path={tiny_models / 'qwen2'}", f"data.shards={synthetic_shards}",
+                f"train.output_dir={output_dir}",
                 f"train.max_steps={STEPS}", "train.export_final=false", "wandb.mode=disabled"]
     return args
 
@@ -97,8 +89,10 @@ def wait_for_job(job_id: str, timeout_s: float = 180) -> str:
         if state in TERMINAL_STATES:
             return state
         time.sleep(1)
+    details = subprocess.run(["scontrol", "show", "job", job_id], check=False, capture_output=True, text=True)
     subprocess.run(["scancel", job_id], check=False)
-    raise TimeoutError(f"job {job_id} did not finish within {timeout_s}s (state {state})")
+    raise TimeoutError(f"job {job_id} did not finish within {timeout_s}s (accounting state {state}); "
+                       f"scontrol says:\n{details.stdout}{details.stderr}")
 
 
 def losses(output_dir: Path) -> dict[int, float]:
