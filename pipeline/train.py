@@ -20,7 +20,7 @@ import yaml
 from pipeline import checkpoint
 from pipeline.convert import convert_checkpoint
 from pipeline.config import describe_options, load_config, to_dict
-from pipeline.data import TrainBatches
+from pipeline.data import TrainBatches, resolve_shards
 from pipeline.engine import build_engine, flops_per_step, init_distributed
 from pipeline.metrics import MetricsLog
 from pipeline.model import write_model_folder
@@ -137,6 +137,15 @@ def run(cfg):
     return 0
 
 
+def check_inputs(cfg):
+    """Fail in seconds, naming the key, instead of after DeepSpeed and model start-up."""
+    paths = {**STAGES[cfg.train.stage].required_paths(cfg), "train.deepspeed": cfg.train.deepspeed}
+    for key, path in paths.items():
+        if not path or not Path(path).exists():
+            raise FileNotFoundError(f"{key}={path!r} not found (relative paths start at {Path.cwd()})")
+    resolve_shards(cfg.data.shards)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -151,6 +160,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_inputs(cfg)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """Training stages: what each trains, from what it starts. `STAGES[name]` is the contract
-the engine uses: build_model(cfg), freeze_backbones(model, cfg), param_groups(model, cfg)."""
+the engine uses: required_paths(cfg), build_model(cfg), freeze_backbones(model, cfg),
+param_groups(model, cfg)."""
 
 from stages import align, finetune
 

@@ -6,9 +6,11 @@ from pipeline.model import TokenFlexVLM
 from stages.common import group, log, set_trainable
 
 
+def required_paths(cfg):
+    return {"model.vision_path": cfg.model.vision_path, "model.lm_path": cfg.model.lm_path}
+
+
 def build_model(cfg):
-    if not cfg.model.vision_path or not cfg.model.lm_path:
-        raise ValueError("stage align needs model.vision_path and model.lm_path")
     return TokenFlexVLM.from_components(
         cfg.model.vision_path, cfg.model.lm_path, projector=cfg.model.projector,
         projector_options=cfg.model.projector_options, vision_feature_layer=cfg.model.vision_feature_layer,

@@ -8,9 +8,11 @@ from pipeline.model import TokenFlexVLM
 from stages.common import group, log, set_trainable
 
 
+def required_paths(cfg):
+    return {"model.init_from": cfg.model.init_from}  # e.g. runs/stage1/final
+
+
 def build_model(cfg):
-    if not cfg.model.init_from:
-        raise ValueError("stage finetune needs model.init_from: a stage-1 output folder such as runs/stage1/final")
     return TokenFlexVLM.from_pretrained(cfg.model.init_from)
 
 

@@ -1,5 +1,6 @@
 """Typed configs: every shipped YAML loads, overrides apply, bad keys and values are named."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,18 @@ def test_cli_help_lists_options_and_bad_config_exits_2():
     bad = subprocess.run([sys.executable, "-m", "pipeline.train", "configs/stage1_align.yaml", "optim.lrr=1"],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown config key optim.lrr" in bad.stderr
+
+
+@pytest.mark.parametrize("override, named", [
+    ("model.vision_path=/no/such/vision", "model.vision_path='/no/such/vision' not found"),
+    ("data.shards=/no/such/shards", "shard /no/such/shards not found"),
+    ("train.deepspeed=/no/such.json", "train.deepspeed='/no/such.json' not found"),
+])
+def test_missing_inputs_are_named_before_start_up(tiny_models, synthetic_shards, override, named):
+    from pipeline.train import check_inputs
+
+    cfg = load_config(REPO / "configs/tiny_cpu_stage1.yaml",
+                      [f"model.vision_path={tiny_models / 'vision'}", f"model.lm_path={tiny_models / 'qwen2'}",
+                       f"data.shards={synthetic_shards}", f"train.deepspeed={REPO / 'configs/zero3.json'}", override])
+    with pytest.raises(FileNotFoundError, match=re.escape(named)):
+        check_inputs(cfg)
