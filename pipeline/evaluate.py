@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline.data import iter_samples, resolve_shards
 from pipeline.model import TokenFlexVLM, read_vlm_config
+from pipeline.projector import pooled_side
 from pipeline.tokens import IGNORE_INDEX, expand_image_markers
 
 TRAILING_PUNCTUATION = ".,;:!?"
@@ -45,12 +46,7 @@ def grid_side(config):
 
 def check_token_count(config, num_vision_tokens):
     """ValueError unless N is a perfect square whose side fits the encoder's patch grid."""
-    side, grid = math.isqrt(max(num_vision_tokens, 0)), grid_side(config)
-    if num_vision_tokens < 1 or side * side != num_vision_tokens:
-        raise ValueError(f"N={num_vision_tokens} is not a perfect square n*n (e.g. 16, 64, 144)")
-    if side > grid:
-        raise ValueError(f"N={num_vision_tokens} ({side}x{side}) is larger than the encoder's {grid}x{grid} "
-                         f"patch grid; the most is {grid * grid}")
+    pooled_side(num_vision_tokens, grid_side(config))
 
 
 def parse_token_counts(text):
@@ -85,13 +81,8 @@ def labelled_batch(model, samples, num_vision_tokens):
 
 
 def batch_images(model, samples):
-    """The samples' images stacked, with image_mask; one masked-out dummy when there are none,
-    because the vision path always runs (see TokenFlexVLM.embed)."""
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-    if images:
-        return torch.cat(images), torch.ones(len(images), dtype=torch.bool)
-    size = model.image_processor.size
-    return torch.zeros(1, 3, size["height"], size["width"]), torch.zeros(1, dtype=torch.bool)
+    return model.image_inputs(torch.cat(images) if images else None)
 
 
 def last_reply_labels(sample):
@@ -103,16 +94,9 @@ def last_reply_labels(sample):
 
 
 def prompt_inputs(model, samples, num_vision_tokens):
-    """Left-padded prompt embeddings and attention mask from token ids and pixel values
-    (TokenFlexVLM.inference_inputs, for prompts that hold earlier turns)."""
-    rows = [expand_image_markers(s["prompt_ids"], s["prompt_ids"], model.config.image_token_id, num_vision_tokens)[0]
-            for s in samples]
-    width = max(len(r) for r in rows)
-    pad = model.tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    """Left-padded prompt embeddings and attention mask of samples whose prompts hold earlier turns."""
     pixel_values, image_mask = batch_images(model, samples)
-    return model.embed(input_ids, pixel_values, image_mask, num_vision_tokens), attention_mask
+    return model.prompt_embeddings([s["prompt_ids"] for s in samples], pixel_values, image_mask, num_vision_tokens)
 
 
 @torch.no_grad()

@@ -207,24 +207,33 @@ class TokenFlexVLM(nn.Module):
     def pixel_values(self, images):
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
-    def inference_inputs(self, images, prompts, num_vision_tokens):
-        """Left-padded prompt embeddings and attention mask; an image may be None (text-only)."""
-        rows = []
-        for image, prompt in zip(images, prompts, strict=True):
-            ids = self.prompt_ids(prompt, image is not None)
-            rows.append(expand_image_markers(ids, ids, self.config.image_token_id, num_vision_tokens)[0])
+    def image_inputs(self, pixel_values):
+        """(pixel_values, image_mask) for a forward: the real images, or one masked-out dummy
+        when there are none, since the vision path always runs (see embed)."""
+        if pixel_values is not None and len(pixel_values):
+            return pixel_values, torch.ones(len(pixel_values), dtype=torch.bool)
+        size = self.image_processor.size
+        return torch.zeros(1, 3, size["height"], size["width"]), torch.zeros(1, dtype=torch.bool)
+
+    def prompt_embeddings(self, prompts_ids, pixel_values, image_mask, num_vision_tokens):
+        """Left-padded embeddings and attention mask for tokenized prompts whose image markers
+        are not yet expanded."""
+        rows = [expand_image_markers(ids, ids, self.config.image_token_id, num_vision_tokens)[0]
+                for ids in prompts_ids]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         device = next(self.parameters()).device
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        real_images = [im for im in images if im is not None]
-        size = self.image_processor.size
-        pixel_values = (self.pixel_values(real_images) if real_images
-                        else torch.zeros(1, 3, size["height"], size["width"]))
-        image_mask = torch.full((pixel_values.shape[0],), bool(real_images), device=device)
-        embeds = self.embed(input_ids, pixel_values.to(device), image_mask, num_vision_tokens)
+        embeds = self.embed(input_ids, pixel_values.to(device), image_mask.to(device), num_vision_tokens)
         return embeds, attention_mask
+
+    def inference_inputs(self, images, prompts, num_vision_tokens):
+        """prompt_embeddings for text prompts and PIL images; an image may be None (text-only)."""
+        prompts_ids = [self.prompt_ids(prompt, image is not None) for image, prompt in zip(images, prompts, strict=True)]
+        real_images = [image for image in images if image is not None]
+        pixel_values, image_mask = self.image_inputs(self.pixel_values(real_images) if real_images else None)
+        return self.prompt_embeddings(prompts_ids, pixel_values, image_mask, num_vision_tokens)
 
     @torch.no_grad()
     def generate(self, images, prompts, num_vision_tokens, max_new_tokens=32):

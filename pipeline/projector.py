@@ -34,6 +34,17 @@ def square_side(count, what):
     return side
 
 
+def pooled_side(num_tokens, grid):
+    """n for N = n*n tokens pooled from a grid x grid patch map; ValueError naming N otherwise."""
+    side = square_side(num_tokens, "num_vision_tokens")
+    if side > grid:
+        raise ValueError(
+            f"num_vision_tokens={num_tokens} asks for a {side}x{side} grid, "
+            f"larger than the encoder's {grid}x{grid} patches (at most {grid * grid})"
+        )
+    return side
+
+
 @register_projector("adaptive_pool_swiglu")
 class AdaptivePoolSwiGLUProjector(nn.Module):
     """TokenFLEX's token-adaptive projector: pool the grid to n x n, then norm and SwiGLU."""
@@ -49,12 +60,7 @@ class AdaptivePoolSwiGLUProjector(nn.Module):
     def forward(self, features, num_tokens):
         images, patches, dim = features.shape
         grid = square_side(patches, "vision patch count")
-        side = square_side(num_tokens, "num_vision_tokens")
-        if side > grid:
-            raise ValueError(
-                f"num_vision_tokens={num_tokens} asks for a {side}x{side} grid, "
-                f"larger than the encoder's {grid}x{grid} patches"
-            )
+        side = pooled_side(num_tokens, grid)
         grid_map = features.transpose(1, 2).reshape(images, dim, grid, grid)
         pooled = F.adaptive_avg_pool2d(grid_map, side).flatten(2).transpose(1, 2)
         x = self.norm(pooled)

@@ -76,8 +76,8 @@ def test_generate_one_n_text_only_prints_just_the_answer(models, chatty_model, c
     assert expected and capsys.readouterr().out == expected + "\n"
 
 
-@pytest.mark.parametrize("tokens, message", [("20", "N=20 is not a perfect square"),
-                                             ("16,1024", "larger than the encoder's 16x16 patch grid"),
+@pytest.mark.parametrize("tokens, message", [("20", "num_vision_tokens=20 is not a perfect square"),
+                                             ("16,1024", "num_vision_tokens=1024 asks for a 32x32 grid, larger than the encoder's 16x16 patches"),
                                              ("a,b", "comma-separated integers")])
 def test_generate_rejects_bad_token_counts(models, tokens, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -180,5 +180,5 @@ def test_evaluate_rejects_a_token_count_beyond_the_grid(models, synthetic_shards
         evaluate_tool.main([str(models["final"]), "--shards", str(synthetic_shards), "--tokens", "16,400",
                             "--out", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "N=400 (20x20) is larger than the encoder's 16x16 patch grid" in capsys.readouterr().err
+    assert "num_vision_tokens=400 asks for a 20x20 grid, larger than the encoder's 16x16 patches" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
