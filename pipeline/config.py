@@ -75,13 +75,14 @@ class TrainConfig:
     peak_tflops: float = 989.0  # per GPU, for MFU (H100 SXM dense bf16)
     export_final: bool = True  # write <output_dir>/final, a model folder, when training ends
     gradient_checkpointing: bool = False  # recompute LM (and trained tower) activations in backward
+    log_every: int = 10  # steps between metric lines in the log (the progress bar updates every step)
 
     def __post_init__(self):
         if self.stage not in ("align", "finetune"):
             raise ValueError(f"train.stage must be 'align' or 'finetune', got {self.stage!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
-        for name in ("max_steps", "grad_accum", "save_every", "keep_last"):
+        for name in ("max_steps", "grad_accum", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 

@@ -1,15 +1,20 @@
-"""Rank 0's view of training: metrics.jsonl, wandb (offline unless configured) and a progress bar."""
+"""Rank 0's view of training: metrics.jsonl, wandb (offline unless configured), a progress bar,
+and a metrics line in the log every train.log_every steps (what a Slurm log file shows best)."""
 
 import json
+import logging
 from pathlib import Path
 
 import wandb
 from tqdm import tqdm
 
+log = logging.getLogger("tokenflex")
+
 
 class MetricsLog:
     def __init__(self, cfg, config_dict, start_step, wandb_id):
         self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
+        self.log_every, self.max_steps = cfg.train.log_every, cfg.train.max_steps
         self._drop_steps_after(start_step)
         self.run = None
         if cfg.wandb.mode != "disabled":
@@ -40,6 +45,11 @@ class MetricsLog:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", N=metrics["num_vision_tokens"],
                              tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if metrics["step"] % self.log_every == 0:
+            with self.bar.external_write_mode():  # print above the bar, not glued to it
+                log.info("step %d/%d  N=%d  loss %.4f  lr %.3g  grad norm %.3g  %.0f tokens/s  padding %.1f%%",
+                         metrics["step"], self.max_steps, metrics["num_vision_tokens"], metrics["loss"],
+                         metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"], 100 * metrics["padding_fraction"])
 
     def close(self):
         self.bar.close()

@@ -61,6 +61,9 @@ def test_stage1_trains_only_the_projector_and_loss_goes_down(stage1_run):
     assert len(losses) == STEPS
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert {m["num_vision_tokens"] for m in metrics(stage1_run)} <= {16, 64, 144}
+    step10 = metrics(stage1_run)[9]
+    log = (stage1_run.parent / "run.log").read_text()
+    assert f"step 10/{STEPS}  N={step10['num_vision_tokens']}  loss {step10['loss']:.4f}" in log
 
 
 def test_stage1_leaves_frozen_weights_bit_identical(stage1_run, tiny_models):
