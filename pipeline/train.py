@@ -51,16 +51,19 @@ def summed_over_ranks(*values):
 
 
 def step_metrics(cfg, engine, step, n, loss, stats, seconds):
+    """The step's metrics over all ranks (one all-reduce); the *_total counters run since the start."""
     world = dist.get_world_size()
     text_only = any(s["num_images"] == 0 for s in stats)
-    loss_sum, real, pad, samples, images, text_only_ranks = summed_over_ranks(
-        float(loss), *(sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images")),
-        float(text_only))
+    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images")]
+    running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
+    loss_sum, real, pad, samples, images, text_only_ranks, truncated, corrupt = summed_over_ranks(
+        float(loss), *per_step, float(text_only), *running)
     metrics = {
         "step": step, "num_vision_tokens": n, "loss": loss_sum / world, "lr": engine.get_lr()[0],
         "grad_norm": float(engine.get_global_grad_norm() or 0.0), "step_time_s": seconds,
         "tokens_per_s": real / seconds, "samples_per_s": samples / seconds, "padding_fraction": pad / (real + pad),
-        "text_only_ranks": int(text_only_ranks), "truncated_total": stats[-1]["total_truncated"], "skipped_corrupt_total": stats[-1]["total_skipped_corrupt"],
+        "text_only_ranks": int(text_only_ranks), "truncated_total": int(truncated),
+        "skipped_corrupt_total": int(corrupt),
     }
     if torch.cuda.is_available():
         flops = flops_per_step(engine.module, real + pad, images)
@@ -72,7 +75,8 @@ def enable_gradient_checkpointing(model):
     """Recompute activations in backward wherever gradients flow: always the LM (the projector's
     gradient passes through it even when frozen), the tower only when it trains. Reentrant
     checkpointing, because the non-reentrant kind trips over ZeRO-3's parameter gathering."""
-    parts = [model.language_model] + [model.vision_tower] * any(p.requires_grad for p in model.vision_tower.parameters())
+    tower_trains = any(p.requires_grad for p in model.vision_tower.parameters())
+    parts = [model.language_model] + [model.vision_tower] * tower_trains
     for part in parts:
         part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     log.info("gradient checkpointing on: %s", ", ".join(type(part).__name__ for part in parts))
@@ -119,6 +123,8 @@ def run(cfg):
             if saved_step != step:
                 save(step)
             log.info("stopped at step %d for preemption; exit code %d", step, checkpoint.PREEMPTED_EXIT_CODE)
+            if metrics:
+                metrics.close()
             return checkpoint.PREEMPTED_EXIT_CODE
         started = time.perf_counter()
         loss, stats = train_step(engine, data, n, cfg.train.grad_accum)
