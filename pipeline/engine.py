@@ -1,5 +1,6 @@
 """DeepSpeed set-up: process group from the launcher's environment, the engine, the schedule."""
 
+import contextlib
 import json
 import logging
 import math
@@ -7,6 +8,11 @@ import os
 
 import deepspeed
 import torch
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import (
+    set_hf_deepspeed_config,
+    unset_hf_deepspeed_config,
+)
 
 log = logging.getLogger("tokenflex")
 
@@ -61,6 +67,23 @@ def deepspeed_config(cfg, load_universal=False):
     return ds
 
 
+@contextlib.contextmanager
+def zero3_loading(cfg):
+    """Under ZeRO-3, make transformers' from_pretrained partition weights as it loads them
+    (its HfDeepSpeedConfig hook), so no rank ever holds a whole HF checkpoint."""
+    ds = deepspeed_config(cfg)
+    if ds.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    hf_config = HfDeepSpeedConfig(ds)  # transformers holds it only weakly
+    set_hf_deepspeed_config(hf_config)
+    log.info("ZeRO-3: checkpoints load straight into partitioned parameters")
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
 def warmup_cosine(max_steps, warmup_ratio, min_lr_ratio):
     """LR multiplier per optimizer step: linear warmup, then cosine decay to min_lr_ratio."""
     warmup = math.ceil(max_steps * warmup_ratio)
@@ -85,14 +108,16 @@ def build_engine(model, param_groups, cfg, load_universal=False):
     return engine
 
 
+def numel(parameter):
+    """Full size of a parameter, also when ZeRO-3 has partitioned it away (numel() is then 0)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def flops_per_step(model, tokens, images):
     """Training FLOPs, one documented formula: 6 x LM parameters x tokens, where the parameters
     are the matmul weights (input embedding lookups left out, the lm_head projection counted
     even when tied to them; attention scores ignored), plus 6 x vision parameters x patches for
     every image the tower encodes (dummies included). Frozen parts count at the full 6x."""
-
-    def numel(p):
-        return p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitions hide the size
 
     lm = model.language_model
     lm_matmul = sum(numel(p) for p in lm.parameters()) - numel(lm.get_input_embeddings().weight)

@@ -2,6 +2,7 @@
 
 Starts from separate vision and LM checkpoints (model.vision_path, model.lm_path)."""
 
+from pipeline.engine import zero3_loading
 from pipeline.model import TokenFlexVLM
 from stages.common import group, log, set_trainable
 
@@ -11,10 +12,11 @@ def required_paths(cfg):
 
 
 def build_model(cfg):
-    return TokenFlexVLM.from_components(
-        cfg.model.vision_path, cfg.model.lm_path, projector=cfg.model.projector,
-        projector_options=cfg.model.projector_options, vision_feature_layer=cfg.model.vision_feature_layer,
-    )
+    with zero3_loading(cfg):
+        return TokenFlexVLM.from_components(
+            cfg.model.vision_path, cfg.model.lm_path, projector=cfg.model.projector,
+            projector_options=cfg.model.projector_options, vision_feature_layer=cfg.model.vision_feature_layer,
+        )
 
 
 def freeze_backbones(model, cfg):

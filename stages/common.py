@@ -2,6 +2,8 @@
 
 import logging
 
+from pipeline.engine import numel
+
 log = logging.getLogger("tokenflex")
 
 
@@ -10,10 +12,10 @@ def set_trainable(model, trainable_parts):
     for name, part in model.named_children():
         part.requires_grad_(name in trainable_parts)
     for name, part in model.named_children():
-        count = sum(p.numel() for p in part.parameters())
+        count = sum(numel(p) for p in part.parameters())
         state = "TRAINS" if name in trainable_parts else "frozen"
         log.info("  %-16s %-6s %12s parameters", name, state, f"{count:,}")
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters() if p.requires_grad)
     log.info("  trainable total  %19s parameters", f"{total:,}")
 
 

@@ -63,6 +63,7 @@ def test_stage1_trains_only_the_projector_and_loss_goes_down(stage1_run):
     assert {m["num_vision_tokens"] for m in metrics(stage1_run)} <= {16, 64, 144}
     step10 = metrics(stage1_run)[9]
     log = (stage1_run.parent / "run.log").read_text()
+    assert "ZeRO-3: checkpoints load straight into partitioned parameters" in log
     assert f"step 10/{STEPS}  N={step10['num_vision_tokens']}  loss {step10['loss']:.4f}" in log
 
 
