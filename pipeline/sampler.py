@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 
 
-
 class TokenCountSampler:
     def __init__(self, counts, seed=0):
         self.counts = sorted(counts)

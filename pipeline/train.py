@@ -18,8 +18,8 @@ import torch.distributed as dist
 import yaml
 
 from pipeline import checkpoint
-from pipeline.convert import convert_checkpoint
 from pipeline.config import describe_options, load_config, to_dict
+from pipeline.convert import convert_checkpoint
 from pipeline.data import TrainBatches, resolve_shards
 from pipeline.engine import build_engine, flops_per_step, init_distributed
 from pipeline.metrics import MetricsLog
