@@ -14,6 +14,7 @@ from huggingface_hub import load_torch_model, save_torch_state_dict
 from torch import nn
 from torch.nn import functional as F
 from transformers import (
+    MODEL_MAPPING,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -58,7 +59,7 @@ def load_vision_tower(path):
     """Any HF vision encoder with a square patch grid; a full SigLIP (text+vision) folder works too."""
     config = AutoConfig.from_pretrained(path)
     vision_config = getattr(config, "vision_config", config)
-    tower_class = type(AutoModel.from_config(vision_config)) if vision_config is not config else AutoModel
+    tower_class = MODEL_MAPPING[type(vision_config)] if vision_config is not config else AutoModel
     return tower_class.from_pretrained(path)
 
 

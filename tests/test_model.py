@@ -340,3 +340,23 @@ def test_prefill_seconds_is_positive_float(model, images):
     seconds = model.prefill_seconds([images[0]], ["what is the colour?"], 144)
     assert isinstance(seconds, float) and seconds > 0
     assert model.prefill_seconds([None], ["hello"], 64) > 0
+
+
+def test_vision_tower_loads_from_a_full_siglip_folder(tmp_path):
+    """A text+vision SigLIP checkpoint (how google/siglip-* ship) gives its vision model."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
+
+    from pipeline.model import load_vision_tower
+
+    config = SiglipConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=100),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8))
+    full = SiglipModel(config)
+    full.save_pretrained(tmp_path)
+    tower = load_vision_tower(tmp_path)
+    assert isinstance(tower, SiglipVisionModel)
+    patch = tower.get_input_embeddings().weight
+    assert torch.equal(patch, full.vision_model.get_input_embeddings().weight)
+    assert not torch.equal(patch, SiglipVisionModel(config.vision_config).get_input_embeddings().weight)
