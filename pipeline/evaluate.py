@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -102,13 +101,8 @@ def prompt_inputs(model, samples, num_vision_tokens):
 @torch.no_grad()
 def evaluate_batch(model, samples, num_vision_tokens, max_new_tokens):
     """(answers, prefill seconds, loss summed over answer tokens, answer tokens) for one batch."""
-    started = time.perf_counter()
-    embeds, attention_mask = prompt_inputs(model, samples, num_vision_tokens)
-    model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=1)
-    seconds = time.perf_counter() - started
-    output = model.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                           generation_config=model.generation_config(max_new_tokens=max_new_tokens))
-    answers = [a.strip() for a in model.tokenizer.batch_decode(output, skip_special_tokens=True)]
+    embeds, attention_mask, seconds = model.timed_prefill(lambda: prompt_inputs(model, samples, num_vision_tokens))
+    answers = model.generate_from(embeds, attention_mask, max_new_tokens)
 
     scored = [dict(s, labels=last_reply_labels(s)) for s in samples]
     batch = labelled_batch(model, scored, num_vision_tokens)

@@ -239,7 +239,11 @@ class TokenFlexVLM(nn.Module):
     @torch.no_grad()
     def generate(self, images, prompts, num_vision_tokens, max_new_tokens=32):
         """Greedy answers, one per prompt."""
-        embeds, attention_mask = self.inference_inputs(images, prompts, num_vision_tokens)
+        return self.generate_from(*self.inference_inputs(images, prompts, num_vision_tokens), max_new_tokens)
+
+    @torch.no_grad()
+    def generate_from(self, embeds, attention_mask, max_new_tokens):
+        """Greedy answers from left-padded prompt embeddings (see prompt_embeddings)."""
         output = self.language_model.generate(
             inputs_embeds=embeds, attention_mask=attention_mask,
             generation_config=self.generation_config(max_new_tokens=max_new_tokens),
@@ -247,16 +251,20 @@ class TokenFlexVLM(nn.Module):
         return [a.strip() for a in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
     @torch.no_grad()
-    def prefill_seconds(self, images, prompts, num_vision_tokens):
-        """Wall time of vision encoding plus the prompt forward: the part that N changes."""
+    def timed_prefill(self, make_inputs):
+        """(embeds, attention_mask, seconds): make_inputs() (vision encoding and prompt embeddings)
+        plus the prompt forward, the part that N changes; synchronized on GPU."""
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         started = time.perf_counter()
-        embeds, attention_mask = self.inference_inputs(images, prompts, num_vision_tokens)
+        embeds, attention_mask = make_inputs()
         self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=1)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        return time.perf_counter() - started
+        return embeds, attention_mask, time.perf_counter() - started
+
+    def prefill_seconds(self, images, prompts, num_vision_tokens):
+        return self.timed_prefill(lambda: self.inference_inputs(images, prompts, num_vision_tokens))[2]
 
 
 def generation_config(tokenizer, **options):
