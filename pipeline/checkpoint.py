@@ -53,6 +53,12 @@ def checkpoint_dir(output_dir):
     return Path(output_dir) / "checkpoints"
 
 
+def checkpoint_tags(ckpt_dir):
+    """Tags of the checkpoints in ckpt_dir, oldest first: step-000100, not step-000100-universal
+    (a resume's conversion for another world size)."""
+    return sorted(p.name for p in Path(ckpt_dir).glob("step-*") if p.name.removeprefix("step-").isdigit())
+
+
 def latest_tag(ckpt_dir):
     pointer = Path(ckpt_dir) / "latest"
     return pointer.read_text().strip() if pointer.is_file() else None
@@ -140,10 +146,9 @@ def save(engine, ckpt_dir, step, trainer_state, data_state, keep_last):
         temporary = ckpt_dir / "latest.tmp"
         temporary.write_text(tag)
         os.replace(temporary, ckpt_dir / "latest")
-        checkpoints = sorted(p for p in ckpt_dir.glob("step-*") if p.name.removeprefix("step-").isdigit())
-        for old in checkpoints[:-keep_last]:
-            shutil.rmtree(old)
-            shutil.rmtree(universal_dir(old), ignore_errors=True)
+        for old in checkpoint_tags(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(ckpt_dir / old)
+            shutil.rmtree(universal_dir(ckpt_dir / old), ignore_errors=True)
         log.info("saved checkpoint %s", ckpt_dir / tag)
     dist.barrier()
     return tag

@@ -22,7 +22,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from PIL import Image, ImageDraw
 from transformers import AutoImageProcessor
 
-from pipeline.checkpoint import latest_tag
+from pipeline.checkpoint import checkpoint_tags, latest_tag
 from pipeline.data import tokenize_record
 from pipeline.evaluate import grid_side, labelled_batch
 from pipeline.model import MODEL_TYPE, TokenFlexVLM, read_vlm_config, write_model_folder
@@ -53,7 +53,7 @@ def convert_checkpoint(ckpt_dir, out_dir, tag=None, dtype="fp32", max_shard_size
         raise ConversionError(
             f"DeepSpeed could not consolidate checkpoint {ckpt_dir / tag}: {type(exn).__name__}: {exn}. "
             f"A file is probably corrupted or from a different run; convert an older checkpoint with --tag "
-            f"(available: {', '.join(available_tags(ckpt_dir)) or 'none'})") from exn
+            f"({available_tags(ckpt_dir)})") from exn
     write_model_folder(out_dir, read_vlm_config(structure), load_tokenizer(structure),
                        AutoImageProcessor.from_pretrained(structure),
                        {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}, max_shard_size)
@@ -80,11 +80,9 @@ def resolve_checkpoint(path, tag=None):
         if tag is None:
             raise ConversionError(
                 f"{path / 'latest'} is missing, so no checkpoint there is known to be complete (training writes it "
-                f"after every rank has saved). Pass --tag to convert one anyway; available: "
-                f"{', '.join(available_tags(path)) or 'none'}")
+                f"after every rank has saved). Pass --tag to convert one anyway; {available_tags(path)}")
     if not (path / tag).is_dir():
-        raise ConversionError(f"checkpoint {path / tag} does not exist; available: "
-                              f"{', '.join(available_tags(path)) or 'none'}")
+        raise ConversionError(f"checkpoint {path / tag} does not exist; {available_tags(path)}")
     check_complete(path / tag)
     return path, tag
 
@@ -104,8 +102,8 @@ def check_structure(ckpt_dir):
 
 
 def available_tags(ckpt_dir):
-    # step-000100, not step-000100-universal (a resume's conversion for another world size)
-    return sorted(p.name for p in Path(ckpt_dir).glob("step-*") if p.name.removeprefix("step-").isdigit())
+    """'available: step-000004, step-000008' for error messages."""
+    return f"available: {', '.join(checkpoint_tags(ckpt_dir)) or 'none'}"
 
 
 def check_complete(tag_dir):
@@ -115,7 +113,7 @@ def check_complete(tag_dir):
     if not state_file.is_file():
         raise ConversionError(f"{state_file} is missing: checkpoint {tag_dir.name} is incomplete (training writes "
                               f"it after every rank has saved); convert an older one with --tag "
-                              f"(available: {', '.join(available_tags(tag_dir.parent))})")
+                              f"({available_tags(tag_dir.parent)})")
     world_size = json.loads(state_file.read_text())["world_size"]
     zero3 = any(tag_dir.glob("zero_pp_rank_*_model_states.pt"))
     expected = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)] if zero3 \
@@ -128,14 +126,14 @@ def check_complete(tag_dir):
             f"checkpoint {tag_dir} is incomplete: written by {world_size} ranks, but {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} missing (one model-state and one optimizer file per rank). "
             f"Restore the file or convert an older checkpoint with --tag "
-            f"(available: {', '.join(available_tags(tag_dir.parent))})")
+            f"({available_tags(tag_dir.parent)})")
     for file in sorted(tag_dir.glob("*_states.pt")):
         try:
             zipfile.ZipFile(file).close()  # reads the index at the end of the file: catches truncation
         except (zipfile.BadZipFile, OSError) as exn:
             raise ConversionError(f"{file} is truncated or corrupted ({exn}); the job probably died while saving. "
                                   f"Convert an older checkpoint with --tag "
-                                  f"(available: {', '.join(available_tags(tag_dir.parent))})") from exn
+                                  f"({available_tags(tag_dir.parent)})") from exn
 
 
 # ---- verification ----

@@ -171,7 +171,7 @@ def evaluate(model_dirs, shards, counts, out_dir, names=None, limit=None, batch_
     """Evaluate every model at every N; write results.json, results.md and accuracy_vs_tokens.png."""
     names = names or default_names(model_dirs)
     if len(names) != len(model_dirs):
-        raise ValueError(f"{len(names)} names for {len(model_dirs)} models")
+        raise ValueError(f"{len(names)} names (--names) for {len(model_dirs)} model folders")
     resolve_shards(shards)  # fail before any model runs
     for path in model_dirs:
         for n in counts:

@@ -32,8 +32,6 @@ def main(argv=None):
     names = args.names.split(",") if args.names else None
     try:
         counts = parse_token_counts(args.tokens)
-        if names is not None and len(names) != len(args.model_dirs):
-            raise ValueError(f"--names has {len(names)} names for {len(args.model_dirs)} model folders")
         evaluate(args.model_dirs, args.shards, counts, args.out, names, args.limit, args.batch_size,
                  args.max_new_tokens)
     except (ValueError, FileNotFoundError) as error:
