@@ -1,20 +1,14 @@
 """Launching real 2-rank CPU training runs (torchrun, gloo, DeepSpeed ZeRO-3) from tests."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from tools.demo import cpu_training_env, free_port
+
 REPO = Path(__file__).resolve().parents[1]
 STAGE1_STEPS = 16
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_command(config, output_dir, *overrides, ranks=2):
@@ -24,14 +18,9 @@ def torchrun_command(config, output_dir, *overrides, ranks=2):
             "wandb.mode=disabled", *overrides]
 
 
-def train_env():
-    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO),
-                PYTHONWARNINGS="ignore::FutureWarning")
-
-
 def run_training(config, output_dir, *overrides, timeout=300, ranks=2):
     """Run to completion on `ranks` processes; the combined log lands beside output_dir as <name>.log."""
-    result = subprocess.run(torchrun_command(config, output_dir, *overrides, ranks=ranks), cwd=REPO, env=train_env(),
+    result = subprocess.run(torchrun_command(config, output_dir, *overrides, ranks=ranks), cwd=REPO, env=cpu_training_env(),
                             check=False, capture_output=True, text=True, timeout=timeout)
     (Path(output_dir).parent / f"{Path(output_dir).name}.log").write_text(result.stdout + result.stderr)
     return result

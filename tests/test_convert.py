@@ -19,8 +19,9 @@ from transformers import AutoImageProcessor
 from pipeline.convert import ConversionError, bf16_tolerance, probe_logits, verify_folder
 from pipeline.model import TokenFlexVLM, read_vlm_config
 from pipeline.tokens import load_tokenizer
-from tests.distributed import REPO, run_training, train_env
+from tests.distributed import REPO, run_training
 from tools import convert_checkpoint as convert_tool
+from tools.demo import cpu_training_env
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -150,7 +151,7 @@ def test_unknown_tag_names_the_available_ones(checkpoints_copy, tmp_path, capsys
 def test_cli_error_has_no_traceback_and_exit_code_2(checkpoints_copy, tmp_path):
     os.remove(checkpoints_copy / "step-000016" / "zero_pp_rank_1_mp_rank_00_model_states.pt")
     result = subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", str(checkpoints_copy),
-                             str(tmp_path / "out")], cwd=REPO, env=train_env(), capture_output=True, text=True)
+                             str(tmp_path / "out")], cwd=REPO, env=cpu_training_env(), capture_output=True, text=True)
     assert result.returncode == 2
     assert "error: checkpoint" in result.stderr and "is incomplete" in result.stderr
     assert "Traceback" not in result.stderr

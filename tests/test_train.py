@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoint import PREEMPTED_EXIT_CODE
 from pipeline.sampler import TokenCountSampler, check_same_across_ranks
-from tests.distributed import (REPO, STAGE1_STEPS, free_port, metrics, run_training, stage1_overrides,
-                               torchrun_command, train_env)
+from tests.distributed import REPO, STAGE1_STEPS, metrics, run_training, stage1_overrides, torchrun_command
+from tools.demo import cpu_training_env, free_port
 
 STEPS = STAGE1_STEPS
 pytestmark = pytest.mark.timeout(600)
@@ -40,7 +40,7 @@ def resumed_stage1(tiny_models, synthetic_shards, tmp_path_factory):
     step it resumed from and the resumed run's log."""
     out = tmp_path_factory.mktemp("resumed") / "run"
     process = subprocess.Popen(torchrun_command("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, synthetic_shards)),
-                               cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               cwd=REPO, env=cpu_training_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics_file = out / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics_file.is_file() and '"step": 6,' in metrics_file.read_text()):
@@ -136,7 +136,7 @@ def test_text_only_micro_batch_on_one_rank_does_not_hang(tiny_models, tmp_path):
 def test_sigusr1_saves_and_exits_with_preempted_code(tiny_models, synthetic_shards, tmp_path):
     out = tmp_path / "run"
     overrides = stage1_overrides(tiny_models, synthetic_shards) + ["train.max_steps=200", "train.save_every=100"]
-    process = subprocess.Popen(torchrun_command("tiny_cpu_stage1.yaml", out, *overrides), cwd=REPO, env=train_env(),
+    process = subprocess.Popen(torchrun_command("tiny_cpu_stage1.yaml", out, *overrides), cwd=REPO, env=cpu_training_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2):

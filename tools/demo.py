@@ -24,6 +24,13 @@ def free_port():
         return s.getsockname()[1]
 
 
+def cpu_training_env():
+    """Environment for training processes on CPU (gloo): one thread each, DeepSpeed's CPU
+    accelerator, and torch 2.13's per-collective FutureWarning silenced (it buries the output)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore::FutureWarning",
+                WANDB_SILENT="true", PYTHONPATH=str(REPO))
+
+
 def run(title, command, env):
     print(f"\n=== {title}\n$ {' '.join(str(c) for c in command)}", flush=True)
     started = time.perf_counter()
@@ -42,9 +49,7 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=1200, help="synthetic training records (default: 1200)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
-    # CPU processes on gloo; torch 2.13 warns on every collective, which would bury the output
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore::FutureWarning",
-               WANDB_SILENT="true", PYTHONPATH=str(REPO))
+    env = cpu_training_env()
     py = sys.executable
 
     run("tiny random-init SigLIP, Qwen2 and Llama, and a sentencepiece tokenizer",
