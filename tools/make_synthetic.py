@@ -2,11 +2,16 @@
 
 Each image is a rendered scene: a background colour, a few non-overlapping shapes and one tiny
 glyph (a digit or letter a few pixels high). Questions are tagged in the record's "question_type":
-  coarse  background colour; colour or kind of the largest shape (survives heavy pooling)
-  medium  how many shapes there are
+  coarse  background colour; colour of the largest shape (survives heavy pooling)
+  medium  how many shapes there are; kind of the largest shape (needs its outline: a few patches)
   fine    which glyph is written, or its colour (a few pixels: heavy pooling loses it)
   text    text-only arithmetic and word facts
 Answers are one word or number, for exact-match scoring. Same seed, same files.
+
+An image record asks --questions-per-image of its scene's questions (all six by default) as
+one multi-turn conversation in random order, as LLaVA-1.5's mix groups the VQA questions of an
+image: the vision tower, most of a tiny model's compute, then encodes an image once for several
+answers. Its question_type is that of the last question, the one evaluation scores.
 
 --llava-like instead writes records with LLaVA-Instruct-like lengths (random words, text
 lengths lognormal around ~120 tokens, 2% long ones, 10% text-only) that all share one scene
@@ -121,11 +126,14 @@ def image_questions(facts):
     return [
         ("coarse", "What colour is the background?", facts["background"]),
         ("coarse", "What colour is the largest shape?", facts["largest_colour"]),
-        ("coarse", "What kind of shape is the largest one: circle, square or triangle?", facts["largest_kind"]),
+        ("medium", "What kind of shape is the largest one: circle, square or triangle?", facts["largest_kind"]),
         ("medium", "How many shapes are in the image, not counting the tiny character?", str(facts["count"])),
         ("fine", "Which digit or letter is written in tiny print?", facts["glyph"]),
         ("fine", "What colour is the tiny digit or letter?", facts["glyph_colour"]),
     ]
+
+
+QUESTIONS_PER_SCENE = 6  # len(image_questions(...))
 
 
 def text_question(rng):
@@ -137,7 +145,7 @@ def text_question(rng):
     return rng.choice(WORD_FACTS)
 
 
-def make_record(rng, index, out_dir, image_size, text_only_fraction, multi_turn_fraction):
+def make_record(rng, index, out_dir, image_size, text_only_fraction, questions_per_image):
     record_id = f"synth-{index:06d}"
     if rng.random() < text_only_fraction:
         question, answer = text_question(rng)
@@ -146,12 +154,7 @@ def make_record(rng, index, out_dir, image_size, text_only_fraction, multi_turn_
     image, facts = render_scene(rng, image_size)
     rel_path = f"images/{record_id}.png"
     image.save(os.path.join(out_dir, rel_path))
-    # Pick the question types first so coarse, medium and fine are equally common.
-    by_type = {}
-    for qtype, question, answer in image_questions(facts):
-        by_type.setdefault(qtype, []).append((qtype, question, answer))
-    qtypes = rng.sample(sorted(by_type), 2 if rng.random() < multi_turn_fraction else 1)
-    questions = [rng.choice(by_type[qtype]) for qtype in qtypes]
+    questions = rng.sample(image_questions(facts), questions_per_image)
     instruction = rng.choice(INSTRUCTIONS)
     conversations = []
     for turn, (_, question, answer) in enumerate(questions):
@@ -182,11 +185,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
     parser.add_argument("--text-only-fraction", type=float, default=0.1)
-    parser.add_argument("--multi-turn-fraction", type=float, default=0.2, help="image records with two Q/A turns")
+    parser.add_argument("--questions-per-image", type=int, default=QUESTIONS_PER_SCENE,
+                        help=f"Q/A turns per image record, 1 to {QUESTIONS_PER_SCENE} (default: all {QUESTIONS_PER_SCENE})")
     parser.add_argument("--llava-like", action="store_true", help="LLaVA-like lengths of random words (see above)")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.image_size < 32:
-        parser.error("--n must be >= 1 and --image-size >= 32")
+    if args.n < 1 or args.image_size < 32 or not 1 <= args.questions_per_image <= QUESTIONS_PER_SCENE:
+        parser.error(f"--n must be >= 1, --image-size >= 32 and --questions-per-image 1 to {QUESTIONS_PER_SCENE}")
 
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     rng = random.Random(args.seed)
@@ -195,7 +199,7 @@ def main(argv=None):
         word_list = sorted({w for _, q, a in image_questions(render_scene(rng, 64)[1]) for w in (q + " " + a).split()})
         records = [llava_like_record(rng, i, args.text_only_fraction, word_list) for i in range(args.n)]
     else:
-        records = [make_record(rng, i, args.out, args.image_size, args.text_only_fraction, args.multi_turn_fraction)
+        records = [make_record(rng, i, args.out, args.image_size, args.text_only_fraction, args.questions_per_image)
                    for i in tqdm(range(args.n), desc="rendering", unit="rec")]
     with open(os.path.join(args.out, "data.json"), "w") as f:
         json.dump(records, f, indent=1)
