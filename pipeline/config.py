@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.data import DataConfig
+from pipeline.model import ATTN_IMPLEMENTATIONS
 from pipeline.projector import square_side
 
 
@@ -26,6 +27,14 @@ class ModelConfig:
     projector: str = "adaptive_pool_swiglu"
     projector_options: dict = field(default_factory=dict)
     vision_feature_layer: int = -1
+    # sdpa, eager, or flash_attention_2 (needs the flash-attn package and a GPU): attention of
+    # the LM, and of the vision tower where its class supports it
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self):
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                             f"got {self.attn_implementation!r}")
 
 
 @dataclass

@@ -16,6 +16,7 @@ def build_model(cfg):
         return TokenFlexVLM.from_components(
             cfg.model.vision_path, cfg.model.lm_path, projector=cfg.model.projector,
             projector_options=cfg.model.projector_options, vision_feature_layer=cfg.model.vision_feature_layer,
+            attn_implementation=cfg.model.attn_implementation,
         )
 
 

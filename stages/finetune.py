@@ -13,7 +13,7 @@ def required_paths(cfg):
 
 
 def build_model(cfg):
-    return TokenFlexVLM.from_pretrained(cfg.model.init_from)
+    return TokenFlexVLM.from_pretrained(cfg.model.init_from, attn_implementation=cfg.model.attn_implementation)
 
 
 def trainable_parts(cfg):
