@@ -173,7 +173,11 @@ class TokenFlexVLM(nn.Module):
             attn_implementation=tower_attn_implementation(MODEL_MAPPING[type(vision_config)], attn_implementation))
         language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype,
                                                           attn_implementation=attn_implementation)
-        return cls(config, vision_tower, language_model, tokenizer, image_processor).to(dtype)
+        model = cls(config, vision_tower, language_model, tokenizer, image_processor)
+        # parameters only, like transformers' dtype=: buffers such as RoPE's inverse frequencies
+        # stay fp32 (in bf16 they would shift long-context positions by radians)
+        model.projector.to(dtype)
+        return model
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, attn_implementation="sdpa"):

@@ -416,6 +416,8 @@ def test_models_are_built_in_the_asked_dtype_whatever_the_checkpoints_were_saved
     for dtype, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16), (torch.float16, torch.float16)):
         loaded = TokenFlexVLM.from_pretrained(tmp_path / "vlm", dtype=dtype)
         assert {p.dtype for p in loaded.parameters()} == {expected} and loaded.dtype == expected
+        # RoPE's inverse frequencies stay fp32: in bf16 they would shift long-context positions
+        assert loaded.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
     with pytest.raises(ValueError, match="dtype 'half' is not one of bf16, fp16, fp32"):
         TokenFlexVLM.from_pretrained(tmp_path / "vlm", dtype="half")
 
