@@ -122,9 +122,9 @@ def step_flops(model, num_vision_tokens, work):
         total += per_image * images
         if executed:
             total += images * ((layers - used_layers) * (layer_linear + layer_scores) + head)
-            if lm.is_gradient_checkpointing:
+            if lm.is_activation_checkpointing:
                 total += lm_position * positions + lm_score * scores
-            if tower.is_gradient_checkpointing:
+            if tower.is_activation_checkpointing:
                 total += images * used_layers * (layer_linear + layer_scores)
         return int(total)
 
