@@ -4,7 +4,8 @@ The same two rows, one with few supervised tokens and one with many, trained thr
 DeepSpeed ZeRO-3 engines (gloo, spawned processes) must give the same loss and gradients:
 2 ranks x 1 micro-batch, 1 rank x 2 micro-batches, 1 rank x 1 batch of both rows. A mean per
 micro-batch, which DeepSpeed then averages over micro-batches and ranks, weighs the few tokens'
-row as much as the many tokens' row and fails this.
+row as much as the many tokens' row and fails this. A rank whose micro-batch has no answer
+token adds nothing: the other rank's row trains as if alone (an average over ranks halves it).
 """
 
 import os
@@ -26,7 +27,9 @@ from tools.demo import free_port
 
 N = 16
 LENGTH = 96
-SUPERVISED = (3, 60)  # per row: the answer tokens at its end
+SUPERVISED = (3, 60, 0)  # per row: the answer tokens at its end
+FEW, MANY, NONE = range(3)
+THREE_WAYS = ["2 ranks x 1 micro-batch", "1 rank x 2 micro-batches", "1 rank x 1 batch of both rows"]
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -37,7 +40,7 @@ def build_model(tiny_models):
 
 
 def make_rows(model):
-    """Two rows of one sample each: N image slots, random text, the last SUPERVISED[i] tokens
+    """Rows of one sample each: N image slots, random text, the last SUPERVISED[i] tokens
     labelled. Batches of any subset of them are built with `batch(rows)`."""
     generator = torch.Generator().manual_seed(1)
     rows = []
@@ -45,7 +48,7 @@ def make_rows(model):
         input_ids = torch.randint(10, model.config.image_token_id, (LENGTH,), generator=generator)
         input_ids[2:2 + N] = model.config.image_token_id
         labels = torch.full((LENGTH,), -100)
-        labels[-supervised:] = input_ids[-supervised:]
+        labels[LENGTH - supervised:] = input_ids[LENGTH - supervised:]
         rows.append({"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(LENGTH),
                      "pixel_values": torch.randn(3, 64, 64, generator=generator)})
     return rows
@@ -110,35 +113,54 @@ def run_on(ranks, runs, tiny_models):
 
 
 @pytest.fixture(scope="module")
-def three_ways(tiny_models):
+def runs(tiny_models):
     return {
-        **run_on(2, {"2 ranks x 1 micro-batch": ([[[0]], [[1]]], 1)}, tiny_models),
-        **run_on(1, {"1 rank x 2 micro-batches": ([[[0], [1]]], 2),
-                     "1 rank x 1 batch of both rows": ([[[0, 1]]], 1)}, tiny_models),
+        **run_on(2, {"2 ranks x 1 micro-batch": ([[[FEW]], [[MANY]]], 1),
+                     "2 ranks, one without answer tokens": ([[[FEW]], [[NONE]]], 1)}, tiny_models),
+        **run_on(1, {"1 rank x 2 micro-batches": ([[[FEW], [MANY]]], 2),
+                     "1 rank x 1 batch of both rows": ([[[FEW, MANY]]], 1),
+                     "1 rank, the few tokens' row alone": ([[[FEW]]], 1)}, tiny_models),
     }
 
 
-def test_step_loss_is_the_per_token_mean_over_ranks_and_micro_batches(three_ways, tiny_models):
+def per_token_losses(tiny_models, row_indices):
+    """Cross-entropy of each supervised token of the rows, computed without DeepSpeed."""
     model = build_model(tiny_models)
     rows = make_rows(model)
-    token_losses = []
-    for row in rows:
+    losses = []
+    for i in row_indices:
         with torch.no_grad():
-            logits = model(batch([row]), N, return_logits=True).logits
-        targets, supervised = supervised_targets(row["labels"][None])
-        token_losses.append(F.cross_entropy(logits[:, :-1][supervised], targets[supervised], reduction="none"))
-    per_token = torch.cat(token_losses).mean().item()
-    per_row = sum(t.mean().item() for t in token_losses) / 2
-    assert abs(per_token - per_row) > 1e-3, "the rows' losses are too alike for the test to tell the means apart"
-    for name, (loss, _) in three_ways.items():
-        assert loss == pytest.approx(per_token, rel=1e-5), name
+            logits = model(batch([rows[i]]), N, return_logits=True).logits
+        targets, supervised = supervised_targets(rows[i]["labels"][None])
+        losses.append(F.cross_entropy(logits[:, :-1][supervised], targets[supervised], reduction="none"))
+    return losses
 
 
-def test_gradients_agree_whether_rows_are_split_over_ranks_micro_batches_or_a_batch(three_ways):
-    three_ways = dict(three_ways)
-    _, reference = three_ways.pop("1 rank x 1 batch of both rows")
+def assert_same_gradients(grads, reference, name):
     assert reference and all(g.abs().sum() > 0 for g in reference.values())
-    for name, (_, grads) in three_ways.items():
-        assert grads.keys() == reference.keys()
-        for param in reference:
-            torch.testing.assert_close(grads[param], reference[param], rtol=1e-4, atol=1e-7, msg=f"{name}: {param}")
+    assert grads.keys() == reference.keys()
+    for param in reference:
+        torch.testing.assert_close(grads[param], reference[param], rtol=1e-4, atol=1e-7, msg=f"{name}: {param}")
+
+
+def test_step_loss_is_the_per_token_mean_over_ranks_and_micro_batches(runs, tiny_models):
+    few, many = per_token_losses(tiny_models, [FEW, MANY])
+    per_token = torch.cat([few, many]).mean().item()
+    per_row = (few.mean().item() + many.mean().item()) / 2
+    assert abs(per_token - per_row) > 1e-3, "the rows' losses are too alike for the test to tell the means apart"
+    for name in THREE_WAYS:
+        assert runs[name][0] == pytest.approx(per_token, rel=1e-5), name
+
+
+def test_gradients_agree_whether_rows_are_split_over_ranks_micro_batches_or_a_batch(runs):
+    reference = runs["1 rank x 1 batch of both rows"][1]
+    for name in THREE_WAYS[:2]:
+        assert_same_gradients(runs[name][1], reference, name)
+
+
+def test_a_rank_without_answer_tokens_adds_nothing(runs, tiny_models):
+    """Its lm_head still runs on no rows (ZeRO-3 needs every rank's module forwards)."""
+    (few,) = per_token_losses(tiny_models, [FEW])
+    name = "2 ranks, one without answer tokens"
+    assert runs[name][0] == pytest.approx(few.mean().item(), rel=1e-5)
+    assert_same_gradients(runs[name][1], runs["1 rank, the few tokens' row alone"][1], name)
