@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from pipeline.config import load_config
 from pipeline.engine import build_engine
 from pipeline.model import TokenFlexVLM, supervised_targets
+from pipeline.tokens import IGNORE_INDEX
 from pipeline.train import summed_over_ranks, train_step
 from stages import STAGES
 from tests.distributed import REPO
@@ -47,7 +48,7 @@ def make_rows(model):
     for supervised in SUPERVISED:
         input_ids = torch.randint(10, model.config.image_token_id, (LENGTH,), generator=generator)
         input_ids[2:2 + N] = model.config.image_token_id
-        labels = torch.full((LENGTH,), -100)
+        labels = torch.full((LENGTH,), IGNORE_INDEX)
         labels[LENGTH - supervised:] = input_ids[LENGTH - supervised:]
         rows.append({"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(LENGTH),
                      "pixel_values": torch.randn(3, 64, 64, generator=generator)})
@@ -69,12 +70,12 @@ class Batches:
         return next(self.batches)
 
 
-def train_once(tiny_models, micro_batches, grad_accum, world_size):
+def train_once(tiny_models, micro_batches, grad_accum):
     """One optimizer step of stage 2 (projector + LM train) through pipeline.train.train_step;
     returns the step's loss (shares summed over ranks) and the full gradients of every trained
-    parameter, read when the optimizer steps."""
+    parameter, read when the optimizer steps (clipping off)."""
     cfg = load_config(REPO / "configs" / "tiny_cpu_stage2.yaml", [
-        "data.rows_per_batch=" + str(len(micro_batches[0]["input_ids"])), f"train.grad_accum={grad_accum}",
+        f"data.rows_per_batch={len(micro_batches[0]['input_ids'])}", f"train.grad_accum={grad_accum}",
         "optim.grad_clip=0.0"])
     model = build_model(tiny_models)
     STAGES["finetune"].freeze_backbones(model, cfg)
@@ -100,7 +101,7 @@ def _worker(rank, world_size, port, tiny_models, runs, results):
     rows = make_rows(build_model(tiny_models))
     for name, (row_sets, grad_accum) in runs.items():
         micro_batches = [batch([rows[i] for i in row_set]) for row_set in row_sets[rank]]
-        loss, grads = train_once(tiny_models, micro_batches, grad_accum, world_size)
+        loss, grads = train_once(tiny_models, micro_batches, grad_accum)
         if rank == 0:
             results[name] = (loss, grads)
 
