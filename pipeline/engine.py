@@ -112,18 +112,3 @@ def numel(parameter):
     """Full size of a parameter, also when ZeRO-3 has partitioned it away (numel() is then 0)."""
     return getattr(parameter, "ds_numel", parameter.numel())
 
-
-def flops_per_step(model, tokens, images):
-    """Training FLOPs, one documented formula: 6 x LM parameters x tokens, where the parameters
-    are the matmul weights (input embedding lookups left out, the lm_head projection counted
-    even when tied to them; attention scores ignored), plus 6 x vision parameters x patches for
-    every image the tower encodes (dummies included). Frozen parts count at the full 6x."""
-
-    lm = model.language_model
-    lm_matmul = sum(numel(p) for p in lm.parameters()) - numel(lm.get_input_embeddings().weight)
-    if lm.config.tie_word_embeddings:
-        lm_matmul += numel(lm.get_output_embeddings().weight)
-    vision_params = sum(numel(p) for p in model.vision_tower.parameters())
-    vision = model.vision_tower.config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return 6 * lm_matmul * tokens + 6 * vision_params * patches * images

@@ -247,17 +247,20 @@ class TokenFlexVLM(nn.Module):
         # dummy images contribute with zero weight, so their parameters still join backward
         return embeds + 0.0 * features[~image_mask].sum().to(embeds.dtype)
 
-    def forward(self, batch, num_vision_tokens, return_logits=False):
+    def forward(self, batch, num_vision_tokens, return_logits=False, num_items_in_batch=None):
         """batch: input_ids, labels, position_ids (rows, L); pixel_values (M, 3, H, W); image_mask (M,).
 
-        Returns the mean cross-entropy over supervised tokens; logits only when asked, since
-        full-vocabulary logits dominate memory at large N.
+        loss: the cross-entropy summed over supervised tokens, divided by num_items_in_batch
+        when given (training passes the step's supervised tokens over all ranks and
+        micro-batches, so every token weighs the same), else by this batch's own count: the
+        per-token mean. Logits only when asked, since full-vocabulary logits dominate memory at
+        large N.
         """
         embeds = self.embed(batch["input_ids"], batch["pixel_values"], batch["image_mask"], num_vision_tokens)
         hidden = self.lm_hidden_states(embeds, batch.get("position_ids"), batch.get("attention_mask"))
         loss = None
         if "labels" in batch:
-            loss = self.supervised_loss(hidden, batch["labels"])
+            loss = self.supervised_loss(hidden, batch["labels"], num_items_in_batch)
         logits = self.language_model.lm_head(hidden) if return_logits else None
         return VLMOutput(loss=loss, logits=logits)
 
@@ -278,21 +281,21 @@ class TokenFlexVLM(nn.Module):
                                            attention_mask=attention_mask, use_cache=False).last_hidden_state
         return hidden.reshape(rows, length, width)
 
-    def supervised_loss(self, hidden, labels):
-        """Next-token cross-entropy computed only where a label exists.
+    def supervised_loss(self, hidden, labels, num_items_in_batch=None):
+        """Next-token cross-entropy computed only where a label exists, summed, then divided as
+        forward describes (a batch without supervised tokens gives a zero that still backpropagates).
 
         Image slots and prompts carry no label, so at large N most positions never get
         full-vocabulary logits: the fp32 logits that dominate memory in a plain HF loss shrink
         to the supervised rows. (A recomputed chunked loss does not survive ZeRO-3's
         parameter gathering inside backward, so this is the CPU/ZeRO-3 path.)
         """
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        if not keep.any():
-            # lm_head still runs: under ZeRO-3 every rank must run the same module forwards
-            return self.language_model.lm_head(hidden[:, 0]).sum() * 0.0
-        logits = self.language_model.lm_head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep])
+        targets, supervised = supervised_targets(labels)
+        # lm_head runs even on zero rows: under ZeRO-3 every rank must run the same module forwards
+        logits = self.language_model.lm_head(hidden[:, :-1][supervised])
+        loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+        count = int(supervised.sum()) if num_items_in_batch is None else num_items_in_batch
+        return loss_sum / max(count, 1)
 
     # ---- inference ----
 
@@ -389,6 +392,13 @@ def synchronize(device):
     """Wait for the work queued on device (nothing to wait for on CPU)."""
     if device.type != "cpu":
         torch.get_device_module(device).synchronize(device)
+
+
+def supervised_targets(labels):
+    """(targets, supervised): each position's next-token label and where one exists. The one
+    definition of a supervised token, for the loss and for counting them."""
+    targets = labels[:, 1:]
+    return targets, targets != IGNORE_INDEX
 
 
 def generation_config(tokenizer, **options):

@@ -21,8 +21,8 @@ from pipeline import checkpoint
 from pipeline.config import describe_options, load_config, to_dict
 from pipeline.convert import convert_checkpoint
 from pipeline.data import TrainBatches, resolve_shards
-from pipeline.engine import build_engine, flops_per_step, init_distributed
-from pipeline.metrics import MetricsLog
+from pipeline.engine import build_engine, init_distributed
+from pipeline.metrics import MetricsLog, Work, step_flops
 from pipeline.model import write_model_folder
 from pipeline.sampler import TokenCountSampler, check_same_across_ranks
 from stages import STAGES
@@ -31,17 +31,28 @@ log = logging.getLogger("tokenflex")
 
 
 def train_step(engine, data, num_vision_tokens, grad_accum):
-    """One optimizer step: every micro-batch of it uses the same N, on every rank."""
-    losses, stats = [], []
-    for _ in range(grad_accum):
-        batch = data.next_batch(num_vision_tokens)
-        stats.append(batch.pop("stats"))
+    """One optimizer step: every micro-batch of it uses the same N, on every rank.
+
+    The step's loss is the sum of its token losses over every rank and micro-batch divided by
+    their supervised tokens, so packed micro-batches with few or many answer tokens weigh each
+    token the same. Returns this rank's share of that loss (the shares add up over ranks) and
+    each micro-batch's stats, with the Work it asked of the model.
+    """
+    batches = [data.next_batch(num_vision_tokens) for _ in range(grad_accum)]
+    pad_token_id = engine.module.tokenizer.pad_token_id
+    stats = [{**batch.pop("stats"), "work": Work.of(batch, pad_token_id)} for batch in batches]
+    supervised = int(summed_over_ranks(sum(s["work"].supervised for s in stats))[0])
+    loss_share = 0.0
+    for batch in batches:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = engine(batch, num_vision_tokens).loss
-        engine.backward(loss)
+        loss = engine(batch, num_vision_tokens, num_items_in_batch=supervised).loss
+        # DeepSpeed averages gradients over data-parallel ranks (ZeRO's reduce divides by their
+        # number): scaling by it leaves the sum over ranks. No division by grad_accum either:
+        # the global token count already spans the micro-batches.
+        engine.backward(loss * engine.dp_world_size, scale_wrt_gas=False)
         engine.step()
-        losses.append(loss.detach().float().cpu())
-    return torch.stack(losses).mean(), stats
+        loss_share += float(loss)
+    return loss_share, stats
 
 
 def summed_over_ranks(*values):
@@ -51,23 +62,27 @@ def summed_over_ranks(*values):
 
 
 def step_metrics(cfg, engine, step, n, loss, stats, seconds):
-    """The step's metrics over all ranks (one all-reduce); the *_total counters run since the start."""
+    """The step's metrics over all ranks (one all-reduce); the *_total counters run since the start.
+
+    useful_flops and executed_flops: pipeline.metrics.step_flops, summed over ranks; on GPU,
+    mfu and hfu divide them by the step time and the ranks' peak (train.peak_tflops)."""
     world = dist.get_world_size()
     text_only = any(s["num_images"] == 0 for s in stats)
-    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images")]
+    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples")]
     running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
-    loss_sum, real, pad, samples, images, text_only_ranks, truncated, corrupt = summed_over_ranks(
-        float(loss), *per_step, float(text_only), *running)
+    flops = step_flops(engine.module, n, sum((s["work"] for s in stats), Work()))
+    loss, real, pad, samples, text_only_ranks, truncated, corrupt, useful, executed = summed_over_ranks(
+        loss, *per_step, float(text_only), *running, *flops)
     metrics = {
-        "step": step, "num_vision_tokens": n, "loss": loss_sum / world, "lr": engine.get_lr()[0],
+        "step": step, "num_vision_tokens": n, "loss": loss, "lr": engine.get_lr()[0],
         "grad_norm": float(engine.get_global_grad_norm() or 0.0), "step_time_s": seconds,
         "tokens_per_s": real / seconds, "samples_per_s": samples / seconds, "padding_fraction": pad / (real + pad),
         "text_only_ranks": int(text_only_ranks), "truncated_total": int(truncated),
-        "skipped_corrupt_total": int(corrupt),
+        "skipped_corrupt_total": int(corrupt), "useful_flops": useful, "executed_flops": executed,
     }
     if torch.cuda.is_available():
-        flops = flops_per_step(engine.module, real + pad, images)
-        metrics["mfu"] = flops / (seconds * world * cfg.train.peak_tflops * 1e12)
+        peak = seconds * world * cfg.train.peak_tflops * 1e12
+        metrics["mfu"], metrics["hfu"] = useful / peak, executed / peak
     return metrics
 
 
