@@ -88,7 +88,8 @@ def test_collective_timeout_comes_from_the_config():
 
 def test_rank_environment_comes_from_srun_when_torchrun_set_none(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)  # also undoes what distributed_env sets
+        monkeypatch.setenv(name, "")  # recorded, so the teardown also removes what distributed_env sets
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
