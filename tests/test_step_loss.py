@@ -18,10 +18,11 @@ from deepspeed.utils import safe_get_full_grad
 from torch.nn import functional as F
 
 from pipeline.config import load_config
+from pipeline.distributed import sum_over_ranks
 from pipeline.engine import build_engine
 from pipeline.model import TokenFlexVLM, supervised_targets
 from pipeline.tokens import IGNORE_INDEX
-from pipeline.train import summed_over_ranks, train_step
+from pipeline.train import train_step
 from stages import STAGES
 from tests.distributed import REPO
 from tools.demo import free_port
@@ -89,7 +90,7 @@ def train_once(tiny_models, micro_batches, grad_accum):
 
     engine.optimizer.optimizer.register_step_pre_hook(read_grads)
     loss_share, _ = train_step(engine, Batches(micro_batches), N, grad_accum)
-    (loss,) = summed_over_ranks(float(loss_share))
+    (loss,) = sum_over_ranks([float(loss_share)])
     engine.destroy()
     return loss, grads
 
