@@ -8,8 +8,9 @@ subprocess, so its peak memory is its own and an out-of-memory error ends only t
 
   cuda (default when available): SigLIP-so400m-shaped tower (27x27 patches) and a Qwen2-0.5B or
       1.5B-shaped LM, bf16 autocast with fp32 master weights (the 16 bytes/parameter of
-      DeepSpeed bf16), batch 16, text 512. MFU = pipeline.engine.flops_per_step / (step time x
-      --peak-flops); peak memory = torch.cuda.max_memory_allocated.
+      DeepSpeed bf16), batch 16, text 512. MFU = useful FLOPs (pipeline.metrics.step_flops:
+      PaLM's convention, what the training run logs) / (step time x --peak-flops); peak memory
+      = torch.cuda.max_memory_allocated.
   cpu: scaled-down shapes that keep the real 27x27 grid (so N up to 729) and a 32000-token
       vocabulary (so the logits' memory shows), fp32, batch 2, text 128. Peak memory = the
       process's peak RSS above what it held after building the model (grads, AdamW state,
@@ -22,6 +23,7 @@ pip install liger-kernel==0.8.5).
 
     python -m bench.train_step --device cpu --write-results
     python -m bench.train_step --device cuda --lm 1.5b --batch 16 --loss supervised hf liger --write-results
+    python -m bench.train_step --device cuda --lm 1.5b --flops-only   # FLOPs from the shapes, nothing runs
 """
 
 import argparse
@@ -41,7 +43,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from pipeline.engine import flops_per_step
+from pipeline.metrics import Work, step_flops
 from pipeline.model import TokenFlexVLM, VLMConfig
 from pipeline.sampler import TokenCountSampler
 from pipeline.tokens import IGNORE_INDEX
@@ -188,7 +190,8 @@ def measure(args):
     # the mix's draws need not be exactly 1:1:1: weighting each N's median equally removes that
     step_s = statistics.mean(statistics.median(t for t, _ in ts) for ts in drawn.values())
     cpu_s = statistics.mean(statistics.median(c for _, c in ts) for ts in drawn.values())
-    flops = statistics.mean(flops_per_step(model, args.batch * (n + args.text_len), args.batch) for n in drawn)
+    # useful work, the same for every loss variant (hf and liger run lm_head on every position)
+    flops = statistics.mean(step_flops(model, n, Work.of(batches[n], pad_token_id=None))[0] for n in drawn)
     result = {
         "step_s": step_s, "cpu_s": cpu_s, "samples_per_s": args.batch / step_s, "tflops_per_s": flops / step_s / 1e12,
         "spread": max((max(t for t, _ in ts) - min(t for t, _ in ts)) / statistics.median(t for t, _ in ts)
@@ -202,6 +205,21 @@ def measure(args):
     if args.peak_flops:
         result["mfu"] = result["tflops_per_s"] * 1e12 / args.peak_flops
     return result
+
+
+def shape_flops(args):
+    """Useful and executed FLOPs of one step per N, from the shapes alone: the model is built on
+    the meta device and nothing runs."""
+    with torch.device("meta"):
+        model = build_model(args, "meta")
+    flops = {n: step_flops(model, n, Work.of(make_batch(args, model, n, "cpu"), pad_token_id=None))
+             for n in [*MIX, 729]}
+    flops["mix"] = tuple(statistics.mean(flops[n][i] for n in MIX) for i in range(2))
+    lines = ["| N | useful TFLOP | executed TFLOP | step s at MFU 1.0 | useful vs fixed 256 |", "|---|---|---|---|---|"]
+    for n, (useful, executed) in flops.items():
+        at_peak = f"{useful / args.peak_flops:.4f}" if args.peak_flops else "-"
+        lines.append(f"| {n} | {useful / 1e12:.2f} | {executed / 1e12:.2f} | {at_peak} | {useful / flops[256][0]:.3f}x |")
+    return lines
 
 
 def run_in_subprocess(args, n, loss):
@@ -284,12 +302,16 @@ def machine():
 
 
 def write_results(heading, body):
-    """Replace the section with this heading in the results file, or append it."""
+    """Replace the section with this heading in the results file, in place, or append it."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Training-step benchmark\n"
-    sections = text.split("\n## ")
+    top, *sections = text.split("\n## ")
     new = f"{heading}\n\n" + "\n".join(body) + "\n"
-    kept = [s for s in sections[1:] if s.split("\n", 1)[0] != heading]
-    RESULTS.write_text("\n## ".join([sections[0].rstrip("\n") + "\n", *kept, new]))
+    headings = [s.split("\n", 1)[0] for s in sections]
+    if heading in headings:
+        sections[headings.index(heading)] = new
+    else:
+        sections.append(new)
+    RESULTS.write_text("\n## ".join([top.rstrip("\n") + "\n", *sections]))
 
 
 def parse_args(argv):
@@ -318,6 +340,9 @@ def parse_args(argv):
     parser.add_argument("--packing-samples", type=int, default=3000, help="synthetic records per data set")
     parser.add_argument("--packing-batches", type=int, default=60, help="packed batches per N")
     parser.add_argument("--write-results", action="store_true", help=f"update {RESULTS.name} with this run")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="print each N's useful and executed FLOPs per step from the shapes (model on the "
+                             "meta device) and the step time that MFU 1.0 would take at --peak-flops; runs nothing")
     parser.add_argument("--worker", action="store_true", help="internal: run one --n/--loss and print JSON")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.device].items():
@@ -338,6 +363,9 @@ def main(argv=None):
         args.n, args.loss = args.n[0], args.loss[0]
         print(json.dumps(measure(args)))
         return
+    if args.flops_only:
+        print("\n".join(shape_flops(args)))
+        return
     started = time.perf_counter()
     results = {}
     for loss in args.loss:
@@ -353,7 +381,8 @@ def main(argv=None):
             f"{args.steps} timed. Step s = median wall time per step (time.perf_counter); CPU s = median "
             f"process CPU time (steadier when other jobs share the machine); for the mix, each N's median "
             f"weighted equally (1:1:1; draws shown as 64/144/256). Spread = largest (max - min) / median "
-            f"over the run's N. TFLOP/s from pipeline.engine.flops_per_step.", ""]
+            f"over the run's N. TFLOP/s: useful work by pipeline.metrics.step_flops (PaLM's convention), "
+            f"the same for every loss variant.", ""]
     body += step_table(args, results)
     if args.packing:
         with tempfile.TemporaryDirectory() as tmp:

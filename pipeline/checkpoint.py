@@ -5,6 +5,7 @@ Layout under <output_dir>/checkpoints:
     step-000100/        DeepSpeed's files, plus trainer_state.json and rank-<r>.pt (data + RNG)
     step-000100-universal/  DeepSpeed's universal form of step-000100, made when a run resumes
                         it with a different number of ranks; pruned together with step-000100
+    step-000100-universal.failed  the error of a failed conversion; delete it to try again
     latest              the tag of the newest complete checkpoint, replaced atomically
 """
 
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,26 +81,40 @@ def universal_dir(checkpoint):
     return Path(f"{checkpoint}-universal")
 
 
-def prepare_universal(ckpt_dir):
-    """Collective. True when `latest` was written by a different number of ranks than this run
-    has: rank 0 has then converted it once (reused if already there) to <tag>-universal with
-    DeepSpeed's ds_to_universal, and the engine must be built with load_universal."""
+def conversion_failure_file(checkpoint):
+    return Path(f"{checkpoint}-universal.failed")
+
+
+def prepare_universal(ckpt_dir, rank, world_size):
+    """Run before the process group exists. True when `latest` was written by a different number
+    of ranks than this run has: rank 0 has then converted it once (reused if already there) to
+    <tag>-universal with DeepSpeed's ds_to_universal, and the engine must be built with load_universal.
+
+    The other ranks wait for that folder on the file system, not in a collective: converting a 7B
+    model's optimizer state takes longer than any collective timeout. A failed conversion leaves
+    <tag>-universal.failed with the error, which stops every rank, also on later starts, until
+    deleted (a rank can't tell an old file from a new one). A rank 0 that dies without writing it
+    ends the job through its launcher (torchrun, or srun --kill-on-bad-exit)."""
     tag, trainer_state = latest_trainer_state(ckpt_dir)
-    if tag is None or trainer_state["world_size"] == dist.get_world_size():
+    if tag is None or trainer_state["world_size"] == world_size:
         return False
     source = Path(ckpt_dir) / tag
-    error = [None]
-    if dist.get_rank() == 0 and not universal_dir(source).is_dir():
-        error[0] = convert_to_universal(source, trainer_state["world_size"], dist.get_world_size())
-    dist.broadcast_object_list(error)  # also the barrier: no rank loads before the folder exists
-    if error[0]:
-        raise RuntimeError(error[0])
+    target, failure = universal_dir(source), conversion_failure_file(source)
+    if rank == 0 and not target.is_dir() and not failure.is_file():
+        convert_to_universal(source, trainer_state["world_size"], world_size)
+    if rank != 0 and not target.is_dir():
+        log.warning("rank %d: waiting for rank 0 to convert %s to %s", rank, source, target.name)
+    while not target.is_dir():
+        if failure.is_file():
+            raise RuntimeError(f"{failure.read_text()}\n(delete {failure} to try the conversion again)")
+        time.sleep(2)
     return True
 
 
 def convert_to_universal(source, saved_world_size, world_size):
-    """Write <source>-universal via a temporary folder (a crash leaves no half folder behind);
-    returns None, or an error message naming the checkpoint and what to do."""
+    """Write <source>-universal via a temporary folder, renamed when complete (a crash leaves no
+    half folder behind); on failure, write the error, naming the checkpoint and what to do, to
+    conversion_failure_file(source) instead."""
     temporary, target = Path(f"{source}-universal.tmp"), universal_dir(source)
     shutil.rmtree(temporary, ignore_errors=True)
     log.info("checkpoint %s was written by %d ranks; converting it to a universal checkpoint for %d ranks",
@@ -109,12 +125,13 @@ def convert_to_universal(source, saved_world_size, world_size):
     (source.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we name the tag
     if result.returncode != 0:
         shutil.rmtree(temporary, ignore_errors=True)
-        return (f"checkpoint {source} was written by {saved_world_size} ranks and this run has {world_size}; "
-                f"converting it to a universal checkpoint failed: {(result.stderr or result.stdout)[-2000:]}\n"
-                f"Resume with {saved_world_size} ranks, or convert the weights (python -m tools.convert_checkpoint "
-                f"{source.parent} OUT) and start a new run from OUT with model.init_from=OUT in a new train.output_dir")
+        conversion_failure_file(source).write_text(
+            f"checkpoint {source} was written by {saved_world_size} ranks and this run has {world_size}; "
+            f"converting it to a universal checkpoint failed: {(result.stderr or result.stdout)[-2000:]}\n"
+            f"Resume with {saved_world_size} ranks, or convert the weights (python -m tools.convert_checkpoint "
+            f"{source.parent} OUT) and start a new run from OUT with model.init_from=OUT in a new train.output_dir")
+        return
     os.replace(temporary, target)
-    return None
 
 
 def rng_state():
@@ -149,6 +166,7 @@ def save(engine, ckpt_dir, step, trainer_state, data_state, keep_last):
         for old in checkpoint_tags(ckpt_dir)[:-keep_last]:
             shutil.rmtree(ckpt_dir / old)
             shutil.rmtree(universal_dir(ckpt_dir / old), ignore_errors=True)
+            conversion_failure_file(ckpt_dir / old).unlink(missing_ok=True)
         log.info("saved checkpoint %s", ckpt_dir / tag)
     dist.barrier()
     return tag

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.data import DataConfig
+from pipeline.model import ATTN_IMPLEMENTATIONS
 from pipeline.projector import square_side
 
 
@@ -26,14 +27,26 @@ class ModelConfig:
     projector: str = "adaptive_pool_swiglu"
     projector_options: dict = field(default_factory=dict)
     vision_feature_layer: int = -1
+    # sdpa, eager, or flash_attention_2 (needs the flash-attn package and a GPU): attention of
+    # the LM, and of the vision tower where its class supports it
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self):
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                             f"got {self.attn_implementation!r}")
 
 
 @dataclass
 class TokensConfig:
-    """Vision-token counts N drawn per optimizer step, with weights. One entry = fixed-N baseline."""
+    """Vision-token counts N drawn per optimizer step, with weights. One entry = fixed-N baseline.
+
+    A resumed run must keep the counts and seed of its checkpoint (it would draw other N from
+    there on) unless allow_change_on_resume is true."""
 
     counts: dict = field(default_factory=lambda: {64: 1.0, 144: 1.0, 256: 1.0})
     seed: int = 0
+    allow_change_on_resume: bool = False
 
     def __post_init__(self):
         if not self.counts:
@@ -76,6 +89,9 @@ class TrainConfig:
     export_final: bool = True  # write <output_dir>/final, a model folder, when training ends
     gradient_checkpointing: bool = False  # recompute LM (and trained tower) activations in backward
     log_every: int = 10  # steps between metric lines in the log (the progress bar updates every step)
+    # A rank waiting this long in one collective (a peer hung, not crashed) fails the job. Covers the
+    # slowest collective wait: every rank saving its share of a checkpoint to a shared file system.
+    collective_timeout_minutes: float = 30.0
 
     def __post_init__(self):
         if self.stage not in ("align", "finetune"):
@@ -85,6 +101,8 @@ class TrainConfig:
         for name in ("max_steps", "grad_accum", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.collective_timeout_minutes <= 0:
+            raise ValueError(f"train.collective_timeout_minutes must be > 0, got {self.collective_timeout_minutes}")
 
 
 @dataclass

@@ -24,7 +24,6 @@ from transformers import AutoImageProcessor
 
 from pipeline.checkpoint import checkpoint_tags, latest_tag
 from pipeline.data import tokenize_record
-from pipeline.evaluate import grid_side, labelled_batch
 from pipeline.model import MODEL_TYPE, TokenFlexVLM, read_vlm_config, write_model_folder
 from pipeline.tokens import IMAGE_TOKEN, load_tokenizer
 
@@ -161,8 +160,8 @@ def probe_samples(tokenizer, image_processor):
 def probe_logits(model):
     """Logits on the probe batch at the full patch grid's N, which every projector accepts."""
     model.eval()
-    n = grid_side(model.config) ** 2
-    batch = labelled_batch(model, probe_samples(model.tokenizer, model.image_processor), n)
+    n = model.config.grid_side() ** 2
+    batch = model.labelled_batch(probe_samples(model.tokenizer, model.image_processor), n)
     return model(batch, n, return_logits=True).logits
 
 

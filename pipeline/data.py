@@ -11,14 +11,19 @@ stream replays the reading but replaces already-consumed samples by cheap placeh
 decoding, which makes resume exact without decoding any image twice.
 """
 
+import atexit
+import ctypes
+import functools
 import io
 import itertools
 import json
 import logging
 import math
+import multiprocessing.util  # registers multiprocessing's exit handler before ours (see _exiting)
 import os
 import random
 import signal
+import sys
 from dataclasses import dataclass
 
 import braceexpand
@@ -239,11 +244,25 @@ def iter_samples(shards, tokenizer, image_processor, rank=0, world_size=1, num_w
             yield item
 
 
-def ignore_stop_signals(worker_id):
-    """Slurm signals every process of a job step; a loader worker must outlive the signal so
-    that its training process can finish the step and save."""
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# Set as this process exits. multiprocessing's own exit handler terminates (SIGTERM), then joins,
+# its child processes; atexit runs handlers last-registered first, so this one runs before it.
+_exiting = multiprocessing.RawValue(ctypes.c_bool, False)
+atexit.register(setattr, _exiting, "value", True)
+
+
+def loader_worker_setup(exiting, worker_id):
+    """Runs in each training loader worker; `exiting` is _exiting (passed on, for any start method).
+
+    Slurm signals every process of a job step: USR1 before the time limit, TERM on preemption.
+    A worker ignores both, so that its training process can finish the step and save, until
+    that process exits, on success or on an exception: then TERM ends the worker, or the exit
+    would wait for it forever. If the training process dies without exiting (SIGKILL), the
+    kernel kills the worker (PR_SET_PDEATHSIG, Linux only)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if exiting.value else None)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class TrainBatches:
@@ -287,7 +306,7 @@ class TrainBatches:
                               seed=self.cfg.seed, epoch=epoch, resampled=True, shuffle_buffer=self.cfg.shuffle_buffer,
                               resume_pulled=pulled, resume_pending=pending)
         self.items = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                                     worker_init_fn=ignore_stop_signals))
+                                     worker_init_fn=functools.partial(loader_worker_setup, _exiting)))
         # Replay up to the saved position: placeholders cost a tar read, pending samples are decoded again.
         while self.pulled < pulled:
             item = self._pull()

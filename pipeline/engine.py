@@ -1,4 +1,4 @@
-"""DeepSpeed set-up: process group from the launcher's environment, the engine, the schedule."""
+"""DeepSpeed set-up: the engine, its config, the schedule (the process group: pipeline/distributed.py)."""
 
 import contextlib
 import json
@@ -15,29 +15,6 @@ from transformers.integrations.deepspeed import (
 )
 
 log = logging.getLogger("tokenflex")
-
-
-def distributed_env():
-    """(rank, world_size, local_rank) from torchrun's variables, else from srun's SLURM_* ones."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-
-
-def init_distributed():
-    rank, world_size, local_rank = distributed_env()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False)
-    return rank, world_size
 
 
 def use_bf16(precision):
@@ -112,18 +89,3 @@ def numel(parameter):
     """Full size of a parameter, also when ZeRO-3 has partitioned it away (numel() is then 0)."""
     return getattr(parameter, "ds_numel", parameter.numel())
 
-
-def flops_per_step(model, tokens, images):
-    """Training FLOPs, one documented formula: 6 x LM parameters x tokens, where the parameters
-    are the matmul weights (input embedding lookups left out, the lm_head projection counted
-    even when tied to them; attention scores ignored), plus 6 x vision parameters x patches for
-    every image the tower encodes (dummies included). Frozen parts count at the full 6x."""
-
-    lm = model.language_model
-    lm_matmul = sum(numel(p) for p in lm.parameters()) - numel(lm.get_input_embeddings().weight)
-    if lm.config.tie_word_embeddings:
-        lm_matmul += numel(lm.get_output_embeddings().weight)
-    vision_params = sum(numel(p) for p in model.vision_tower.parameters())
-    vision = model.vision_tower.config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return 6 * lm_matmul * tokens + 6 * vision_params * patches * images

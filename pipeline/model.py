@@ -4,6 +4,7 @@ The vision tower always sees the full image; the step's token count N only chang
 the projector pools and how many slots each image marker takes in the text.
 """
 
+import importlib.util
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,9 +22,9 @@ from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
 )
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, is_flash_attn_2_available
 
-from pipeline.projector import build_projector
+from pipeline.projector import build_projector, pooled_side
 from pipeline.tokens import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
@@ -32,6 +33,9 @@ from pipeline.tokens import (
 )
 
 MODEL_TYPE = "tokenflex_vlm"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation"
 
 
 @dataclass
@@ -46,6 +50,17 @@ class VLMConfig:
     image_token_id: int = -1
     model_type: str = MODEL_TYPE
 
+    def grid_side(self):
+        """Side of the vision tower's square patch grid."""
+        vision = self.vision_config
+        if "image_size" not in vision or "patch_size" not in vision:
+            raise ValueError("the model's vision_config has no image_size/patch_size: can't tell its patch grid")
+        return vision["image_size"] // vision["patch_size"]
+
+    def check_token_count(self, num_vision_tokens):
+        """ValueError unless N is a perfect square whose side fits the encoder's patch grid."""
+        pooled_side(num_vision_tokens, self.grid_side())
+
 
 @dataclass
 class VLMOutput(ModelOutput):
@@ -55,12 +70,53 @@ class VLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
-def load_vision_tower(path):
-    """Any HF vision encoder with a square patch grid; a full SigLIP (text+vision) folder works too."""
+def as_dtype(dtype):
+    """torch dtype from a name in DTYPES (or a torch dtype)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def inference_placement(device=None, dtype=None):
+    """(device, dtype) to run inference with: by default cuda when torch sees a GPU, else cpu;
+    bf16 on a GPU, fp32 elsewhere."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r}: {error}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: torch {torch.__version__} sees {torch.cuda.device_count()} CUDA GPU(s) here")
+    return device, as_dtype(dtype or ("bf16" if device.type == "cuda" else "fp32"))
+
+
+def check_attn_implementation(attn_implementation):
+    """ValueError unless the LM can run attn_implementation on this machine."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation {attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
+        installed = "installed" if importlib.util.find_spec("flash_attn") else "not installed"
+        raise ValueError(
+            f"attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            f"({FLASH_ATTN_INSTALL}); here torch sees {torch.cuda.device_count()} GPU(s) and flash-attn is "
+            f"{installed}. Use sdpa instead")
+
+
+def tower_attn_implementation(tower_class, requested):
+    """requested when the vision tower's class supports it, else None (transformers' default):
+    only the LM needs variable-length attention, for packed rows."""
+    supported = {"eager": True, "sdpa": tower_class._supports_sdpa, "flash_attention_2": tower_class._supports_flash_attn}
+    return requested if supported[requested] else None
+
+
+def load_vision_tower(path, attn_implementation="sdpa"):
+    """Any HF vision encoder with a square patch grid, in fp32; a full SigLIP (text+vision)
+    folder works too."""
     config = AutoConfig.from_pretrained(path)
-    vision_config = getattr(config, "vision_config", config)
-    tower_class = MODEL_MAPPING[type(vision_config)] if vision_config is not config else AutoModel
-    return tower_class.from_pretrained(path)
+    tower_class = MODEL_MAPPING[type(getattr(config, "vision_config", config))]
+    return tower_class.from_pretrained(path, attn_implementation=tower_attn_implementation(tower_class, attn_implementation),
+                                       dtype=torch.float32)
 
 
 class TokenFlexVLM(nn.Module):
@@ -82,10 +138,14 @@ class TokenFlexVLM(nn.Module):
 
     @classmethod
     def from_components(cls, vision_path, lm_path, projector="adaptive_pool_swiglu", projector_options=None,
-                        vision_feature_layer=-1):
-        """How users start: a vision checkpoint folder plus an LM checkpoint folder."""
-        vision_tower = load_vision_tower(vision_path)
-        language_model = AutoModelForCausalLM.from_pretrained(lm_path)
+                        vision_feature_layer=-1, attn_implementation="sdpa"):
+        """How users start: a vision checkpoint folder plus an LM checkpoint folder. Built in fp32
+        whatever dtype the checkpoints were saved in: DeepSpeed keeps fp32 master weights and
+        casts the module itself."""
+        check_attn_implementation(attn_implementation)
+        vision_tower = load_vision_tower(vision_path, attn_implementation)
+        language_model = AutoModelForCausalLM.from_pretrained(lm_path, attn_implementation=attn_implementation,
+                                                              dtype=torch.float32)
         tokenizer = load_tokenizer(lm_path)
         if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
             language_model.resize_token_embeddings(len(tokenizer))
@@ -100,18 +160,34 @@ class TokenFlexVLM(nn.Module):
         return cls(config, vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision_path))
 
     @classmethod
-    def from_config(cls, config: VLMConfig, tokenizer, image_processor):
-        """Random-init modules of the recorded shapes; weights are loaded afterwards."""
+    def from_config(cls, config: VLMConfig, tokenizer, image_processor, attn_implementation="sdpa",
+                    dtype=torch.float32):
+        """Random-init modules of the recorded shapes, in dtype (not the dtype the original
+        checkpoints recorded); weights are loaded afterwards."""
+        check_attn_implementation(attn_implementation)
+        dtype = as_dtype(dtype)
         vision_config = AutoConfig.for_model(**config.vision_config)
         text_config = AutoConfig.for_model(**config.text_config)
-        return cls(config, AutoModel.from_config(vision_config), AutoModelForCausalLM.from_config(text_config),
-                   tokenizer, image_processor)
+        vision_tower = AutoModel.from_config(
+            vision_config, dtype=dtype,
+            attn_implementation=tower_attn_implementation(MODEL_MAPPING[type(vision_config)], attn_implementation))
+        language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype,
+                                                          attn_implementation=attn_implementation)
+        model = cls(config, vision_tower, language_model, tokenizer, image_processor)
+        # parameters only, like transformers' dtype=: buffers such as RoPE's inverse frequencies
+        # stay fp32 (in bf16 they would shift long-context positions by radians)
+        model.projector.to(dtype)
+        return model
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, attn_implementation="sdpa"):
+        """The model folder at path, on device in dtype (a name in DTYPES or a torch dtype).
+        inference_placement() gives inference's defaults (a GPU in bf16 when there is one)."""
         path = Path(path)
         config = read_vlm_config(path)
-        model = cls.from_config(config, load_tokenizer(path), AutoImageProcessor.from_pretrained(path))
+        with torch.device(device):  # built where it runs: no full copy in host memory first
+            model = cls.from_config(config, load_tokenizer(path), AutoImageProcessor.from_pretrained(path),
+                                    attn_implementation, dtype)
         model.load_weights(path)
         return model
 
@@ -133,6 +209,14 @@ class TokenFlexVLM(nn.Module):
 
     def generation_config(self, **options):
         return generation_config(self.tokenizer, **options)
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
 
     # ---- forward ----
 
@@ -163,40 +247,55 @@ class TokenFlexVLM(nn.Module):
         # dummy images contribute with zero weight, so their parameters still join backward
         return embeds + 0.0 * features[~image_mask].sum().to(embeds.dtype)
 
-    def forward(self, batch, num_vision_tokens, return_logits=False):
+    def forward(self, batch, num_vision_tokens, return_logits=False, num_items_in_batch=None):
         """batch: input_ids, labels, position_ids (rows, L); pixel_values (M, 3, H, W); image_mask (M,).
 
-        Returns the mean cross-entropy over supervised tokens; logits only when asked, since
-        full-vocabulary logits dominate memory at large N.
+        loss: the cross-entropy summed over supervised tokens, divided by num_items_in_batch
+        when given (training passes the step's supervised tokens over all ranks and
+        micro-batches, so every token weighs the same), else by this batch's own count: the
+        per-token mean. Logits only when asked, since full-vocabulary logits dominate memory at
+        large N.
         """
         embeds = self.embed(batch["input_ids"], batch["pixel_values"], batch["image_mask"], num_vision_tokens)
-        # use_cache=False matters: with a cache, transformers ignores the packed position ids and
-        # lets packed samples attend to each other
-        hidden = self.language_model.model(
-            inputs_embeds=embeds, position_ids=batch.get("position_ids"),
-            attention_mask=batch.get("attention_mask"), use_cache=False,
-        ).last_hidden_state
+        hidden = self.lm_hidden_states(embeds, batch.get("position_ids"), batch.get("attention_mask"))
         loss = None
         if "labels" in batch:
-            loss = self.supervised_loss(hidden, batch["labels"])
+            loss = self.supervised_loss(hidden, batch["labels"], num_items_in_batch)
         logits = self.language_model.lm_head(hidden) if return_logits else None
         return VLMOutput(loss=loss, logits=logits)
 
-    def supervised_loss(self, hidden, labels):
-        """Next-token cross-entropy computed only where a label exists.
+    def lm_hidden_states(self, embeds, position_ids, attention_mask):
+        """The LM's last hidden states over rows of packed samples (position ids restarting at 0
+        per sample) or padded ones (attention_mask).
+
+        use_cache=False matters: with a cache, transformers ignores the packed position ids and
+        lets packed samples attend to each other. sdpa and eager get a block-diagonal mask built
+        from the position ids; flash-attention reads them only in a batch of one row, so packed
+        rows are laid end to end there: one variable-length kernel call, no L x L mask.
+        """
+        rows, length, width = embeds.shape
+        flash = self.language_model.config._attn_implementation.startswith("flash_attention")
+        if flash and attention_mask is None and position_ids is not None:
+            embeds, position_ids = embeds.reshape(1, rows * length, width), position_ids.reshape(1, rows * length)
+        hidden = self.language_model.model(inputs_embeds=embeds, position_ids=position_ids,
+                                           attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return hidden.reshape(rows, length, width)
+
+    def supervised_loss(self, hidden, labels, num_items_in_batch=None):
+        """Next-token cross-entropy computed only where a label exists, summed, then divided as
+        forward describes (a batch without supervised tokens gives a zero that still backpropagates).
 
         Image slots and prompts carry no label, so at large N most positions never get
         full-vocabulary logits: the fp32 logits that dominate memory in a plain HF loss shrink
         to the supervised rows. (A recomputed chunked loss does not survive ZeRO-3's
         parameter gathering inside backward, so this is the CPU/ZeRO-3 path.)
         """
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        if not keep.any():
-            # lm_head still runs: under ZeRO-3 every rank must run the same module forwards
-            return self.language_model.lm_head(hidden[:, 0]).sum() * 0.0
-        logits = self.language_model.lm_head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep])
+        targets, supervised = supervised_targets(labels)
+        # lm_head runs even on zero rows: under ZeRO-3 every rank must run the same module forwards
+        logits = self.language_model.lm_head(hidden[:, :-1][supervised])
+        loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+        count = int(supervised.sum()) if num_items_in_batch is None else num_items_in_batch
+        return loss_sum / max(count, 1)
 
     # ---- inference ----
 
@@ -206,34 +305,57 @@ class TokenFlexVLM(nn.Module):
                                                   add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
 
     def pixel_values(self, images):
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        """PIL images -> (images, 3, H, W) on the model's device and in its dtype."""
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.dtype)
 
     def image_inputs(self, pixel_values):
-        """(pixel_values, image_mask) for a forward: the real images, or one masked-out dummy
-        when there are none, since the vision path always runs (see embed)."""
-        if pixel_values is not None and len(pixel_values):
-            return pixel_values, torch.ones(len(pixel_values), dtype=torch.bool)
+        """(pixel_values, image_mask) on the model's device for a forward: the given images (a list
+        of (k, 3, H, W) tensors or None, e.g. one per sample), or one masked-out dummy when there
+        are none, since the vision path always runs (see embed)."""
+        present = [p for p in pixel_values if p is not None]
+        if present:
+            pixels = torch.cat(present).to(self.device, self.dtype)
+            return pixels, torch.ones(len(pixels), dtype=torch.bool, device=self.device)
         size = self.image_processor.size
-        return torch.zeros(1, 3, size["height"], size["width"]), torch.zeros(1, dtype=torch.bool)
+        return (torch.zeros(1, 3, size["height"], size["width"], device=self.device, dtype=self.dtype),
+                torch.zeros(1, dtype=torch.bool, device=self.device))
+
+    def labelled_batch(self, samples, num_vision_tokens):
+        """A forward batch as training builds one (markers expanded to N slots, per-sequence
+        position_ids, real images flagged in image_mask), one sample per right-padded row, on
+        the model's device.
+
+        samples: dicts with input_ids, labels and pixel_values ((1, 3, H, W) or None). Right
+        padding needs no attention mask: under causal attention no real token sees a pad.
+        """
+        rows = [expand_image_markers(s["input_ids"], s["labels"], self.config.image_token_id, num_vision_tokens)
+                for s in samples]
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id
+        pixel_values, image_mask = self.image_inputs([s["pixel_values"] for s in samples])
+        return {"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows], device=self.device),
+                "labels": torch.tensor([labs + [IGNORE_INDEX] * (width - len(labs)) for _, labs in rows],
+                                       device=self.device),
+                "position_ids": torch.arange(width, device=self.device).expand(len(rows), -1),
+                "pixel_values": pixel_values, "image_mask": image_mask}
 
     def prompt_embeddings(self, prompts_ids, pixel_values, image_mask, num_vision_tokens):
         """Left-padded embeddings and attention mask for tokenized prompts whose image markers
-        are not yet expanded."""
+        are not yet expanded; pixel_values and image_mask from image_inputs."""
         rows = [expand_image_markers(ids, ids, self.config.image_token_id, num_vision_tokens)[0]
                 for ids in prompts_ids]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
-        device = next(self.parameters()).device
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        embeds = self.embed(input_ids, pixel_values.to(device), image_mask.to(device), num_vision_tokens)
-        return embeds, attention_mask
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        return self.embed(input_ids, pixel_values, image_mask, num_vision_tokens), attention_mask
 
     def inference_inputs(self, images, prompts, num_vision_tokens):
         """prompt_embeddings for text prompts and PIL images; an image may be None (text-only)."""
         prompts_ids = [self.prompt_ids(prompt, image is not None) for image, prompt in zip(images, prompts, strict=True)]
         real_images = [image for image in images if image is not None]
-        pixel_values, image_mask = self.image_inputs(self.pixel_values(real_images) if real_images else None)
+        pixel_values, image_mask = self.image_inputs([self.pixel_values(real_images)] if real_images else [])
         return self.prompt_embeddings(prompts_ids, pixel_values, image_mask, num_vision_tokens)
 
     @torch.no_grad()
@@ -253,18 +375,30 @@ class TokenFlexVLM(nn.Module):
     @torch.no_grad()
     def timed_prefill(self, make_inputs):
         """(embeds, attention_mask, seconds): make_inputs() (vision encoding and prompt embeddings)
-        plus the prompt forward, the part that N changes; synchronized on GPU."""
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        plus the prompt forward, the part that N changes. Kernels run asynchronously on an
+        accelerator, so the clock reads only after the model's device has finished."""
+        synchronize(self.device)
         started = time.perf_counter()
         embeds, attention_mask = make_inputs()
         self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=1)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize(self.device)
         return embeds, attention_mask, time.perf_counter() - started
 
     def prefill_seconds(self, images, prompts, num_vision_tokens):
         return self.timed_prefill(lambda: self.inference_inputs(images, prompts, num_vision_tokens))[2]
+
+
+def synchronize(device):
+    """Wait for the work queued on device (nothing to wait for on CPU)."""
+    if device.type != "cpu":
+        torch.get_device_module(device).synchronize(device)
+
+
+def supervised_targets(labels):
+    """(targets, supervised): each position's next-token label and where one exists. The one
+    definition of a supervised token, for the loss and for counting them."""
+    targets = labels[:, 1:]
+    return targets, targets != IGNORE_INDEX
 
 
 def generation_config(tokenizer, **options):

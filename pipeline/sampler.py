@@ -6,8 +6,9 @@ communication; `check_same_across_ranks` is the cheap collective that proves it 
 
 import random
 
-import torch
 import torch.distributed as dist
+
+from pipeline.distributed import max_over_ranks
 
 
 class TokenCountSampler:
@@ -23,6 +24,17 @@ class TokenCountSampler:
     def state_dict(self):
         return {"counts": dict(zip(self.counts, self.weights)), "seed": self.seed}
 
+    def check_resumes(self, saved, where):
+        """ValueError naming tokens.counts or tokens.seed when `saved` (the state_dict of the run a
+        checkpoint in `where` comes from) differs: resuming would draw other token counts from then on."""
+        saved_counts = {int(count): float(weight) for count, weight in saved["counts"].items()}  # JSON keys are str
+        changed = [f"tokens.{key} is {now} but was {before}" for key, now, before in (
+            ("counts", self.state_dict()["counts"], saved_counts), ("seed", self.seed, saved["seed"])) if now != before]
+        if changed:
+            raise ValueError(f"{' and '.join(changed)} in the run that wrote {where}: the resumed run would draw other "
+                             f"token counts than the one it continues. Restore them, or set "
+                             f"tokens.allow_change_on_resume=true to resume with the new ones")
+
 
 def check_same_across_ranks(num_vision_tokens, stop_requested):
     """One all-reduce per step: fails if ranks disagree on N; returns whether any rank must stop.
@@ -32,12 +44,10 @@ def check_same_across_ranks(num_vision_tokens, stop_requested):
     """
     if not dist.is_initialized():
         return stop_requested
-    values = torch.tensor([num_vision_tokens, -num_vision_tokens, int(stop_requested)], dtype=torch.int64)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    highest, lowest = int(values[0]), -int(values[1])
-    if highest != lowest:
+    highest, minus_lowest, stop = max_over_ranks([num_vision_tokens, -num_vision_tokens, int(stop_requested)])
+    if highest != -minus_lowest:
         raise RuntimeError(
-            f"ranks disagree on the vision-token count for this step (min {lowest}, max {highest}); "
+            f"ranks disagree on the vision-token count for this step (min {-minus_lowest}, max {highest}); "
             f"every rank must use the same tokens.seed and tokens.counts"
         )
-    return bool(values[2])
+    return bool(stop)

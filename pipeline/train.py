@@ -8,6 +8,7 @@ different number of ranks (through a universal checkpoint; the data stream then 
 import argparse
 import logging
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,9 +22,11 @@ from pipeline import checkpoint
 from pipeline.config import describe_options, load_config, to_dict
 from pipeline.convert import convert_checkpoint
 from pipeline.data import TrainBatches, resolve_shards
-from pipeline.engine import build_engine, flops_per_step, init_distributed
-from pipeline.metrics import MetricsLog
+from pipeline.distributed import broadcast_from_rank0, distributed_env, init_process_group, sum_over_ranks
+from pipeline.engine import build_engine
+from pipeline.metrics import MetricsLog, Work, step_flops
 from pipeline.model import write_model_folder
+from pipeline.projector import pooled_side
 from pipeline.sampler import TokenCountSampler, check_same_across_ranks
 from stages import STAGES
 
@@ -31,43 +34,52 @@ log = logging.getLogger("tokenflex")
 
 
 def train_step(engine, data, num_vision_tokens, grad_accum):
-    """One optimizer step: every micro-batch of it uses the same N, on every rank."""
-    losses, stats = [], []
-    for _ in range(grad_accum):
-        batch = data.next_batch(num_vision_tokens)
-        stats.append(batch.pop("stats"))
+    """One optimizer step: every micro-batch of it uses the same N, on every rank.
+
+    The step's loss is the sum of its token losses over every rank and micro-batch divided by
+    their supervised tokens, so packed micro-batches with few or many answer tokens weigh each
+    token the same. Returns this rank's share of that loss (the shares add up over ranks) and
+    each micro-batch's stats, with the Work it asked of the model.
+    """
+    batches = [data.next_batch(num_vision_tokens) for _ in range(grad_accum)]
+    pad_token_id = engine.module.tokenizer.pad_token_id
+    stats = [{**batch.pop("stats"), "work": Work.of(batch, pad_token_id)} for batch in batches]
+    supervised = int(sum_over_ranks([sum(s["work"].supervised for s in stats)])[0])
+    loss_share = 0.0
+    for batch in batches:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = engine(batch, num_vision_tokens).loss
-        engine.backward(loss)
+        loss = engine(batch, num_vision_tokens, num_items_in_batch=supervised).loss
+        # DeepSpeed averages gradients over data-parallel ranks (ZeRO's reduce divides by their
+        # number): scaling by it leaves the sum over ranks. No division by grad_accum either:
+        # the global token count already spans the micro-batches.
+        engine.backward(loss * engine.dp_world_size, scale_wrt_gas=False)
         engine.step()
-        losses.append(loss.detach().float().cpu())
-    return torch.stack(losses).mean(), stats
-
-
-def summed_over_ranks(*values):
-    totals = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(totals)
-    return totals.tolist()
+        loss_share += float(loss)
+    return loss_share, stats
 
 
 def step_metrics(cfg, engine, step, n, loss, stats, seconds):
-    """The step's metrics over all ranks (one all-reduce); the *_total counters run since the start."""
+    """The step's metrics over all ranks (one all-reduce); the *_total counters run since the start.
+
+    useful_flops and executed_flops: pipeline.metrics.step_flops, summed over ranks; on GPU,
+    mfu and hfu divide them by the step time and the ranks' peak (train.peak_tflops)."""
     world = dist.get_world_size()
     text_only = any(s["num_images"] == 0 for s in stats)
-    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images")]
+    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples")]
     running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
-    loss_sum, real, pad, samples, images, text_only_ranks, truncated, corrupt = summed_over_ranks(
-        float(loss), *per_step, float(text_only), *running)
+    flops = step_flops(engine.module, n, sum((s["work"] for s in stats), Work()))
+    loss, real, pad, samples, text_only_ranks, truncated, corrupt, useful, executed = sum_over_ranks(
+        [loss, *per_step, float(text_only), *running, *flops])
     metrics = {
-        "step": step, "num_vision_tokens": n, "loss": loss_sum / world, "lr": engine.get_lr()[0],
+        "step": step, "num_vision_tokens": n, "loss": loss, "lr": engine.get_lr()[0],
         "grad_norm": float(engine.get_global_grad_norm() or 0.0), "step_time_s": seconds,
         "tokens_per_s": real / seconds, "samples_per_s": samples / seconds, "padding_fraction": pad / (real + pad),
         "text_only_ranks": int(text_only_ranks), "truncated_total": int(truncated),
-        "skipped_corrupt_total": int(corrupt),
+        "skipped_corrupt_total": int(corrupt), "useful_flops": useful, "executed_flops": executed,
     }
     if torch.cuda.is_available():
-        flops = flops_per_step(engine.module, real + pad, images)
-        metrics["mfu"] = flops / (seconds * world * cfg.train.peak_tflops * 1e12)
+        peak = seconds * world * cfg.train.peak_tflops * 1e12
+        metrics["mfu"], metrics["hfu"] = useful / peak, executed / peak
     return metrics
 
 
@@ -82,10 +94,9 @@ def enable_gradient_checkpointing(model):
     log.info("gradient checkpointing on: %s", ", ".join(type(part).__name__ for part in parts))
 
 
-def run(cfg):
-    rank, world_size = init_distributed()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(message)s")
+def train_loop(cfg, rank, world_size, load_universal):
+    """This rank's part of the training loop: 0 when max_steps is reached, PREEMPTED_EXIT_CODE when
+    a stop signal ended it after a checkpoint. An exception leaves with its traceback."""
     for seeded in (random.seed, np.random.seed, torch.manual_seed):
         seeded(cfg.train.seed)
     output_dir, ckpt_dir = Path(cfg.train.output_dir), checkpoint.checkpoint_dir(cfg.train.output_dir)
@@ -98,34 +109,31 @@ def run(cfg):
     if rank == 0:
         write_model_folder(ckpt_dir / "model", model.config, model.tokenizer, model.image_processor)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    universal = checkpoint.prepare_universal(ckpt_dir)  # True: latest was written by another world size
-    engine = build_engine(model, stage.param_groups(model, cfg), cfg, load_universal=universal)
+    engine = build_engine(model, stage.param_groups(model, cfg), cfg, load_universal=load_universal)
 
     resumed = checkpoint.load(engine, ckpt_dir)
     trainer_state, data_state = resumed or ({"step": 0, "wandb_id": None}, None)
     start = trainer_state["step"]
-    data = TrainBatches(cfg.data, model.tokenizer, model.image_processor, rank, world_size, state=data_state)
     sampler = TokenCountSampler(cfg.tokens.counts, cfg.tokens.seed)
     metrics = MetricsLog(cfg, to_dict(cfg), start, trainer_state["wandb_id"]) if rank == 0 else None
-    wandb_id = [metrics.wandb_id if metrics else None]
-    dist.broadcast_object_list(wandb_id)
+    wandb_id = broadcast_from_rank0(metrics.wandb_id if metrics else None)
+    data = TrainBatches(cfg.data, model.tokenizer, model.image_processor, rank, world_size, state=data_state)
 
     def save(step):
-        state = {"wandb_id": wandb_id[0], "sampler": sampler.state_dict(), "stage": cfg.train.stage}
+        state = {"wandb_id": wandb_id, "sampler": sampler.state_dict(), "stage": cfg.train.stage}
         return checkpoint.save(engine, ckpt_dir, step, state, data.state_dict(), cfg.train.keep_last)
 
     checkpoint.StopRequest.install()
     engine.train()
-    saved_step = start
+    saved_step, code = start, 0
     for step in range(start, cfg.train.max_steps):
         n = sampler(step)
         if check_same_across_ranks(n, checkpoint.StopRequest.requested):
             if saved_step != step:
                 save(step)
             log.info("stopped at step %d for preemption; exit code %d", step, checkpoint.PREEMPTED_EXIT_CODE)
-            if metrics:
-                metrics.close()
-            return checkpoint.PREEMPTED_EXIT_CODE
+            code = checkpoint.PREEMPTED_EXIT_CODE
+            break
         started = time.perf_counter()
         loss, stats = train_step(engine, data, n, cfg.train.grad_accum)
         record = step_metrics(cfg, engine, step + 1, n, loss, stats, time.perf_counter() - started)
@@ -136,20 +144,61 @@ def run(cfg):
             saved_step = step + 1
     if metrics:
         metrics.close()
-    if cfg.train.export_final and rank == 0:
-        convert_checkpoint(ckpt_dir, output_dir / "final")
-        log.info("model folder written to %s", output_dir / "final")
+    return code
+
+
+def run(cfg):
+    """Train on this rank, then, on rank 0, export <output_dir>/final. Returns the exit code."""
+    rank, world_size, _ = distributed_env()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(message)s")
+    ckpt_dir = checkpoint.checkpoint_dir(cfg.train.output_dir)
+    # Long single-rank work happens while no process group exists, so no rank waits on it in a
+    # collective (which would time out): a universal conversion before, the export after.
+    load_universal = checkpoint.prepare_universal(ckpt_dir, rank, world_size)
+    init_process_group(cfg.train.collective_timeout_minutes)
+    code = train_loop(cfg, rank, world_size, load_universal)
+    # Every rank is done, rank 0's wandb included, before any exits: with srun --kill-on-bad-exit, the
+    # first rank to exit with code 3 (preempted) has Slurm send SIGTERM to the others.
     dist.barrier()
-    return 0
+    dist.destroy_process_group()
+    if code == checkpoint.PREEMPTED_EXIT_CODE:
+        # Saved and leaving: such a SIGTERM must not kill this process (srun would report the
+        # signal instead of 3, and the job would not be requeued), not even once the interpreter
+        # has reset its own signal handlers on the way out.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if code == 0 and cfg.train.export_final and rank == 0:
+        convert_checkpoint(ckpt_dir, Path(cfg.train.output_dir) / "final")
+        log.info("model folder written to %s", Path(cfg.train.output_dir) / "final")
+    return code
 
 
 def check_inputs(cfg):
-    """Fail in seconds, naming the key, instead of after DeepSpeed and model start-up."""
-    paths = {**STAGES[cfg.train.stage].required_paths(cfg), "train.deepspeed": cfg.train.deepspeed}
+    """Fail in seconds, naming the key, instead of after DeepSpeed and model start-up, or hours
+    later when a bad token count is first drawn."""
+    stage = STAGES[cfg.train.stage]
+    paths = {**stage.required_paths(cfg), "train.deepspeed": cfg.train.deepspeed}
     for key, path in paths.items():
         if not path or not Path(path).exists():
             raise FileNotFoundError(f"{key}={path!r} not found (relative paths start at {Path.cwd()})")
     resolve_shards(cfg.data.shards)
+    vision = stage.vision_config(cfg)
+    grid = vision["image_size"] // vision["patch_size"]
+    for count in cfg.tokens.counts:
+        try:
+            pooled_side(count, grid)
+        except ValueError as error:
+            raise ValueError(f"tokens.counts: {error}") from None
+    # Room for a sample with one image at the largest N: its N slots plus the text that
+    # data.text_tokens_per_image assumes per image (the packer can't cut a sample inside its image).
+    largest, text = max(cfg.tokens.counts), cfg.data.text_tokens_per_image
+    if cfg.data.seq_len < largest + text:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} leaves no room for text at N={largest}: it must be at "
+                         f"least max(tokens.counts) + data.text_tokens_per_image = {largest} + {text} = {largest + text}")
+    ckpt_dir = checkpoint.checkpoint_dir(cfg.train.output_dir)
+    tag, trainer_state = checkpoint.latest_trainer_state(ckpt_dir)
+    if tag and not cfg.tokens.allow_change_on_resume:
+        TokenCountSampler(cfg.tokens.counts, cfg.tokens.seed).check_resumes(trainer_state["sampler"], ckpt_dir / tag)
 
 
 def parse_args(argv):
@@ -167,7 +216,7 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.overrides)
         check_inputs(cfg)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return run(cfg)

@@ -47,9 +47,15 @@ run_stage() {
     fi
 
     log "job $SLURM_JOB_ID start (restart count ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
-    log "command: python -m pipeline.train $config $*"
+    # The module each task runs: pipeline.train, or a wrapper of it (the tests inject faults so).
+    local module=${TOKENFLEX_TRAIN_MODULE:-pipeline.train}
+    log "command: python -m $module $config $*"
     local code=0
-    srun python -m pipeline.train "$config" "$@" || code=$?
+    # --kill-on-bad-exit: a task that fails (exit code not 0) ends the whole step at once, instead of
+    # leaving the other ranks blocked in a collective until it times out. After a stop for
+    # preemption all ranks exit 3 together, right after a final barrier; the SIGTERM a slower one
+    # may still get is only logged by its stop handler, so the code stays 3.
+    srun --kill-on-bad-exit=1 python -m "$module" "$config" "$@" || code=$?
 
     if [[ $code == "$PREEMPTED_EXIT_CODE" ]]; then
         log "training saved a checkpoint and stopped; requeueing job $SLURM_JOB_ID (next restart count $((${SLURM_RESTART_COUNT:-0} + 1)))"

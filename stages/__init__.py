@@ -1,6 +1,6 @@
 """Training stages: what each trains, from what it starts. `STAGES[name]` is the contract
-the engine uses: required_paths(cfg), build_model(cfg), freeze_backbones(model, cfg),
-param_groups(model, cfg)."""
+the engine uses: required_paths(cfg), vision_config(cfg) (the tower's config as a dict, read
+without loading weights), build_model(cfg), freeze_backbones(model, cfg), param_groups(model, cfg)."""
 
 from stages import align, finetune
 

@@ -2,6 +2,8 @@
 
 Starts from separate vision and LM checkpoints (model.vision_path, model.lm_path)."""
 
+from transformers import AutoConfig
+
 from pipeline.engine import zero3_loading
 from pipeline.model import TokenFlexVLM
 from stages.common import group, log, set_trainable
@@ -11,11 +13,17 @@ def required_paths(cfg):
     return {"model.vision_path": cfg.model.vision_path, "model.lm_path": cfg.model.lm_path}
 
 
+def vision_config(cfg):
+    config = AutoConfig.from_pretrained(cfg.model.vision_path)
+    return getattr(config, "vision_config", config).to_dict()  # a full SigLIP/CLIP folder holds a text half too
+
+
 def build_model(cfg):
     with zero3_loading(cfg):
         return TokenFlexVLM.from_components(
             cfg.model.vision_path, cfg.model.lm_path, projector=cfg.model.projector,
             projector_options=cfg.model.projector_options, vision_feature_layer=cfg.model.vision_feature_layer,
+            attn_implementation=cfg.model.attn_implementation,
         )
 
 

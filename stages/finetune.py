@@ -4,7 +4,7 @@ optim.vision_lr > 0 (at that learning rate).
 Starts from model.init_from, a model folder: stage 1's <output_dir>/final, or any folder
 written by tools.convert_checkpoint."""
 
-from pipeline.model import TokenFlexVLM
+from pipeline.model import TokenFlexVLM, read_vlm_config
 from stages.common import group, log, set_trainable
 
 
@@ -12,8 +12,12 @@ def required_paths(cfg):
     return {"model.init_from": cfg.model.init_from}  # e.g. runs/stage1/final
 
 
+def vision_config(cfg):
+    return read_vlm_config(cfg.model.init_from).vision_config
+
+
 def build_model(cfg):
-    return TokenFlexVLM.from_pretrained(cfg.model.init_from)
+    return TokenFlexVLM.from_pretrained(cfg.model.init_from, attn_implementation=cfg.model.attn_implementation)
 
 
 def trainable_parts(cfg):

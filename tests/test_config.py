@@ -32,6 +32,8 @@ def test_dotted_overrides_are_typed():
     ("train.stage=pretrain", "train.stage"),
     ("tokens.counts={50: 1}", "50"),
     ("wandb.mode=loud", "wandb.mode"),
+    ("model.attn_implementation=flash", "model.attn_implementation"),
+    ("train.collective_timeout_minutes=0", "train.collective_timeout_minutes"),
     ("train.max_steps", "section.key=value"),
 ])
 def test_bad_keys_and_values_are_named(override, named):

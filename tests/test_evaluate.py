@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.convert import convert_checkpoint
 from pipeline.data import iter_samples
-from pipeline.evaluate import evaluate_model, labelled_batch, last_reply_labels, normalise, score
+from pipeline.evaluate import evaluate_model, last_reply_labels, normalise, score
 from pipeline.model import TokenFlexVLM
 from pipeline.tokens import IGNORE_INDEX
 from tools import evaluate as evaluate_tool
@@ -76,6 +76,28 @@ def test_generate_one_n_text_only_prints_just_the_answer(models, chatty_model, c
     assert expected and capsys.readouterr().out == expected + "\n"
 
 
+def test_generate_in_bf16_on_cpu(models, capsys):
+    prompt = "What is 2 plus 3?"
+    assert generate_tool.main([str(models["chatty"]), "--prompt", prompt, "--tokens", "36", "--device", "cpu",
+                               "--dtype", "bf16"]) == 0
+    output = capsys.readouterr()
+    assert f"{models['chatty']} on cpu in bfloat16" in output.err
+    bf16 = TokenFlexVLM.from_pretrained(models["chatty"], "cpu", "bf16").eval()
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    expected = bf16.generate([None], [prompt], 36)[0]
+    assert expected and output.out == expected + "\n"
+
+
+@pytest.mark.parametrize("option, message", [(["--device", "cuda:99"], "--device: device cuda:99: torch"),
+                                             (["--device", "gpu"], "--device: device 'gpu'"),
+                                             (["--dtype", "half"], "argument --dtype: invalid choice: 'half'")])
+def test_generate_rejects_a_device_or_dtype_it_cannot_use(models, option, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate_tool.main([str(models["final"]), "--prompt", "hi", *option])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("tokens, message", [("20", "num_vision_tokens=20 is not a perfect square"),
                                              ("16,1024", "num_vision_tokens=1024 asks for a 32x32 grid, larger than the encoder's 16x16 patches"),
                                              ("a,b", "comma-separated integers")])
@@ -110,7 +132,7 @@ def test_multi_turn_records_score_only_their_last_reply(final_model, synthetic_s
     assert first_answer in tokenizer.decode(sample["prompt_ids"])
     assert len(sample["prompt_ids"]) + len(scored) == len(sample["input_ids"]) - 1  # the template's closing newline
 
-    batch = labelled_batch(final_model, [dict(sample, labels=labels), samples[0]], 64)
+    batch = final_model.labelled_batch([dict(sample, labels=labels), samples[0]], 64)
     slots = (batch["input_ids"] == final_model.config.image_token_id).sum(dim=1)
     assert slots[0] == 64 and batch["image_mask"].sum() == 1 + (samples[0]["pixel_values"] is not None)
 
@@ -146,6 +168,7 @@ def test_evaluate_results_cover_every_model_and_n(evaluation):
         hits = [normalise(p["prediction"]) == normalise(p["answer"]) for p in r["predictions"]]
         assert r["accuracy"] == sum(hits) / 12
         assert r["loss"] > 0 and r["prefill_ms"] > 0 and r["vision_tokens_per_s"] > 0
+        assert (r["device"], r["dtype"]) == ("cpu", "float32")  # this machine's default
     # different models, really evaluated: their own losses and answers
     assert len({r["loss"] for r in results}) == len(results)
     assert all(p["prediction"] for p in results[-1]["predictions"])
@@ -173,6 +196,18 @@ def test_evaluate_plot_is_a_png(evaluation):
     with Image.open(path) as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] > image.size[1] > 100
+
+
+def test_evaluate_in_bf16_on_cpu_matches_fp32_to_bf16_precision(models, synthetic_shards, evaluation, tmp_path):
+    assert evaluate_tool.main([str(models["final"]), "--names", "flex", "--shards", str(synthetic_shards),
+                               "--tokens", "16,64", "--limit", "12", "--batch-size", "4", "--dtype", "bf16",
+                               "--out", str(tmp_path)]) == 0
+    bf16 = json.loads((tmp_path / "results.json").read_text())["results"]
+    fp32 = [r for r in evaluation[1]["results"] if r["model"] == "flex"]
+    assert "on cpu in bfloat16" in (tmp_path / "results.md").read_text()
+    for low, full in zip(bf16, fp32, strict=True):
+        assert (low["dtype"], low["num_vision_tokens"], low["samples"]) == ("bfloat16", full["num_vision_tokens"], 12)
+        assert low["loss"] != full["loss"] and math.isclose(low["loss"], full["loss"], rel_tol=2e-2)
 
 
 def test_evaluate_rejects_a_token_count_beyond_the_grid(models, synthetic_shards, tmp_path, capsys):

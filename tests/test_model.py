@@ -1,5 +1,5 @@
 """TokenFlexVLM end to end on the tiny real checkpoints: slots, labels, loss, gradients,
-save/load, generation and timing."""
+attention implementations, save/load, dtypes, generation and timing."""
 
 import json
 from dataclasses import asdict
@@ -8,6 +8,10 @@ import pytest
 import torch
 from PIL import Image
 from torch.nn import functional as F
+
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+from transformers.utils import is_flash_attn_2_available
 
 from pipeline.model import TokenFlexVLM
 from pipeline.tokens import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers
@@ -21,11 +25,13 @@ CONVERSATION = [
     {"role": "assistant", "content": "two"},
 ]
 REPLIES = "red circle<|im_end|>two<|im_end|>"
+TEXT_ONLY = [{"role": "user", "content": "what is two plus three?"}, {"role": "assistant", "content": "five"}]
 
 
-def build_model(tiny_models, lm="qwen2", seed=0):
+def build_model(tiny_models, lm="qwen2", seed=0, attn_implementation="sdpa"):
     torch.manual_seed(seed)  # the projector is random-init
-    return TokenFlexVLM.from_components(tiny_models / "vision", tiny_models / lm)
+    return TokenFlexVLM.from_components(tiny_models / "vision", tiny_models / lm,
+                                        attn_implementation=attn_implementation)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +61,9 @@ def make_batch(model, rows, pixel_values, image_mask):
     pad = model.tokenizer.pad_token_id
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
     labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows])
-    return dict(input_ids=input_ids, labels=labels,
-                position_ids=torch.arange(width).expand(len(rows), width).clone(),
-                pixel_values=pixel_values, image_mask=image_mask)
+    batch = dict(input_ids=input_ids, labels=labels, position_ids=torch.arange(width).expand(len(rows), width).clone(),
+                 pixel_values=pixel_values, image_mask=image_mask)
+    return {name: tensor.to(model.device) for name, tensor in batch.items()}
 
 
 def image_batch(model, images, num_tokens=N):
@@ -66,9 +72,7 @@ def image_batch(model, images, num_tokens=N):
 
 
 def text_only_batch(model):
-    row = sample(model, [{"role": "user", "content": "what is two plus three?"},
-                         {"role": "assistant", "content": "five"}], N)
-    return make_batch(model, [row], torch.zeros(1, 3, 64, 64), torch.tensor([False]))
+    return make_batch(model, [sample(model, TEXT_ONLY, N)], *model.image_inputs([]))
 
 
 # ---- image slots ----
@@ -195,20 +199,116 @@ def test_loss_depends_on_which_positions_are_supervised(model, loss_and_logits):
         assert torch.equal(model(batch, N).loss, out.loss)
 
 
-def test_packed_samples_do_not_attend_to_each_other(model, images):
-    """Two samples packed in one row (position ids restarting) give the same logits as each
-    alone: transformers builds the block-diagonal mask only without a KV cache."""
-    first = sample(model, CONVERSATION, N)
-    second = sample(model, [{"role": "user", "content": "what is two plus three?"},
-                            {"role": "assistant", "content": "five"}], N)
-    packed = make_batch(model, [(first[0] + second[0], first[1] + second[1])],
-                        model.pixel_values(images[:1]), torch.tensor([True]))
-    packed["position_ids"] = torch.tensor([list(range(len(first[0]))) + list(range(len(second[0])))])
-    alone = make_batch(model, [second], torch.zeros(1, 3, 64, 64), torch.tensor([False]))
+# ---- packed rows under each attention implementation ----
+
+def flash_attention_on_cpu(module, query, key, value, attention_mask, scaling=None, position_ids=None, **kwargs):
+    """flash-attention's treatment of packed rows, in plain torch: transformers' own test
+    (_is_packed_sequence) picks variable-length attention from the position ids, which it
+    does only for a batch of one row; each sequence then attends causally within itself."""
+    if _is_packed_sequence(position_ids, query.shape[0]):
+        (starts, _), _ = prepare_fa_kwargs_from_position_ids(position_ids)
+        spans = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+    else:
+        spans = [(0, query.shape[2])]  # one sequence per row
+    out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                                    scale=scaling, enable_gqa=True) for a, b in spans], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("flash_attention_on_cpu", flash_attention_on_cpu)
+
+
+def attn_implementations():
+    """Every implementation this machine runs. flash_attention_2 needs the flash-attn package
+    and a GPU: it is a parameter on machines that have both (bench/gpu_check.sh runs it), and
+    flash_attention_on_cpu stands in for its packing rule everywhere."""
+    return ["sdpa", "eager", "flash_attention_on_cpu"] + (["flash_attention_2"] if is_flash_attn_2_available() else [])
+
+
+def model_with_attention(tiny_models, attn_implementation):
+    if attn_implementation == "flash_attention_on_cpu":
+        model = build_model(tiny_models)
+        model.language_model.config._attn_implementation = attn_implementation
+        return model.eval()
+    model = build_model(tiny_models, attn_implementation=attn_implementation).eval()
+    if attn_implementation == "flash_attention_2":
+        model.to("cuda", torch.bfloat16)
+    return model
+
+
+def packed_rows(model, images, restart_positions=True):
+    """Two rows, each of the image conversation and the text-only one packed end to end (in
+    both orders), with their alone-forward logits; position ids restart per sample, or run on
+    across the row (then nothing stops the second sample from attending to the first)."""
+    first, second = sample(model, CONVERSATION, N), sample(model, TEXT_ONLY, N)
+    image = model.pixel_values(images[:1])
+    packed = make_batch(model, [(first[0] + second[0], first[1] + second[1]),
+                                (second[0] + first[0], second[1] + first[1])],
+                        torch.cat([image, image]), torch.tensor([True, True]))
+    if restart_positions:
+        packed["position_ids"] = torch.tensor([list(range(len(first[0]))) + list(range(len(second[0]))),
+                                               list(range(len(second[0]))) + list(range(len(first[0])))],
+                                              device=model.device)
     with torch.no_grad():
-        packed_logits = model(packed, N, return_logits=True).logits[0, len(first[0]):]
-        alone_logits = model(alone, N, return_logits=True).logits[0]
-    torch.testing.assert_close(packed_logits, alone_logits, rtol=1e-5, atol=1e-5)
+        logits = model(packed, N, return_logits=True).logits
+        alone = [model(make_batch(model, [first], image, torch.tensor([True])), N, return_logits=True).logits[0],
+                 model(make_batch(model, [second], *model.image_inputs([])), N, return_logits=True).logits[0]]
+    split = len(first[0])
+    return [(logits[0, :split], alone[0]), (logits[0, split:], alone[1]),
+            (logits[1, :-split], alone[1]), (logits[1, -split:], alone[0])]
+
+
+@pytest.mark.parametrize("attn_implementation", attn_implementations())
+def test_packed_samples_do_not_attend_to_each_other(tiny_models, images, attn_implementation):
+    """Samples packed in rows (position ids restarting) give the same logits as each alone, in
+    every row; with position ids running on across a row the later sample's logits change, so
+    the comparison sees one sample attending to another (RoPE is relative: within a sample,
+    shifted positions alone change nothing beyond rounding)."""
+    model = model_with_attention(tiny_models, attn_implementation)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if model.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    for packed, alone in packed_rows(model, images):
+        torch.testing.assert_close(packed.float(), alone.float(), **tolerance)
+    leaked = packed_rows(model, images, restart_positions=False)
+    for packed, alone in (leaked[1], leaked[3]):
+        assert not torch.allclose(packed.float(), alone.float(), **tolerance)
+
+
+def test_flash_attention_sees_packing_only_in_rows_laid_end_to_end(tiny_models, images):
+    """Why lm_hidden_states lays packed rows end to end under flash-attention: given two rows
+    at once, its packing rule sees none and lets packed samples attend to each other."""
+    model = model_with_attention(tiny_models, "flash_attention_on_cpu")
+    first, second = sample(model, CONVERSATION, N), sample(model, TEXT_ONLY, N)
+    rows = [first[0] + second[0], second[0] + first[0]]
+    positions = torch.tensor([list(range(len(first[0]))) + list(range(len(second[0]))),
+                              list(range(len(second[0]))) + list(range(len(first[0])))])
+    embeds = model.language_model.get_input_embeddings()(torch.tensor(rows))
+    with torch.no_grad():
+        laid_out = model.lm_hidden_states(embeds, positions, None)
+        two_rows = model.language_model.model(inputs_embeds=embeds, position_ids=positions,
+                                              use_cache=False).last_hidden_state
+        alone = model.language_model.model(inputs_embeds=embeds[:1, len(first[0]):], use_cache=False).last_hidden_state
+    torch.testing.assert_close(laid_out[0, len(first[0]):], alone[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(two_rows[0, len(first[0]):], alone[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_attn_implementation_reaches_the_lm_and_the_vision_tower(tiny_models, tmp_path, attn_implementation):
+    built = build_model(tiny_models, attn_implementation=attn_implementation)
+    built.save_pretrained(tmp_path / "vlm")
+    loaded = TokenFlexVLM.from_pretrained(tmp_path / "vlm", attn_implementation=attn_implementation)
+    for model in (built, loaded):
+        assert model.language_model.config._attn_implementation == attn_implementation
+        assert model.vision_tower.config._attn_implementation == attn_implementation
+    assert "attn_implementation" not in (tmp_path / "vlm" / "config.json").read_text()  # a choice of the run, not the folder
+
+
+@pytest.mark.skipif(is_flash_attn_2_available(), reason="flash-attn and a GPU are here, so flash_attention_2 works")
+def test_flash_attention_2_without_flash_attn_or_gpu_is_a_clear_error(tiny_models):
+    with pytest.raises(ValueError, match=r"flash_attention_2 needs a CUDA GPU and the flash-attn package \(pip install "
+                                         r"flash-attn.*\); here torch sees \d+ GPU\(s\)"):
+        build_model(tiny_models, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="attn_implementation 'flash' is not one of sdpa, eager, flash_attention_2"):
+        build_model(tiny_models, attn_implementation="flash")
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_models, images):
@@ -302,7 +402,57 @@ def test_save_and_load_give_identical_logits(tiny_models, images, tmp_path, lm):
             == loaded.language_model.get_input_embeddings().weight.data_ptr())
 
 
+def test_models_are_built_in_the_asked_dtype_whatever_the_checkpoints_were_saved_in(tiny_models, tmp_path):
+    """Real LM folders (Qwen2, Llama) ship bf16 weights with dtype bfloat16 in config.json, which
+    transformers' from_pretrained and from_config follow by default."""
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models / "qwen2", dtype=torch.bfloat16)
+    lm.save_pretrained(tmp_path / "bf16_lm")
+    build_model(tiny_models).tokenizer.save_pretrained(tmp_path / "bf16_lm")
+    assert json.loads((tmp_path / "bf16_lm" / "config.json").read_text())["dtype"] == "bfloat16"
+
+    model = TokenFlexVLM.from_components(tiny_models / "vision", tmp_path / "bf16_lm")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model.save_pretrained(tmp_path / "vlm")
+    for dtype, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16), (torch.float16, torch.float16)):
+        loaded = TokenFlexVLM.from_pretrained(tmp_path / "vlm", dtype=dtype)
+        assert {p.dtype for p in loaded.parameters()} == {expected} and loaded.dtype == expected
+        # RoPE's inverse frequencies stay fp32: in bf16 they would shift long-context positions
+        assert loaded.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype 'half' is not one of bf16, fp16, fp32"):
+        TokenFlexVLM.from_pretrained(tmp_path / "vlm", dtype="half")
+
+
 # ---- inference ----
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "vlm"
+    build_model(tiny_models, seed=3).save_pretrained(folder)
+    return folder
+
+
+def test_bf16_model_batches_and_loss(saved_model, images):
+    """In bf16, the batch builders give pixel values in bf16 on the model's device, the logits
+    are bf16 and the cross-entropy is computed in fp32: the loss matches fp32's to bf16 precision."""
+    fp32 = TokenFlexVLM.from_pretrained(saved_model).eval()
+    bf16 = TokenFlexVLM.from_pretrained(saved_model, "cpu", "bf16").eval()
+    samples = [dict(zip(("input_ids", "labels"), sample(bf16, CONVERSATION, 1)), pixel_values=fp32.pixel_values(images[:1])),
+               dict(zip(("input_ids", "labels"), sample(bf16, TEXT_ONLY, 1)), pixel_values=None)]
+    batch = bf16.labelled_batch(samples, N)
+    assert all(t.device == bf16.device for t in batch.values())
+    assert batch["pixel_values"].dtype == torch.bfloat16 and batch["image_mask"].tolist() == [True]
+    assert bf16.pixel_values(images).dtype == torch.bfloat16
+    assert bf16.image_inputs([])[0].dtype == torch.bfloat16
+    with torch.no_grad():
+        out = bf16(batch, N, return_logits=True)
+        reference = fp32(fp32.labelled_batch(samples, N), N, return_logits=True)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, reference.loss, rtol=2e-2, atol=0)
+    assert out.loss != reference.loss  # really computed in bf16
+    answers = bf16.generate([images[0], None], ["what colour?", "two plus three?"], N, max_new_tokens=4)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert bf16.prefill_seconds([images[0]], ["what colour?"], N) > 0
+
 
 @pytest.fixture(scope="module")
 def talkative_model(tiny_models):

@@ -172,3 +172,23 @@ def test_submitit_two_tasks_survive_preemption(slurm, train_args, sbatch_run, tm
     final = losses(output_dir)
     assert max(final) == STEPS
     assert final[STEPS] == pytest.approx(losses(reference_dir)[STEPS], rel=1e-6)
+
+
+def test_sbatch_job_with_a_crashed_task_ends_failed_not_at_its_time_limit(slurm, train_args, tmp_path):
+    """Task 1 raises at step 3 while task 0 stalls, as a rank blocked in an NCCL collective would,
+    blind to its peer's death: srun --kill-on-bad-exit must end the step, and the job, at once."""
+    log, marker, output_dir = tmp_path / "job.log", tmp_path / "fault-injected", tmp_path / "out"
+    faults = f"TOKENFLEX_TRAIN_MODULE=tests.crash_at_step,FAULT_AT_STEP=3,FAULT_RAISE_RANK=1,FAULT_STALL_RANK=0,FAULT_MARKER={marker}"
+    job_id = sbatch(*SBATCH_CPU, "--time=15", f"--export=ALL,{faults}", f"--output={log}", f"--error={log}",
+                    "slurm/stage1.sh", *train_args(output_dir))
+    deadline = time.time() + 180
+    while not marker.exists():
+        assert time.time() < deadline, f"job {job_id} injected no fault:\n{log.read_text() if log.exists() else ''}"
+        time.sleep(0.5)
+    state = wait_for_job(job_id, timeout_s=60)
+    text = log.read_text()
+    assert state == "FAILED", text
+    assert "RuntimeError: injected fault on rank 1 at step 3" in text
+    assert "training finished with exit code" in text
+    left = subprocess.run(["pgrep", "-f", str(output_dir)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes of the job outlived it: {left}"

@@ -7,13 +7,18 @@ Per model and N: exact-match accuracy (overall and per question_type), loss of t
 answer, median prefill latency and vision tokens per second. Multi-turn records are scored on
 their last question, with the earlier turns in the prompt. Writes OUT/results.json (with every
 prediction), OUT/results.md (one table, a row per model and N) and OUT/accuracy_vs_tokens.png.
+
+On a GPU the models run in bf16 by default (--device, --dtype); results.json records where.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from pipeline.evaluate import evaluate, parse_token_counts
+from pipeline.evaluate import evaluate
+from tools.options import add_placement_options, parse_token_counts, placement
+from tools.report import markdown_table, plot
 
 
 def main(argv=None):
@@ -26,19 +31,34 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, help="evaluate only the first K samples")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="longest answer, in tokens (default: 16)")
+    add_placement_options(parser)
     args = parser.parse_args(argv)
     if (args.limit is not None and args.limit < 1) or args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--limit, --batch-size and --max-new-tokens must be >= 1")
     names = args.names.split(",") if args.names else None
+    device, dtype = placement(parser, args)
     try:
         counts = parse_token_counts(args.tokens)
-        evaluate(args.model_dirs, args.shards, counts, args.out, names, args.limit, args.batch_size,
-                 args.max_new_tokens)
+        report = evaluate(args.model_dirs, args.shards, counts, names, args.limit, args.batch_size,
+                          args.max_new_tokens, device, dtype)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    print(Path(args.out, "results.md").read_text().rstrip())
+    write(report, Path(args.out))
+    print((Path(args.out) / "results.md").read_text().rstrip())
     print(f"wrote {args.out}/results.json, results.md, accuracy_vs_tokens.png")
     return 0
+
+
+def write(report, out_dir):
+    """results.json (with every prediction), results.md and accuracy_vs_tokens.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
+    results = report["results"]
+    caption = (f"Exact-match accuracy on {results[0]['samples']} samples of {report['shards']}; loss per answer "
+               f"token; prefill is the median per batch of {report['batch_size']}, on {results[0]['device']} in "
+               f"{results[0]['dtype']}.\n\n")
+    (out_dir / "results.md").write_text(caption + markdown_table(results))
+    plot(results, out_dir / "accuracy_vs_tokens.png")
 
 
 if __name__ == "__main__":

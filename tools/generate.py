@@ -5,15 +5,18 @@
 
 One N prints the answer; several print a table of N, median prefill time (vision encoding +
 prompt forward) and answer. N must be a perfect square no larger than the encoder's patch grid.
+On a GPU the model runs in bf16 by default (--device, --dtype).
 """
 
 import argparse
+import statistics
 import sys
 
 from PIL import Image
+from tqdm import tqdm
 
-from pipeline.evaluate import answers_at_counts, check_token_count, format_answers, parse_token_counts
 from pipeline.model import TokenFlexVLM
+from tools.options import add_placement_options, parse_token_counts, placement
 
 
 def main(argv=None):
@@ -23,15 +26,17 @@ def main(argv=None):
     parser.add_argument("--prompt", required=True, help="the question")
     parser.add_argument("--tokens", default="64", help="vision token count(s) N, comma-separated (default: 64)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: 32)")
+    add_placement_options(parser)
     args = parser.parse_args(argv)
+    device, dtype = placement(parser, args)
     try:
-        model = TokenFlexVLM.from_pretrained(args.model_dir)
+        model = TokenFlexVLM.from_pretrained(args.model_dir, device, dtype)
     except (ValueError, FileNotFoundError) as error:
         parser.error(f"model_dir: {error}")
     try:
         counts = parse_token_counts(args.tokens)
         for n in counts:
-            check_token_count(model.config, n)
+            model.config.check_token_count(n)
     except ValueError as error:
         parser.error(f"--tokens: {error}")
     image = None
@@ -41,9 +46,29 @@ def main(argv=None):
                 image = opened.convert("RGB")
         except OSError as error:
             parser.error(f"--image {args.image}: {error}")
+    print(f"{args.model_dir} on {model.device} in {str(model.dtype).removeprefix('torch.')}", file=sys.stderr)
     rows = answers_at_counts(model, image, args.prompt, counts, args.max_new_tokens)
     print(rows[0][2] if len(rows) == 1 else format_answers(rows))
     return 0
+
+
+def answers_at_counts(model, image, prompt, counts, max_new_tokens=32, repeats=3):
+    """[(N, median prefill seconds, answer)] for one image (or None) and prompt at each N."""
+    model.eval()
+    images, prompts = [image], [prompt]
+    model.prefill_seconds(images, prompts, counts[0])  # untimed warm-up
+    rows = []
+    for n in tqdm(counts, desc="generating", unit="N", disable=len(counts) == 1):
+        seconds = statistics.median(model.prefill_seconds(images, prompts, n) for _ in range(repeats))
+        rows.append((n, seconds, model.generate(images, prompts, n, max_new_tokens)[0]))
+    return rows
+
+
+def format_answers(rows):
+    """An aligned text table: N, prefill ms, answer."""
+    cells = [("N", "prefill ms", "answer")] + [(str(n), f"{1000 * s:.2f}", a or "(empty)") for n, s, a in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(2)]
+    return "\n".join(f"{n:>{widths[0]}}  {ms:>{widths[1]}}  {answer}" for n, ms, answer in cells)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""The step's loss is one per-token mean over every rank and micro-batch (transformers PR #34191).
+
+The same two rows, one with few supervised tokens and one with many, trained three ways on real
+DeepSpeed ZeRO-3 engines (gloo, spawned processes) must give the same loss and gradients:
+2 ranks x 1 micro-batch, 1 rank x 2 micro-batches, 1 rank x 1 batch of both rows. A mean per
+micro-batch, which DeepSpeed then averages over micro-batches and ranks, weighs the few tokens'
+row as much as the many tokens' row and fails this. A rank whose micro-batch has no answer
+token adds nothing: the other rank's row trains as if alone (an average over ranks halves it).
+"""
+
+import os
+
+import deepspeed
+import pytest
+import torch
+import torch.multiprocessing as mp
+from deepspeed.utils import safe_get_full_grad
+from torch.nn import functional as F
+
+from pipeline.config import load_config
+from pipeline.distributed import sum_over_ranks
+from pipeline.engine import build_engine
+from pipeline.model import TokenFlexVLM, supervised_targets
+from pipeline.tokens import IGNORE_INDEX
+from pipeline.train import train_step
+from stages import STAGES
+from tests.distributed import REPO
+from tools.demo import free_port
+
+N = 16
+LENGTH = 96
+SUPERVISED = (3, 60, 0)  # per row: the answer tokens at its end
+FEW, MANY, NONE = range(3)
+THREE_WAYS = ["2 ranks x 1 micro-batch", "1 rank x 2 micro-batches", "1 rank x 1 batch of both rows"]
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def build_model(tiny_models):
+    torch.manual_seed(0)  # the projector is random-init: the same on every rank and every run
+    return TokenFlexVLM.from_components(tiny_models / "vision", tiny_models / "qwen2")
+
+
+def make_rows(model):
+    """Rows of one sample each: N image slots, random text, the last SUPERVISED[i] tokens
+    labelled. Batches of any subset of them are built with `batch(rows)`."""
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for supervised in SUPERVISED:
+        input_ids = torch.randint(10, model.config.image_token_id, (LENGTH,), generator=generator)
+        input_ids[2:2 + N] = model.config.image_token_id
+        labels = torch.full((LENGTH,), IGNORE_INDEX)
+        labels[LENGTH - supervised:] = input_ids[LENGTH - supervised:]
+        rows.append({"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(LENGTH),
+                     "pixel_values": torch.randn(3, 64, 64, generator=generator)})
+    return rows
+
+
+def batch(rows):
+    stacked = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+    return {**stacked, "image_mask": torch.ones(len(rows), dtype=torch.bool), "stats": {}}
+
+
+class Batches:
+    """This rank's micro-batches, in order: the data side of train_step, with chosen rows."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def next_batch(self, num_vision_tokens):
+        return next(self.batches)
+
+
+def train_once(tiny_models, micro_batches, grad_accum):
+    """One optimizer step of stage 2 (projector + LM train) through pipeline.train.train_step;
+    returns the step's loss (shares summed over ranks) and the full gradients of every trained
+    parameter, read when the optimizer steps (clipping off)."""
+    cfg = load_config(REPO / "configs" / "tiny_cpu_stage2.yaml", [
+        f"data.rows_per_batch={len(micro_batches[0]['input_ids'])}", f"train.grad_accum={grad_accum}",
+        "optim.grad_clip=0.0"])
+    model = build_model(tiny_models)
+    STAGES["finetune"].freeze_backbones(model, cfg)
+    engine = build_engine(model, STAGES["finetune"].param_groups(model, cfg), cfg)
+    trained = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+    grads = {}
+
+    def read_grads(optimizer, args, kwargs):
+        # ZeRO-3 holds each rank's reduced partition until the optimizer steps; gather them whole
+        grads.update({name: safe_get_full_grad(p).clone() for name, p in trained})
+
+    engine.optimizer.optimizer.register_step_pre_hook(read_grads)
+    loss_share, _ = train_step(engine, Batches(micro_batches), N, grad_accum)
+    (loss,) = sum_over_ranks([float(loss_share)])
+    engine.destroy()
+    return loss, grads
+
+
+def _worker(rank, world_size, port, tiny_models, runs, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    rows = make_rows(build_model(tiny_models))
+    for name, (row_sets, grad_accum) in runs.items():
+        micro_batches = [batch([rows[i] for i in row_set]) for row_set in row_sets[rank]]
+        loss, grads = train_once(tiny_models, micro_batches, grad_accum)
+        if rank == 0:
+            results[name] = (loss, grads)
+
+
+def run_on(ranks, runs, tiny_models):
+    """runs: name -> (per rank, the row indices of each micro-batch; grad_accum)."""
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(ranks, free_port(), tiny_models, runs, results), nprocs=ranks)
+    return dict(results)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models):
+    return {
+        **run_on(2, {"2 ranks x 1 micro-batch": ([[[FEW]], [[MANY]]], 1),
+                     "2 ranks, one without answer tokens": ([[[FEW]], [[NONE]]], 1)}, tiny_models),
+        **run_on(1, {"1 rank x 2 micro-batches": ([[[FEW], [MANY]]], 2),
+                     "1 rank x 1 batch of both rows": ([[[FEW, MANY]]], 1),
+                     "1 rank, the few tokens' row alone": ([[[FEW]]], 1)}, tiny_models),
+    }
+
+
+def per_token_losses(tiny_models, row_indices):
+    """Cross-entropy of each supervised token of the rows, computed without DeepSpeed."""
+    model = build_model(tiny_models)
+    rows = make_rows(model)
+    losses = []
+    for i in row_indices:
+        with torch.no_grad():
+            logits = model(batch([rows[i]]), N, return_logits=True).logits
+        targets, supervised = supervised_targets(rows[i]["labels"][None])
+        losses.append(F.cross_entropy(logits[:, :-1][supervised], targets[supervised], reduction="none"))
+    return losses
+
+
+def assert_same_gradients(grads, reference, name):
+    assert reference and all(g.abs().sum() > 0 for g in reference.values())
+    assert grads.keys() == reference.keys()
+    for param in reference:
+        torch.testing.assert_close(grads[param], reference[param], rtol=1e-4, atol=1e-7, msg=f"{name}: {param}")
+
+
+def test_step_loss_is_the_per_token_mean_over_ranks_and_micro_batches(runs, tiny_models):
+    few, many = per_token_losses(tiny_models, [FEW, MANY])
+    per_token = torch.cat([few, many]).mean().item()
+    per_row = (few.mean().item() + many.mean().item()) / 2
+    assert abs(per_token - per_row) > 1e-3, "the rows' losses are too alike for the test to tell the means apart"
+    for name in THREE_WAYS:
+        assert runs[name][0] == pytest.approx(per_token, rel=1e-5), name
+
+
+def test_gradients_agree_whether_rows_are_split_over_ranks_micro_batches_or_a_batch(runs):
+    reference = runs["1 rank x 1 batch of both rows"][1]
+    for name in THREE_WAYS[:2]:
+        assert_same_gradients(runs[name][1], reference, name)
+
+
+def test_a_rank_without_answer_tokens_adds_nothing(runs, tiny_models):
+    """Its lm_head still runs on no rows (ZeRO-3 needs every rank's module forwards)."""
+    (few,) = per_token_losses(tiny_models, [FEW])
+    name = "2 ranks, one without answer tokens"
+    assert runs[name][0] == pytest.approx(few.mean().item(), rel=1e-5)
+    assert_same_gradients(runs[name][1], runs["1 rank, the few tokens' row alone"][1], name)
