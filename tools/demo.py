@@ -8,6 +8,7 @@ a worked example of what to run on a cluster.
 """
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN_SAMPLES = 10000  # synthetic training records: about one pass in stage 2
+HELDOUT_SAMPLES = 200
 
 
 def free_port():
@@ -31,10 +34,13 @@ def cpu_training_env():
                 WANDB_SILENT="true", PYTHONPATH=str(REPO))
 
 
-def run(title, command, env):
+def run(title, command, env, log=None):
+    """Run a command from the repo root, printed first; log: a file for its output instead of the console."""
     print(f"\n=== {title}\n$ {' '.join(str(c) for c in command)}", flush=True)
     started = time.perf_counter()
-    subprocess.run([str(c) for c in command], cwd=REPO, env=env, check=True)
+    with open(log, "w") if log else contextlib.nullcontext() as output:
+        subprocess.run([str(c) for c in command], cwd=REPO, env=env, check=True, stdout=output,
+                       stderr=subprocess.STDOUT if log else None)
     print(f"--- {title}: {time.perf_counter() - started:.1f} s", flush=True)
 
 
@@ -42,33 +48,51 @@ def torchrun(ranks):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", ranks, "--master_port", free_port()]
 
 
+def make_models_and_data(out, train_samples, heldout_samples, env, log_dir=None):
+    """OUT/tiny (models), OUT/synthetic/{train,heldout} (records and images), OUT/shards/{train,heldout}."""
+    py = sys.executable
+
+    def log(name):
+        return Path(log_dir) / f"{name}.log" if log_dir else None
+
+    run("tiny random-init SigLIP, Qwen2 and Llama, and a sentencepiece tokenizer",
+        [py, "-m", "tools.make_tiny_models", out / "tiny"], env, log("tiny_models"))
+    for split, count, seed in (("train", train_samples, 0), ("heldout", heldout_samples, 1)):
+        run(f"synthetic {split} data", [py, "-m", "tools.make_synthetic", "--out", out / "synthetic" / split,
+                                        "--n", count, "--seed", seed], env, log(f"synthetic_{split}"))
+        run(f"{split} shards", [py, "-m", "tools.build_shards", "--json", out / "synthetic" / split / "data.json",
+                                "--image-root", out / "synthetic" / split, "--out", out / "shards" / split,
+                                "--samples-per-shard", 500], env, log(f"shards_{split}"))
+
+
+def stage_command(stage, data_root, output_dir, ranks, *overrides):
+    """torchrun ... pipeline.train for stage 1 (from data_root's tiny models) or stage 2 (from
+    output_dir's sibling stage1/final), on data_root's training shards."""
+    if stage == 1:
+        config, start = "configs/tiny_cpu_stage1.yaml", [f"model.vision_path={data_root / 'tiny' / 'vision'}",
+                                                         f"model.lm_path={data_root / 'tiny' / 'qwen2'}"]
+    else:
+        config, start = "configs/tiny_cpu_stage2.yaml", [f"model.init_from={output_dir.parent / 'stage1' / 'final'}"]
+    return [*torchrun(ranks), "-m", "pipeline.train", config, f"data.shards={data_root / 'shards' / 'train'}", *start,
+            f"train.output_dir={output_dir}", *overrides]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything goes (default: runs/demo)")
     parser.add_argument("--ranks", type=int, default=2, help="training processes (default: 2)")
-    parser.add_argument("--samples", type=int, default=1200, help="synthetic training records (default: 1200)")
+    parser.add_argument("--samples", type=int, default=TRAIN_SAMPLES,
+                        help=f"synthetic training records (default: {TRAIN_SAMPLES})")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     env = cpu_training_env()
     py = sys.executable
 
-    run("tiny random-init SigLIP, Qwen2 and Llama, and a sentencepiece tokenizer",
-        [py, "-m", "tools.make_tiny_models", out / "tiny"], env)
-    for split, count, seed in (("train", args.samples, 0), ("heldout", 200, 1)):
-        run(f"synthetic {split} data", [py, "-m", "tools.make_synthetic", "--out", out / "synthetic" / split,
-                                        "--n", count, "--seed", seed], env)
-        run(f"{split} shards", [py, "-m", "tools.build_shards", "--json", out / "synthetic" / split / "data.json",
-                                "--image-root", out / "synthetic" / split, "--out", out / "shards" / split,
-                                "--samples-per-shard", 200], env)
-
-    paths = [f"data.shards={out / 'shards' / 'train'}"]
+    make_models_and_data(out, args.samples, HELDOUT_SAMPLES, env)
     run("stage 1: align the projector (vision tower and LM frozen)",
-        [*torchrun(args.ranks), "-m", "pipeline.train", "configs/tiny_cpu_stage1.yaml", *paths,
-         f"model.vision_path={out / 'tiny' / 'vision'}", f"model.lm_path={out / 'tiny' / 'qwen2'}",
-         f"train.output_dir={out / 'stage1'}"], env)
-    run("stage 2: finetune projector and LM from stage 1's exported folder",
-        [*torchrun(args.ranks), "-m", "pipeline.train", "configs/tiny_cpu_stage2.yaml", *paths,
-         f"model.init_from={out / 'stage1' / 'final'}", f"train.output_dir={out / 'stage2'}"], env)
+        stage_command(1, out, out / "stage1", args.ranks), env)
+    run("stage 2: finetune projector, LM and vision tower from stage 1's exported folder",
+        stage_command(2, out, out / "stage2", args.ranks), env)
     run("convert stage 2's ZeRO-3 checkpoint into a model folder",
         [py, "-m", "tools.convert_checkpoint", out / "stage2" / "checkpoints", out / "model"], env)
 

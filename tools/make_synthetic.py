@@ -1,17 +1,12 @@
 """Write a small synthetic LLaVA-format data set whose questions need different levels of detail.
 
 Each image is a rendered scene: a background colour, a few non-overlapping shapes and one tiny
-glyph (a digit or letter a few pixels high). Questions are tagged in the record's "question_type":
+glyph (a letter a few pixels high). Questions are tagged in the record's "question_type":
   coarse  background colour; colour of the largest shape (survives heavy pooling)
   medium  how many shapes there are; kind of the largest shape (needs its outline: a few patches)
   fine    which glyph is written, or its colour (a few pixels: heavy pooling loses it)
   text    text-only arithmetic and word facts
 Answers are one word or number, for exact-match scoring. Same seed, same files.
-
-An image record asks --questions-per-image of its scene's questions (all six by default) as
-one multi-turn conversation in random order, as LLaVA-1.5's mix groups the VQA questions of an
-image: the vision tower, most of a tiny model's compute, then encodes an image once for several
-answers. Its question_type is that of the last question, the one evaluation scores.
 
 --llava-like instead writes records with LLaVA-Instruct-like lengths (random words, text
 lengths lognormal around ~120 tokens, 2% long ones, 10% text-only) that all share one scene
@@ -31,21 +26,21 @@ from tqdm import tqdm
 
 from pipeline.tokens import IMAGE_TOKEN
 
-COLOURS = {
-    "red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
-    "purple": (140, 40, 170), "orange": (250, 140, 0), "white": (250, 250, 250),
-    "black": (10, 10, 10), "gray": (128, 128, 128), "pink": (250, 150, 190),
-}
+# Each colour question draws its answer from its own palette: the question then says which set
+# of words can answer it, and the image which word of that set. A 2-layer LM trained from
+# scratch for minutes learns that; with one shared palette it must also learn to tell a
+# background from a shape of the same colour, and answers every colour question alike.
+BACKGROUNDS = {"white": (250, 250, 250), "gray": (128, 128, 128), "pink": (250, 160, 200), "cyan": (120, 230, 240)}
+SHAPE_COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
+                 "black": (10, 10, 10)}
+GLYPH_COLOURS = {"orange": (250, 130, 0), "purple": (130, 30, 170), "brown": (110, 60, 20)}
 SHAPES = ["circle", "square", "triangle"]
+MAX_SHAPES = 3
 
-# A 3x5 bitmap font: drawn at one pixel per cell on a 64 px image, so after pooling the 16x16
-# patch grid to 4x4 it covers a few percent of one pooled cell.
+# A 3x5 bitmap font of letters (digits would collide with the shape counts): drawn at one pixel
+# per cell on a 64 px image, so after pooling the 16x16 patch grid to 4x4 it covers a few
+# percent of one pooled cell.
 GLYPHS = {
-    "0": ["###", "#.#", "#.#", "#.#", "###"], "1": [".#.", "##.", ".#.", ".#.", "###"],
-    "2": ["###", "..#", "###", "#..", "###"], "3": ["###", "..#", ".##", "..#", "###"],
-    "4": ["#.#", "#.#", "###", "..#", "..#"], "5": ["###", "#..", "###", "..#", "###"],
-    "6": ["###", "#..", "###", "#.#", "###"], "7": ["###", "..#", ".#.", ".#.", ".#."],
-    "8": ["###", "#.#", "###", "#.#", "###"], "9": ["###", "#.#", "###", "..#", "###"],
     "A": [".#.", "#.#", "###", "#.#", "#.#"], "E": ["###", "#..", "##.", "#..", "###"],
     "H": ["#.#", "#.#", "###", "#.#", "#.#"], "K": ["#.#", "##.", "#..", "##.", "#.#"],
     "T": ["###", ".#.", ".#.", ".#.", ".#."], "X": ["#.#", "#.#", ".#.", "#.#", "#.#"],
@@ -68,8 +63,9 @@ WORD_FACTS = [
 
 
 def place_shapes(rng, size, count):
-    """Non-overlapping bounding boxes (x, y, side) with distinct sides, so 'largest' is unique."""
-    sides = rng.sample(range(size // 8, size // 3), count)
+    """Non-overlapping bounding boxes (x, y, side): one large shape (3/8 to 1/2 of the image
+    side, so 'largest' is plain at any pooling) and up to count - 1 small ones (1/8 to 1/5)."""
+    sides = [rng.randrange(size * 3 // 8, size // 2)] + [rng.randrange(size // 8, size // 5) for _ in range(count - 1)]
     boxes = []
     for side in sorted(sides, reverse=True):
         for _ in range(200):
@@ -92,19 +88,19 @@ def draw_shape(draw, kind, box, colour):
 
 def render_scene(rng, size):
     """Return (PIL image, facts dict) for one random scene."""
-    background = rng.choice(list(COLOURS))
-    image = Image.new("RGB", (size, size), COLOURS[background])
+    background = rng.choice(list(BACKGROUNDS))
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     shapes = []
-    for box in place_shapes(rng, size, rng.randint(1, 5)):
+    for box in place_shapes(rng, size, rng.randint(1, MAX_SHAPES)):
         kind = rng.choice(SHAPES)
-        colour = rng.choice([c for c in COLOURS if c != background])
-        draw_shape(draw, kind, box, COLOURS[colour])
+        colour = rng.choice(list(SHAPE_COLOURS))
+        draw_shape(draw, kind, box, SHAPE_COLOURS[colour])
         shapes.append({"kind": kind, "colour": colour, "box": box})
     # The glyph goes on a free spot of background, one pixel per font cell at 64 px.
     scale = max(1, size // 64)
     glyph = rng.choice(list(GLYPHS))
-    glyph_colour = rng.choice([c for c in COLOURS if c != background])
+    glyph_colour = rng.choice(list(GLYPH_COLOURS))
     gw, gh = 3 * scale, 5 * scale
     for _ in range(500):
         gx, gy = rng.randrange(1, size - gw - 1), rng.randrange(1, size - gh - 1)
@@ -114,7 +110,7 @@ def render_scene(rng, size):
         for col, cell in enumerate(line):
             if cell == "#":
                 x0, y0 = gx + col * scale, gy + row * scale
-                draw.rectangle([x0, y0, x0 + scale - 1, y0 + scale - 1], fill=COLOURS[glyph_colour])
+                draw.rectangle([x0, y0, x0 + scale - 1, y0 + scale - 1], fill=GLYPH_COLOURS[glyph_colour])
     largest = max(shapes, key=lambda s: s["box"][2])
     facts = {"background": background, "count": len(shapes), "largest_kind": largest["kind"],
              "largest_colour": largest["colour"], "glyph": glyph, "glyph_colour": glyph_colour}
@@ -128,12 +124,9 @@ def image_questions(facts):
         ("coarse", "What colour is the largest shape?", facts["largest_colour"]),
         ("medium", "What kind of shape is the largest one: circle, square or triangle?", facts["largest_kind"]),
         ("medium", "How many shapes are in the image, not counting the tiny character?", str(facts["count"])),
-        ("fine", "Which digit or letter is written in tiny print?", facts["glyph"]),
-        ("fine", "What colour is the tiny digit or letter?", facts["glyph_colour"]),
+        ("fine", "Which letter is written in tiny print?", facts["glyph"]),
+        ("fine", "What colour is the tiny letter?", facts["glyph_colour"]),
     ]
-
-
-QUESTIONS_PER_SCENE = 6  # len(image_questions(...))
 
 
 def text_question(rng):
@@ -145,7 +138,7 @@ def text_question(rng):
     return rng.choice(WORD_FACTS)
 
 
-def make_record(rng, index, out_dir, image_size, text_only_fraction, questions_per_image):
+def make_record(rng, index, out_dir, image_size, text_only_fraction, multi_turn_fraction):
     record_id = f"synth-{index:06d}"
     if rng.random() < text_only_fraction:
         question, answer = text_question(rng)
@@ -154,7 +147,12 @@ def make_record(rng, index, out_dir, image_size, text_only_fraction, questions_p
     image, facts = render_scene(rng, image_size)
     rel_path = f"images/{record_id}.png"
     image.save(os.path.join(out_dir, rel_path))
-    questions = rng.sample(image_questions(facts), questions_per_image)
+    # Pick the question types first so coarse, medium and fine are equally common.
+    by_type = {}
+    for qtype, question, answer in image_questions(facts):
+        by_type.setdefault(qtype, []).append((qtype, question, answer))
+    qtypes = rng.sample(sorted(by_type), 2 if rng.random() < multi_turn_fraction else 1)
+    questions = [rng.choice(by_type[qtype]) for qtype in qtypes]
     instruction = rng.choice(INSTRUCTIONS)
     conversations = []
     for turn, (_, question, answer) in enumerate(questions):
@@ -185,12 +183,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
     parser.add_argument("--text-only-fraction", type=float, default=0.1)
-    parser.add_argument("--questions-per-image", type=int, default=QUESTIONS_PER_SCENE,
-                        help=f"Q/A turns per image record, 1 to {QUESTIONS_PER_SCENE} (default: all {QUESTIONS_PER_SCENE})")
+    parser.add_argument("--multi-turn-fraction", type=float, default=0.2, help="image records with two Q/A turns")
     parser.add_argument("--llava-like", action="store_true", help="LLaVA-like lengths of random words (see above)")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.image_size < 32 or not 1 <= args.questions_per_image <= QUESTIONS_PER_SCENE:
-        parser.error(f"--n must be >= 1, --image-size >= 32 and --questions-per-image 1 to {QUESTIONS_PER_SCENE}")
+    if args.n < 1 or args.image_size < 32:
+        parser.error("--n must be >= 1 and --image-size >= 32")
 
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     rng = random.Random(args.seed)
@@ -199,7 +196,7 @@ def main(argv=None):
         word_list = sorted({w for _, q, a in image_questions(render_scene(rng, 64)[1]) for w in (q + " " + a).split()})
         records = [llava_like_record(rng, i, args.text_only_fraction, word_list) for i in range(args.n)]
     else:
-        records = [make_record(rng, i, args.out, args.image_size, args.text_only_fraction, args.questions_per_image)
+        records = [make_record(rng, i, args.out, args.image_size, args.text_only_fraction, args.multi_turn_fraction)
                    for i in tqdm(range(args.n), desc="rendering", unit="rec")]
     with open(os.path.join(args.out, "data.json"), "w") as f:
         json.dump(records, f, indent=1)
