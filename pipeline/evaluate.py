@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pipeline.chat import IGNORE_INDEX, expand_image_markers
 from pipeline.data import iter_samples, resolve_shards
 from pipeline.model import TokenFlexVLM, read_vlm_config
 from pipeline.projector import pooled_side
-from pipeline.tokens import IGNORE_INDEX, expand_image_markers
 
 TRAILING_PUNCTUATION = ".,;:!?"
 

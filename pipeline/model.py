@@ -23,13 +23,15 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
-from pipeline.projector import build_projector
-from pipeline.tokens import (
+from pipeline.chat import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
+    end_token_ids,
     expand_image_markers,
     load_tokenizer,
 )
+from pipeline.data import pixel_values
+from pipeline.projector import build_projector
 
 MODEL_TYPE = "tokenflex_vlm"
 
@@ -42,7 +44,7 @@ class VLMConfig:
     text_config: dict
     projector: str = "adaptive_pool_swiglu"
     projector_options: dict = field(default_factory=dict)
-    vision_feature_layer: int = -1
+    vision_feature_layer: int = -2
     image_token_id: int = -1
     model_type: str = MODEL_TYPE
 
@@ -82,11 +84,11 @@ class TokenFlexVLM(nn.Module):
 
     @classmethod
     def from_components(cls, vision_path, lm_path, projector="adaptive_pool_swiglu", projector_options=None,
-                        vision_feature_layer=-1):
+                        vision_feature_layer=-2, chat_format="auto"):
         """How users start: a vision checkpoint folder plus an LM checkpoint folder."""
         vision_tower = load_vision_tower(vision_path)
         language_model = AutoModelForCausalLM.from_pretrained(lm_path)
-        tokenizer = load_tokenizer(lm_path)
+        tokenizer = load_tokenizer(lm_path, chat_format)
         if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
             language_model.resize_token_embeddings(len(tokenizer))
         config = VLMConfig(
@@ -206,7 +208,7 @@ class TokenFlexVLM(nn.Module):
                                                   add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
 
     def pixel_values(self, images):
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixel_values(images, self.image_processor)
 
     def image_inputs(self, pixel_values):
         """(pixel_values, image_mask) for a forward: the real images, or one masked-out dummy
@@ -268,7 +270,7 @@ class TokenFlexVLM(nn.Module):
 
 
 def generation_config(tokenizer, **options):
-    return GenerationConfig(do_sample=False, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    return GenerationConfig(do_sample=False, eos_token_id=end_token_ids(tokenizer),
                             pad_token_id=tokenizer.pad_token_id, **options)
 
 

@@ -54,16 +54,17 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
     """The step's metrics over all ranks (one all-reduce); the *_total counters run since the start."""
     world = dist.get_world_size()
     text_only = any(s["num_images"] == 0 for s in stats)
-    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images")]
+    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images", "num_images")]
     running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
-    loss_sum, real, pad, samples, images, text_only_ranks, truncated, corrupt = summed_over_ranks(
+    loss_sum, real, pad, samples, images, real_images, text_only_ranks, truncated, corrupt = summed_over_ranks(
         float(loss), *per_step, float(text_only), *running)
     metrics = {
         "step": step, "num_vision_tokens": n, "loss": loss_sum / world, "lr": engine.get_lr()[0],
         "grad_norm": float(engine.get_global_grad_norm() or 0.0), "step_time_s": seconds,
         "tokens_per_s": real / seconds, "samples_per_s": samples / seconds, "padding_fraction": pad / (real + pad),
         "text_only_ranks": int(text_only_ranks), "truncated_total": int(truncated),
-        "skipped_corrupt_total": int(corrupt),
+        "skipped_corrupt_total": int(corrupt), "dummy_image_fraction": 1 - real_images / images,
+        "epoch": stats[-1]["epoch"],  # rank 0's data stream (see TrainBatches)
     }
     if torch.cuda.is_available():
         flops = flops_per_step(engine.module, real + pad, images)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.chat import IGNORE_INDEX
 from pipeline.convert import convert_checkpoint
 from pipeline.data import iter_samples
 from pipeline.evaluate import evaluate_model, labelled_batch, last_reply_labels, normalise, score
 from pipeline.model import TokenFlexVLM
-from pipeline.tokens import IGNORE_INDEX
 from tools import evaluate as evaluate_tool
 from tools import generate as generate_tool
 
