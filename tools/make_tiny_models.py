@@ -9,7 +9,7 @@
 
 The three tokenizers share one sentencepiece BPE model trained here on generated text, so nothing
 is downloaded. Tests and the demo start from these folders exactly as users start from real ones:
-like the real checkpoints, the Qwen2 LM has spare embedding rows and the others have none.
+like the real checkpoints, the Qwen2 LM has a spare embedding row for the image marker and the others none.
 """
 
 import argparse
@@ -121,8 +121,10 @@ def make_tiny_models(out, seed=0):
                "base": (LlamaConfig, LlamaForCausalLM)}
     for name, tokenizer in tokenizers(out / "tokenizer", seed).items():
         config_class, model_class = classes[name]
-        # Qwen2 pads its embedding table (151,936 rows for 151,646 tokens); Llama's fit exactly.
-        vocab_size = -(-(len(tokenizer) + 1) // 64) * 64 if name == "qwen2" else len(tokenizer)
+        # Qwen2's embedding table has spare rows (151,936 for 151,646 tokens), so the image marker
+        # takes one without a resize; Llama's fit exactly. One spare row here: a random LM would
+        # otherwise greedily predict rows that are no token at all.
+        vocab_size = len(tokenizer) + (name == "qwen2")
         config = config_class(**lm_config_kwargs(vocab_size), pad_token_id=tokenizer.pad_token_id,
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         model_class(config).save_pretrained(out / name)
