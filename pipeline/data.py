@@ -77,7 +77,7 @@ def set_image_aspect(image_processor, aspect):
     image_processor.image_aspect = aspect
 
 
-def pixel_values(images, image_processor, aspect=None):
+def image_pixel_values(images, image_processor, aspect=None):
     """(len(images), 3, H, W) for PIL images. aspect: pad (to a square in the processor's mean
     colour, as LLaVA-1.5 does) or resize; None: the processor's recorded one (folders written
     before it was recorded were trained with resize)."""
@@ -212,7 +212,7 @@ class SampleStream(IterableDataset):
                     pil = image.convert("RGB")
             except Exception as exn:  # PIL raises many types for bad bytes; all mean the same here
                 raise SampleError("corrupt", f"{where}: undecodable image ({exn!r})") from exn
-            pixels = pixel_values([pil], self.image_processor, self.image_aspect)
+            pixels = image_pixel_values([pil], self.image_processor, self.image_aspect)
         try:
             input_ids, labels = tokenize_record(record, self.tokenizer, num_images, key=where)
         except (KeyError, TypeError, ValueError) as exn:
@@ -314,7 +314,7 @@ class TrainBatches:
             self.text_tokens_per_image = cfg.text_tokens_per_image
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         # Dummy pixel shape: what the processor makes of any image (fixed-size processors only).
-        self.pixel_shape = pixel_values([Image.new("RGB", (8, 8))], image_processor, cfg.image_aspect).shape[1:]
+        self.pixel_shape = image_pixel_values([Image.new("RGB", (8, 8))], image_processor, cfg.image_aspect).shape[1:]
         self.counters = dict.fromkeys(self.COUNTERS, 0)
         if state is not None:
             self._check_state(state)

@@ -30,7 +30,7 @@ from pipeline.chat import (
     expand_image_markers,
     load_tokenizer,
 )
-from pipeline.data import pixel_values
+from pipeline.data import image_pixel_values
 from pipeline.projector import build_projector
 
 MODEL_TYPE = "tokenflex_vlm"
@@ -208,7 +208,7 @@ class TokenFlexVLM(nn.Module):
                                                   add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
 
     def pixel_values(self, images):
-        return pixel_values(images, self.image_processor)
+        return image_pixel_values(images, self.image_processor)
 
     def image_inputs(self, pixel_values):
         """(pixel_values, image_mask) for a forward: the real images, or one masked-out dummy

@@ -17,9 +17,9 @@ from pipeline.config import DataConfig, load_config
 from pipeline.data import (
     SampleStream,
     TrainBatches,
+    image_pixel_values,
     iter_samples,
     measure_text_tokens_per_image,
-    pixel_values,
     resolve_shards,
     set_image_aspect,
 )
@@ -287,18 +287,18 @@ def test_auto_text_tokens_per_image_is_measured_on_the_data(synth, models):
 def test_image_aspect_pads_to_a_square_in_the_mean_colour_or_resizes(models, tmp_path):
     processor = models[1]
     wide = Image.new("RGB", (64, 32), (255, 0, 0))
-    padded, resized = pixel_values([wide], processor, "pad")[0], pixel_values([wide], processor, "resize")[0]
+    padded, resized = (image_pixel_values([wide], processor, aspect)[0] for aspect in ("pad", "resize"))
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (processor.image_mean, processor.image_std))
     background = (torch.tensor([int(255 * m) for m in processor.image_mean]).view(3, 1, 1) / 255 - mean) / std
     torch.testing.assert_close(padded[:, :15, :], background.expand(3, 15, 64))  # top band: the mean colour
     assert padded[0, 32, 32] > 0.9 and padded[1, 32, 32] < -0.9  # the red image sits in the middle
     assert (resized[0] > 0.9).all() and (resized[1] < -0.9).all()  # stretched over the whole square
     # The choice travels with a saved image processor; without a record, resize (what older folders did).
-    assert torch.equal(pixel_values([wide], processor), resized.unsqueeze(0))
+    assert torch.equal(image_pixel_values([wide], processor), resized.unsqueeze(0))
     recording = copy.deepcopy(processor)
     set_image_aspect(recording, "pad")
     recording.save_pretrained(tmp_path)
-    assert torch.equal(pixel_values([wide], AutoImageProcessor.from_pretrained(tmp_path)), padded.unsqueeze(0))
+    assert torch.equal(image_pixel_values([wide], AutoImageProcessor.from_pretrained(tmp_path)), padded.unsqueeze(0))
 
 
 @pytest.fixture(scope="module")
