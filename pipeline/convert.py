@@ -22,10 +22,9 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from PIL import Image, ImageDraw
 from transformers import AutoImageProcessor
 
+from pipeline.chat import IMAGE_TOKEN, load_tokenizer, tokenize_record
 from pipeline.checkpoint import checkpoint_tags, latest_tag
-from pipeline.data import tokenize_record
 from pipeline.model import MODEL_TYPE, TokenFlexVLM, read_vlm_config, write_model_folder
-from pipeline.tokens import IMAGE_TOKEN, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

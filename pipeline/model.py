@@ -24,13 +24,15 @@ from transformers import (
 )
 from transformers.utils import ModelOutput, is_flash_attn_2_available
 
-from pipeline.projector import build_projector, pooled_side
-from pipeline.tokens import (
+from pipeline.chat import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
+    end_token_ids,
     expand_image_markers,
     load_tokenizer,
 )
+from pipeline.data import image_pixel_values
+from pipeline.projector import build_projector, pooled_side
 
 MODEL_TYPE = "tokenflex_vlm"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -46,7 +48,7 @@ class VLMConfig:
     text_config: dict
     projector: str = "adaptive_pool_swiglu"
     projector_options: dict = field(default_factory=dict)
-    vision_feature_layer: int = -1
+    vision_feature_layer: int = -2
     image_token_id: int = -1
     model_type: str = MODEL_TYPE
 
@@ -138,7 +140,7 @@ class TokenFlexVLM(nn.Module):
 
     @classmethod
     def from_components(cls, vision_path, lm_path, projector="adaptive_pool_swiglu", projector_options=None,
-                        vision_feature_layer=-1, attn_implementation="sdpa"):
+                        vision_feature_layer=-2, attn_implementation="sdpa", chat_format="auto"):
         """How users start: a vision checkpoint folder plus an LM checkpoint folder. Built in fp32
         whatever dtype the checkpoints were saved in: DeepSpeed keeps fp32 master weights and
         casts the module itself."""
@@ -146,7 +148,7 @@ class TokenFlexVLM(nn.Module):
         vision_tower = load_vision_tower(vision_path, attn_implementation)
         language_model = AutoModelForCausalLM.from_pretrained(lm_path, attn_implementation=attn_implementation,
                                                               dtype=torch.float32)
-        tokenizer = load_tokenizer(lm_path)
+        tokenizer = load_tokenizer(lm_path, chat_format)
         if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
             language_model.resize_token_embeddings(len(tokenizer))
         config = VLMConfig(
@@ -306,8 +308,7 @@ class TokenFlexVLM(nn.Module):
 
     def pixel_values(self, images):
         """PIL images -> (images, 3, H, W) on the model's device and in its dtype."""
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, self.dtype)
+        return image_pixel_values(images, self.image_processor).to(self.device, self.dtype)
 
     def image_inputs(self, pixel_values):
         """(pixel_values, image_mask) on the model's device for a forward: the given images (a list
@@ -402,7 +403,7 @@ def supervised_targets(labels):
 
 
 def generation_config(tokenizer, **options):
-    return GenerationConfig(do_sample=False, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    return GenerationConfig(do_sample=False, eos_token_id=end_token_ids(tokenizer),
                             pad_token_id=tokenizer.pad_token_id, **options)
 
 

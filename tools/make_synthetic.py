@@ -24,7 +24,7 @@ import random
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from pipeline.tokens import IMAGE_TOKEN
+from pipeline.chat import IMAGE_TOKEN
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
