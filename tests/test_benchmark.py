@@ -10,12 +10,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageFile
 
 from pipeline.data import resolve_shards
 from pipeline.evaluate import labelled_batch, normalise
@@ -25,6 +24,7 @@ from pipeline.tokens import IGNORE_INDEX, IMAGE_TOKEN
 from tests.distributed import REPO
 from tools import benchmark as benchmark_tool
 from tools import evaluate as evaluate_tool
+from tools.demo import cpu_training_env, torchrun
 
 try:
     import datasets
@@ -42,6 +42,14 @@ CHOICE_TASK = "synthetic_heldout_choice"  # the same questions, the answer again
 EXACT_MATCH_OPTIONS = {"ignore_case": True, "regexes_to_ignore": [r"^\s+", r"[.,;:!?\s]+$"]}
 LIMIT = 24  # the first samples of the shards; the task keeps the single-turn ones
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pil_default_for_truncated_images():
+    """Importing lmms-eval's api/task.py sets PIL's process-wide ImageFile.LOAD_TRUNCATED_IMAGES;
+    give the rest of the suite PIL's default back (build_shards rejects truncated images)."""
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 @pytest.fixture(autouse=True)
@@ -228,17 +236,20 @@ def test_benchmark_table_plot_and_model_cards(sweep_results, models):
         assert image.format == "PNG"
 
 
-def test_lmms_eval_cli_runs_the_registered_tokenflex_model(models, task_dir, evaluation, tmp_path):
-    """`python -m lmms_eval --model tokenflex` from the repository root: lmms-eval finds the model
-    through its entry point and parses --model_args."""
+def test_lmms_eval_cli_on_two_ranks_runs_the_registered_tokenflex_model(models, task_dir, evaluation, sweep_results,
+                                                                       tmp_path):
+    """`python -m lmms_eval --model tokenflex` from the repository root, data-parallel on two CPU
+    ranks: lmms-eval finds the model through its entry point, parses --model_args, splits the
+    documents between the ranks and gathers the same answers and scores as one process."""
     folder, rows = task_dir
     keys = rows["key"]
     result = subprocess.run(
-        [sys.executable, "-m", "lmms_eval", "--model", "tokenflex", "--tasks", TASK, "--include_path", str(folder),
+        [*map(str, torchrun("2")), "-m", "lmms_eval", "--model", "tokenflex", "--tasks", f"{TASK},{CHOICE_TASK}",
          "--model_args", f"pretrained={models['chatty']},num_vision_tokens=64,device=cpu,dtype=float32",
-         "--batch_size", "1", "--log_samples", "--output_path", str(tmp_path)],
-        cwd=REPO, env=os.environ | OFFLINE, capture_output=True, text=True, timeout=600, check=False)
+         "--include_path", str(folder), "--batch_size", "1", "--log_samples", "--output_path", str(tmp_path)],
+        cwd=REPO, env=cpu_training_env() | OFFLINE, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Running on rank 1" in result.stdout + result.stderr
     results_file, = tmp_path.glob("*/*_results.json")
     samples_file, = tmp_path.glob(f"*/*_samples_{TASK}.jsonl")
     expected = evaluation[("chatty", 64)]
@@ -246,6 +257,8 @@ def test_lmms_eval_cli_runs_the_registered_tokenflex_model(models, task_dir, eva
     assert [s["filtered_resps"] for s in samples] == [expected[k]["prediction"] for k in keys]
     report = json.loads(results_file.read_text())
     assert report["results"][TASK]["exact_match,none"] == exact_match(expected, keys)
+    one_process, = (r for r in sweep_results[1]["results"] if (r["model"], r["num_vision_tokens"]) == ("chatty", 64))
+    assert report["results"][CHOICE_TASK]["acc,none"] == one_process["scores"][f"{CHOICE_TASK} acc"]
     assert report["throughput"]["avg_num_vision_tokens"] == 64 and report["throughput"]["avg_prefill_ms"] > 0
 
 
