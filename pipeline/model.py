@@ -6,6 +6,7 @@ the projector pools and how many slots each image marker takes in the text.
 
 import importlib.util
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,22 +23,27 @@ from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
 )
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import ModelOutput, is_flash_attn_2_available
 
-from pipeline.chat import (
+# relative imports: model folders carry this module as transformers remote code (modeling_tokenflex.py)
+from .chat import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
     end_token_ids,
     expand_image_markers,
     load_tokenizer,
 )
-from pipeline.data import image_pixel_values
-from pipeline.projector import build_projector, pooled_side
+from .images import image_pixel_values
+from .projector import build_projector, pooled_side
 
 MODEL_TYPE = "tokenflex_vlm"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation"
+REMOTE_CODE = Path(__file__).with_name("modeling_tokenflex.py")
+AUTO_MAP = {"AutoConfig": "modeling_tokenflex.TokenFlexConfig", "AutoModel": "modeling_tokenflex.TokenFlexModel",
+            "AutoModelForImageTextToText": "modeling_tokenflex.TokenFlexModel"}
 
 
 @dataclass
@@ -408,12 +414,15 @@ def generation_config(tokenizer, **options):
 
 
 def write_model_folder(path, config, tokenizer, image_processor, state_dict=None, max_shard_size="5GB"):
-    """A model folder: config.json, tokenizer, image processor, generation config and, when
+    """A model folder: config.json, tokenizer, image processor, generation config, the remote
+    code through which plain transformers loads it (see modeling_tokenflex.py) and, when
     given, the weights as sharded safetensors. Without weights it records what a ZeRO
     checkpoint cannot: the structure to convert that checkpoint back into a model."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    (path / "config.json").write_text(json.dumps(asdict(config) | {"auto_map": AUTO_MAP}, indent=2, default=str))
+    for module in [REMOTE_CODE, *get_relative_import_files(REMOTE_CODE)]:
+        shutil.copy(module, path)
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
     generation_config(tokenizer).save_pretrained(path)
@@ -430,4 +439,5 @@ def read_vlm_config(path):
     raw = json.loads(config_file.read_text())
     if raw.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{config_file} has model_type {raw.get('model_type')!r}, expected {MODEL_TYPE!r}")
+    raw.pop("auto_map", None)  # for transformers' Auto classes
     return VLMConfig(**raw)

@@ -4,7 +4,7 @@ Starts from separate vision and LM checkpoints (model.vision_path, model.lm_path
 
 from transformers import AutoConfig
 
-from pipeline.data import set_image_aspect
+from pipeline.images import set_image_aspect
 from pipeline.engine import zero3_loading
 from pipeline.model import TokenFlexVLM
 from stages.common import group, log, set_trainable

@@ -5,7 +5,7 @@ Starts from model.init_from, a model folder: stage 1's <output_dir>/final, or an
 written by tools.convert_checkpoint."""
 
 from pipeline.chat import prepare_tokenizer
-from pipeline.data import set_image_aspect
+from pipeline.images import set_image_aspect
 from pipeline.model import TokenFlexVLM, read_vlm_config
 from stages.common import group, log, set_trainable
 

@@ -17,12 +17,11 @@ from pipeline.config import DataConfig, load_config
 from pipeline.data import (
     SampleStream,
     TrainBatches,
-    image_pixel_values,
     iter_samples,
     measure_text_tokens_per_image,
     resolve_shards,
-    set_image_aspect,
 )
+from pipeline.images import image_pixel_values, set_image_aspect
 from tests.distributed import REPO
 from tools import build_shards, make_synthetic, make_tiny_models
 
