@@ -1,8 +1,9 @@
 """Projectors from the vision tower's patch grid into the LM's embedding space.
 
 Registry in the style of LLaVA's projector builder: a name in the config picks the class,
-`build_projector(name, vision_dim, lm_dim, **options)` makes it. Every projector takes
-(images, patches, vision_dim) features and a token count N and returns (images, N, lm_dim).
+`build_projector(name, vision_dim, lm_dim, **options)` makes it (`model.projector_options` in
+the config). Every projector takes (images, patches, vision_dim) features and a token count N
+and returns (images, N, lm_dim).
 """
 
 import math
@@ -45,12 +46,38 @@ def pooled_side(num_tokens, grid):
     return side
 
 
+def adaptive_average(grid_map, side):
+    """torch's adaptive average pooling: output cell i averages input rows floor(i*g/n) to
+    ceil((i+1)*g/n), so when n does not divide the grid g, neighbouring cells overlap."""
+    return F.adaptive_avg_pool2d(grid_map, side)
+
+
+def resize_then_average(grid_map, side):
+    """Bilinear resize of the grid up to the next multiple of n, then n x n equal blocks
+    averaged: the pooling of the TokenFLEX authors' public code (Ristretto's projector)."""
+    grid = grid_map.shape[-1]
+    size = math.ceil(grid / side) * side
+    if size != grid:
+        grid_map = F.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=True)
+    return F.avg_pool2d(grid_map, size // side)
+
+
+POOLINGS = {"adaptive": adaptive_average, "resize_avg": resize_then_average}
+
+
 @register_projector("adaptive_pool_swiglu")
 class AdaptivePoolSwiGLUProjector(nn.Module):
-    """TokenFLEX's token-adaptive projector: pool the grid to n x n, then norm and SwiGLU."""
+    """TokenFLEX's token-adaptive projector: pool the grid to n x n, then norm and SwiGLU.
 
-    def __init__(self, vision_dim, lm_dim, hidden_dim=None):
+    pooling: "adaptive" (adaptive average pooling) or "resize_avg" (resize, then average). The
+    two agree whenever n divides the grid (16x16 -> 4, 8 or 16 per side).
+    """
+
+    def __init__(self, vision_dim, lm_dim, hidden_dim=None, pooling="adaptive"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown projector pooling {pooling!r}; choose from {sorted(POOLINGS)}")
+        self.pool = POOLINGS[pooling]
         hidden_dim = hidden_dim or lm_dim
         self.norm = nn.LayerNorm(vision_dim)
         self.gate = nn.Linear(vision_dim, hidden_dim, bias=False)
@@ -62,7 +89,7 @@ class AdaptivePoolSwiGLUProjector(nn.Module):
         grid = square_side(patches, "vision patch count")
         side = pooled_side(num_tokens, grid)
         grid_map = features.transpose(1, 2).reshape(images, dim, grid, grid)
-        pooled = F.adaptive_avg_pool2d(grid_map, side).flatten(2).transpose(1, 2)
+        pooled = self.pool(grid_map, side).flatten(2).transpose(1, 2)
         x = self.norm(pooled)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 

@@ -9,6 +9,7 @@ from pipeline.projector import (
     AdaptivePoolSwiGLUProjector,
     MLPProjector,
     build_projector,
+    resize_then_average,
 )
 
 VISION_DIM, LM_DIM = 24, 40
@@ -62,6 +63,45 @@ def test_pooling_averages_spatial_blocks_in_row_major_order(pool_projector):
     pooled27 = capture_norm_input(pool_projector, feats27, 64)
     reference = F.adaptive_avg_pool2d(feats27.transpose(1, 2).reshape(2, VISION_DIM, 27, 27), 8)
     torch.testing.assert_close(pooled27, reference.flatten(2).transpose(1, 2))
+
+
+def bilinear_matrix(size_in, size_out):
+    """(size_out, size_in) weights of 1-D linear interpolation with the end points aligned."""
+    weights = torch.zeros(size_out, size_in)
+    for i in range(size_out):
+        x = i * (size_in - 1) / (size_out - 1)
+        left = min(int(x), size_in - 2)
+        weights[i, left], weights[i, left + 1] = left + 1 - x, x - left
+    return weights
+
+
+@pytest.mark.parametrize(("grid", "side", "resized"), [(16, 6, 18), (16, 10, 20), (16, 12, 24), (27, 8, 32)])
+def test_resize_avg_pooling_resizes_bilinearly_then_averages_equal_blocks(grid, side, resized):
+    """Worked by hand: the grid is stretched to the next multiple of n (rows and columns
+    interpolated linearly, corners kept), then each (resized/n)^2 block is averaged."""
+    feats = features(grid, images=2)
+    projector = build_projector("adaptive_pool_swiglu", VISION_DIM, LM_DIM, pooling="resize_avg")
+    pooled = capture_norm_input(projector, feats, side * side)
+    rows = bilinear_matrix(grid, resized)
+    grid_map = feats.reshape(2, grid, grid, VISION_DIM)
+    stretched = torch.einsum("ar,bc,irch->iabh", rows, rows, grid_map)
+    block = resized // side
+    expected = stretched.reshape(2, side, block, side, block, VISION_DIM).mean(dim=(2, 4)).reshape(2, -1, VISION_DIM)
+    torch.testing.assert_close(pooled, expected)
+    # it is a different pooling from the adaptive one, whose cells overlap instead
+    adaptive = capture_norm_input(build_projector("adaptive_pool_swiglu", VISION_DIM, LM_DIM), feats, side * side)
+    assert not torch.allclose(pooled, adaptive, atol=1e-3)
+
+
+@pytest.mark.parametrize("side", [1, 2, 4, 8, 16])
+def test_both_poolings_agree_when_n_divides_the_grid(side):
+    feats = features(16).transpose(1, 2).reshape(2, VISION_DIM, 16, 16)
+    torch.testing.assert_close(resize_then_average(feats, side), F.adaptive_avg_pool2d(feats, side))
+
+
+def test_unknown_pooling_errors_naming_it():
+    with pytest.raises(ValueError, match="pooling 'max'.*adaptive.*resize_avg"):
+        build_projector("adaptive_pool_swiglu", VISION_DIM, LM_DIM, pooling="max")
 
 
 def test_different_n_give_different_pooling(pool_projector):
