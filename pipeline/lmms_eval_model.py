@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.chat import IMAGE_TOKEN
-from pipeline.model import TokenFlexVLM, read_vlm_config
+from pipeline.model import TokenFlexVLM, inference_placement, read_vlm_config
 
 
 def default_device():
@@ -36,18 +36,10 @@ def default_device():
     return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
 
 
-def parse_dtype(name):
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype={name!r} is not a torch floating-point dtype (bfloat16, float16, float32)")
-    return dtype
-
-
 def load_model(path, device=None, dtype=None):
     """A model folder on `device` (default: this process's GPU, else cpu) in `dtype` (default:
     bfloat16 on GPU, float32 on CPU), in eval mode."""
-    device = torch.device(device or default_device())
-    dtype = parse_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device, dtype = inference_placement(device or default_device(), dtype)
     return TokenFlexVLM.from_pretrained(path, device=device, dtype=dtype).eval()
 
 

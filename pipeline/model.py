@@ -79,12 +79,14 @@ class VLMOutput(ModelOutput):
 
 
 def as_dtype(dtype):
-    """torch dtype from a name in DTYPES (or a torch dtype)."""
+    """torch dtype from a name in DTYPES, its torch name (bfloat16, as lmms-eval's model_args
+    give it), or a torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    by_torch_name = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
+    if dtype not in DTYPES and dtype not in by_torch_name:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join([*DTYPES, *by_torch_name])}")
+    return DTYPES.get(dtype) or by_torch_name[dtype]
 
 
 def inference_placement(device=None, dtype=None):

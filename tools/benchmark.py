@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline.evaluate import default_names
 from pipeline.model_card import set_evaluation
-from tools.options import parse_token_counts
+from tools.options import add_placement_options, parse_token_counts, placement
 
 
 def main(argv=None):
@@ -32,14 +32,14 @@ def main(argv=None):
     parser.add_argument("--names", help="comma-separated model names for the table and plot (default: folder names)")
     parser.add_argument("--limit", type=int, help="only the first K documents of each task (for trying things out)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per forward (default: 1)")
-    parser.add_argument("--device", help="e.g. cuda:0 or cpu (default: the GPU if there is one)")
-    parser.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bfloat16 on GPU, float32 on CPU)")
+    add_placement_options(parser)
     parser.add_argument("--include-path", help="folder of extra lmms-eval task YAMLs (lmms-eval's --include_path)")
     parser.add_argument("--model-card", action="store_true",
                         help="also write each model's rows into its folder's README.md (evaluation section)")
     args = parser.parse_args(argv)
     if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         parser.error("--limit and --batch-size must be >= 1")
+    device, dtype = placement(parser, args)
     try:
         from pipeline.lmms_eval_model import sweep
     except ModuleNotFoundError as error:
@@ -50,7 +50,7 @@ def main(argv=None):
         counts = parse_token_counts(args.tokens)
         if len(names) != len(args.model_dirs):
             raise ValueError(f"{len(names)} names (--names) for {len(args.model_dirs)} model folders")
-        results = sweep(args.model_dirs, names, tasks, counts, args.limit, args.batch_size, args.device, args.dtype,
+        results = sweep(args.model_dirs, names, tasks, counts, args.limit, args.batch_size, device, dtype,
                         args.include_path)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
