@@ -3,9 +3,12 @@
 1. samples/s of the streaming loader (shards -> decode + tokenize in DataLoader workers) with
    1 and 2 workers, next to a LLaVA-style map dataset (JSON + image folder, same decode and
    tokenization) read through a DataLoader with the same worker counts;
-2. padding fraction of the packer at N in {64, 144, 256} with default DataConfig settings, on
+2. the packer at N in {64, 144, 256} with the shipped stage configs' row shapes (seq_len x
+   rows_per_batch) and the image budget measured on the data (text_tokens_per_image: auto), on
    the synthetic data and on a LLaVA-like length distribution (text lengths lognormal around
-   ~120 tokens, 2% long ones of 600-1500 tokens, 10% text-only).
+   ~120 tokens, 2% long ones of 600-1500 tokens, 10% text-only): padding fraction, dummy-image
+   fraction (image slots the vision tower encodes without a real image), samples per batch,
+   truncated and dropped samples; and, for comparison, the old fixed text_tokens_per_image 64.
 
     python -m bench.loader --n 3000
 """
@@ -22,9 +25,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor
 
-from pipeline.data import DataConfig, SampleStream, TrainBatches, resolve_shards, tokenize_record
-from pipeline.tokens import load_tokenizer
+from pipeline.chat import load_tokenizer, tokenize_record
+from pipeline.config import DataConfig, load_config
+from pipeline.data import SampleStream, TrainBatches, resolve_shards
 from tools import build_shards, make_synthetic, make_tiny_models
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["stage1_align", "stage2_finetune"]
 
 
 class LlavaMapDataset(Dataset):
@@ -56,19 +63,22 @@ def samples_per_second(loader, expected):
     return count / (time.perf_counter() - start)
 
 
-def padding_fraction(shards, models, n, batches):
-    loader = TrainBatches(DataConfig(shards=str(shards)), *models)
-    out = [loader.next_batch(n) for _ in range(batches)]
-    stats = out[-1]["stats"]
-    pad = sum(b["stats"]["pad_tokens"] for b in out) / sum(b["input_ids"].numel() for b in out)
-    per_batch = statistics.mean(b["stats"]["num_samples"] for b in out)
-    return pad, per_batch, stats["total_truncated"], stats["total_dropped"]
+def packing_row(cfg, models, n, batches):
+    """(text tokens per image, padding, dummy-image fraction, image budget, samples/batch, truncated, dropped)
+    over `batches` batches."""
+    loader = TrainBatches(cfg, *models)
+    out = [loader.next_batch(n)["stats"] for _ in range(batches)]
+    pad = sum(s["pad_tokens"] for s in out) / sum(s["pad_tokens"] + s["real_tokens"] for s in out)
+    dummy = 1 - sum(s["num_images"] for s in out) / sum(s["max_images"] for s in out)
+    per_batch = statistics.mean(s["num_samples"] for s in out)
+    return (loader.text_tokens_per_image, pad, dummy, out[-1]["max_images"], per_batch, out[-1]["total_truncated"],
+            out[-1]["total_dropped"])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=3000, help="synthetic records to stream")
-    parser.add_argument("--batches", type=int, default=150, help="packed batches per padding measurement")
+    parser.add_argument("--batches", type=int, default=60, help="packed batches per packing measurement")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # like a dataloader worker; keeps the two cores for the workers
@@ -86,7 +96,7 @@ def main(argv=None):
         print(f"\n## Throughput: {total} synthetic samples (64 px PNG), decode + tokenize, one pass")
         print("| loader | workers | samples/s |\n|---|---|---|")
         for workers in [1, 2]:
-            stream = SampleStream(resolve_shards(str(work / "shards")), *models, resampled=False)
+            stream = SampleStream(resolve_shards(str(work / "shards")), *models, endless=False)
             rate = samples_per_second(DataLoader(stream, batch_size=None, num_workers=workers), total)
             print(f"| streaming shards | {workers} | {rate:.0f} |")
         for workers in [1, 2]:
@@ -103,13 +113,21 @@ def main(argv=None):
         print(f"\nLLaVA-like text tokens per sample: median {statistics.median(lengths):.0f}, "
               f"mean {statistics.mean(lengths):.0f}, max {max(lengths)}")
 
-        print(f"\n## Packing: default DataConfig (seq_len 2048, 1 row, text_tokens_per_image 64, window 64), "
-              f"{args.batches} batches per N")
-        print("| data | N | padding | samples/batch | truncated | dropped |\n|---|---|---|---|---|---|")
-        for name, shards in [("synthetic", work / "shards"), ("LLaVA-like", work / "llava_shards")]:
+        print(f"\n## Packing: the stage configs' rows, window 64, {args.batches} batches per N")
+        print("| data | rows x seq_len | text_tokens_per_image | N | padding | dummy images | image budget | "
+              "samples/batch | truncated | dropped |\n|---|---|---|---|---|---|---|---|---|---|")
+        settings = [(name, shards, stage, "auto") for name, shards in [("synthetic", work / "shards"),
+                                                                      ("LLaVA-like", work / "llava_shards")]
+                    for stage in STAGES] + [("LLaVA-like", work / "llava_shards", STAGES[0], 64)]
+        for name, shards, stage, text_tokens in settings:
+            shipped = load_config(REPO / "configs" / f"{stage}.yaml").data
+            cfg = DataConfig(shards=str(shards), seq_len=shipped.seq_len, rows_per_batch=shipped.rows_per_batch,
+                             text_tokens_per_image=text_tokens, num_workers=1)
             for n in [64, 144, 256]:
-                pad, per_batch, truncated, dropped = padding_fraction(shards, models, n, args.batches)
-                print(f"| {name} | {n} | {pad:.2%} | {per_batch:.1f} | {truncated} | {dropped} |")
+                measured, pad, dummy, budget, per_batch, truncated, dropped = packing_row(cfg, models, n, args.batches)
+                text = f"auto ({measured:.0f})" if text_tokens == "auto" else text_tokens
+                print(f"| {name} | {cfg.rows_per_batch} x {cfg.seq_len} | {text} | {n} | {pad:.2%} | {dummy:.2%} | "
+                      f"{budget} | {per_batch:.1f} | {truncated} | {dropped} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -43,10 +43,10 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+from pipeline.chat import IGNORE_INDEX
 from pipeline.metrics import Work, step_flops
 from pipeline.model import TokenFlexVLM, VLMConfig
 from pipeline.sampler import TokenCountSampler
-from pipeline.tokens import IGNORE_INDEX
 
 VISION = {
     "so400m": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -242,8 +242,9 @@ def packing_rows(args, work):
     """Padding fraction of pipeline.data.TrainBatches with stage 1's data shape (seq_len 2048, 4 rows)."""
     from transformers import AutoImageProcessor
 
-    from pipeline.data import DataConfig, TrainBatches
-    from pipeline.tokens import load_tokenizer
+    from pipeline.chat import load_tokenizer
+    from pipeline.config import DataConfig
+    from pipeline.data import TrainBatches
     from tools import build_shards, make_synthetic, make_tiny_models
 
     make_tiny_models.make_tiny_models(work / "models")

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.data import next_epoch_state
+
 log = logging.getLogger("tokenflex")
 
 PREEMPTED_EXIT_CODE = 3  # the sbatch scripts requeue the job on this code
@@ -193,19 +195,13 @@ def load(engine, ckpt_dir):
     log.info("resumed from checkpoint %s at step %d", source, trainer_state["step"])
     if saved_world_size != world_size:
         saved = torch.load(source / "rank-0.pt", weights_only=False)["data"]
+        data_state, epoch = next_epoch_state(saved, dist.get_rank(), world_size)
         log.warning("checkpoint %s was written by %d ranks, this run has %d: weights, optimizer state, LR schedule "
-                    "and step continue, but the data stream restarts at epoch %d for every rank (samples already "
-                    "seen may repeat) and RNG states are not restored, so losses won't match a run at %d ranks",
-                    source, saved_world_size, world_size, saved["epoch"] + 1, saved_world_size)
-        return trainer_state, next_epoch_data_state(saved, dist.get_rank(), world_size)
+                    "and step continue, but the data stream restarts at epoch %d for every rank (the rest of the "
+                    "current epoch is skipped) and RNG states are not restored, so losses won't match a run at %d "
+                    "ranks", source, saved_world_size, world_size, epoch, saved_world_size)
+        return trainer_state, data_state
     rank_state = torch.load(source / f"rank-{dist.get_rank()}.pt", weights_only=False)
     set_rng_state(rank_state["rng"])
     return trainer_state, rank_state["data"]
 
-
-def next_epoch_data_state(saved, rank, world_size):
-    """A TrainBatches state at the start of the epoch after rank 0's saved one, for a new rank layout.
-
-    The rest of the stream's identity (seed, shards, workers, ...) must still match the config."""
-    return dict(saved, identity=dict(saved["identity"], rank=rank, world_size=world_size),
-                epoch=saved["epoch"] + 1, batches_in_epoch=0, pulled=0, pending=[])

@@ -5,13 +5,14 @@ error that names the key instead of a silently ignored setting.
 """
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from pipeline.data import DataConfig
+from pipeline.chat import CHAT_FORMATS
 from pipeline.model import ATTN_IMPLEMENTATIONS
 from pipeline.projector import square_side
 
@@ -19,22 +20,80 @@ from pipeline.projector import square_side
 @dataclass
 class ModelConfig:
     """Stage 1 assembles the VLM from `vision_path` + `lm_path`; stage 2 starts from `init_from`,
-    a converted model folder (stage 1 writes one to <output_dir>/final)."""
+    a converted model folder (stage 1 writes one to <output_dir>/final).
+
+    vision_feature_layer: which of the vision tower's hidden states feeds the projector; -2, the
+        second-to-last layer's output, as LLaVA-1.5 (and Prismatic) use; -1 is the last layer.
+    chat_format: the conversation format (pipeline/chat.py): auto picks the LM family's own
+        (chatml for Qwen2, llama3 for Llama 3, plain for a base LM without a chat template) and
+        keeps the one a model folder was saved with; or chatml, llama3, plain.
+    """
 
     vision_path: str = ""
     lm_path: str = ""
     init_from: str = ""
     projector: str = "adaptive_pool_swiglu"
     projector_options: dict = field(default_factory=dict)
-    vision_feature_layer: int = -1
+    vision_feature_layer: int = -2
+    chat_format: str = "auto"
     # sdpa, eager, or flash_attention_2 (needs the flash-attn package and a GPU): attention of
     # the LM, and of the vision tower where its class supports it
     attn_implementation: str = "sdpa"
 
     def __post_init__(self):
+        if self.chat_format not in CHAT_FORMATS:
+            raise ValueError(f"model.chat_format must be one of {list(CHAT_FORMATS)}, got {self.chat_format!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
                              f"got {self.attn_implementation!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the training data comes from and how it is packed (pipeline/data.py, pipeline/packing.py).
+
+    shards: a folder holding manifest.json (from tools/build_shards), or a brace pattern such
+        as "data/shard-{000000..000009}.tar". Every epoch reads each shard once, split across
+        ranks and workers, so it needs at least ranks x max(1, num_workers) shards.
+    seq_len: length of every packed row, in tokens (image slots included).
+    rows_per_batch: packed rows per micro-batch.
+    text_tokens_per_image: sizes the image budget per batch, ceil(rows_per_batch * seq_len /
+        (N + text_tokens_per_image)) images, the same on every rank for a given N. auto: measured
+        on the data (text tokens over images, in the first samples of up to 16 evenly spread
+        shards, tokenized as training does), so that few image slots go to dummy images.
+    image_aspect: pad (to a square in the image processor's mean colour, then resize: LLaVA-1.5's
+        default) or resize (straight to the processor's size). Recorded in model folders, so
+        evaluation and generation prepare images the same way.
+    shuffle_buffer: samples in each worker's shuffle buffer (0 or 1: no shuffling).
+    num_workers: DataLoader worker processes (0: read in the main process).
+    seed: seeds each epoch's shard order and the shuffling, together with epoch, rank and worker id.
+    pack_window: pending samples the packer chooses each row's fill from.
+    """
+
+    shards: str = ""
+    seq_len: int = 2048
+    rows_per_batch: int = 1
+    text_tokens_per_image: int | str = "auto"
+    image_aspect: str = "pad"
+    shuffle_buffer: int = 256
+    num_workers: int = 2
+    seed: int = 0
+    pack_window: int = 64
+
+    def __post_init__(self):
+        # An empty `shards` is allowed here (the config's defaults must construct); it fails on use.
+        if not isinstance(self.shards, str):
+            raise ValueError(f"data.shards must be a shard folder or brace pattern, got {self.shards!r}")
+        for name, low in [("seq_len", 8), ("rows_per_batch", 1), ("shuffle_buffer", 0), ("num_workers", 0),
+                          ("seed", 0), ("pack_window", 1)]:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
+        tokens = self.text_tokens_per_image
+        if tokens != "auto" and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0):
+            raise ValueError(f"data.text_tokens_per_image must be auto or an integer >= 0, got {tokens!r}")
+        if self.image_aspect not in ("pad", "resize"):
+            raise ValueError(f"data.image_aspect must be pad or resize, got {self.image_aspect!r}")
 
 
 @dataclass
@@ -155,10 +214,10 @@ def check_type(value, kind, key):
             return float(value)
         except (TypeError, ValueError):
             pass
-    expected = typing.get_origin(kind) or kind
-    if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
+    expected = typing.get_args(kind) if isinstance(kind, types.UnionType) else (typing.get_origin(kind) or kind,)
+    if isinstance(value, expected) and (bool in expected or not isinstance(value, bool)):
         return value
-    raise ValueError(f"config key {key} must be {expected.__name__}, got {value!r}")
+    raise ValueError(f"config key {key} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
 
 
 def set_dotted(values, key, value):

@@ -1,8 +1,9 @@
 """ZeRO checkpoint -> model folder, with DeepSpeed's own consolidation utilities.
 
 The folder (config.json, model.safetensors or shards with an index, tokenizer, image
-processor, generation config) loads with TokenFlexVLM.from_pretrained and is how trained
-weights leave a run: stage 1 writes it automatically to <output_dir>/final when it ends, and
+processor, generation config, transformers remote code and a README.md model card) loads
+with TokenFlexVLM.from_pretrained, or transformers' AutoModel with trust_remote_code=True,
+and is how trained weights leave a run: stage 1 writes it automatically to <output_dir>/final when it ends, and
 stage 2's config names that folder as model.init_from. Any other checkpoint of a run converts
 the same way (python -m tools.convert_checkpoint RUN_DIR OUT --tag step-000100).
 
@@ -22,10 +23,11 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from PIL import Image, ImageDraw
 from transformers import AutoImageProcessor
 
+from pipeline.chat import IMAGE_TOKEN, load_tokenizer, tokenize_record
 from pipeline.checkpoint import checkpoint_tags, latest_tag
-from pipeline.data import tokenize_record
+from pipeline.config import load_config
 from pipeline.model import MODEL_TYPE, TokenFlexVLM, read_vlm_config, write_model_folder
-from pipeline.tokens import IMAGE_TOKEN, load_tokenizer
+from pipeline.model_card import write_model_card
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -53,12 +55,21 @@ def convert_checkpoint(ckpt_dir, out_dir, tag=None, dtype="fp32", max_shard_size
             f"DeepSpeed could not consolidate checkpoint {ckpt_dir / tag}: {type(exn).__name__}: {exn}. "
             f"A file is probably corrupted or from a different run; convert an older checkpoint with --tag "
             f"({available_tags(ckpt_dir)})") from exn
-    write_model_folder(out_dir, read_vlm_config(structure), load_tokenizer(structure),
-                       AutoImageProcessor.from_pretrained(structure),
+    config = read_vlm_config(structure)
+    write_model_folder(out_dir, config, load_tokenizer(structure), AutoImageProcessor.from_pretrained(structure),
                        {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}, max_shard_size)
+    write_model_card(out_dir, config, *run_record(ckpt_dir, tag))
     if verify:
         verify_folder(out_dir, structure, state_dict, dtype)
     return state_dict
+
+
+def run_record(ckpt_dir, tag):
+    """(the run's Config, the checkpoint's step) for the model card; the Config is None when the
+    run's config.yaml is not beside its checkpoints folder."""
+    step = json.loads((ckpt_dir / tag / "trainer_state.json").read_text())["step"]
+    config_file = ckpt_dir.parent / "config.yaml"
+    return (load_config(config_file) if config_file.is_file() else None), step
 
 
 # ---- finding and checking the checkpoint ----

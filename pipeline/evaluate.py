@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pipeline.chat import IGNORE_INDEX
 from pipeline.data import iter_samples, resolve_shards
 from pipeline.model import TokenFlexVLM, read_vlm_config
-from pipeline.tokens import IGNORE_INDEX
 
 TRAILING_PUNCTUATION = ".,;:!?"
 

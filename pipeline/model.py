@@ -6,6 +6,7 @@ the projector pools and how many slots each image marker takes in the text.
 
 import importlib.util
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,20 +23,27 @@ from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
 )
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import ModelOutput, is_flash_attn_2_available
 
-from pipeline.projector import build_projector, pooled_side
-from pipeline.tokens import (
+# relative imports: model folders carry this module as transformers remote code (modeling_tokenflex.py)
+from .chat import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
+    end_token_ids,
     expand_image_markers,
     load_tokenizer,
 )
+from .images import image_pixel_values
+from .projector import build_projector, pooled_side
 
 MODEL_TYPE = "tokenflex_vlm"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation"
+REMOTE_CODE = Path(__file__).with_name("modeling_tokenflex.py")
+AUTO_MAP = {"AutoConfig": "modeling_tokenflex.TokenFlexConfig", "AutoModel": "modeling_tokenflex.TokenFlexModel",
+            "AutoModelForImageTextToText": "modeling_tokenflex.TokenFlexModel"}
 
 
 @dataclass
@@ -46,7 +54,7 @@ class VLMConfig:
     text_config: dict
     projector: str = "adaptive_pool_swiglu"
     projector_options: dict = field(default_factory=dict)
-    vision_feature_layer: int = -1
+    vision_feature_layer: int = -2
     image_token_id: int = -1
     model_type: str = MODEL_TYPE
 
@@ -71,12 +79,14 @@ class VLMOutput(ModelOutput):
 
 
 def as_dtype(dtype):
-    """torch dtype from a name in DTYPES (or a torch dtype)."""
+    """torch dtype from a name in DTYPES, its torch name (bfloat16, as lmms-eval's model_args
+    give it), or a torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    by_torch_name = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
+    if dtype not in DTYPES and dtype not in by_torch_name:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join([*DTYPES, *by_torch_name])}")
+    return DTYPES.get(dtype) or by_torch_name[dtype]
 
 
 def inference_placement(device=None, dtype=None):
@@ -138,7 +148,7 @@ class TokenFlexVLM(nn.Module):
 
     @classmethod
     def from_components(cls, vision_path, lm_path, projector="adaptive_pool_swiglu", projector_options=None,
-                        vision_feature_layer=-1, attn_implementation="sdpa"):
+                        vision_feature_layer=-2, attn_implementation="sdpa", chat_format="auto"):
         """How users start: a vision checkpoint folder plus an LM checkpoint folder. Built in fp32
         whatever dtype the checkpoints were saved in: DeepSpeed keeps fp32 master weights and
         casts the module itself."""
@@ -146,7 +156,7 @@ class TokenFlexVLM(nn.Module):
         vision_tower = load_vision_tower(vision_path, attn_implementation)
         language_model = AutoModelForCausalLM.from_pretrained(lm_path, attn_implementation=attn_implementation,
                                                               dtype=torch.float32)
-        tokenizer = load_tokenizer(lm_path)
+        tokenizer = load_tokenizer(lm_path, chat_format)
         if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
             language_model.resize_token_embeddings(len(tokenizer))
         config = VLMConfig(
@@ -306,8 +316,7 @@ class TokenFlexVLM(nn.Module):
 
     def pixel_values(self, images):
         """PIL images -> (images, 3, H, W) on the model's device and in its dtype."""
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, self.dtype)
+        return image_pixel_values(images, self.image_processor).to(self.device, self.dtype)
 
     def image_inputs(self, pixel_values):
         """(pixel_values, image_mask) on the model's device for a forward: the given images (a list
@@ -402,17 +411,20 @@ def supervised_targets(labels):
 
 
 def generation_config(tokenizer, **options):
-    return GenerationConfig(do_sample=False, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    return GenerationConfig(do_sample=False, eos_token_id=end_token_ids(tokenizer),
                             pad_token_id=tokenizer.pad_token_id, **options)
 
 
 def write_model_folder(path, config, tokenizer, image_processor, state_dict=None, max_shard_size="5GB"):
-    """A model folder: config.json, tokenizer, image processor, generation config and, when
+    """A model folder: config.json, tokenizer, image processor, generation config, the remote
+    code through which plain transformers loads it (see modeling_tokenflex.py) and, when
     given, the weights as sharded safetensors. Without weights it records what a ZeRO
     checkpoint cannot: the structure to convert that checkpoint back into a model."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    (path / "config.json").write_text(json.dumps(asdict(config) | {"auto_map": AUTO_MAP}, indent=2, default=str))
+    for module in [REMOTE_CODE, *get_relative_import_files(REMOTE_CODE)]:
+        shutil.copy(module, path)
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
     generation_config(tokenizer).save_pretrained(path)
@@ -429,4 +441,5 @@ def read_vlm_config(path):
     raw = json.loads(config_file.read_text())
     if raw.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{config_file} has model_type {raw.get('model_type')!r}, expected {MODEL_TYPE!r}")
+    raw.pop("auto_map", None)  # for transformers' Auto classes
     return VLMConfig(**raw)

@@ -31,6 +31,7 @@ from pipeline.sampler import TokenCountSampler, check_same_across_ranks
 from stages import STAGES
 
 log = logging.getLogger("tokenflex")
+MIN_TEXT_TOKENS = 64  # room for a prompt and an answer beside an image, when text_tokens_per_image is auto
 
 
 def train_step(engine, data, num_vision_tokens, grad_accum):
@@ -65,10 +66,10 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
     mfu and hfu divide them by the step time and the ranks' peak (train.peak_tflops)."""
     world = dist.get_world_size()
     text_only = any(s["num_images"] == 0 for s in stats)
-    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples")]
+    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images", "num_images")]
     running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
     flops = step_flops(engine.module, n, sum((s["work"] for s in stats), Work()))
-    loss, real, pad, samples, text_only_ranks, truncated, corrupt, useful, executed = sum_over_ranks(
+    loss, real, pad, samples, images, real_images, text_only_ranks, truncated, corrupt, useful, executed = sum_over_ranks(
         [loss, *per_step, float(text_only), *running, *flops])
     metrics = {
         "step": step, "num_vision_tokens": n, "loss": loss, "lr": engine.get_lr()[0],
@@ -76,6 +77,8 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
         "tokens_per_s": real / seconds, "samples_per_s": samples / seconds, "padding_fraction": pad / (real + pad),
         "text_only_ranks": int(text_only_ranks), "truncated_total": int(truncated),
         "skipped_corrupt_total": int(corrupt), "useful_flops": useful, "executed_flops": executed,
+        "dummy_image_fraction": 1 - real_images / images,
+        "epoch": stats[-1]["epoch"],  # rank 0's data stream (see TrainBatches)
     }
     if torch.cuda.is_available():
         peak = seconds * world * cfg.train.peak_tflops * 1e12
@@ -190,11 +193,13 @@ def check_inputs(cfg):
         except ValueError as error:
             raise ValueError(f"tokens.counts: {error}") from None
     # Room for a sample with one image at the largest N: its N slots plus the text that
-    # data.text_tokens_per_image assumes per image (the packer can't cut a sample inside its image).
+    # data.text_tokens_per_image assumes per image, or with auto (measured later, on the data) a
+    # short prompt and answer. The packer can't cut a sample inside its image.
     largest, text = max(cfg.tokens.counts), cfg.data.text_tokens_per_image
+    text, named = (MIN_TEXT_TOKENS, "a minimum of text") if text == "auto" else (text, "data.text_tokens_per_image")
     if cfg.data.seq_len < largest + text:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} leaves no room for text at N={largest}: it must be at "
-                         f"least max(tokens.counts) + data.text_tokens_per_image = {largest} + {text} = {largest + text}")
+                         f"least max(tokens.counts) + {named} = {largest} + {text} = {largest + text}")
     ckpt_dir = checkpoint.checkpoint_dir(cfg.train.output_dir)
     tag, trainer_state = checkpoint.latest_trainer_state(ckpt_dir)
     if tag and not cfg.tokens.allow_change_on_resume:

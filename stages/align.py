@@ -4,6 +4,7 @@ Starts from separate vision and LM checkpoints (model.vision_path, model.lm_path
 
 from transformers import AutoConfig
 
+from pipeline.images import set_image_aspect
 from pipeline.engine import zero3_loading
 from pipeline.model import TokenFlexVLM
 from stages.common import group, log, set_trainable
@@ -20,11 +21,14 @@ def vision_config(cfg):
 
 def build_model(cfg):
     with zero3_loading(cfg):
-        return TokenFlexVLM.from_components(
+        model = TokenFlexVLM.from_components(
             cfg.model.vision_path, cfg.model.lm_path, projector=cfg.model.projector,
             projector_options=cfg.model.projector_options, vision_feature_layer=cfg.model.vision_feature_layer,
             attn_implementation=cfg.model.attn_implementation,
+            chat_format=cfg.model.chat_format,
         )
+    set_image_aspect(model.image_processor, cfg.data.image_aspect)
+    return model
 
 
 def freeze_backbones(model, cfg):

@@ -4,6 +4,8 @@ optim.vision_lr > 0 (at that learning rate).
 Starts from model.init_from, a model folder: stage 1's <output_dir>/final, or any folder
 written by tools.convert_checkpoint."""
 
+from pipeline.chat import prepare_tokenizer
+from pipeline.images import set_image_aspect
 from pipeline.model import TokenFlexVLM, read_vlm_config
 from stages.common import group, log, set_trainable
 
@@ -17,7 +19,10 @@ def vision_config(cfg):
 
 
 def build_model(cfg):
-    return TokenFlexVLM.from_pretrained(cfg.model.init_from, attn_implementation=cfg.model.attn_implementation)
+    model = TokenFlexVLM.from_pretrained(cfg.model.init_from, attn_implementation=cfg.model.attn_implementation)
+    prepare_tokenizer(model.tokenizer, cfg.model.chat_format)  # auto keeps the folder's format
+    set_image_aspect(model.image_processor, cfg.data.image_aspect)
+    return model
 
 
 def trainable_parts(cfg):

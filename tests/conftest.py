@@ -3,6 +3,7 @@
 import warnings
 
 import pytest
+import torch
 
 from tools.make_tiny_models import make_tiny_models
 
@@ -35,4 +36,18 @@ def stage1_run(tiny_models, synthetic_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1") / "run"
     result = run_training("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, synthetic_shards))
     assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def save_chatty_copy(model_dir, out):
+    """Save model_dir's model with the embeddings of the newline and the special tokens zeroed.
+    The barely trained tiny LM answers only newlines or special tokens (empty once stripped, or
+    ended at once by the chat format's end token); the copy gives visible answers."""
+    from pipeline.model import TokenFlexVLM
+
+    chatty = TokenFlexVLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for token in ["<0x0A>", *chatty.tokenizer.all_special_tokens]:
+            chatty.language_model.get_input_embeddings().weight[chatty.tokenizer.convert_tokens_to_ids(token)] = 0
+    chatty.save_pretrained(out)
     return out

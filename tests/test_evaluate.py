@@ -8,11 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.chat import IGNORE_INDEX
 from pipeline.convert import convert_checkpoint
 from pipeline.data import iter_samples
 from pipeline.evaluate import evaluate_model, last_reply_labels, normalise, score
 from pipeline.model import TokenFlexVLM
-from pipeline.tokens import IGNORE_INDEX
+from tests.conftest import save_chatty_copy
 from tools import evaluate as evaluate_tool
 from tools import generate as generate_tool
 
@@ -23,14 +24,10 @@ TYPES = {"coarse", "medium", "fine", "text"}
 @pytest.fixture(scope="module")
 def models(stage1_run, tmp_path_factory):
     """{name: folder}: the run's exported final weights, its earlier step-12 checkpoint, and
-    "chatty": the final weights with the newline token's embedding zeroed. The barely trained
-    tiny LM answers only newlines (empty once stripped); chatty gives visible answers."""
+    "chatty": the final weights made to answer visibly (conftest.save_chatty_copy)."""
     root = tmp_path_factory.mktemp("models")
     convert_checkpoint(stage1_run / "checkpoints", root / "early", tag="step-000012")
-    chatty = TokenFlexVLM.from_pretrained(stage1_run / "final")
-    with torch.no_grad():
-        chatty.language_model.get_input_embeddings().weight[chatty.tokenizer.convert_tokens_to_ids("<0x0A>")] = 0
-    chatty.save_pretrained(root / "chatty")
+    save_chatty_copy(stage1_run / "final", root / "chatty")
     return {"final": stage1_run / "final", "early": root / "early", "chatty": root / "chatty"}
 
 

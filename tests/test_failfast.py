@@ -46,8 +46,9 @@ def start_ranks(module, output_dir, overrides, env, ranks=2):
 LOADER_SCRIPT = """
 import sys, time
 from transformers import AutoImageProcessor
-from pipeline.data import DataConfig, TrainBatches
-from pipeline.tokens import load_tokenizer
+from pipeline.chat import load_tokenizer
+from pipeline.config import DataConfig
+from pipeline.data import TrainBatches
 
 models, shards, ending = sys.argv[1:]
 data = TrainBatches(DataConfig(shards=shards, seq_len=512, num_workers=2), load_tokenizer(models + "/qwen2"),

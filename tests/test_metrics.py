@@ -13,10 +13,11 @@ from torch.ops import aten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import AutoConfig, AutoImageProcessor, SiglipVisionModel
 
-from pipeline.data import DataConfig, TrainBatches
+from pipeline.config import DataConfig
+from pipeline.data import TrainBatches
 from pipeline.metrics import Work, step_flops
 from pipeline.model import TokenFlexVLM
-from pipeline.tokens import IGNORE_INDEX, load_tokenizer
+from pipeline.chat import IGNORE_INDEX, load_tokenizer
 from pipeline.train import enable_gradient_checkpointing
 from stages.common import set_trainable
 
@@ -44,9 +45,9 @@ def counter(recompute_scores=True):
     })
 
 
-def build_model(vision, lm, trained, checkpointing=False):
+def build_model(vision, lm, trained, checkpointing=False, vision_feature_layer=-2):
     torch.manual_seed(0)
-    model = TokenFlexVLM.from_components(vision, lm).train()
+    model = TokenFlexVLM.from_components(vision, lm, vision_feature_layer=vision_feature_layer).train()
     set_trainable(model, trained)
     if checkpointing:
         enable_gradient_checkpointing(model)
@@ -143,17 +144,19 @@ def headless_vision(tiny_models, tmp_path_factory):
 
 @pytest.mark.parametrize("trained", [STAGE1, STAGE2, STAGE2_WITH_TOWER], ids=["stage1", "stage2", "stage2+tower"])
 def test_useful_flops_are_executed_flops_less_recomputation(tiny_models, headless_vision, trained):
-    """One sample per row, no padding, no dummy image, no unused tower output: what torch counts
-    less recomputation (the recomputed attention scores, checkpointed forwards) is the useful
-    count exactly, and step_flops' executed count is torch's count exactly."""
-    model = build_model(headless_vision, tiny_models / "qwen2", trained)
+    """One sample per row, no padding, no dummy image, no unused tower output (no pooling head, and
+    features from the last layer): what torch counts less recomputation (the recomputed attention
+    scores, checkpointed forwards) is the useful count exactly, and step_flops' executed count is
+    torch's count exactly."""
+    model = build_model(headless_vision, tiny_models / "qwen2", trained, vision_feature_layer=-1)
     batch = make_batch(model, [[100], [100]], torch.randn(2, 3, 64, 64), torch.tensor([True, True]))
     work = Work.of(batch, model.tokenizer.pad_token_id)
     assert (work.tokens, work.sample_scores, work.real_images) == (work.positions, work.row_scores, work.images)
     useful, executed = step_flops(model, N, work)
     assert useful == counted_flops(model, batch, recompute_scores=False)
     assert executed == counted_flops(model, batch)
-    checkpointed = build_model(headless_vision, tiny_models / "qwen2", trained, checkpointing=True)
+    checkpointed = build_model(headless_vision, tiny_models / "qwen2", trained, checkpointing=True,
+                               vision_feature_layer=-1)
     useful_checkpointed, executed_checkpointed = step_flops(checkpointed, N, work)
     assert useful_checkpointed == useful
     assert executed_checkpointed == counted_flops(checkpointed, batch) > executed

@@ -1,4 +1,4 @@
-"""tools/make_synthetic and tools/build_shards: validation counts, determinism, atomic output."""
+"""tools/make_synthetic and tools/build_shards: validation counts, repeated ids, determinism, atomic output."""
 
 import json
 import os
@@ -46,23 +46,39 @@ def test_bad_records_are_counted_by_reason(synth, tmp_path):
         rec(8, conversations=[{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "a"}]),       # tag mismatch x3
         rec(9, conversations=[{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "a"}]),
         {"id": "bad-10", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]},
-        dict(good[1]), dict(good[2]),                                                                  # duplicate x2
     ]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(good + bad))
     manifest = build_shards.build(str(data), str(tmp_path), str(tmp_path / "out"), samples_per_shard=4)
-    assert manifest["skipped"] == {"missing_image": 3, "malformed_conversation": 8,
-                                   "image_tag_mismatch": 3, "duplicate_id": 2}
-    assert manifest["total_samples"] == 10
+    assert manifest["skipped"] == {"missing_image": 3, "malformed_conversation": 8, "image_tag_mismatch": 3}
+    assert manifest["total_samples"] == 10 and manifest["repeated_ids"] == 0
     assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 2]
     assert manifest["skipped_examples"]["missing_image"] == ["bad-0", "bad-1", "bad-2"]
-    assert manifest["skipped_examples"]["duplicate_id"] == [good[1]["id"], good[2]["id"]]
 
     # JSON Lines input: an unparsable line is a malformed record, the rest is kept.
     lines = tmp_path / "data.jsonl"
     lines.write_text("\n".join(json.dumps(r) for r in good[:5]) + "\n{broken\n")
     manifest = build_shards.build(str(lines), str(synth), str(tmp_path / "out_jsonl"))
     assert manifest["total_samples"] == 5 and manifest["skipped"]["malformed_conversation"] == 1
+
+
+def test_records_with_repeated_ids_are_kept_and_counted(synth, tmp_path, capsys):
+    """LLaVA-1.5's mix gives one COCO image id several records (LLaVA-Instruct, VQAv2, OK-VQA, ...),
+    each with its own conversation: all of them are training data."""
+    good = json.loads((synth / "data.json").read_text())[:6]
+    again = [dict(good[1], conversations=[{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "b"}])
+             for _ in range(2)]
+    again = [{k: v for k, v in r.items() if k != "image"} for r in again] + [dict(good[2])]
+    (tmp_path / "data.json").write_text(json.dumps(good + again))
+    build_shards.main(["--json", str(tmp_path / "data.json"), "--image-root", str(synth), "--out", str(tmp_path / "out")])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["total_samples"] == 9 and manifest["repeated_ids"] == 3
+    assert not any(manifest["skipped"].values())
+    assert "repeated ids: 3 kept records" in capsys.readouterr().out
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(9)]  # keys are positions
+    assert [json.loads(s["json"])["id"] for s in samples] == [r["id"] for r in good + again]
+    assert json.loads(samples[6]["json"])["conversations"][1]["value"] == "b"
 
 
 def test_build_is_byte_identical_and_readable(synth, tmp_path):

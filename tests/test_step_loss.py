@@ -21,7 +21,7 @@ from pipeline.config import load_config
 from pipeline.distributed import sum_over_ranks
 from pipeline.engine import build_engine
 from pipeline.model import TokenFlexVLM, supervised_targets
-from pipeline.tokens import IGNORE_INDEX
+from pipeline.chat import IGNORE_INDEX
 from pipeline.train import train_step
 from stages import STAGES
 from tests.distributed import REPO

@@ -6,8 +6,11 @@ Bad records are skipped, counted by reason, and the build goes on:
   malformed_conversation  not a dict, no id, conversations not a non-empty list of
                           human/gpt turns alternating from human, or an empty value
   image_tag_mismatch      number of <image> tags != number of images (1 with "image", else 0)
-  duplicate_id            id already used by an earlier record
-OUT/manifest.json lists the shards with sample counts and sizes, and the skipped counts.
+Records that repeat an earlier record's id are kept: LLaVA-1.5's mix reuses COCO image ids
+across its subsets (LLaVA-Instruct, VQAv2, OK-VQA, A-OKVQA, RefCOCO), each with another
+conversation. Shard keys are positions, not ids; the manifest counts repeated ids as information.
+OUT/manifest.json lists the shards with sample counts and sizes, the skipped counts and the
+number of kept records whose id an earlier one already had.
 Same input, byte-identical shards and manifest. Every file is written under a temporary
 name and renamed, and the manifest last, so an interrupted build never looks complete.
 
@@ -25,9 +28,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.tokens import IMAGE_TOKEN
+from pipeline.chat import IMAGE_TOKEN
 
-REASONS = ["missing_image", "malformed_conversation", "image_tag_mismatch", "duplicate_id"]
+REASONS = ["missing_image", "malformed_conversation", "image_tag_mismatch"]
 EXAMPLES_PER_REASON = 5
 CHUNK = 512  # records validated per batch of worker jobs; bounds the image bytes held in memory
 TMP_SUFFIX = ".tmp"
@@ -141,7 +144,7 @@ def build(json_path, image_root, out_dir, samples_per_shard=1000, workers=1):
     clean_out_dir(out_dir)
     skipped = {reason: 0 for reason in REASONS}
     examples = {reason: [] for reason in REASONS}
-    seen_ids = set()
+    seen_ids, repeated_ids = set(), 0
     writer = ShardWriter(out_dir, samples_per_shard)
 
     def skip(reason, record_id):
@@ -153,20 +156,15 @@ def build(json_path, image_root, out_dir, samples_per_shard=1000, workers=1):
     progress = tqdm(total=len(records), desc="building shards", unit="rec")
     try:
         for start in range(0, len(records), CHUNK):
-            # Text checks in order (duplicates depend on order), then images in parallel.
+            # Text checks first, then images in parallel.
             candidates = []
             for index, record in enumerate(records[start:start + CHUNK], start):
                 if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)):
                     skip("malformed_conversation", f"<record {index}>")
-                elif record["id"] in seen_ids:
-                    skip("duplicate_id", record["id"])
+                elif problem := conversation_problem(record):
+                    skip(problem, record["id"])
                 else:
-                    seen_ids.add(record["id"])
-                    problem = conversation_problem(record)
-                    if problem:
-                        skip(problem, record["id"])
-                    else:
-                        candidates.append(record)
+                    candidates.append(record)
             paths = [os.path.join(image_root, r["image"]) for r in candidates if "image" in r]
             images = iter(pool.map(read_image, paths, chunksize=16) if pool else map(read_image, paths))
             for record in candidates:
@@ -178,9 +176,11 @@ def build(json_path, image_root, out_dir, samples_per_shard=1000, workers=1):
                         continue
                     ext = os.path.splitext(record["image"])[1].lstrip(".").lower() or "img"
                     sample[ext] = data
-                # Keys are running numbers: record ids may hold dots or slashes that tar keys can't.
+                # Keys are running numbers: ids repeat, and may hold dots or slashes that tar keys can't.
                 sample["__key__"] = f"{writer.total:09d}"
                 writer.write(sample)
+                repeated_ids += record["id"] in seen_ids
+                seen_ids.add(record["id"])
             progress.update(min(CHUNK, len(records) - start))
         writer.close()
     finally:
@@ -195,6 +195,7 @@ def build(json_path, image_root, out_dir, samples_per_shard=1000, workers=1):
         "total_samples": writer.total,
         "total_bytes": sum(s["num_bytes"] for s in writer.shards),
         "total_records": len(records),
+        "repeated_ids": repeated_ids,
         "skipped": skipped,
         "skipped_examples": {r: ids for r, ids in examples.items() if ids},
     }
@@ -215,6 +216,8 @@ def main(argv=None):
     manifest = build(args.json, args.image_root, args.out, args.samples_per_shard, args.workers)
     print(f"kept {manifest['total_samples']} of {manifest['total_records']} records "
           f"in {len(manifest['shards'])} shards ({manifest['total_bytes']} bytes)")
+    print(f"repeated ids: {manifest['repeated_ids']} kept records share their id with an earlier one "
+          f"(kept: LLaVA's mix gives one image several conversations)")
     for reason, count in manifest["skipped"].items():
         print(f"skipped {reason}: {count}" + (f" (e.g. {manifest['skipped_examples'][reason]})" if count else ""))
 

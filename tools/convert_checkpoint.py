@@ -4,7 +4,9 @@
     python -m tools.convert_checkpoint runs/stage2/checkpoints runs/stage2-bf16 --dtype bf16
 
 CKPT_DIR is a run's output_dir, its checkpoints/ folder or one step-XXXXXX folder. The
-written folder is checked against the checkpoint on a probe batch unless --no-verify.
+written folder is checked against the checkpoint on a probe batch unless --no-verify. It
+carries transformers remote code (AutoModel.from_pretrained(OUT, trust_remote_code=True)
+loads it without this project) and a README.md model card.
 Stage 1 exports its last checkpoint to <output_dir>/final by itself; stage 2 starts from
 that folder (model.init_from).
 """

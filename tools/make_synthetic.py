@@ -24,7 +24,7 @@ import random
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from pipeline.tokens import IMAGE_TOKEN
+from pipeline.chat import IMAGE_TOKEN
 
 # Each colour question draws its answer from its own palette: the question then says which set
 # of words can answer it, and the image which word of that set. A 2-layer LM trained from

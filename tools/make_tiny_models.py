@@ -1,11 +1,15 @@
 """Write tiny random-init models of real architectures, loadable with transformers' from_pretrained.
 
     OUT/vision   SigLIP vision tower (64 px, 4 px patches -> 16x16 grid) + its image processor
-    OUT/qwen2    Qwen2 causal LM + tokenizer
-    OUT/llama    Llama causal LM + the same tokenizer
+    OUT/qwen2    Qwen2 causal LM + a Qwen2-Instruct-style tokenizer: ChatML's tokens in its own
+                 vocabulary, Qwen's chat template, no BOS, EOS <|im_end|>
+    OUT/llama    Llama causal LM + a Llama-3-Instruct-style tokenizer: <|begin_of_text|> (BOS,
+                 added by the tokenizer), the header tokens, EOS <|eot_id|>, Meta's chat template
+    OUT/base     Llama causal LM + a base tokenizer (Llama-2 style: BOS <s> added, EOS </s>, no chat template)
 
-The tokenizer is a sentencepiece BPE model trained here on generated text, so nothing is
-downloaded. Tests and the demo start from these folders exactly as users start from real ones.
+The three tokenizers share one sentencepiece BPE model trained here on generated text, so nothing
+is downloaded. Tests and the demo start from these folders exactly as users start from real ones:
+like the real checkpoints, the Qwen2 LM has a spare embedding row for the image marker and the others none.
 """
 
 import argparse
@@ -16,6 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 from transformers import (
+    AddedToken,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaTokenizer,
@@ -25,8 +30,6 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-
-from pipeline.tokens import prepare_tokenizer
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 4
@@ -50,7 +53,23 @@ def tokenizer_corpus(seed=0, lines=4000):
     return corpus
 
 
+# The families' own chat templates (without generation marks, as they ship).
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
 def train_tokenizer(out_dir, seed=0):
+    """A base tokenizer (Llama-2 style) from a sentencepiece BPE model trained on tokenizer_corpus."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(tokenizer_corpus(seed)), model_writer=model, vocab_size=VOCAB_SIZE,
@@ -59,10 +78,29 @@ def train_tokenizer(out_dir, seed=0):
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
-    tokenizer = LlamaTokenizer.from_pretrained(out_dir, add_bos_token=False)  # converts tokenizer.model
-    prepare_tokenizer(tokenizer)
-    tokenizer.eos_token = "<|im_end|>"  # chat turns end there, so generation stops there
+    return LlamaTokenizer.from_pretrained(out_dir, add_bos_token=True)  # converts tokenizer.model
+
+
+def family_tokenizer(base_dir, special_tokens, template, **tokens):
+    """The base tokenizer with a family's special tokens in its vocabulary and its chat template."""
+    tokenizer = LlamaTokenizer.from_pretrained(base_dir, add_bos_token=False)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens], special_tokens=True)
+    for name, value in tokens.items():
+        setattr(tokenizer, name, value)
+    tokenizer.chat_template = template
     return tokenizer
+
+
+def tokenizers(out_dir, seed=0):
+    """{folder name: tokenizer} for the three LM folders."""
+    base = train_tokenizer(out_dir, seed)
+    qwen2 = family_tokenizer(out_dir, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], QWEN2_TEMPLATE,
+                             bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    llama3 = family_tokenizer(out_dir, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                        "<|end_header_id|>", "<|eot_id|>"], LLAMA3_TEMPLATE,
+                              bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token=None)
+    llama3.add_bos_token = True  # as Llama 3's tokenizer does: BOS before any encoded text
+    return {"qwen2": qwen2, "llama": llama3, "base": base}
 
 
 def lm_config_kwargs(vocab_size):
@@ -79,11 +117,16 @@ def make_tiny_models(out, seed=0):
     SiglipVisionModel(vision_config).save_pretrained(out / "vision")
     SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(out / "vision")
 
-    tokenizer = train_tokenizer(out / "tokenizer", seed)
-    for name, config_class, model_class in [("qwen2", Qwen2Config, Qwen2ForCausalLM),
-                                            ("llama", LlamaConfig, LlamaForCausalLM)]:
-        config = config_class(**lm_config_kwargs(len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+               "base": (LlamaConfig, LlamaForCausalLM)}
+    for name, tokenizer in tokenizers(out / "tokenizer", seed).items():
+        config_class, model_class = classes[name]
+        # Qwen2's embedding table has spare rows (151,936 for 151,646 tokens), so the image marker
+        # takes one without a resize; Llama's fit exactly. One spare row here: a random LM would
+        # otherwise greedily predict rows that are no token at all.
+        vocab_size = len(tokenizer) + (name == "qwen2")
+        config = config_class(**lm_config_kwargs(vocab_size), pad_token_id=tokenizer.pad_token_id,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         model_class(config).save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
     return out
@@ -91,12 +134,12 @@ def make_tiny_models(out, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, help="folder to write vision/, qwen2/, llama/ into")
+    parser.add_argument("out", type=Path, help="folder to write vision/, qwen2/, llama/, base/ into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     make_tiny_models(args.out, args.seed)
     print(f"tiny models written to {args.out}: vision/ ({IMAGE_SIZE}px, {IMAGE_SIZE // PATCH_SIZE}x"
-          f"{IMAGE_SIZE // PATCH_SIZE} patches), qwen2/, llama/")
+          f"{IMAGE_SIZE // PATCH_SIZE} patches), qwen2/, llama/, base/")
 
 
 if __name__ == "__main__":
