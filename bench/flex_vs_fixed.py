@@ -13,7 +13,7 @@ model is evaluated (pipeline.evaluate) on the held-out shards at N = 16, 36, 64,
 256 (36, 100, 196 and 256 are seen by none of them), and the results are summarised as mean and
 spread (half the range) over seeds, per question type, with the questions of the study answered.
 
-    python -m bench.flex_vs_fixed --write-results   # the study (about 50 min on 2 CPU cores)
+    python -m bench.flex_vs_fixed --write-results   # the study (about 45 min on 2 CPU cores)
     python -m bench.flex_vs_fixed --quick           # minutes: 2 models, 1 seed, a few steps (tests)
 
 Writes OUT/results.md, OUT/results.json and OUT/accuracy_vs_tokens.png; --write-results also

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_SAMPLES = 10000  # synthetic training records: about one pass in stage 2
+TRAIN_SAMPLES = 10000  # synthetic training records: stage 2 makes nearly two passes
 HELDOUT_SAMPLES = 200
 
 

@@ -38,9 +38,10 @@ VOCAB_SIZE = 768
 WORDS = (
     "what is the colour of background shape largest smallest small big how many shapes are there "
     "in image picture circle square triangle red green blue yellow orange purple white black grey "
-    "pink brown cyan digit letter number count answer question which written tiny object plus minus "
-    "equals one two three four five six seven eight nine zero and of a an to it this that with word "
-    "capital city first last describe left right top bottom colour? shape? many? is? yes no"
+    "pink brown cyan gray lime navy magenta olive dot digit letter number count answer question "
+    "which written tiny object plus minus equals one two three four five six seven eight nine "
+    "zero and of a an to it this that with word capital city first last describe left right top "
+    "bottom colour? shape? many? is? yes no"
 ).split()
 
 
