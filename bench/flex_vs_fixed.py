@@ -205,10 +205,12 @@ def plot(table, path):
 
 
 def git_commit():
+    """The checkout's commit, and the files that differ from it (read when the study starts)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+    return git("rev-parse", "--short", "HEAD") + (f" (with uncommitted changes to {', '.join(changed)})" if changed else "")
 
 
 def write_report(out, args, settings, table, results, wall_s):
@@ -271,7 +273,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    started, load = time.perf_counter(), os.getloadavg()[0]
+    started, load, commit = time.perf_counter(), os.getloadavg()[0], git_commit()
     out = args.out.resolve()
     env = cpu_training_env()
     out.mkdir(parents=True, exist_ok=True)
@@ -297,9 +299,9 @@ def main(argv=None):
         model, seed = r["model"].rsplit("-seed", 1)
         results.append({k: v for k, v in r.items() if k != "predictions"} | {"study_model": model, "seed": int(seed)})
     table = summarise(results, args.models, args.seeds)
-    settings = {"commit": git_commit(), "date": datetime.date.today().isoformat(),
+    settings = {"commit": commit, "date": datetime.date.today().isoformat(),
                 "machine": (f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores, no GPU (load average "
-                            f"{load:.1f} at the start: other jobs shared the cores)"),
+                            f"{load:.1f} at the start)"),
                 "models": args.models, "seeds": args.seeds, "train_samples": args.train_samples,
                 "heldout_samples": args.heldout_samples, "steps": steps,
                 "samples_per_step": {n: round(v, 2) for n, v in per_n.items()},

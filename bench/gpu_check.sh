@@ -24,11 +24,11 @@ run python -c 'import torch; assert torch.cuda.is_available(), "no GPU visible t
 
 # The demo's steps (tools/demo.py), on one GPU process: DeepSpeed ZeRO-3 over NCCL, bf16.
 run python -m tools.make_tiny_models "$out/tiny"
-run python -m tools.make_synthetic --out "$out/synthetic/train" --n 1200 --seed 0
+run python -m tools.make_synthetic --out "$out/synthetic/train" --n 10000 --seed 0
 run python -m tools.make_synthetic --out "$out/synthetic/heldout" --n 200 --seed 1
 for split in train heldout; do
     run python -m tools.build_shards --json "$out/synthetic/$split/data.json" --image-root "$out/synthetic/$split" \
-        --out "$out/shards/$split" --samples-per-shard 200
+        --out "$out/shards/$split" --samples-per-shard 500
 done
 train=(python -m torch.distributed.run --nproc_per_node 1 --master_port 29512 -m pipeline.train)
 common=("data.shards=$out/shards/train" train.precision=bf16 wandb.mode=offline)

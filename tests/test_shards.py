@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 
 import pytest
 import webdataset as wds
@@ -107,3 +108,32 @@ def test_rebuild_removes_stale_and_partial_files(synth, tmp_path):
     manifest = build_shards.build(str(synth / "data.json"), str(synth), str(out), samples_per_shard=100)
     assert sorted(os.listdir(out)) == ["manifest.json", "shard-000000.tar"]
     assert manifest["shards"][0]["num_bytes"] == os.path.getsize(out / "shard-000000.tar")
+
+
+def test_scene_objects_shrink_from_coarse_to_fine_and_carry_their_answers():
+    """Each question's answer is the colour of its object in the image, and the objects get
+    smaller from coarse to fine (the detail a question needs is its object's size)."""
+    rng = random.Random(0)
+    for _ in range(20):
+        image, facts = make_synthetic.render_scene(rng, 64)
+        pixels = list(image.getdata())
+        area = {key: pixels.count(palette[facts[key]]) for key, palette in [
+            ("background", make_synthetic.BACKGROUNDS), ("large", make_synthetic.LARGE_COLOURS),
+            ("small", make_synthetic.SMALL_COLOURS), ("dot", make_synthetic.DOT_COLOURS)]}
+        assert area["dot"] == 10 * 10 and 14 * 14 <= area["small"] <= 18 * 18
+        assert area["background"] > area["large"] > area["small"] > area["dot"]
+        answers = {question: answer for _, question, answer in make_synthetic.image_questions(facts)}
+        assert answers["What colour is the tiny dot?"] == facts["dot"]
+
+
+def test_multi_turn_records_ask_every_question_and_score_types_equally(tmp_path):
+    make_synthetic.main(["--out", str(tmp_path), "--n", "600", "--multi-turn-fraction", "0.5",
+                         "--text-only-fraction", "0"])
+    records = json.loads((tmp_path / "data.json").read_text())
+    turns = [len(r["conversations"]) // 2 for r in records]
+    assert set(turns) == {1, 4} and 0.4 < turns.count(4) / len(turns) < 0.6
+    for r in records:
+        questions = [t["value"].split("\n")[-1].split("?")[0] for t in r["conversations"][::2]]
+        assert len(set(questions)) == len(questions)  # no question asked twice
+    scored = [r["question_type"] for r in records]
+    assert all(0.27 < scored.count(t) / len(scored) < 0.4 for t in ("coarse", "medium", "fine"))
