@@ -91,7 +91,7 @@ def main(argv=None):
     make_models_and_data(out, args.samples, HELDOUT_SAMPLES, env)
     run("stage 1: align the projector (vision tower and LM frozen)",
         stage_command(1, out, out / "stage1", args.ranks), env)
-    run("stage 2: finetune projector, LM and vision tower from stage 1's exported folder",
+    run("stage 2: finetune projector and LM (vision tower frozen) from stage 1's exported folder",
         stage_command(2, out, out / "stage2", args.ranks), env)
     run("convert stage 2's ZeRO-3 checkpoint into a model folder",
         [py, "-m", "tools.convert_checkpoint", out / "stage2" / "checkpoints", out / "model"], env)
