@@ -241,18 +241,18 @@ def test_resume_gives_identical_batches(synth, models):
     # points differ per worker, and samples of a finished epoch still wait in the window.
     cfg = DataConfig(shards=str(synth / "shards" / "shard-{000005..000007}.tar"), seq_len=512, num_workers=2,
                      shuffle_buffer=16)
-    ns = N_SEQUENCE * 4
+    ns = N_SEQUENCE * 5
     loader = TrainBatches(cfg, *models)
-    head = [loader.next_batch(n) for n in ns[:41]]
+    head = [loader.next_batch(n) for n in ns[:44]]
     state = json.loads(json.dumps(loader.state_dict()))  # must survive a JSON checkpoint
     assert state["pending"] and state["pulled"] > len(state["pending"])
     restart_epochs, restart_counts = zip(*[(epoch, count) for epoch, count, _ in state["workers"]])
     assert min(restart_epochs) >= 1 and len(set(restart_counts)) == 2  # replay starts past epoch 0, unevenly
-    tail = [loader.next_batch(n) for n in ns[41:]]
+    tail = [loader.next_batch(n) for n in ns[44:]]
     waiting = {s["epoch"] for s in loader.window} | {e for b in tail for _, _, e in b["stats"]["samples"]}
     assert min(waiting) < max(waiting)  # the tail packs samples of more than one epoch
 
-    _, resumed = batches(cfg, models, ns[41:], state=state)
+    _, resumed = batches(cfg, models, ns[44:], state=state)
     assert_same_batches(tail, resumed)
     assert [b["stats"] for b in resumed] == [b["stats"] for b in tail]
     assert head  # (the head batches are what the resumed loader must not repeat)

@@ -57,12 +57,13 @@ def make_models_and_data(out, train_samples, heldout_samples, env, log_dir=None)
 
     run("tiny random-init SigLIP, Qwen2 and Llama, and a sentencepiece tokenizer",
         [py, "-m", "tools.make_tiny_models", out / "tiny"], env, log("tiny_models"))
+    # At least 8 shards of each split: every training rank x loader worker reads its own.
     for split, count, seed in (("train", train_samples, 0), ("heldout", heldout_samples, 1)):
         run(f"synthetic {split} data", [py, "-m", "tools.make_synthetic", "--out", out / "synthetic" / split,
                                         "--n", count, "--seed", seed], env, log(f"synthetic_{split}"))
         run(f"{split} shards", [py, "-m", "tools.build_shards", "--json", out / "synthetic" / split / "data.json",
                                 "--image-root", out / "synthetic" / split, "--out", out / "shards" / split,
-                                "--samples-per-shard", 500], env, log(f"shards_{split}"))
+                                "--samples-per-shard", max(1, min(500, count // 8))], env, log(f"shards_{split}"))
 
 
 def stage_command(stage, data_root, output_dir, ranks, *overrides):
