@@ -3,8 +3,8 @@
 Each image is a rendered scene: a background, one large shape, one small square and one tiny
 dot, each coloured from its own palette. Questions are tagged in the record's "question_type":
   coarse  colour of the background or of the large shape (survives any pooling)
-  medium  colour of the small square (a fraction of one pooled cell at N = 16)
-  fine    colour of the tiny dot (a few per cent of a pooled cell at N = 16, one patch at 256)
+  medium  colour of the small square (about one pooled cell at N = 16)
+  fine    colour of the 10 px dot (under half of a pooled cell at N = 16, a few patches at 256)
   text    text-only arithmetic and word facts
 Answers are one word or number, for exact-match scoring. Same seed, same files.
 
