@@ -14,6 +14,7 @@ from pipeline.data import iter_samples
 from pipeline.evaluate import evaluate_model, last_reply_labels, normalise, score
 from pipeline.model import TokenFlexVLM
 from tests.conftest import save_chatty_copy
+from tools import benchmark as benchmark_tool
 from tools import evaluate as evaluate_tool
 from tools import generate as generate_tool
 
@@ -214,3 +215,11 @@ def test_evaluate_rejects_a_token_count_beyond_the_grid(models, synthetic_shards
     assert exit_info.value.code == 2
     assert "num_vision_tokens=400 asks for a 20x20 grid, larger than the encoder's 16x16 patches" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("tool, option", [(evaluate_tool, "--shards"), (benchmark_tool, "--tasks")])
+def test_model_tools_reject_more_names_than_folders(tool, option, models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([str(models["final"]), "--names", "flex,fixed", option, str(tmp_path), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "2 names (--names) for 1 model folders" in capsys.readouterr().err

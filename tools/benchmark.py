@@ -18,18 +18,15 @@ import math
 import sys
 from pathlib import Path
 
-from pipeline.evaluate import default_names
 from pipeline.model_card import set_evaluation
-from tools.options import add_placement_options, parse_token_counts, placement
+from tools.options import add_model_options, add_placement_options, model_names, parse_token_counts, placement
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dirs", nargs="+", help="model folders to compare")
+    add_model_options(parser)
     parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names, e.g. mme,pope")
     parser.add_argument("--tokens", default="16,64,144,256", help="comma-separated N values (default: 16,64,144,256)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--names", help="comma-separated model names for the table and plot (default: folder names)")
     parser.add_argument("--limit", type=int, help="only the first K documents of each task (for trying things out)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per forward (default: 1)")
     add_placement_options(parser)
@@ -39,17 +36,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         parser.error("--limit and --batch-size must be >= 1")
+    names = model_names(parser, args)
     device, dtype = placement(parser, args)
     try:
         from pipeline.lmms_eval_model import sweep
     except ModuleNotFoundError as error:
         parser.error(f"{error}: install lmms-eval with `pip install --no-deps -r requirements-eval.txt`")
-    names = args.names.split(",") if args.names else default_names(args.model_dirs)
     tasks = [t for t in args.tasks.split(",") if t]
     try:
         counts = parse_token_counts(args.tokens)
-        if len(names) != len(args.model_dirs):
-            raise ValueError(f"{len(names)} names (--names) for {len(args.model_dirs)} model folders")
         results = sweep(args.model_dirs, names, tasks, counts, args.limit, args.batch_size, device, dtype,
                         args.include_path)
     except (ValueError, FileNotFoundError) as error:

@@ -17,17 +17,15 @@ import sys
 from pathlib import Path
 
 from pipeline.evaluate import evaluate
-from tools.options import add_placement_options, parse_token_counts, placement
+from tools.options import add_model_options, add_placement_options, model_names, parse_token_counts, placement
 from tools.report import markdown_table, plot
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dirs", nargs="+", help="model folders to compare")
+    add_model_options(parser)
     parser.add_argument("--shards", required=True, help="held-out shards: folder with manifest.json or brace pattern")
     parser.add_argument("--tokens", default="16,36,64,100,144,196,256", help="comma-separated N values")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--names", help="comma-separated model names for the table and plot (default: folder names)")
     parser.add_argument("--limit", type=int, help="evaluate only the first K samples")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="longest answer, in tokens (default: 16)")
@@ -35,7 +33,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.limit is not None and args.limit < 1) or args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--limit, --batch-size and --max-new-tokens must be >= 1")
-    names = args.names.split(",") if args.names else None
+    names = model_names(parser, args)
     device, dtype = placement(parser, args)
     try:
         counts = parse_token_counts(args.tokens)

@@ -1,6 +1,24 @@
-"""Command-line options shared by the model tools: token counts, device and dtype."""
+"""Command-line options shared by the model tools: model folders and names, token counts, device
+and dtype."""
 
+from pipeline.evaluate import default_names
 from pipeline.model import DTYPES, inference_placement
+
+
+def add_model_options(parser):
+    """The model folders a tool compares, their names in its table and plot, its output folder."""
+    parser.add_argument("model_dirs", nargs="+", help="model folders to compare")
+    parser.add_argument("--names", help="comma-separated model names for the table and plot (default: folder names)")
+    parser.add_argument("--out", required=True, help="output folder")
+
+
+def model_names(parser, args):
+    """--names as a list (the folders' names without it); a usage error when there are more or fewer
+    names than folders."""
+    names = args.names.split(",") if args.names else default_names(args.model_dirs)
+    if len(names) != len(args.model_dirs):
+        parser.error(f"{len(names)} names (--names) for {len(args.model_dirs)} model folders")
+    return names
 
 
 def parse_token_counts(text):
