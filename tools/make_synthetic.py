@@ -165,7 +165,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
     parser.add_argument("--text-only-fraction", type=float, default=0.1)
-    parser.add_argument("--multi-turn-fraction", type=float, default=0.2, help="image records that ask every question of their scene, not one (default: 0.2)")
+    parser.add_argument("--multi-turn-fraction", type=float, default=0.2,
+                        help="image records that ask every question of their scene, not one (default: 0.2)")
     parser.add_argument("--llava-like", action="store_true", help="LLaVA-like lengths of random words (see above)")
     args = parser.parse_args(argv)
     if args.n < 1 or args.image_size < 32:
