@@ -2,7 +2,8 @@
 
 Launch one process per GPU with torchrun, deepspeed or srun; rank and world size come from
 their environment. A run whose output_dir holds a checkpoint resumes from it, also with a
-different number of ranks (through a universal checkpoint; the data stream then restarts).
+different number of ranks (through a universal checkpoint) or loader workers: the data's
+current epoch continues, split over the new ranks and workers.
 """
 
 import argparse
@@ -21,7 +22,8 @@ import yaml
 from pipeline import checkpoint
 from pipeline.config import describe_options, load_config, to_dict
 from pipeline.convert import convert_checkpoint
-from pipeline.data import TrainBatches, resolve_shards
+from pipeline.data import TrainBatches
+from pipeline.data.mixture import load_mixture
 from pipeline.distributed import broadcast_from_rank0, distributed_env, init_process_group, sum_over_ranks
 from pipeline.engine import build_engine
 from pipeline.metrics import MetricsLog, Work, step_flops
@@ -115,16 +117,17 @@ def train_loop(cfg, rank, world_size, load_universal):
     engine = build_engine(model, stage.param_groups(model, cfg), cfg, load_universal=load_universal)
 
     resumed = checkpoint.load(engine, ckpt_dir)
-    trainer_state, data_state = resumed or ({"step": 0, "wandb_id": None}, None)
+    trainer_state, data_states = resumed or ({"step": 0, "wandb_id": None}, None)
     start = trainer_state["step"]
     sampler = TokenCountSampler(cfg.tokens.counts, cfg.tokens.seed)
     metrics = MetricsLog(cfg, to_dict(cfg), start, trainer_state["wandb_id"]) if rank == 0 else None
     wandb_id = broadcast_from_rank0(metrics.wandb_id if metrics else None)
-    data = TrainBatches(cfg.data, model.tokenizer, model.image_processor, rank, world_size, state=data_state)
+    data = TrainBatches(cfg.data, model.tokenizer, model.image_processor, rank, world_size, states=data_states)
 
     def save(step):
         state = {"wandb_id": wandb_id, "sampler": sampler.state_dict(), "stage": cfg.train.stage}
-        return checkpoint.save(engine, ckpt_dir, step, state, data.state_dict(), cfg.train.keep_last)
+        return checkpoint.save(engine, ckpt_dir, step, state, data.state_dict(), cfg.train.keep_last,
+                               data.mixture.manifest())
 
     checkpoint.StopRequest.install()
     engine.train()
@@ -184,7 +187,7 @@ def check_inputs(cfg):
     for key, path in paths.items():
         if not path or not Path(path).exists():
             raise FileNotFoundError(f"{key}={path!r} not found (relative paths start at {Path.cwd()})")
-    resolve_shards(cfg.data.shards)
+    load_mixture(cfg.data.shards)
     vision = stage.vision_config(cfg)
     grid = vision["image_size"] // vision["patch_size"]
     for count in cfg.tokens.counts:
