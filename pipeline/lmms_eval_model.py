@@ -28,7 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.chat import IMAGE_TOKEN
-from pipeline.model import TokenFlexVLM, inference_placement, read_vlm_config
+from pipeline.inference import inference_placement
+from pipeline.model import TokenFlexVLM, read_vlm_config
 
 
 def default_device():

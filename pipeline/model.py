@@ -2,12 +2,15 @@
 
 The vision tower always sees the full image; the step's token count N only changes how far
 the projector pools and how many slots each image marker takes in the text.
+
+This module wires the parts, splices image embeddings into the text and computes the loss; it
+also builds, loads and saves models. The image side is pipeline/vision.py (tower) and
+pipeline/projector.py; inference helpers (prompts, generation, timing) are pipeline/inference.py.
 """
 
 import importlib.util
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,19 +29,14 @@ from transformers import (
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import ModelOutput, is_flash_attn_2_available
 
-# relative imports: model folders carry this module as transformers remote code (modeling_tokenflex.py)
-from .chat import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN,
-    end_token_ids,
-    expand_image_markers,
-    load_tokenizer,
-)
-from .images import image_pixel_values
+# relative imports: model folders carry this module, and the ones it imports, as transformers
+# remote code (modeling_tokenflex.py)
+from .chat import IGNORE_INDEX, IMAGE_TOKEN, end_token_ids, load_tokenizer
+from .inference import InferenceMixin, as_dtype
 from .projector import build_projector, pooled_side
+from .vision import load_vision_tower, tower_attn_implementation, tower_features
 
 MODEL_TYPE = "tokenflex_vlm"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation"
 REMOTE_CODE = Path(__file__).with_name("modeling_tokenflex.py")
@@ -78,29 +76,6 @@ class VLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
-def as_dtype(dtype):
-    """torch dtype from a name in DTYPES, its torch name (bfloat16, as lmms-eval's model_args
-    give it), or a torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    by_torch_name = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
-    if dtype not in DTYPES and dtype not in by_torch_name:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join([*DTYPES, *by_torch_name])}")
-    return DTYPES.get(dtype) or by_torch_name[dtype]
-
-
-def inference_placement(device=None, dtype=None):
-    """(device, dtype) to run inference with: by default cuda when torch sees a GPU, else cpu;
-    bf16 on a GPU, fp32 elsewhere."""
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        raise ValueError(f"device {device!r}: {error}") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device}: torch {torch.__version__} sees {torch.cuda.device_count()} CUDA GPU(s) here")
-    return device, as_dtype(dtype or ("bf16" if device.type == "cuda" else "fp32"))
-
-
 def check_attn_implementation(attn_implementation):
     """ValueError unless the LM can run attn_implementation on this machine."""
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -113,23 +88,7 @@ def check_attn_implementation(attn_implementation):
             f"{installed}. Use sdpa instead")
 
 
-def tower_attn_implementation(tower_class, requested):
-    """requested when the vision tower's class supports it, else None (transformers' default):
-    only the LM needs variable-length attention, for packed rows."""
-    supported = {"eager": True, "sdpa": tower_class._supports_sdpa, "flash_attention_2": tower_class._supports_flash_attn}
-    return requested if supported[requested] else None
-
-
-def load_vision_tower(path, attn_implementation="sdpa"):
-    """Any HF vision encoder with a square patch grid, in fp32; a full SigLIP (text+vision)
-    folder works too."""
-    config = AutoConfig.from_pretrained(path)
-    tower_class = MODEL_MAPPING[type(getattr(config, "vision_config", config))]
-    return tower_class.from_pretrained(path, attn_implementation=tower_attn_implementation(tower_class, attn_implementation),
-                                       dtype=torch.float32)
-
-
-class TokenFlexVLM(nn.Module):
+class TokenFlexVLM(InferenceMixin, nn.Module):
     def __init__(self, config: VLMConfig, vision_tower, language_model, tokenizer, image_processor):
         super().__init__()
         self.config = config
@@ -230,12 +189,14 @@ class TokenFlexVLM(nn.Module):
 
     # ---- forward ----
 
+    def image_features(self, pixel_values):
+        """(images, 3, H, W) -> the tower's (images, patches, vision_dim) features, which every N shares."""
+        dtype = next(self.projector.parameters()).dtype
+        return tower_features(self.vision_tower, pixel_values.to(dtype), self.config.vision_feature_layer)
+
     def encode_images(self, pixel_values, num_vision_tokens):
         """(images, 3, H, W) -> (images, N, lm_dim)."""
-        dtype = next(self.projector.parameters()).dtype
-        out = self.vision_tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
-        features = out.hidden_states[self.config.vision_feature_layer]
-        return self.projector(features, num_vision_tokens)
+        return self.projector(self.image_features(pixel_values), num_vision_tokens)
 
     def embed(self, input_ids, pixel_values, image_mask, num_vision_tokens):
         """Token embeddings with each image's N projected features written into its N slots.
@@ -306,102 +267,6 @@ class TokenFlexVLM(nn.Module):
         loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
         count = int(supervised.sum()) if num_items_in_batch is None else num_items_in_batch
         return loss_sum / max(count, 1)
-
-    # ---- inference ----
-
-    def prompt_ids(self, prompt, has_image):
-        content = f"{IMAGE_TOKEN}\n{prompt}" if has_image else prompt
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                                  add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-
-    def pixel_values(self, images):
-        """PIL images -> (images, 3, H, W) on the model's device and in its dtype."""
-        return image_pixel_values(images, self.image_processor).to(self.device, self.dtype)
-
-    def image_inputs(self, pixel_values):
-        """(pixel_values, image_mask) on the model's device for a forward: the given images (a list
-        of (k, 3, H, W) tensors or None, e.g. one per sample), or one masked-out dummy when there
-        are none, since the vision path always runs (see embed)."""
-        present = [p for p in pixel_values if p is not None]
-        if present:
-            pixels = torch.cat(present).to(self.device, self.dtype)
-            return pixels, torch.ones(len(pixels), dtype=torch.bool, device=self.device)
-        size = self.image_processor.size
-        return (torch.zeros(1, 3, size["height"], size["width"], device=self.device, dtype=self.dtype),
-                torch.zeros(1, dtype=torch.bool, device=self.device))
-
-    def labelled_batch(self, samples, num_vision_tokens):
-        """A forward batch as training builds one (markers expanded to N slots, per-sequence
-        position_ids, real images flagged in image_mask), one sample per right-padded row, on
-        the model's device.
-
-        samples: dicts with input_ids, labels and pixel_values ((1, 3, H, W) or None). Right
-        padding needs no attention mask: under causal attention no real token sees a pad.
-        """
-        rows = [expand_image_markers(s["input_ids"], s["labels"], self.config.image_token_id, num_vision_tokens)
-                for s in samples]
-        width = max(len(ids) for ids, _ in rows)
-        pad = self.tokenizer.pad_token_id
-        pixel_values, image_mask = self.image_inputs([s["pixel_values"] for s in samples])
-        return {"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows], device=self.device),
-                "labels": torch.tensor([labs + [IGNORE_INDEX] * (width - len(labs)) for _, labs in rows],
-                                       device=self.device),
-                "position_ids": torch.arange(width, device=self.device).expand(len(rows), -1),
-                "pixel_values": pixel_values, "image_mask": image_mask}
-
-    def prompt_embeddings(self, prompts_ids, pixel_values, image_mask, num_vision_tokens):
-        """Left-padded embeddings and attention mask for tokenized prompts whose image markers
-        are not yet expanded; pixel_values and image_mask from image_inputs."""
-        rows = [expand_image_markers(ids, ids, self.config.image_token_id, num_vision_tokens)[0]
-                for ids in prompts_ids]
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        return self.embed(input_ids, pixel_values, image_mask, num_vision_tokens), attention_mask
-
-    def inference_inputs(self, images, prompts, num_vision_tokens):
-        """prompt_embeddings for text prompts and PIL images; an image may be None (text-only)."""
-        prompts_ids = [self.prompt_ids(prompt, image is not None) for image, prompt in zip(images, prompts, strict=True)]
-        real_images = [image for image in images if image is not None]
-        pixel_values, image_mask = self.image_inputs([self.pixel_values(real_images)] if real_images else [])
-        return self.prompt_embeddings(prompts_ids, pixel_values, image_mask, num_vision_tokens)
-
-    @torch.no_grad()
-    def generate(self, images, prompts, num_vision_tokens, max_new_tokens=32):
-        """Greedy answers, one per prompt."""
-        return self.generate_from(*self.inference_inputs(images, prompts, num_vision_tokens), max_new_tokens)
-
-    @torch.no_grad()
-    def generate_from(self, embeds, attention_mask, max_new_tokens):
-        """Greedy answers from left-padded prompt embeddings (see prompt_embeddings)."""
-        output = self.language_model.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask,
-            generation_config=self.generation_config(max_new_tokens=max_new_tokens),
-        )
-        return [a.strip() for a in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
-
-    @torch.no_grad()
-    def timed_prefill(self, make_inputs):
-        """(embeds, attention_mask, seconds): make_inputs() (vision encoding and prompt embeddings)
-        plus the prompt forward, the part that N changes. Kernels run asynchronously on an
-        accelerator, so the clock reads only after the model's device has finished."""
-        synchronize(self.device)
-        started = time.perf_counter()
-        embeds, attention_mask = make_inputs()
-        self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=1)
-        synchronize(self.device)
-        return embeds, attention_mask, time.perf_counter() - started
-
-    def prefill_seconds(self, images, prompts, num_vision_tokens):
-        return self.timed_prefill(lambda: self.inference_inputs(images, prompts, num_vision_tokens))[2]
-
-
-def synchronize(device):
-    """Wait for the work queued on device (nothing to wait for on CPU)."""
-    if device.type != "cpu":
-        torch.get_device_module(device).synchronize(device)
-
 
 def supervised_targets(labels):
     """(targets, supervised): each position's next-token label and where one exists. The one

@@ -496,7 +496,7 @@ def test_vision_tower_loads_from_a_full_siglip_folder(tmp_path):
     """A text+vision SigLIP checkpoint (how google/siglip-* ship) gives its vision model."""
     from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
 
-    from pipeline.model import load_vision_tower
+    from pipeline.vision import load_vision_tower
 
     config = SiglipConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -2,7 +2,7 @@
 and dtype."""
 
 from pipeline.evaluate import default_names
-from pipeline.model import DTYPES, inference_placement
+from pipeline.inference import DTYPES, inference_placement
 
 
 def add_model_options(parser):
