@@ -27,7 +27,7 @@ from pipeline.data.mixture import load_mixture
 from pipeline.distributed import broadcast_from_rank0, distributed_env, init_process_group, sum_over_ranks
 from pipeline.engine import build_engine
 from pipeline.metrics import MetricsLog, Work, step_flops
-from pipeline.model import write_model_folder
+from pipeline.model import supervised_targets, write_model_folder
 from pipeline.projector import pooled_side
 from pipeline.sampler import TokenCountSampler, check_same_across_ranks
 from stages import STAGES
@@ -42,37 +42,53 @@ def train_step(engine, data, num_vision_tokens, grad_accum):
     The step's loss is the sum of its token losses over every rank and micro-batch divided by
     their supervised tokens, so packed micro-batches with few or many answer tokens weigh each
     token the same. Returns this rank's share of that loss (the shares add up over ranks) and
-    each micro-batch's stats, with the Work it asked of the model.
+    each micro-batch's stats, with the Work it asked of the model and its losses by source.
     """
     batches = [data.next_batch(num_vision_tokens) for _ in range(grad_accum)]
     pad_token_id = engine.module.tokenizer.pad_token_id
     stats = [{**batch.pop("stats"), "work": Work.of(batch, pad_token_id)} for batch in batches]
     supervised = int(sum_over_ranks([sum(s["work"].supervised for s in stats)])[0])
     loss_share = 0.0
-    for batch in batches:
+    for batch, batch_stats in zip(batches, stats):
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = engine(batch, num_vision_tokens, num_items_in_batch=supervised).loss
+        out = engine(batch, num_vision_tokens, num_items_in_batch=supervised)
         # DeepSpeed averages gradients over data-parallel ranks (ZeRO's reduce divides by their
         # number): scaling by it leaves the sum over ranks. No division by grad_accum either:
         # the global token count already spans the micro-batches.
-        engine.backward(loss * engine.dp_world_size, scale_wrt_gas=False)
+        engine.backward(out.loss * engine.dp_world_size, scale_wrt_gas=False)
         engine.step()
-        loss_share += float(loss)
+        loss_share += float(out.loss)
+        batch_stats["source_losses"] = losses_by_source(out.token_losses, batch["labels"], batch["source_ids"],
+                                                        len(batch_stats["total_samples_by_source"]))
     return loss_share, stats
+
+
+def losses_by_source(token_losses, labels, source_ids, num_sources):
+    """A micro-batch's summed token losses per mixture source, then its supervised tokens per source."""
+    _, supervised = supervised_targets(labels)
+    sources = source_ids[:, 1:][supervised].cpu()  # a target token's source: the sample it belongs to
+    sums = torch.zeros(num_sources, dtype=torch.float64).index_add_(0, sources, token_losses.double().cpu())
+    return sums.tolist() + torch.bincount(sources, minlength=num_sources).tolist()
 
 
 def step_metrics(cfg, engine, step, n, loss, stats, seconds):
     """The step's metrics over all ranks (one all-reduce); the *_total counters run since the start.
 
     useful_flops and executed_flops: pipeline.metrics.step_flops, summed over ranks; on GPU,
-    mfu and hfu divide them by the step time and the ranks' peak (train.peak_tflops)."""
+    mfu and hfu divide them by the step time and the ranks' peak (train.peak_tflops).
+    Per mixture source: samples_total/<name> (consumed since the start) and loss_by_source/<name>
+    (the step's token loss over that source's supervised tokens, when it had any)."""
     world = dist.get_world_size()
     text_only = any(s["num_images"] == 0 for s in stats)
     per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images", "num_images")]
     running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
     flops = step_flops(engine.module, n, sum((s["work"] for s in stats), Work()))
-    loss, real, pad, samples, images, real_images, text_only_ranks, truncated, corrupt, useful, executed = sum_over_ranks(
-        [loss, *per_step, float(text_only), *running, *flops])
+    names = list(stats[-1]["total_samples_by_source"])
+    consumed = list(stats[-1]["total_samples_by_source"].values())
+    source_losses = [sum(values) for values in zip(*(s["source_losses"] for s in stats))]
+    totals = sum_over_ranks([loss, *per_step, float(text_only), *running, *flops, *consumed, *source_losses])
+    loss, real, pad, samples, images, real_images, text_only_ranks, truncated, corrupt, useful, executed = totals[:11]
+    consumed, loss_sums, token_counts = (totals[11 + i * len(names):11 + (i + 1) * len(names)] for i in range(3))
     metrics = {
         "step": step, "num_vision_tokens": n, "loss": loss, "lr": engine.get_lr()[0],
         "grad_norm": float(engine.get_global_grad_norm() or 0.0), "step_time_s": seconds,
@@ -81,6 +97,8 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
         "skipped_corrupt_total": int(corrupt), "useful_flops": useful, "executed_flops": executed,
         "dummy_image_fraction": 1 - real_images / images,
         "epoch": stats[-1]["epoch"],  # rank 0's data stream (see TrainBatches)
+        **{f"samples_total/{name}": int(c) for name, c in zip(names, consumed)},
+        **{f"loss_by_source/{name}": s / c for name, s, c in zip(names, loss_sums, token_counts) if c},
     }
     if torch.cuda.is_available():
         peak = seconds * world * cfg.train.peak_tflops * 1e12

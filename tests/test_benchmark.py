@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageFile
 
-from pipeline.data import resolve_shards
+from pipeline.data.mixture import resolve_source
 from pipeline.evaluate import normalise
 from pipeline.model import TokenFlexVLM
 from pipeline.model_card import EVALUATION_HEADING
@@ -67,7 +67,7 @@ def task_dir(synthetic_shards, tmp_path_factory):
     does (case and trailing punctuation ignored), and a multiple-choice one (log-likelihoods)."""
     folder = tmp_path_factory.mktemp("lmms_task")
     rows = {"key": [], "question": [], "answer": [], "choices": [], "image": []}
-    for sample in list(wds.tarfile_to_samples()({"url": url} for url in resolve_shards(synthetic_shards)))[:LIMIT]:
+    for sample in list(wds.tarfile_to_samples()({"url": url} for url in resolve_source(str(synthetic_shards))[0]))[:LIMIT]:
         record = json.loads(sample["json"])
         if len(record["conversations"]) != 2:
             continue

@@ -22,25 +22,9 @@ from pipeline.data.mixture import load_mixture
 from pipeline.data.stream import SampleStream
 from pipeline.images import image_pixel_values, set_image_aspect
 from tests.distributed import REPO
-from tools import build_shards, make_synthetic, make_tiny_models
+from tools import build_shards, make_synthetic
 
 N_SEQUENCE = [16, 64, 256, 144, 16, 256, 64, 64, 144, 16, 256, 64]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    make_tiny_models.main([str(out)])
-    return load_tokenizer(out / "qwen2"), AutoImageProcessor.from_pretrained(out / "vision")
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    """300 synthetic records in 8 shards of 40 (the last one 20)."""
-    root = tmp_path_factory.mktemp("synth")
-    make_synthetic.main(["--out", str(root / "raw"), "--n", "300", "--seed", "7"])
-    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=40)
-    return root
 
 
 def batches(cfg, models, ns, rank=0, world_size=1, states=None):

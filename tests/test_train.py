@@ -34,12 +34,12 @@ def signal_workers(torchrun, sig):
 
 
 @pytest.fixture(scope="module")
-def resumed_stage1(tiny_models, synthetic_shards, tmp_path_factory):
+def resumed_stage1(tiny_models, mixture, tmp_path_factory):
     """The same run, SIGKILLed after it has logged 6 steps (past its step-4 checkpoint), then
     started again. Returns the output folder, the steps logged before the kill, the checkpoint
     step it resumed from and the resumed run's log."""
     out = tmp_path_factory.mktemp("resumed") / "run"
-    process = subprocess.Popen(torchrun_command("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, synthetic_shards)),
+    process = subprocess.Popen(torchrun_command("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, mixture)),
                                cwd=REPO, env=cpu_training_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics_file = out / "metrics.jsonl"
     deadline = time.time() + 240
@@ -51,7 +51,7 @@ def resumed_stage1(tiny_models, synthetic_shards, tmp_path_factory):
     process.wait()
     killed_at = len(metrics(out))
     checkpoint_step = int((out / "checkpoints" / "latest").read_text().removeprefix("step-"))
-    result = run_training("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, synthetic_shards))
+    result = run_training("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, mixture))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, killed_at, checkpoint_step, result.stderr
 
