@@ -145,7 +145,7 @@ def train_loop(cfg, rank, world_size, load_universal):
     def save(step):
         state = {"wandb_id": wandb_id, "sampler": sampler.state_dict(), "stage": cfg.train.stage}
         return checkpoint.save(engine, ckpt_dir, step, state, data.state_dict(), cfg.train.keep_last,
-                               data.mixture.manifest())
+                               data.mixture.manifest(cfg.data.seed))
 
     checkpoint.StopRequest.install()
     engine.train()

@@ -2,7 +2,6 @@
 shapes, bitwise resume, the image budget, image aspect, and the packer's figures on LLaVA-like
 data. Epochs across the job and resumes at other layouts: tests/test_data_epochs.py."""
 
-import collections
 import copy
 import json
 import shutil
@@ -14,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, load_tokenizer, tokenize_record
+from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
 from pipeline.config import DataConfig, load_config
 from pipeline.data import TrainBatches, iter_samples
 from pipeline.data.decode import Decoder, measure_text_tokens_per_image

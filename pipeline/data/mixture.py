@@ -69,9 +69,9 @@ class Mixture:
     def epoch_length(self) -> int:
         return sum(self.takes())
 
-    def manifest(self) -> dict:
-        """What a checkpoint and a model card record of the data: sources, sizes, shares, epoch length."""
-        return {"mode": self.mode, "epoch_samples": self.epoch_length(),
+    def manifest(self, seed: int) -> dict:
+        """What a checkpoint and a model card record of the data: sources, sizes, shares, epoch length, seed."""
+        return {"mode": self.mode, "epoch_samples": self.epoch_length(), "seed": seed,
                 "sources": [{"name": s.name, "shards": s.shards, "num_shards": len(s.urls), "samples": s.num_samples,
                              self.mode: getattr(s, self.mode), "samples_per_epoch": take}
                             for s, take in zip(self.sources, self.takes())]}

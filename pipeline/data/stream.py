@@ -24,7 +24,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.decode import Decoder, SampleError
 from pipeline.data.mixture import load_mixture
-from pipeline.data.plan import Sequence, count, epoch_sequence, in_order_pieces, slice_intervals, take_share, worker_task
+from pipeline.data.plan import (
+    Sequence,
+    count,
+    epoch_sequence,
+    in_order_pieces,
+    slice_intervals,
+    take_share,
+    worker_task,
+)
 from pipeline.data.shards import ReadingBoard, ShardError, read_shard
 
 # Workers are forked after the tokenizer is built; its thread pool must not be in use then.
