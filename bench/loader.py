@@ -2,8 +2,14 @@
 
 1. samples/s of the streaming loader (shards -> decode + tokenize in DataLoader workers) with
    1 and 2 workers, next to a LLaVA-style map dataset (JSON + image folder, same decode and
-   tokenization) read through a DataLoader with the same worker counts;
-2. the packer at N in {64, 144, 256} with the shipped stage configs' row shapes (seq_len x
+   tokenization) read through a DataLoader with the same worker counts; and of the training
+   stream over one epoch of a mixture of three sources (the synthetic shards, LLaVA-like ones
+   at repeat 0.5, 128 px synthetic ones at repeat 2: epochs cut into equal slices that start
+   mid-shard, shuffled through the default 256-sample buffer);
+2. resuming that mixture after 20 packed batches: seconds to the first batch afresh, replayed at
+   the same layout (bitwise) and continued at another (1 rank x 2 workers -> rank 0 of 2 x 1),
+   and the size of the saved data state;
+3. the packer at N in {64, 144, 256} with the shipped stage configs' row shapes (seq_len x
    rows_per_batch) and the image budget measured on the data (text_tokens_per_image: auto), on
    the synthetic data and on a LLaVA-like length distribution (text lengths lognormal around
    ~120 tokens, 2% long ones of 600-1500 tokens, 10% text-only): padding fraction, dummy-image
@@ -14,6 +20,7 @@
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -26,8 +33,13 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor
 
 from pipeline.chat import load_tokenizer, tokenize_record
+import yaml
+
 from pipeline.config import DataConfig, load_config
-from pipeline.data import SampleStream, TrainBatches, resolve_shards
+from pipeline.data import TrainBatches
+from pipeline.data.decode import Decoder
+from pipeline.data.mixture import load_mixture
+from pipeline.data.stream import SampleStream
 from tools import build_shards, make_synthetic, make_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +75,22 @@ def samples_per_second(loader, expected):
     return count / (time.perf_counter() - start)
 
 
+def epoch_rate(mixture, models, workers, shuffle_buffer=256):
+    """Items/s of the training stream over one epoch of the mixture."""
+    stream = SampleStream(mixture, Decoder(*models), shuffle_buffer=shuffle_buffer)
+    start, length = time.perf_counter(), mixture.epoch_length()
+    for count, _ in enumerate(DataLoader(stream, batch_size=None, num_workers=workers), 1):
+        if count == length:
+            return length / (time.perf_counter() - start)
+
+
+def first_batch_seconds(cfg, models, **kwargs):
+    start = time.perf_counter()
+    loader = TrainBatches(cfg, *models, **kwargs)
+    loader.next_batch(144)
+    return time.perf_counter() - start, loader
+
+
 def packing_row(cfg, models, n, batches):
     """(text tokens per image, padding, dummy-image fraction, image budget, samples/batch, truncated, dropped)
     over `batches` batches."""
@@ -92,11 +120,23 @@ def main(argv=None):
         manifest = build_shards.build(str(work / "synth" / "data.json"), str(work / "synth"), str(work / "shards"),
                                       samples_per_shard=250, workers=2)
         total = manifest["total_samples"]
+        llava = work / "llava_like"
+        make_synthetic.main(["--out", str(llava), "--n", str(args.n), "--llava-like"])
+        build_shards.build(str(llava / "data.json"), str(llava), str(work / "llava_shards"), samples_per_shard=250)
+        large = work / "synth_128"
+        make_synthetic.main(["--out", str(large), "--n", str(args.n // 3), "--image-size", "128", "--seed", "1"])
+        build_shards.build(str(large / "data.json"), str(large), str(work / "shards_128"), samples_per_shard=250)
+        mixture_file = work / "mixture.yaml"
+        mixture_file.write_text(yaml.safe_dump({"sources": [
+            {"name": "synthetic", "shards": "shards", "repeat": 1},
+            {"name": "llava_like", "shards": "llava_shards", "repeat": 0.5},
+            {"name": "synthetic_128px", "shards": "shards_128", "repeat": 2}]}))
+        mixture = load_mixture(str(mixture_file))
 
         print(f"\n## Throughput: {total} synthetic samples (64 px PNG), decode + tokenize, one pass")
         print("| loader | workers | samples/s |\n|---|---|---|")
         for workers in [1, 2]:
-            stream = SampleStream(resolve_shards(str(work / "shards")), *models, endless=False)
+            stream = SampleStream(load_mixture(str(work / "shards")), Decoder(*models), endless=False)
             rate = samples_per_second(DataLoader(stream, batch_size=None, num_workers=workers), total)
             print(f"| streaming shards | {workers} | {rate:.0f} |")
         for workers in [1, 2]:
@@ -104,10 +144,26 @@ def main(argv=None):
             loader = DataLoader(dataset, batch_size=None, num_workers=workers, shuffle=True,
                                 generator=torch.Generator().manual_seed(0))
             print(f"| LLaVA map dataset | {workers} | {samples_per_second(loader, total):.0f} |")
+        sizes = ", ".join(f"{s.name} {s.num_samples} x {s.repeat:g}" for s in mixture.sources)
+        for workers in [1, 2]:
+            print(f"| training stream, mixture of 3 sources ({sizes}: {mixture.epoch_length()} an epoch) | {workers} | "
+                  f"{epoch_rate(mixture, models, workers):.0f} |", flush=True)
 
-        llava = work / "llava_like"
-        make_synthetic.main(["--out", str(llava), "--n", str(args.n), "--llava-like"])
-        build_shards.build(str(llava / "data.json"), str(llava), str(work / "llava_shards"), samples_per_shard=250)
+        print("\n## Resume of the mixture after 20 packed batches (4 x 2048 rows, N = 144)")
+        cfg = DataConfig(shards=str(mixture_file), seq_len=2048, rows_per_batch=4, num_workers=2, text_tokens_per_image=64)
+        fresh, loader = first_batch_seconds(cfg, models)
+        for _ in range(20):
+            loader.next_batch(144)
+        state = json.loads(json.dumps(loader.state_dict()))
+        del loader
+        replay, _ = first_batch_seconds(cfg, models, states=[state])
+        other, _ = first_batch_seconds(dataclasses.replace(cfg, num_workers=1), models, rank=0, world_size=2, states=[state])
+        print("| start | seconds to the first batch |\n|---|---|")
+        print(f"| afresh, 1 rank x 2 workers | {fresh:.1f} |\n| replayed, same layout (bitwise) | {replay:.1f} |\n"
+              f"| continued at 2 ranks x 1 worker (rank 0) | {other:.1f} |")
+        print(f"\nSaved data state: {len(json.dumps(state))} bytes of JSON ({len(state['window'])} samples in the pack "
+              f"window, {sum(len(w['missing']) for w in state['workers'])} in shuffle buffers and prefetch)")
+
         lengths = [len(tokenize_record(r, models[0], int("image" in r))[0])
                    for r in json.loads((llava / "data.json").read_text())]
         print(f"\nLLaVA-like text tokens per sample: median {statistics.median(lengths):.0f}, "
