@@ -73,15 +73,14 @@ class TrainBatches:
         # Dummy pixel shape: what the processor makes of any image (fixed-size processors only).
         self.pixel_shape = image_pixel_values([Image.new("RGB", (8, 8))], image_processor, cfg.image_aspect).shape[1:]
         self.counters = {**dict.fromkeys(self.COUNTERS, 0), "samples_by_source": {s.name: 0 for s in self.mixture.sources}}
+        for state in states or []:
+            check_compatible(state, self._identity())
         if not states:
             self._open(first_epoch=0, open_epochs={})
         elif len(states) == world_size and states[rank]["layout"] == self._layout():
-            check_compatible(states[rank], self._identity())
             self.counters = copy.deepcopy(states[rank]["counters"])
             self._open(replay=states[rank])
         else:
-            for state in states:
-                check_compatible(state, self._identity())
             self._continue(states)
 
     def image_budget(self, num_vision_tokens: int) -> int:
@@ -95,7 +94,8 @@ class TrainBatches:
     def _layout(self) -> dict:
         """What must also match to replay the stream bit for bit."""
         c = self.cfg
-        return {"rank": self.rank, "world_size": self.world_size, "num_workers": c.num_workers,
+        # num_workers 0 (reading in this process) and 1 give the same stream
+        return {"rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
                 "shuffle_buffer": c.shuffle_buffer, "pack_window": c.pack_window}
 
     def _task(self, epoch: int, worker: int):
@@ -110,7 +110,7 @@ class TrainBatches:
             saved = states[0]["layout"]
             log.warning("data state saved by %d ranks x %d workers, resumed by %d x %d: epoch %s continues, its %d "
                         "samples not yet consumed split over the new ranks and workers (not bitwise as an "
-                        "uninterrupted run)", saved["world_size"], max(1, saved["num_workers"]), self.world_size,
+                        "uninterrupted run)", saved["world_size"], saved["num_workers"], self.world_size,
                         self.num_workers, "-".join(map(str, sorted({min(remaining), max(remaining)}))),
                         sum(count(i) for i in remaining.values()))
         self._open(first_epoch=min(remaining), open_epochs=remaining)

@@ -93,7 +93,7 @@ def resolve_source(spec: str, where: str = "data.shards") -> tuple[list[str], li
             raise FileNotFoundError(f"{where}: {spec} is a folder without manifest.json (build it with tools.build_shards)")
         with open(manifest_path) as f:
             shards = [(os.path.join(spec, s["name"]), s["num_samples"]) for s in json.load(f)["shards"]]
-    elif os.path.isfile(spec) or any(c in spec for c in "{*?"):
+    elif os.path.isfile(spec) or "{" in spec:
         paths = list(braceexpand.braceexpand(spec))
         shards = [(p, None) for p in paths]
     else:
