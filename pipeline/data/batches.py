@@ -8,29 +8,25 @@ pipeline/data/state.py's.
 """
 
 import copy
-import functools
 import logging
 import os
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers
 from pipeline.data.decode import Decoder, measure_text_tokens_per_image
 from pipeline.data.mixture import load_mixture
-from pipeline.data.plan import count, worker_task
-from pipeline.data.shards import ReadingBoard
+from pipeline.data.plan import count
 from pipeline.data.state import (
     VERSION,
-    Progress,
     check_compatible,
     open_epochs_of,
     remaining_positions,
     replay_plan,
     summed_counters,
 )
-from pipeline.data.stream import SampleStream, _exiting, loader_worker_setup
+from pipeline.data.stream import RankStream
 from pipeline.images import image_pixel_values
 from pipeline.packing import choose_row, image_budget, image_slots_fit, sample_length
 
@@ -98,9 +94,6 @@ class TrainBatches:
         return {"rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
                 "shuffle_buffer": c.shuffle_buffer, "pack_window": c.pack_window}
 
-    def _task(self, epoch: int, worker: int):
-        return worker_task(self.length, self.open_epochs, epoch, self.world_size, self.num_workers, self.rank, worker)
-
     def _continue(self, states: list) -> None:
         """Resume from the states of another layout: what the job had not consumed of the epochs it
         was in is split over this layout's ranks x workers; rank 0 carries on the job's counters."""
@@ -118,51 +111,23 @@ class TrainBatches:
     def _open(self, first_epoch: int = 0, open_epochs: dict | None = None, replay: dict | None = None) -> None:
         """Start the workers, afresh from first_epoch or replaying a state of this same layout up to
         its saved position: consumed positions come back as placeholders, pending ones decoded."""
-        cfg, workers = self.cfg, self.num_workers
-        plan = replay_plan(replay) if replay else None
-        self.open_epochs = open_epochs_of(replay) if replay else open_epochs
-        restarts = [w["restart"] for w in plan] if plan else [(first_epoch, 0)] * workers
-        self.latest = list(restarts)  # per worker: epoch_start of its newest item
-        self.progress = [Progress(epoch) for epoch, _ in restarts]
-        self.pulled, self.window = min(start for _, start in restarts) * workers, []
-        self.board = ReadingBoard(workers)
-        stream = SampleStream(self.mixture, Decoder(self.tokenizer, self.image_processor, cfg.image_aspect),
-                              self.rank, self.world_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                              first_epoch=first_epoch, open_epochs=self.open_epochs, replay=plan, board=self.board)
-        self.items = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
-                                     timeout=cfg.read_timeout_s if cfg.num_workers else 0,
-                                     worker_init_fn=functools.partial(loader_worker_setup, _exiting)))
+        decoder = Decoder(self.tokenizer, self.image_processor, self.cfg.image_aspect)
+        self.stream = RankStream(self.mixture, decoder, self.cfg, self.rank, self.world_size, first_epoch,
+                                 open_epochs_of(replay) if replay else open_epochs,
+                                 replay_plan(replay) if replay else None)
+        self.window = []
         if replay is None:
             return
-        while self.pulled < replay["pulled"]:
-            item = self._pull()
+        while self.stream.pulled < replay["pulled"]:
+            item = self.stream.pull()
             if item["kind"] == "sample":
                 self._accept(item)
         saved = [tuple(w[:3]) for w in replay["window"]]
         if [(s["worker"], s["epoch"], s["position"]) for s in self.window] != saved or \
-                [p.as_dict() for p in self.progress] != [{k: w[k] for k in ("epoch", "read", "missing")}
-                                                        for w in replay["workers"]]:
+                [p.as_dict() for p in self.stream.progress] != [{k: w[k] for k in ("epoch", "read", "missing")}
+                                                               for w in replay["workers"]]:
             raise RuntimeError(f"resume of rank {self.rank}: the replayed stream differs from the saved one; "
                                f"did the shards change?")
-
-    def _pull(self) -> dict:
-        try:
-            item = next(self.items)
-        except RuntimeError as exn:
-            if "timed out" not in str(exn):
-                raise
-            worker = self.pulled % self.num_workers  # the loader takes items from its workers in turn
-            raise TimeoutError(f"rank {self.rank}: data loader worker {worker} delivered nothing for "
-                               f"{self.cfg.read_timeout_s:g} s (data.read_timeout_s); it was reading "
-                               f"{self.board.get(worker) or 'no shard yet'}") from None
-        if item["index"] != self.pulled:
-            raise RuntimeError(f"rank {self.rank}: stream item {item['index']} arrived at position {self.pulled}")
-        self.pulled += 1
-        worker = item["worker"]
-        self.latest[worker] = tuple(item["epoch_start"])
-        if item["position"] is not None:  # not a filler
-            self.progress[worker].update(item["epoch"], item["read"], item["position"], self._task(item["epoch"], worker))
-        return item
 
     def _accept(self, sample: dict) -> None:
         sample["markers"] = [i for i, t in enumerate(sample["input_ids"]) if t == self.image_token_id]
@@ -171,7 +136,7 @@ class TrainBatches:
 
     def _fill_window(self) -> None:
         while len(self.window) < self.cfg.pack_window:
-            item = self._pull()
+            item = self.stream.pull()
             if item["kind"] == "sample":
                 self._accept(item)
             elif item["kind"] == "skip":
@@ -238,23 +203,15 @@ class TrainBatches:
         self.counters["samples_packed"] += num_samples
         stats = {"samples": packed, "num_samples": num_samples, "num_images": num_images, "max_images": max_images,
                  "real_tokens": real_tokens, "pad_tokens": input_ids.numel() - real_tokens,
-                 "epoch": min(epoch for epoch, _ in self.latest),
+                 "epoch": self.stream.epoch,
                  **{"total_" + k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "source_ids": source_ids,
                 "pixel_values": pixels, "image_mask": image_mask, "stats": stats}
 
     def state_dict(self) -> dict:
-        """Small and layout-independent (see pipeline/data/state.py): per worker its progress and
-        the epoch start to replay from (the oldest of its newest item's and its waiting samples');
-        the window's positions; the counters; what is left of epochs begun under another layout."""
-        restart = list(self.latest)
-        for sample in self.window:
-            restart[sample["worker"]] = min(restart[sample["worker"]], sample["epoch_start"])
-        oldest = min(epoch for epoch, _ in restart)
+        """Small and layout-independent (see pipeline/data/state.py): the stream's position, the
+        window's samples (positions), the counters."""
         return {"version": VERSION, "identity": self._identity(), "layout": self._layout(),
-                "open_epochs": [[e, [list(i) for i in intervals]] for e, intervals in sorted(self.open_epochs.items())
-                                if e >= oldest],
-                "pulled": self.pulled,
-                "workers": [{**p.as_dict(), "restart": list(r)} for p, r in zip(self.progress, restart)],
+                **self.stream.state(self.window),
                 "window": [[s["worker"], s["epoch"], s["position"], s["index"]] for s in self.window],
                 "counters": {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}

@@ -12,6 +12,7 @@ per-worker count x num_workers + worker), its epoch and position, where its work
 
 import atexit
 import ctypes
+import functools
 import logging
 import multiprocessing.util  # registers multiprocessing's exit handler before ours (see _exiting)
 import os
@@ -34,6 +35,7 @@ from pipeline.data.plan import (
     worker_task,
 )
 from pipeline.data.shards import ReadingBoard, ShardError, read_shard
+from pipeline.data.state import Progress
 
 # Workers are forked after the tokenizer is built; its thread pool must not be in use then.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -135,6 +137,68 @@ def pending_positions(replay, epoch, task):
     pending = set(replay["pending"].get(epoch, ()))
     unread = slice_intervals(task, replay["read"], count(task)) if epoch == replay["epoch"] else []
     return lambda position: position in pending or any(a <= position < b for a, b in unread)
+
+
+class RankStream:
+    """One rank's items from its DataLoader workers (SampleStream), in the loader's order, and what
+    the main process knows of each worker's progress, for the resume state (pipeline/data/state.py).
+
+    Starts afresh at first_epoch or, with `replay` (state.replay_plan of a state of this same
+    layout), restarts each worker where the plan says; open_epochs: see SampleStream.
+    """
+
+    def __init__(self, mixture, decoder: Decoder, cfg, rank: int, world_size: int, first_epoch: int,
+                 open_epochs: dict, replay: list | None = None):
+        self.rank, self.world_size, self.timeout = rank, world_size, cfg.read_timeout_s
+        self.num_workers, self.length, self.open_epochs = max(1, cfg.num_workers), mixture.epoch_length(), open_epochs
+        restarts = [w["restart"] for w in replay] if replay else [(first_epoch, 0)] * self.num_workers
+        self.latest = list(restarts)  # per worker: epoch_start of its newest item
+        self.progress = [Progress(epoch) for epoch, _ in restarts]
+        self.pulled = min(start for _, start in restarts) * self.num_workers
+        self.board = ReadingBoard(self.num_workers)
+        stream = SampleStream(mixture, decoder, rank, world_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                              first_epoch=first_epoch, open_epochs=open_epochs, replay=replay, board=self.board)
+        self.items = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+                                     timeout=self.timeout if cfg.num_workers else 0,
+                                     worker_init_fn=functools.partial(loader_worker_setup, _exiting)))
+
+    @property
+    def epoch(self) -> int:
+        """The oldest epoch a worker of this rank is still reading."""
+        return min(epoch for epoch, _ in self.latest)
+
+    def pull(self) -> dict:
+        try:
+            item = next(self.items)
+        except RuntimeError as exn:
+            if "timed out" not in str(exn):
+                raise
+            worker = self.pulled % self.num_workers  # the loader takes items from its workers in turn
+            raise TimeoutError(f"rank {self.rank}: data loader worker {worker} delivered nothing for "
+                               f"{self.timeout:g} s (data.read_timeout_s); it was reading "
+                               f"{self.board.get(worker) or 'no shard yet'}") from None
+        if item["index"] != self.pulled:
+            raise RuntimeError(f"rank {self.rank}: stream item {item['index']} arrived at position {self.pulled}")
+        self.pulled += 1
+        worker, epoch = item["worker"], item["epoch"]
+        self.latest[worker] = tuple(item["epoch_start"])
+        if item["position"] is not None:  # not a filler
+            task = worker_task(self.length, self.open_epochs, epoch, self.world_size, self.num_workers, self.rank, worker)
+            self.progress[worker].update(epoch, item["read"], item["position"], task)
+        return item
+
+    def state(self, waiting: list) -> dict:
+        """The stream's part of the resume state, given the items still waiting in the pack window:
+        per worker its progress and the epoch start to replay from (the oldest of its newest
+        item's and its waiting ones'); what is left of epochs begun under another layout."""
+        restart = list(self.latest)
+        for item in waiting:
+            restart[item["worker"]] = min(restart[item["worker"]], tuple(item["epoch_start"]))
+        oldest = min(epoch for epoch, _ in restart)
+        return {"open_epochs": [[e, [list(i) for i in intervals]] for e, intervals in sorted(self.open_epochs.items())
+                                if e >= oldest],
+                "pulled": self.pulled,
+                "workers": [{**p.as_dict(), "restart": list(r)} for p, r in zip(self.progress, restart)]}
 
 
 def iter_samples(shards, tokenizer, image_processor, rank=0, world_size=1, num_workers=0, with_record=True):
