@@ -67,6 +67,25 @@ def test_stage1_trains_only_the_projector_and_loss_goes_down(stage1_run):
     assert f"step 10/{STEPS}  N={step10['num_vision_tokens']}  loss {step10['loss']:.4f}" in log
 
 
+def test_metrics_split_samples_and_loss_by_mixture_source(stage1_run):
+    """The stage-1 run trains on a two-source mixture: samples_total/<name> add up to the samples
+    the steps packed, and the step's loss is the token-weighted mean of its sources' losses."""
+    records = metrics(stage1_run)
+    packed = 0
+    for record in records:
+        packed += round(record["samples_per_s"] * record["step_time_s"])
+        assert record["samples_total/synthetic"] + record["samples_total/hard"] == packed
+    both = 0
+    for record in records:
+        by_source = [v for k, v in record.items() if k.startswith("loss_by_source/")]
+        if len(by_source) == 1:
+            assert by_source[0] == pytest.approx(record["loss"], rel=1e-6)  # the loss sums in fp32
+        else:
+            assert min(by_source) < record["loss"] < max(by_source)
+            both += 1
+    assert 0 < both < len(records)
+
+
 def test_stage1_leaves_frozen_weights_bit_identical(stage1_run, tiny_models):
     final = load_file(stage1_run / "final" / "model.safetensors")
     vision = load_file(tiny_models / "vision" / "model.safetensors")
