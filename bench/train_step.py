@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
 from pipeline.chat import IGNORE_INDEX
 from pipeline.metrics import Work, step_flops
@@ -80,7 +80,9 @@ def build_model(args, device):
                                       attn_implementation="sdpa"))
     config = VLMConfig(vision_config=vision.config.to_dict(), text_config=lm.config.to_dict(),
                        image_token_id=lm_shape["vocab_size"] - 1)  # any id inside the vocabulary
-    model = TokenFlexVLM(config, vision, lm, tokenizer=None, image_processor=None)
+    size = VISION[args.vision]["image_size"]
+    processor = SiglipImageProcessor(size={"height": size, "width": size})  # SigLIP's: bicubic, mean and std 0.5
+    model = TokenFlexVLM(config, vision, lm, tokenizer=None, image_processor=processor)
     if args.freeze_vision:  # stage 2's default (optim.vision_lr 0)
         model.vision_tower.requires_grad_(False)
     return model.to(device).train()
@@ -99,7 +101,8 @@ def make_batch(args, model, n, device):
     batch = {
         "input_ids": input_ids, "labels": labels,
         "position_ids": torch.arange(input_ids.shape[1]).expand(args.batch, -1).contiguous(),
-        "pixel_values": torch.randn(args.batch, 3, image_size, image_size, generator=generator),
+        "pixel_values": torch.randint(0, 256, (args.batch, 3, image_size, image_size), dtype=torch.uint8,
+                                      generator=generator),
         "image_mask": torch.ones(args.batch, dtype=torch.bool),
     }
     return {k: v.to(device) for k, v in batch.items()}
