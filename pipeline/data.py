@@ -337,7 +337,10 @@ class TrainBatches:
         stream = SampleStream(self.urls, self.tokenizer, self.image_processor, self.rank, self.world_size,
                               seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer,
                               image_aspect=self.cfg.image_aspect, resume=resume)
-        self.items = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+        # Workers keep about a packing window of samples ready while the trainer steps; with
+        # DataLoader's default (2 per worker) they idle, and the next batch waits on them.
+        prefetch = max(2, -(-self.cfg.pack_window // self.num_workers)) if self.cfg.num_workers else None
+        self.items = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=prefetch,
                                      worker_init_fn=functools.partial(loader_worker_setup, _exiting)))
         while self.pulled < resume["pulled"]:
             item = self._pull()
