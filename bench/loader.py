@@ -7,10 +7,11 @@
 2. real photographs at SigLIP-so400m's 384 px (its preprocessor config, written here: bicubic,
    rescale 1/255, mean and std 0.5; image_aspect pad, the shipped configs'): COCO-size JPEGs
    (about 640x480, median ~60 KB) and large ones (1,500-2,048 px), made by bench/photos.py from
-   matplotlib's sample photograph. Per file: the bare JPEG decode, decode + the pipeline's
-   preparation (pipeline/images.py) and decode + transformers' image processor, in this
-   process; then samples/s of the streaming loader per worker count, its time per sample and
-   that time over the bare decode of the same files;
+   matplotlib's sample photograph. CPU time per file of the bare JPEG decode, of decode + the
+   pipeline's preparation (pipeline/images.py) and of decode + transformers' image processor,
+   in this process; the loader workers' CPU time per sample (all a worker does: tar reading,
+   decoding, preparing, tokenizing, handing items over) and its ratio to the bare decode of the
+   same files; and the streaming loader's wall-clock samples/s with 1 and 2 workers;
 3. samples/s one GPU consumes (bench/train_step's FLOPs from the shapes: H100 SXM at MFU 0.4,
    SigLIP-so400m, 0.5B/1.5B/7B Qwen2-shaped LMs, stages 1 and 2, N = 64 and 256, 128 text
    tokens per sample) and the loader workers per GPU that takes at the measured rates;
@@ -21,7 +22,8 @@
    fraction (image slots the vision tower encodes without a real image), samples per batch,
    truncated and dropped samples; and, for comparison, the old fixed text_tokens_per_image 64.
 
-Timings are the best of --repeats passes: other jobs sharing the machine only slow a pass down.
+Timings are the best of --repeats passes, and CPU times where the table says so: other jobs
+sharing the machine delay a pass far more than they change the work it does.
 
     python -m bench.loader --n 3000
 """
@@ -30,6 +32,7 @@ import argparse
 import json
 import math
 import random
+import resource
 import statistics
 import tempfile
 import time
@@ -90,14 +93,15 @@ def so400m_processor(folder):
     return AutoImageProcessor.from_pretrained(folder)
 
 
-def best_ms_per_item(function, items, repeats):
-    """Milliseconds per item of function over items: the best of `repeats` passes."""
+def best_cpu_ms_per_item(function, items, repeats):
+    """CPU milliseconds (this process's) per item of function over items: the best of `repeats`
+    passes. CPU time, not wall time: other jobs on the machine delay a pass more than they slow it."""
     best = math.inf
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         for item in items:
             function(item)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.process_time() - start)
     return 1000 * best / len(items)
 
 
@@ -141,13 +145,26 @@ def photo_shards(work, kind, n):
     return [folder / "images" / name for name in names], work / f"{kind}_shards"
 
 
+def workers_cpu_seconds(urls, models, workers, total, image_aspect):
+    """(samples/s, CPU seconds of the workers) of one pass of the streaming loader over urls. The
+    workers' CPU time is read once the pass has ended and they have exited."""
+    stream = SampleStream(urls, *models, endless=False, image_aspect=image_aspect)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rate = samples_per_second(DataLoader(stream, batch_size=None, num_workers=workers), total)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return rate, after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+
+
 def stream_rate(shards, models, workers, total, repeats, image_aspect=None):
-    """samples/s of the streaming loader over the shards: the best of `repeats` passes."""
-    best = 0.0
+    """(samples/s, workers' CPU ms per sample) of the streaming loader over the shards, each the
+    best of `repeats` passes. The CPU time counts all a worker does per sample (tar reading,
+    decoding, preparing, tokenizing, handing items over), less its start-up (an empty pass's)."""
+    best_rate, best_cpu = 0.0, math.inf
     for _ in range(repeats):
-        stream = SampleStream(resolve_shards(str(shards)), *models, endless=False, image_aspect=image_aspect)
-        best = max(best, samples_per_second(DataLoader(stream, batch_size=None, num_workers=workers), total))
-    return best
+        start_up = workers_cpu_seconds([], models, workers, 0, image_aspect)[1]
+        rate, cpu = workers_cpu_seconds(resolve_shards(str(shards)), models, workers, total, image_aspect)
+        best_rate, best_cpu = max(best_rate, rate), min(best_cpu, 1000 * (cpu - start_up) / total)
+    return best_rate, best_cpu
 
 
 def packing_row(cfg, models, n, batches):
@@ -186,7 +203,7 @@ def main(argv=None):
         print(f"\n## Throughput: {total} synthetic samples (64 px PNG), decode + tokenize")
         print("| loader | workers | samples/s |\n|---|---|---|")
         for workers in [1, 2]:
-            print(f"| streaming shards | {workers} | {stream_rate(work / 'shards', models, workers, total, args.repeats):.0f} |")
+            print(f"| streaming shards | {workers} | {stream_rate(work / 'shards', models, workers, total, args.repeats)[0]:.0f} |")
         for workers in [1, 2]:
             dataset = LlavaMapDataset(work / "synth" / "data.json", work / "synth", *models)
             loader = DataLoader(dataset, batch_size=None, num_workers=workers, shuffle=True,
@@ -195,25 +212,27 @@ def main(argv=None):
 
         so400m = (models[0], so400m_processor(work / "so400m"))
         print("\n## Real photographs at 384 px: SigLIP-so400m's image processor, image_aspect pad")
+        print("CPU milliseconds per file or sample; the loader's samples/s are wall-clock.\n")
         print("| photos | files | median file | bare JPEG decode | decode + pipeline's preparation | "
-              "decode + transformers' processor | loader, 1 worker | per sample | vs bare decode | "
-              "loader, 2 workers |\n|---|---|---|---|---|---|---|---|---|---|")
+              "decode + transformers' processor | loader worker per sample | vs bare decode | "
+              "loader, 1 worker | loader, 2 workers |\n|---|---|---|---|---|---|---|---|---|---|")
         per_worker = {}
         for kind, n in [("coco", args.photos), ("large", args.large_photos)]:
             files, shards = photo_shards(work, kind, n)
             sizes = [Image.open(f).size for f in files]
             median_kb = statistics.median(f.stat().st_size for f in files) / 1000
-            decode = best_ms_per_item(bare_decode, files, args.repeats)
-            pipeline = best_ms_per_item(pipeline_path(so400m[1]), files, args.repeats)
-            processor = best_ms_per_item(processor_path(so400m[1]), files[:max(10, n // 10)], args.repeats)
-            rates = [stream_rate(shards, so400m, workers, n, args.repeats, "pad") for workers in [1, 2]]
-            per_worker[kind] = rates[0]
+            decode = best_cpu_ms_per_item(bare_decode, files, args.repeats)
+            pipeline = best_cpu_ms_per_item(pipeline_path(so400m[1]), files, args.repeats)
+            processor = best_cpu_ms_per_item(processor_path(so400m[1]), files[:max(10, n // 10)], args.repeats)
+            (rate, worker_ms), (rate_2, _) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
+                                              for workers in [1, 2])
+            per_worker[kind] = 1000 / worker_ms
             print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
-                  f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {rates[0]:.0f} samples/s | "
-                  f"{1000 / rates[0]:.2f} ms | {1000 / rates[0] / decode:.2f}x | {rates[1]:.0f} samples/s |", flush=True)
+                  f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
+                  f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
 
         print("\n## What one GPU consumes (H100 SXM, MFU 0.4, SigLIP-so400m, 128 text tokens per sample), "
-              "and the loader workers per GPU that takes")
+              "and the loader workers per GPU that takes (one worker: 1000 / its CPU ms per sample above)")
         print("| LM | stage | N | samples/s per GPU | workers per GPU, COCO-size | workers per GPU, large |\n"
               "|---|---|---|---|---|---|")
         for lm in ["0.5b", "1.5b", "7b"]:
