@@ -36,11 +36,9 @@ import resource
 import statistics
 import tempfile
 import time
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import torch
-import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory pickling of tensors)
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, SiglipImageProcessor
@@ -132,13 +130,6 @@ def processor_path(processor):
         square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
         return processor(images=[square], return_tensors="pt")["pixel_values"]
     return prepare
-
-
-def hand_over_cpu_ms(dtype, repeats, items=100):
-    """CPU ms a worker spends handing one 384 px image's pixel values to the trainer: pickling
-    for the DataLoader's queue, which moves the tensor into shared memory."""
-    pixels = [torch.zeros(1, 3, 384, 384, dtype=dtype) for _ in range(items)]
-    return best_cpu_ms_per_item(lambda p: ForkingPickler.dumps({"pixel_values": p}), pixels, repeats)
 
 
 def photo_shards(work, kind, n):
@@ -239,10 +230,6 @@ def main(argv=None):
             print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
                   f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
                   f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
-
-        print(f"\nHanding one 384 px image over to the trainer (pickling into shared memory), CPU: "
-              f"{hand_over_cpu_ms(torch.uint8, args.repeats):.2f} ms as uint8 (the pipeline's), "
-              f"{hand_over_cpu_ms(torch.float32, args.repeats):.2f} ms as float32 (the image processor's)")
 
         print("\n## What one GPU consumes (H100 SXM, MFU 0.4, SigLIP-so400m, 128 text tokens per sample), "
               "and the loader workers per GPU that takes (one worker: 1000 / its CPU ms per sample above)")
