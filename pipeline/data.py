@@ -1,7 +1,7 @@
 """The training data stream: shards, epochs, workers, tokenization and exact resume.
 
-Workers read shards, decode images at full resolution and tokenize conversations with one image
-marker per image. The main process expands each marker to the step's N slots and packs whole
+Workers read shards, turn each image into the tower's 8-bit pixels (pipeline/images.py; the model
+normalizes them on its device) and tokenize conversations with one image marker per image. The main process expands each marker to the step's N slots and packs whole
 samples (pipeline/packing.py) into `rows_per_batch` rows of exactly `seq_len` tokens and a fixed
 image budget, so that for a given N every rank's batch has the same shapes (ZeRO-3 ranks must run
 the same collective sequence).
@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers, prompt_ids, tokenize_record
-from pipeline.images import image_pixel_values
+from pipeline.images import image_pixel_values, rgb_pixels, tower_pixels
 from pipeline.packing import choose_row, image_budget, image_slots_fit, sample_length
 
 # Workers are forked after the tokenizer is built; its thread pool must not be in use then.
@@ -189,10 +189,10 @@ class SampleStream(IterableDataset):
         if num_images:
             try:
                 with Image.open(io.BytesIO(sample[image_keys[0]])) as image:
-                    pil = image.convert("RGB")
+                    rgb = rgb_pixels(image)
             except Exception as exn:  # PIL raises many types for bad bytes; all mean the same here
                 raise SampleError("corrupt", f"{where}: undecodable image ({exn!r})") from exn
-            pixels = image_pixel_values([pil], self.image_processor, self.image_aspect)
+            pixels = tower_pixels(rgb, self.image_processor, self.image_aspect).unsqueeze(0)
         try:
             input_ids, labels = tokenize_record(record, self.tokenizer, num_images, key=where)
         except (KeyError, TypeError, ValueError) as exn:
@@ -207,7 +207,7 @@ class SampleStream(IterableDataset):
 def iter_samples(shards, tokenizer, image_processor, rank=0, world_size=1, num_workers=0, with_record=True):
     """Each sample of this rank's share of the shards once, in a fixed order (for evaluation).
 
-    Yields dicts with input_ids, labels, pixel_values ((1, 3, H, W) or None; images prepared the
+    Yields dicts with input_ids, labels, pixel_values ((1, 3, H, W) uint8 or None; images prepared the
     way the image processor records, see set_image_aspect), key, shard and, with_record, the
     record itself, prompt_ids (for generation) and answer (the last reply). Unusable samples are
     logged and left out.
@@ -276,7 +276,7 @@ class TrainBatches:
     """Endless packed training batches for one rank; resumable exactly through state_dict().
 
     next_batch(N) returns tensors input_ids, labels, position_ids (rows_per_batch, seq_len),
-    pixel_values (image budget, 3, H, W) with image_mask (real images first, in slot order;
+    pixel_values (image budget, 3, H, W) uint8 with image_mask (real images first, in slot order;
     zero dummies after), and a stats dict: counts and running totals, "samples" ((shard, key,
     epoch) of each packed sample, to trace a batch back to its data) and "epoch" (the oldest epoch
     a worker of this rank is still reading).
@@ -337,7 +337,10 @@ class TrainBatches:
         stream = SampleStream(self.urls, self.tokenizer, self.image_processor, self.rank, self.world_size,
                               seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer,
                               image_aspect=self.cfg.image_aspect, resume=resume)
-        self.items = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+        # Workers keep about a packing window of samples ready while the trainer steps; with
+        # DataLoader's default (2 per worker) they idle, and the next batch waits on them.
+        prefetch = max(2, -(-self.cfg.pack_window // self.num_workers)) if self.cfg.num_workers else None
+        self.items = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers, prefetch_factor=prefetch,
                                      worker_init_fn=functools.partial(loader_worker_setup, _exiting)))
         while self.pulled < resume["pulled"]:
             item = self._pull()
@@ -393,7 +396,7 @@ class TrainBatches:
         input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
-        pixels = torch.zeros((max_images, *self.pixel_shape))
+        pixels = torch.zeros((max_images, *self.pixel_shape), dtype=torch.uint8)
         image_mask = torch.zeros(max_images, dtype=torch.bool)
         num_images = real_tokens = 0
         packed = []  # (shard, key, epoch) of each sample, for the stats

@@ -89,8 +89,8 @@ def make_batch(model, samples, pixel_values, image_mask, pad_to=None):
 def packed_batch(model):
     """Two rows of 160: three packed samples; one sample and a padding tail of 30. Two real
     images and a dummy."""
-    return make_batch(model, [[60, 40, 60], [130]], torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
-                      torch.tensor([True, True, False]), pad_to=160)
+    pixels = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return make_batch(model, [[60, 40, 60], [130]], pixels, torch.tensor([True, True, False]), pad_to=160)
 
 
 # ---- what a batch holds ----
@@ -149,7 +149,7 @@ def test_useful_flops_are_executed_flops_less_recomputation(tiny_models, headles
     scores, checkpointed forwards) is the useful count exactly, and step_flops' executed count is
     torch's count exactly."""
     model = build_model(headless_vision, tiny_models / "qwen2", trained, vision_feature_layer=-1)
-    batch = make_batch(model, [[100], [100]], torch.randn(2, 3, 64, 64), torch.tensor([True, True]))
+    batch = make_batch(model, [[100], [100]], torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.tensor([True, True]))
     work = Work.of(batch, model.tokenizer.pad_token_id)
     assert (work.tokens, work.sample_scores, work.real_images) == (work.positions, work.row_scores, work.images)
     useful, executed = step_flops(model, N, work)

@@ -52,7 +52,7 @@ def make_rows(model):
         labels = torch.full((LENGTH,), IGNORE_INDEX)
         labels[LENGTH - supervised:] = input_ids[LENGTH - supervised:]
         rows.append({"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(LENGTH),
-                     "pixel_values": torch.randn(3, 64, 64, generator=generator)})
+                     "pixel_values": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=generator)})
     return rows
 
 
