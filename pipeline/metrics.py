@@ -107,8 +107,12 @@ def step_flops(model, num_vision_tokens, work):
     patch = 2 * matmul_weights(tower.embeddings) * patches
     layer_linear = 2 * matmul_weights(tower.encoder.layers[0]) * patches
     layer_scores = 4 * vision.hidden_size * patches ** 2
-    width_v = vision.hidden_size
-    head = 4 * width_v * (width_v + 1) * patches if getattr(tower, "head", None) is not None else 0
+    # SigLIP's attention-pooling head: one probe query over every patch. Per patch, the key and
+    # value projections (4 w²) and the probe's score and weighted value (4 w); for the probe
+    # alone, its query projection (2 w²), the out projection and the MLP (2 per weight).
+    width_v, pooling_head = vision.hidden_size, getattr(tower, "head", None)
+    head = (4 * width_v * (width_v + 1) * patches + 2 * width_v ** 2 + 2 * matmul_weights(pooling_head)
+            if pooling_head is not None else 0)
     pooled = 2 * matmul_weights(projector) * num_vision_tokens
 
     def flops(executed):
