@@ -163,6 +163,9 @@ class MetricsLog:
     def log(self, metrics):
         with self.path.open("a") as handle:
             handle.write(json.dumps(metrics) + "\n")
+        if metrics["update_skipped"]:
+            self.log_skipped(metrics)
+            return
         if self.run:
             n = metrics["num_vision_tokens"]
             self.run.log({**metrics, f"loss_by_n/{n}": metrics["loss"]}, step=metrics["step"])
@@ -176,6 +179,15 @@ class MetricsLog:
                          metrics["step"], self.max_steps, metrics["num_vision_tokens"], metrics["loss"],
                          metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"], 100 * metrics["padding_fraction"],
                          mfu)
+
+    def log_skipped(self, metrics):
+        """A step without a supervised token on any rank: no loss, no update (train_step)."""
+        if self.run:
+            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["step"])
+        self.bar.update(1)
+        with self.bar.external_write_mode():
+            log.warning("step %d/%d  N=%d  skipped: no rank had a supervised token (no optimizer update, "
+                        "LR schedule unchanged)", metrics["step"], self.max_steps, metrics["num_vision_tokens"])
 
     def close(self):
         self.bar.close()
