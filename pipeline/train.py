@@ -23,7 +23,7 @@ from pipeline.config import describe_options, load_config, to_dict
 from pipeline.convert import convert_checkpoint
 from pipeline.data import TrainBatches, resolve_shards
 from pipeline.distributed import broadcast_from_rank0, distributed_env, init_process_group, sum_over_ranks
-from pipeline.engine import build_engine
+from pipeline.engine import build_engine, use_bf16
 from pipeline.metrics import MetricsLog, Work, step_flops
 from pipeline.model import write_model_folder
 from pipeline.projector import pooled_side
@@ -195,6 +195,10 @@ def check_inputs(cfg):
         if not path or not Path(path).exists():
             raise FileNotFoundError(f"{key}={path!r} not found (relative paths start at {Path.cwd()})")
     resolve_shards(cfg.data.shards)
+    if cfg.model.attn_implementation == "flash_attention_2" and not use_bf16(cfg.train.precision):
+        raise ValueError(f"model.attn_implementation=flash_attention_2 needs bf16 weights (flash-attn has no fp32 "
+                         f"kernels), but train.precision={cfg.train.precision} trains in fp32 here (auto: bf16 on a "
+                         f"GPU, fp32 without one); set train.precision=bf16, or model.attn_implementation=sdpa")
     vision = stage.vision_config(cfg)
     grid = vision["image_size"] // vision["patch_size"]
     for count in cfg.tokens.counts:

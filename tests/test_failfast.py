@@ -165,6 +165,16 @@ def test_seq_len_without_room_for_text_at_the_largest_n_fails_at_start(
     assert f"max(tokens.counts) + {named} = 144 + 64 = 208" in error
 
 
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_flash_attention_with_fp32_weights_fails_at_start(tiny_models, synthetic_shards, tmp_path, capsys, precision):
+    """On a GPU, flash-attn would crash at the first forward on fp32 weights; auto is fp32 on CPU."""
+    stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
+    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "model.attn_implementation=flash_attention_2",
+                           f"train.precision={precision}")
+    assert "model.attn_implementation=flash_attention_2 needs bf16 weights" in error
+    assert f"train.precision={precision} trains in fp32 here" in error
+
+
 @pytest.fixture
 def checkpointed_run(stage1_run, tmp_path):
     """An output_dir holding the real stage-1 run's `latest` and its trainer_state.json only."""
