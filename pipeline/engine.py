@@ -83,7 +83,7 @@ def warmup_cosine(max_steps, warmup_ratio, min_lr_ratio):
     return multiplier
 
 
-def cast_parameters(model, dtype):
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Every parameter in the training dtype before DeepSpeed takes the model. DeepSpeed casts
     them itself, except when some were created by zero.Init (stage 1's tower and LM under ZeRO-3,
     already in the run's dtype): it then casts none, and a part built outside zero.Init (the
@@ -93,26 +93,30 @@ def cast_parameters(model, dtype):
             parameter.data = parameter.data.to(dtype)
 
 
-def held_dtype(parameter):
-    """The dtype of what this rank holds of a parameter: its partition under ZeRO-3."""
-    return getattr(parameter, "ds_tensor", parameter).dtype
+def held(parameter: torch.nn.Parameter) -> torch.Tensor:
+    """What this rank holds of a parameter: its partition under ZeRO-3."""
+    return getattr(parameter, "ds_tensor", parameter)
 
 
-def log_dtypes(engine, precision):
+def master_weights(engine: deepspeed.DeepSpeedEngine) -> list[torch.Tensor]:
+    """The partitions the optimizer steps (fp32 master weights under bf16): ZeRO-3's, or ZeRO-2's."""
+    if engine.zero_optimization_partition_weights():
+        return engine.optimizer.fp32_partitioned_groups_flat
+    return engine.optimizer.single_partition_of_fp32_groups
+
+
+def log_dtypes(engine: deepspeed.DeepSpeedEngine, precision: str) -> None:
     """Once at start-up: the dtype of each part's weights, of the optimizer's master weights and
     of the gradient accumulation, as the engine holds them."""
     log.info("dtypes (train.precision=%s):", precision)
     for name, part in engine.module.named_children():
         state = "trains" if any(p.requires_grad for p in part.parameters()) else "frozen"
-        log.info("  %-16s %-6s weights %s", name, state, dtype_names(held_dtype(p) for p in part.parameters()))
-    # the partitions the optimizer steps: ZeRO-3's, or ZeRO-2's
-    masters = (engine.optimizer.fp32_partitioned_groups_flat if engine.zero_optimization_partition_weights()
-               else engine.optimizer.single_partition_of_fp32_groups)
-    log.info("  optimizer        master weights %s, gradients accumulated in %s", dtype_names(m.dtype for m in masters),
-             dtype_names([engine.get_data_types()[1]]))
+        log.info("  %-16s %-6s weights %s", name, state, dtype_names(held(p).dtype for p in part.parameters()))
+    log.info("  optimizer        master weights %s, gradients accumulated in %s",
+             dtype_names(m.dtype for m in master_weights(engine)), dtype_names([engine.get_data_types()[1]]))
 
 
-def dtype_names(dtypes):
+def dtype_names(dtypes) -> str:
     return ", ".join(sorted({str(dtype).removeprefix("torch.") for dtype in dtypes}))
 
 

@@ -3,9 +3,9 @@
     python -m tests.record_dtypes CONFIG [key=value ...]
 
 Right after DeepSpeed set-up each rank writes <output_dir>/engine_dtypes/rank-<r>.json: for
-every parameter of the model, the dtype of what the rank holds (its partition under ZeRO-3)
-and whether it trains; the dtypes of the optimizer's master weights; the dtype in which
-gradients are accumulated.
+every parameter of the model, the dtype and device of what the rank holds (its partition under
+ZeRO-3) and whether it trains; the dtypes of the optimizer's master weights; the dtype in which
+gradients are accumulated. The tests and bench/gpu_check.sh read it.
 """
 
 import json
@@ -20,12 +20,11 @@ real_build_engine = train.build_engine
 
 def recording_build_engine(model, param_groups, cfg, load_universal=False):
     built = real_build_engine(model, param_groups, cfg, load_universal)
-    masters = (built.optimizer.fp32_partitioned_groups_flat if built.zero_optimization_partition_weights()
-               else built.optimizer.single_partition_of_fp32_groups)
     record = {
-        "parameters": {name: {"dtype": str(engine.held_dtype(p)), "trains": p.requires_grad}
+        "parameters": {name: {"dtype": str(engine.held(p).dtype), "device": str(engine.held(p).device),
+                              "trains": p.requires_grad}
                        for name, p in built.module.named_parameters()},
-        "master_weights": sorted({str(m.dtype) for m in masters}),
+        "master_weights": sorted({str(m.dtype) for m in engine.master_weights(built)}),
         "grad_accum": str(built.get_data_types()[1]),
     }
     folder = Path(cfg.train.output_dir) / "engine_dtypes"
