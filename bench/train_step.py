@@ -390,10 +390,10 @@ def main(argv=None):
     if args.worker:
         args.n, args.loss = args.n[0], args.loss[0]
         print(json.dumps(measure(args)))
-        return
+        return 0
     if args.flops_only:
         print("\n".join(shape_flops(args)))
-        return
+        return 0
     started = time.perf_counter()
     results = {}
     for loss in args.loss:
@@ -422,7 +422,12 @@ def main(argv=None):
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
     if args.write_results:
         write_results(f"{args.device.upper()}: {args.lm} LM, batch {args.batch}, text {args.text_len}", body)
+    failed = [f"N={n} loss={loss}" for (n, loss), r in results.items() if "error" in r or r.get("oom")]
+    if failed:
+        print(f"error: {len(failed)} configuration(s) failed or ran out of memory: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -112,9 +112,10 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
     @classmethod
     def from_components(cls, vision_path, lm_path, projector="adaptive_pool_swiglu", projector_options=None,
                         vision_feature_layer=-2, attn_implementation="sdpa", chat_format="auto"):
-        """How users start: a vision checkpoint folder plus an LM checkpoint folder. Built in fp32
-        whatever dtype the checkpoints were saved in: DeepSpeed keeps fp32 master weights and
-        casts the module itself."""
+        """How users start: a vision checkpoint folder plus an LM checkpoint folder, in fp32
+        whatever dtype the checkpoints were saved in. Under ZeRO-3 loading (stages/align.py) the
+        tower and the LM are created by zero.Init instead, partitioned and in the run's dtype,
+        while the projector is not: training casts it (pipeline/engine.py: cast_parameters)."""
         check_attn_implementation(attn_implementation)
         vision_tower = load_vision_tower(vision_path, attn_implementation)
         language_model = AutoModelForCausalLM.from_pretrained(lm_path, attn_implementation=attn_implementation,
