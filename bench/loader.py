@@ -1,20 +1,35 @@
-"""Benchmark the data pipeline on synthetic data (CPU only; results go in bench/loader_results.md).
+"""Benchmark the data pipeline (CPU only; results go in bench/loader_results.md).
 
 1. samples/s of the streaming loader (shards -> decode + tokenize in DataLoader workers) with
-   1 and 2 workers, next to a LLaVA-style map dataset (JSON + image folder, same decode and
-   tokenization) read through a DataLoader with the same worker counts; and of the training
-   stream over one epoch of a mixture of three sources (the synthetic shards, LLaVA-like ones
-   at repeat 0.5, 128 px synthetic ones at repeat 2: epochs cut into equal slices that start
-   mid-shard, shuffled through the default 256-sample buffer);
-2. resuming that mixture after 20 packed batches: seconds to the first batch afresh, replayed at
-   the same layout (bitwise) and continued at another (1 rank x 2 workers -> rank 0 of 2 x 1),
-   and the size of the saved data state;
-3. the packer at N in {64, 144, 256} with the shipped stage configs' row shapes (seq_len x
+   1 and 2 workers on synthetic data (64 px PNGs, the tiny 64 px processor), next to a
+   LLaVA-style map dataset (JSON + image folder, transformers' image processor, same
+   tokenization) read through a DataLoader with the same worker counts;
+2. real photographs at SigLIP-so400m's 384 px (its preprocessor config, written here: bicubic,
+   rescale 1/255, mean and std 0.5; image_aspect pad, the shipped configs'): COCO-size JPEGs
+   (about 640x480, median ~60 KB) and large ones (1,500-2,048 px), made by bench/photos.py from
+   matplotlib's sample photograph. CPU time per file of the bare JPEG decode, of decode + the
+   pipeline's preparation (pipeline/images.py) and of decode + transformers' image processor,
+   in this process; the loader workers' CPU time per sample (all a worker does: tar reading,
+   decoding, preparing, tokenizing, handing items over) and its ratio to the bare decode of the
+   same files; and the streaming loader's wall-clock samples/s with 1 and 2 workers;
+3. the training stream over one epoch of a mixture of three sources (the synthetic shards,
+   LLaVA-like ones at repeat 0.5, 128 px synthetic ones at repeat 2: epochs cut into equal
+   slices that start inside shards, shuffled through the default 256-sample buffer), samples/s
+   with 1 and 2 workers; then, after 20 packed batches of it, the seconds to the first batch
+   afresh, replayed at the same layout (bitwise) and continued at another (1 rank x 2 workers ->
+   rank 0 of 2 x 1), and the size of the saved data state;
+4. samples/s one GPU consumes (bench/train_step's FLOPs from the shapes: H100 SXM at MFU 0.4,
+   SigLIP-so400m, 0.5B/1.5B/7B Qwen2-shaped LMs, stages 1 and 2, N = 64 and 256, 128 text
+   tokens per sample) and the loader workers per GPU that takes at the measured rates;
+5. the packer at N in {64, 144, 256} with the shipped stage configs' row shapes (seq_len x
    rows_per_batch) and the image budget measured on the data (text_tokens_per_image: auto), on
    the synthetic data and on a LLaVA-like length distribution (text lengths lognormal around
    ~120 tokens, 2% long ones of 600-1500 tokens, 10% text-only): padding fraction, dummy-image
    fraction (image slots the vision tower encodes without a real image), samples per batch,
    truncated and dropped samples; and, for comparison, the old fixed text_tokens_per_image 64.
+
+Timings are the best of --repeats passes, and CPU times where the table says so: other jobs
+sharing the machine delay a pass far more than they change the work it does.
 
     python -m bench.loader --n 3000
 """
@@ -22,28 +37,34 @@
 import argparse
 import dataclasses
 import json
+import math
+import random
+import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, SiglipImageProcessor
 
+from bench.photos import write_photos
+from bench.train_step import gpu_samples_per_second
 from pipeline.chat import load_tokenizer, tokenize_record
-import yaml
-
 from pipeline.config import DataConfig, load_config
 from pipeline.data import TrainBatches
 from pipeline.data.decode import Decoder
-from pipeline.data.mixture import load_mixture
+from pipeline.data.mixture import Mixture, load_mixture
 from pipeline.data.stream import SampleStream
+from pipeline.images import image_pixel_values
 from tools import build_shards, make_synthetic, make_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["stage1_align", "stage2_finetune"]
+PHOTOS = {"coco": "COCO-size", "large": "large (>= 1,500 px)"}
 
 
 class LlavaMapDataset(Dataset):
@@ -75,8 +96,90 @@ def samples_per_second(loader, expected):
     return count / (time.perf_counter() - start)
 
 
+def so400m_processor(folder):
+    """SigLIP-so400m-patch14-384's image processor, written as its preprocessor_config.json has
+    it, and read back as users load it."""
+    SiglipImageProcessor(size={"height": 384, "width": 384}, resample=3, do_rescale=True, rescale_factor=1 / 255,
+                         do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    return AutoImageProcessor.from_pretrained(folder)
+
+
+def best_cpu_ms_per_item(function, items, repeats):
+    """CPU milliseconds (this process's) per item of function over items: the best of `repeats`
+    passes. CPU time, not wall time: other jobs on the machine delay a pass more than they slow it."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.process_time()
+        for item in items:
+            function(item)
+        best = min(best, time.process_time() - start)
+    return 1000 * best / len(items)
+
+
+def bare_decode(path):
+    with Image.open(path) as image:
+        image.load()
+
+
+def pipeline_path(processor):
+    """Decode and the pipeline's preparation (pipeline/images.py), as a loader worker does it."""
+    def prepare(path):
+        with Image.open(path) as image:
+            return image_pixel_values([image], processor, "pad")
+    return prepare
+
+
+def processor_path(processor):
+    """Decode, RGB, LLaVA-1.5's pad in PIL, then transformers' image processor: the way before."""
+    background = tuple(int(255 * m) for m in processor.image_mean)
+
+    def prepare(path):
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        side = max(rgb.size)
+        square = Image.new("RGB", (side, side), background)
+        square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
+        return processor(images=[square], return_tensors="pt")["pixel_values"]
+    return prepare
+
+
+def photo_shards(work, kind, n):
+    """n photographs of `kind` (bench/photos.py), a record with LLaVA-like text for each, and
+    their shards; returns (image files, shard folder)."""
+    folder = work / kind
+    names = write_photos(folder / "images", kind, n)
+    rng = random.Random(kind)
+    records = [dict(make_synthetic.llava_like_record(rng, i, 0.0, make_tiny_models.WORDS), image=f"images/{name}")
+               for i, name in enumerate(names)]
+    (folder / "data.json").write_text(json.dumps(records))
+    build_shards.build(str(folder / "data.json"), str(folder), str(work / f"{kind}_shards"), samples_per_shard=n // 6)
+    return [folder / "images" / name for name in names], work / f"{kind}_shards"
+
+
+def workers_cpu_seconds(mixture, models, workers, total, image_aspect):
+    """(samples/s, CPU seconds of the workers) of one pass of the streaming loader over a mixture.
+    The workers' CPU time is read once the pass has ended and they have exited."""
+    stream = SampleStream(mixture, Decoder(*models, image_aspect), endless=False)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rate = samples_per_second(DataLoader(stream, batch_size=None, num_workers=workers), total)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return rate, after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+
+
+def stream_rate(shards, models, workers, total, repeats, image_aspect=None):
+    """(samples/s, workers' CPU ms per sample) of the streaming loader over the shards, each the
+    best of `repeats` passes. The CPU time counts all a worker does per sample (tar reading,
+    decoding, preparing, tokenizing, handing items over), less its start-up (an empty pass's)."""
+    best_rate, best_cpu = 0.0, math.inf
+    for _ in range(repeats):
+        start_up = workers_cpu_seconds(Mixture(()), models, workers, 0, image_aspect)[1]
+        rate, cpu = workers_cpu_seconds(load_mixture(str(shards)), models, workers, total, image_aspect)
+        best_rate, best_cpu = max(best_rate, rate), min(best_cpu, 1000 * (cpu - start_up) / total)
+    return best_rate, best_cpu
+
+
 def epoch_rate(mixture, models, workers, shuffle_buffer=256):
-    """Items/s of the training stream over one epoch of the mixture."""
+    """Wall-clock items/s of the training stream over one epoch of the mixture."""
     stream = SampleStream(mixture, Decoder(*models), shuffle_buffer=shuffle_buffer)
     start, length = time.perf_counter(), mixture.epoch_length()
     for count, _ in enumerate(DataLoader(stream, batch_size=None, num_workers=workers), 1):
@@ -85,10 +188,24 @@ def epoch_rate(mixture, models, workers, shuffle_buffer=256):
 
 
 def first_batch_seconds(cfg, models, **kwargs):
+    """Seconds to the first packed batch of a new TrainBatches, and the TrainBatches."""
     start = time.perf_counter()
     loader = TrainBatches(cfg, *models, **kwargs)
     loader.next_batch(144)
     return time.perf_counter() - start, loader
+
+
+def mixture_of_three(work, n):
+    """The synthetic shards (repeat 1), LLaVA-like ones (repeat 0.5) and n / 3 synthetic records
+    with 128 px images (repeat 2), as a mixture file in work/."""
+    large = work / "synth_128"
+    make_synthetic.main(["--out", str(large), "--n", str(n // 3), "--image-size", "128", "--seed", "1"])
+    build_shards.build(str(large / "data.json"), str(large), str(work / "shards_128"), samples_per_shard=250)
+    path = work / "mixture.yaml"
+    path.write_text(yaml.safe_dump({"sources": [{"name": "synthetic", "shards": "shards", "repeat": 1},
+                                                {"name": "llava_like", "shards": "llava_shards", "repeat": 0.5},
+                                                {"name": "synthetic_128px", "shards": "shards_128", "repeat": 2}]}))
+    return path
 
 
 def packing_row(cfg, models, n, batches):
@@ -107,6 +224,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=3000, help="synthetic records to stream")
     parser.add_argument("--batches", type=int, default=60, help="packed batches per packing measurement")
+    parser.add_argument("--photos", type=int, default=600, help="COCO-size photographs to stream")
+    parser.add_argument("--large-photos", type=int, default=120, help="large (>= 1,500 px) photographs to stream")
+    parser.add_argument("--repeats", type=int, default=2, help="passes per timing; the best one counts")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # like a dataloader worker; keeps the two cores for the workers
@@ -120,36 +240,61 @@ def main(argv=None):
         manifest = build_shards.build(str(work / "synth" / "data.json"), str(work / "synth"), str(work / "shards"),
                                       samples_per_shard=250, workers=2)
         total = manifest["total_samples"]
-        llava = work / "llava_like"
-        make_synthetic.main(["--out", str(llava), "--n", str(args.n), "--llava-like"])
-        build_shards.build(str(llava / "data.json"), str(llava), str(work / "llava_shards"), samples_per_shard=250)
-        large = work / "synth_128"
-        make_synthetic.main(["--out", str(large), "--n", str(args.n // 3), "--image-size", "128", "--seed", "1"])
-        build_shards.build(str(large / "data.json"), str(large), str(work / "shards_128"), samples_per_shard=250)
-        mixture_file = work / "mixture.yaml"
-        mixture_file.write_text(yaml.safe_dump({"sources": [
-            {"name": "synthetic", "shards": "shards", "repeat": 1},
-            {"name": "llava_like", "shards": "llava_shards", "repeat": 0.5},
-            {"name": "synthetic_128px", "shards": "shards_128", "repeat": 2}]}))
-        mixture = load_mixture(str(mixture_file))
 
-        print(f"\n## Throughput: {total} synthetic samples (64 px PNG), decode + tokenize, one pass")
+        print(f"\n## Throughput: {total} synthetic samples (64 px PNG), decode + tokenize")
         print("| loader | workers | samples/s |\n|---|---|---|")
         for workers in [1, 2]:
-            stream = SampleStream(load_mixture(str(work / "shards")), Decoder(*models), endless=False)
-            rate = samples_per_second(DataLoader(stream, batch_size=None, num_workers=workers), total)
-            print(f"| streaming shards | {workers} | {rate:.0f} |")
+            print(f"| streaming shards | {workers} | {stream_rate(work / 'shards', models, workers, total, args.repeats)[0]:.0f} |")
         for workers in [1, 2]:
             dataset = LlavaMapDataset(work / "synth" / "data.json", work / "synth", *models)
             loader = DataLoader(dataset, batch_size=None, num_workers=workers, shuffle=True,
                                 generator=torch.Generator().manual_seed(0))
             print(f"| LLaVA map dataset | {workers} | {samples_per_second(loader, total):.0f} |")
-        sizes = ", ".join(f"{s.name} {s.num_samples} x {s.repeat:g}" for s in mixture.sources)
-        for workers in [1, 2]:
-            print(f"| training stream, mixture of 3 sources ({sizes}: {mixture.epoch_length()} an epoch) | {workers} | "
-                  f"{epoch_rate(mixture, models, workers):.0f} |", flush=True)
 
-        print("\n## Resume of the mixture after 20 packed batches (4 x 2048 rows, N = 144)")
+        so400m = (models[0], so400m_processor(work / "so400m"))
+        print("\n## Real photographs at 384 px: SigLIP-so400m's image processor, image_aspect pad")
+        print("CPU milliseconds per file or sample; the loader's samples/s are wall-clock.\n")
+        print("| photos | files | median file | bare JPEG decode | decode + pipeline's preparation | "
+              "decode + transformers' processor | loader worker per sample | vs bare decode | "
+              "loader, 1 worker | loader, 2 workers |\n|---|---|---|---|---|---|---|---|---|---|")
+        per_worker = {}
+        for kind, n in [("coco", args.photos), ("large", args.large_photos)]:
+            files, shards = photo_shards(work, kind, n)
+            sizes = [Image.open(f).size for f in files]
+            median_kb = statistics.median(f.stat().st_size for f in files) / 1000
+            decode = best_cpu_ms_per_item(bare_decode, files, args.repeats)
+            pipeline = best_cpu_ms_per_item(pipeline_path(so400m[1]), files, args.repeats)
+            processor = best_cpu_ms_per_item(processor_path(so400m[1]), files[:max(10, n // 10)], args.repeats)
+            (rate, worker_ms), (rate_2, _) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
+                                              for workers in [1, 2])
+            per_worker[kind] = 1000 / worker_ms
+            print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
+                  f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
+                  f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
+
+        print("\n## What one GPU consumes (H100 SXM, MFU 0.4, SigLIP-so400m, 128 text tokens per sample), "
+              "and the loader workers per GPU that takes (one worker: 1000 / its CPU ms per sample above)")
+        print("| LM | stage | N | samples/s per GPU | workers per GPU, COCO-size | workers per GPU, large |\n"
+              "|---|---|---|---|---|---|")
+        for lm in ["0.5b", "1.5b", "7b"]:
+            for stage in [1, 2]:
+                for n in [64, 256]:
+                    consumed = gpu_samples_per_second(lm, stage, n)
+                    print(f"| {lm.upper()} | {stage} | {n} | {consumed:.0f} | {math.ceil(consumed / per_worker['coco'])} | "
+                          f"{math.ceil(consumed / per_worker['large'])} |")
+
+        llava = work / "llava_like"
+        make_synthetic.main(["--out", str(llava), "--n", str(args.n), "--llava-like"])
+        build_shards.build(str(llava / "data.json"), str(llava), str(work / "llava_shards"), samples_per_shard=250)
+
+        mixture_file = mixture_of_three(work, args.n)
+        mixture = load_mixture(str(mixture_file))
+        sizes = ", ".join(f"{s.name} {s.num_samples} x {s.repeat:g}" for s in mixture.sources)
+        print(f"\n## A mixture of three sources ({sizes}: {mixture.epoch_length()} samples an epoch)")
+        print("| training stream, one epoch | workers | samples/s |\n|---|---|---|")
+        for workers in [1, 2]:
+            print(f"| equal slices, shuffle buffer 256 | {workers} | {epoch_rate(mixture, models, workers):.0f} |", flush=True)
+        print("\nResumed after 20 packed batches (4 x 2048 rows, N = 144):\n")
         cfg = DataConfig(shards=str(mixture_file), seq_len=2048, rows_per_batch=4, num_workers=2, text_tokens_per_image=64)
         fresh, loader = first_batch_seconds(cfg, models)
         for _ in range(20):
@@ -157,7 +302,8 @@ def main(argv=None):
         state = json.loads(json.dumps(loader.state_dict()))
         del loader
         replay, _ = first_batch_seconds(cfg, models, states=[state])
-        other, _ = first_batch_seconds(dataclasses.replace(cfg, num_workers=1), models, rank=0, world_size=2, states=[state])
+        other, _ = first_batch_seconds(dataclasses.replace(cfg, num_workers=1), models, rank=0, world_size=2,
+                                       states=[state])
         print("| start | seconds to the first batch |\n|---|---|")
         print(f"| afresh, 1 rank x 2 workers | {fresh:.1f} |\n| replayed, same layout (bitwise) | {replay:.1f} |\n"
               f"| continued at 2 ranks x 1 worker (rank 0) | {other:.1f} |")

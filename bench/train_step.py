@@ -24,6 +24,7 @@ pip install liger-kernel==0.8.5).
     python -m bench.train_step --device cpu --write-results
     python -m bench.train_step --device cuda --lm 1.5b --batch 16 --loss supervised hf liger --write-results
     python -m bench.train_step --device cuda --lm 1.5b --flops-only   # FLOPs from the shapes, nothing runs
+    python -m bench.train_step --device cuda --lm 7b --text-len 128 --freeze-vision --freeze-lm --flops-only
 """
 
 import argparse
@@ -41,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
 from pipeline.chat import IGNORE_INDEX
 from pipeline.metrics import Work, step_flops
@@ -60,6 +61,8 @@ LM = {
                  num_key_value_heads=2, vocab_size=151936),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064),
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=32000),
 }
@@ -80,9 +83,13 @@ def build_model(args, device):
                                       attn_implementation="sdpa"))
     config = VLMConfig(vision_config=vision.config.to_dict(), text_config=lm.config.to_dict(),
                        image_token_id=lm_shape["vocab_size"] - 1)  # any id inside the vocabulary
-    model = TokenFlexVLM(config, vision, lm, tokenizer=None, image_processor=None)
+    size = VISION[args.vision]["image_size"]
+    processor = SiglipImageProcessor(size={"height": size, "width": size})  # SigLIP's: bicubic, mean and std 0.5
+    model = TokenFlexVLM(config, vision, lm, tokenizer=None, image_processor=processor)
     if args.freeze_vision:  # stage 2's default (optim.vision_lr 0)
         model.vision_tower.requires_grad_(False)
+    if args.freeze_lm:  # stage 1, with --freeze-vision: the projector alone trains
+        model.language_model.requires_grad_(False)
     return model.to(device).train()
 
 
@@ -99,7 +106,8 @@ def make_batch(args, model, n, device):
     batch = {
         "input_ids": input_ids, "labels": labels,
         "position_ids": torch.arange(input_ids.shape[1]).expand(args.batch, -1).contiguous(),
-        "pixel_values": torch.randn(args.batch, 3, image_size, image_size, generator=generator),
+        "pixel_values": torch.randint(0, 256, (args.batch, 3, image_size, image_size), dtype=torch.uint8,
+                                      generator=generator),
         "image_mask": torch.ones(args.batch, dtype=torch.bool),
     }
     return {k: v.to(device) for k, v in batch.items()}
@@ -215,11 +223,25 @@ def shape_flops(args):
     flops = {n: step_flops(model, n, Work.of(make_batch(args, model, n, "cpu"), pad_token_id=None))
              for n in [*MIX, 729]}
     flops["mix"] = tuple(statistics.mean(flops[n][i] for n in MIX) for i in range(2))
-    lines = ["| N | useful TFLOP | executed TFLOP | step s at MFU 1.0 | useful vs fixed 256 |", "|---|---|---|---|---|"]
+    lines = [f"| N | useful TFLOP | executed TFLOP | step s at MFU 1.0 | samples/s at MFU {args.mfu} | "
+             f"useful vs fixed 256 |", "|---|---|---|---|---|---|"]
     for n, (useful, executed) in flops.items():
         at_peak = f"{useful / args.peak_flops:.4f}" if args.peak_flops else "-"
-        lines.append(f"| {n} | {useful / 1e12:.2f} | {executed / 1e12:.2f} | {at_peak} | {useful / flops[256][0]:.3f}x |")
+        consumed = f"{args.batch * args.mfu * args.peak_flops / useful:.0f}" if args.peak_flops else "-"
+        lines.append(f"| {n} | {useful / 1e12:.2f} | {executed / 1e12:.2f} | {at_peak} | {consumed} | "
+                     f"{useful / flops[256][0]:.3f}x |")
     return lines
+
+
+def gpu_samples_per_second(lm, stage, n, text_len=128, mfu=0.4):
+    """Samples/s one GPU (--peak-flops' default, H100 SXM) consumes at `mfu` of useful work: lm in
+    LM, stage 1 (projector only) or 2 (projector and LM; tower frozen), fixed N, batch 16."""
+    args = parse_args(["--device", "cuda", "--flops-only", "--lm", lm, "--text-len", str(text_len),
+                       "--mfu", str(mfu), "--freeze-vision", *(["--freeze-lm"] if stage == 1 else [])])
+    with torch.device("meta"):
+        model = build_model(args, "meta")
+    useful, _ = step_flops(model, n, Work.of(make_batch(args, model, n, "cpu"), pad_token_id=None))
+    return args.batch * mfu * args.peak_flops / useful
 
 
 def run_in_subprocess(args, n, loss):
@@ -230,6 +252,7 @@ def run_in_subprocess(args, n, loss):
                "--threads", str(args.threads)]
     command += ["--peak-flops", str(args.peak_flops)] if args.peak_flops else []
     command += ["--freeze-vision"] if args.freeze_vision else []
+    command += ["--freeze-lm"] if args.freeze_lm else []
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
@@ -336,6 +359,10 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=1,
                         help="cpu: torch threads (one keeps timings steady when other jobs share the cores)")
     parser.add_argument("--freeze-vision", action="store_true", help="no gradients for the tower (stage 2's default)")
+    parser.add_argument("--freeze-lm", action="store_true",
+                        help="no gradients for the LM (stage 1: with --freeze-vision, only the projector trains)")
+    parser.add_argument("--mfu", type=float, default=0.4,
+                        help="--flops-only: the MFU at which to give the samples/s a GPU consumes (default: 0.4)")
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure the packer's padding fraction (default: on for cpu)")
     parser.add_argument("--packing-samples", type=int, default=3000, help="synthetic records per data set")
@@ -363,10 +390,10 @@ def main(argv=None):
     if args.worker:
         args.n, args.loss = args.n[0], args.loss[0]
         print(json.dumps(measure(args)))
-        return
+        return 0
     if args.flops_only:
         print("\n".join(shape_flops(args)))
-        return
+        return 0
     started = time.perf_counter()
     results = {}
     for loss in args.loss:
@@ -395,7 +422,12 @@ def main(argv=None):
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
     if args.write_results:
         write_results(f"{args.device.upper()}: {args.lm} LM, batch {args.batch}, text {args.text_len}", body)
+    failed = [f"N={n} loss={loss}" for (n, loss), r in results.items() if "error" in r or r.get("oom")]
+    if failed:
+        print(f"error: {len(failed)} configuration(s) failed or ran out of memory: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,6 +26,7 @@ from transformers import AutoImageProcessor
 from pipeline.chat import IMAGE_TOKEN, load_tokenizer, tokenize_record
 from pipeline.checkpoint import checkpoint_tags, latest_tag
 from pipeline.config import load_config
+from pipeline.images import image_pixel_values
 from pipeline.model import MODEL_TYPE, TokenFlexVLM, read_vlm_config, write_model_folder
 from pipeline.model_card import write_model_card
 
@@ -164,7 +165,7 @@ def probe_samples(tokenizer, image_processor):
     samples = []
     for record, image in records:
         input_ids, labels = tokenize_record(record, tokenizer, int(image is not None))
-        pixel_values = None if image is None else image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        pixel_values = None if image is None else image_pixel_values([image], image_processor)
         samples.append({"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values})
     return samples
 

@@ -8,6 +8,7 @@ import os
 
 import deepspeed
 import torch
+from deepspeed.runtime.zero.utils import is_zero_param
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import (
     set_hf_deepspeed_config,
@@ -17,8 +18,13 @@ from transformers.integrations.deepspeed import (
 log = logging.getLogger("tokenflex")
 
 
-def use_bf16(precision):
+def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
+
+
+def training_dtype(precision: str) -> torch.dtype:
+    """The dtype of the weights the engine computes with (fp32 master weights aside)."""
+    return torch.bfloat16 if use_bf16(precision) else torch.float32
 
 
 def deepspeed_config(cfg, load_universal=False):
@@ -37,6 +43,8 @@ def deepspeed_config(cfg, load_universal=False):
             raise ValueError(f"{cfg.train.deepspeed}: {key}={ds[key]} disagrees with the run config ({value}); use \"auto\"")
         ds[key] = value
     ds["bf16"] = {"enabled": use_bf16(cfg.train.precision)}
+    # Without it DeepSpeed sums micro-batch gradients in the model dtype: bf16 under bf16.
+    ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     world_size = int(os.environ["WORLD_SIZE"])
     ds["train_batch_size"] = cfg.data.rows_per_batch * cfg.train.grad_accum * world_size
     if load_universal:
@@ -47,7 +55,8 @@ def deepspeed_config(cfg, load_universal=False):
 @contextlib.contextmanager
 def zero3_loading(cfg):
     """Under ZeRO-3, make transformers' from_pretrained partition weights as it loads them
-    (its HfDeepSpeedConfig hook), so no rank ever holds a whole HF checkpoint."""
+    (its HfDeepSpeedConfig hook), so no rank ever holds a whole HF checkpoint. They are created
+    in the run's dtype; modules built outside (the projector) are cast by build_engine."""
     ds = deepspeed_config(cfg)
     if ds.get("zero_optimization", {}).get("stage") != 3:
         yield
@@ -74,14 +83,53 @@ def warmup_cosine(max_steps, warmup_ratio, min_lr_ratio):
     return multiplier
 
 
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter in the training dtype before DeepSpeed takes the model. DeepSpeed casts
+    them itself, except when some were created by zero.Init (stage 1's tower and LM under ZeRO-3,
+    already in the run's dtype): it then casts none, and a part built outside zero.Init (the
+    projector) would stay fp32 beside bf16 weights."""
+    for parameter in model.parameters():
+        if not is_zero_param(parameter) and parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+
+
+def held(parameter: torch.nn.Parameter) -> torch.Tensor:
+    """What this rank holds of a parameter: its partition under ZeRO-3."""
+    return getattr(parameter, "ds_tensor", parameter)
+
+
+def master_weights(engine: deepspeed.DeepSpeedEngine) -> list[torch.Tensor]:
+    """The partitions the optimizer steps (fp32 master weights under bf16): ZeRO-3's, or ZeRO-2's."""
+    if engine.zero_optimization_partition_weights():
+        return engine.optimizer.fp32_partitioned_groups_flat
+    return engine.optimizer.single_partition_of_fp32_groups
+
+
+def log_dtypes(engine: deepspeed.DeepSpeedEngine, precision: str) -> None:
+    """Once at start-up: the dtype of each part's weights, of the optimizer's master weights and
+    of the gradient accumulation, as the engine holds them."""
+    log.info("dtypes (train.precision=%s):", precision)
+    for name, part in engine.module.named_children():
+        state = "trains" if any(p.requires_grad for p in part.parameters()) else "frozen"
+        log.info("  %-16s %-6s weights %s", name, state, dtype_names(held(p).dtype for p in part.parameters()))
+    log.info("  optimizer        master weights %s, gradients accumulated in %s",
+             dtype_names(m.dtype for m in master_weights(engine)), dtype_names([engine.get_data_types()[1]]))
+
+
+def dtype_names(dtypes) -> str:
+    return ", ".join(sorted({str(dtype).removeprefix("torch.") for dtype in dtypes}))
+
+
 def build_engine(model, param_groups, cfg, load_universal=False):
     """ZeRO-3 (or 2) engine with a plain torch AdamW: no fused-kernel compile on first use."""
+    cast_parameters(model, training_dtype(cfg.train.precision))
     optimizer = torch.optim.AdamW(param_groups, betas=tuple(cfg.optim.betas))
     schedule = warmup_cosine(cfg.train.max_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, load_universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+    log_dtypes(engine, cfg.train.precision)
     return engine
 
 

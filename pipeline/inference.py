@@ -50,19 +50,19 @@ class InferenceMixin:
                                                   add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> (images, 3, H, W) on the model's device and in its dtype."""
-        return image_pixel_values(images, self.image_processor).to(self.device, self.dtype)
+        """PIL images -> (images, 3, H, W) uint8 on the model's device (the forward normalizes them)."""
+        return image_pixel_values(images, self.image_processor).to(self.device)
 
     def image_inputs(self, pixel_values: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel_values, image_mask) on the model's device for a forward: the given images (a list
-        of (k, 3, H, W) tensors or None, e.g. one per sample), or one masked-out dummy when there
+        of (k, 3, H, W) uint8 tensors or None, e.g. one per sample), or one masked-out dummy when there
         are none, since the vision path always runs (see embed)."""
         present = [p for p in pixel_values if p is not None]
         if present:
-            pixels = torch.cat(present).to(self.device, self.dtype)
+            pixels = torch.cat(present).to(self.device)
             return pixels, torch.ones(len(pixels), dtype=torch.bool, device=self.device)
         size = self.image_processor.size
-        return (torch.zeros(1, 3, size["height"], size["width"], device=self.device, dtype=self.dtype),
+        return (torch.zeros(1, 3, size["height"], size["width"], device=self.device, dtype=torch.uint8),
                 torch.zeros(1, dtype=torch.bool, device=self.device))
 
     def labelled_batch(self, samples: Sequence[dict], num_vision_tokens: int) -> dict[str, torch.Tensor]:

@@ -107,8 +107,12 @@ def step_flops(model, num_vision_tokens, work):
     patch = 2 * matmul_weights(tower.embeddings) * patches
     layer_linear = 2 * matmul_weights(tower.encoder.layers[0]) * patches
     layer_scores = 4 * vision.hidden_size * patches ** 2
-    width_v = vision.hidden_size
-    head = 4 * width_v * (width_v + 1) * patches if getattr(tower, "head", None) is not None else 0
+    # SigLIP's attention-pooling head: one probe query over every patch. Per patch, the key and
+    # value projections (4 w²) and the probe's score and weighted value (4 w); for the probe
+    # alone, its query projection (2 w²), the out projection and the MLP (2 per weight).
+    width_v, pooling_head = vision.hidden_size, getattr(tower, "head", None)
+    head = (4 * width_v * (width_v + 1) * patches + 2 * width_v ** 2 + 2 * matmul_weights(pooling_head)
+            if pooling_head is not None else 0)
     pooled = 2 * matmul_weights(projector) * num_vision_tokens
 
     def flops(executed):
@@ -159,6 +163,9 @@ class MetricsLog:
     def log(self, metrics):
         with self.path.open("a") as handle:
             handle.write(json.dumps(metrics) + "\n")
+        if metrics["update_skipped"]:
+            self.log_skipped(metrics)
+            return
         if self.run:
             n = metrics["num_vision_tokens"]
             self.run.log({**metrics, f"loss_by_n/{n}": metrics["loss"]}, step=metrics["step"])
@@ -172,6 +179,15 @@ class MetricsLog:
                          metrics["step"], self.max_steps, metrics["num_vision_tokens"], metrics["loss"],
                          metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"], 100 * metrics["padding_fraction"],
                          mfu)
+
+    def log_skipped(self, metrics):
+        """A step without a supervised token on any rank: no loss, no update (train_step)."""
+        if self.run:
+            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["step"])
+        self.bar.update(1)
+        with self.bar.external_write_mode():
+            log.warning("step %d/%d  N=%d  skipped: no rank had a supervised token (no optimizer update, "
+                        "LR schedule unchanged)", metrics["step"], self.max_steps, metrics["num_vision_tokens"])
 
     def close(self):
         self.bar.close()

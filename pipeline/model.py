@@ -32,6 +32,7 @@ from transformers.utils import ModelOutput, is_flash_attn_2_available
 # relative imports: model folders carry this module, and the ones it imports, as transformers
 # remote code (modeling_tokenflex.py)
 from .chat import IGNORE_INDEX, IMAGE_TOKEN, end_token_ids, load_tokenizer
+from .images import normalize_pixels, pixel_table
 from .inference import InferenceMixin, as_dtype
 from .projector import build_projector, pooled_side
 from .vision import load_vision_tower, tower_attn_implementation, tower_features
@@ -103,15 +104,19 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         )
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        # the processor's rescale and normalize, applied on the model's device (not saved: the
+        # folder's image processor is the record)
+        self.register_buffer("pixel_table", pixel_table(image_processor), persistent=False)
 
     # ---- construction and persistence ----
 
     @classmethod
     def from_components(cls, vision_path, lm_path, projector="adaptive_pool_swiglu", projector_options=None,
                         vision_feature_layer=-2, attn_implementation="sdpa", chat_format="auto"):
-        """How users start: a vision checkpoint folder plus an LM checkpoint folder. Built in fp32
-        whatever dtype the checkpoints were saved in: DeepSpeed keeps fp32 master weights and
-        casts the module itself."""
+        """How users start: a vision checkpoint folder plus an LM checkpoint folder, in fp32
+        whatever dtype the checkpoints were saved in. Under ZeRO-3 loading (stages/align.py) the
+        tower and the LM are created by zero.Init instead, partitioned and in the run's dtype,
+        while the projector is not: training casts it (pipeline/engine.py: cast_parameters)."""
         check_attn_implementation(attn_implementation)
         vision_tower = load_vision_tower(vision_path, attn_implementation)
         language_model = AutoModelForCausalLM.from_pretrained(lm_path, attn_implementation=attn_implementation,
@@ -191,12 +196,15 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
     # ---- forward ----
 
     def image_features(self, pixel_values):
-        """(images, 3, H, W) -> the tower's (images, patches, vision_dim) features, which every N shares."""
+        """(images, 3, H, W) uint8 pixels (pipeline.images.image_pixel_values) -> the tower's
+        (images, patches, vision_dim) features, which every N shares. Normalized here, on the
+        model's device, as the image processor normalizes."""
         dtype = next(self.projector.parameters()).dtype
-        return tower_features(self.vision_tower, pixel_values.to(dtype), self.config.vision_feature_layer)
+        pixels = normalize_pixels(pixel_values, self.pixel_table).to(dtype)
+        return tower_features(self.vision_tower, pixels, self.config.vision_feature_layer)
 
     def encode_images(self, pixel_values, num_vision_tokens):
-        """(images, 3, H, W) -> (images, N, lm_dim)."""
+        """(images, 3, H, W) uint8 -> (images, N, lm_dim)."""
         return self.projector(self.image_features(pixel_values), num_vision_tokens)
 
     def embed(self, input_ids, pixel_values, image_mask, num_vision_tokens):
@@ -220,7 +228,7 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         return embeds + 0.0 * features[~image_mask].sum().to(embeds.dtype)
 
     def forward(self, batch, num_vision_tokens, return_logits=False, num_items_in_batch=None):
-        """batch: input_ids, labels, position_ids (rows, L); pixel_values (M, 3, H, W); image_mask (M,).
+        """batch: input_ids, labels, position_ids (rows, L); pixel_values (M, 3, H, W) uint8; image_mask (M,).
 
         loss: the cross-entropy summed over supervised tokens, divided by num_items_in_batch
         when given (training passes the step's supervised tokens over all ranks and

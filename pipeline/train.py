@@ -25,7 +25,7 @@ from pipeline.convert import convert_checkpoint
 from pipeline.data import TrainBatches
 from pipeline.data.mixture import load_mixture
 from pipeline.distributed import broadcast_from_rank0, distributed_env, init_process_group, sum_over_ranks
-from pipeline.engine import build_engine
+from pipeline.engine import build_engine, use_bf16
 from pipeline.metrics import MetricsLog, Work, step_flops
 from pipeline.model import supervised_targets, write_model_folder
 from pipeline.projector import pooled_side
@@ -41,13 +41,23 @@ def train_step(engine, data, num_vision_tokens, grad_accum):
 
     The step's loss is the sum of its token losses over every rank and micro-batch divided by
     their supervised tokens, so packed micro-batches with few or many answer tokens weigh each
-    token the same. Returns this rank's share of that loss (the shares add up over ranks) and
-    each micro-batch's stats, with the Work it asked of the model and its losses by source.
+    token the same. Returns this rank's share of that loss (the shares add up over ranks), or
+    None when the step was skipped, and each micro-batch's stats, with the Work it asked of the
+    model and its losses by source.
+
+    A step in which no rank has a supervised token is skipped on every rank alike (they all
+    read the same global count): no forward, backward or optimizer step, so AdamW's moments and
+    the LR schedule don't move on a zero gradient, and every rank runs the same collectives
+    (none) for it.
     """
     batches = [data.next_batch(num_vision_tokens) for _ in range(grad_accum)]
     pad_token_id = engine.module.tokenizer.pad_token_id
     stats = [{**batch.pop("stats"), "work": Work.of(batch, pad_token_id)} for batch in batches]
     supervised = int(sum_over_ranks([sum(s["work"].supervised for s in stats)])[0])
+    if supervised == 0:
+        # the model did no work, and no source has a loss
+        return None, [{**s, "work": Work(), "source_losses": [0.0] * 2 * len(s["total_samples_by_source"])}
+                      for s in stats]
     loss_share = 0.0
     for batch, batch_stats in zip(batches, stats):
         batch = {k: v.to(engine.device) for k, v in batch.items()}
@@ -79,6 +89,7 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
     Per mixture source: samples_total/<name> (consumed since the start) and loss_by_source/<name>
     (the step's token loss over that source's supervised tokens, when it had any)."""
     world = dist.get_world_size()
+    skipped = loss is None  # on every rank alike (see train_step)
     text_only = any(s["num_images"] == 0 for s in stats)
     per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images", "num_images")]
     running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
@@ -86,12 +97,14 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
     names = list(stats[-1]["total_samples_by_source"])
     consumed = list(stats[-1]["total_samples_by_source"].values())
     source_losses = [sum(values) for values in zip(*(s["source_losses"] for s in stats))]
-    totals = sum_over_ranks([loss, *per_step, float(text_only), *running, *flops, *consumed, *source_losses])
+    totals = sum_over_ranks([0.0 if skipped else loss, *per_step, float(text_only), *running, *flops, *consumed,
+                             *source_losses])
     loss, real, pad, samples, images, real_images, text_only_ranks, truncated, corrupt, useful, executed = totals[:11]
     consumed, loss_sums, token_counts = (totals[11 + i * len(names):11 + (i + 1) * len(names)] for i in range(3))
     metrics = {
-        "step": step, "num_vision_tokens": n, "loss": loss, "lr": engine.get_lr()[0],
-        "grad_norm": float(engine.get_global_grad_norm() or 0.0), "step_time_s": seconds,
+        "step": step, "num_vision_tokens": n, "update_skipped": skipped, "loss": None if skipped else loss,
+        "lr": engine.get_lr()[0], "grad_norm": None if skipped else float(engine.get_global_grad_norm() or 0.0),
+        "step_time_s": seconds,
         "tokens_per_s": real / seconds, "samples_per_s": samples / seconds, "padding_fraction": pad / (real + pad),
         "text_only_ranks": int(text_only_ranks), "truncated_total": int(truncated),
         "skipped_corrupt_total": int(corrupt), "useful_flops": useful, "executed_flops": executed,
@@ -206,6 +219,10 @@ def check_inputs(cfg):
         if not path or not Path(path).exists():
             raise FileNotFoundError(f"{key}={path!r} not found (relative paths start at {Path.cwd()})")
     load_mixture(cfg.data.shards)
+    if cfg.model.attn_implementation == "flash_attention_2" and not use_bf16(cfg.train.precision):
+        raise ValueError(f"model.attn_implementation=flash_attention_2 needs bf16 weights (flash-attn has no fp32 "
+                         f"kernels), but train.precision={cfg.train.precision} trains in fp32 here (auto: bf16 on a "
+                         f"GPU, fp32 without one); set train.precision=bf16, or model.attn_implementation=sdpa")
     vision = stage.vision_config(cfg)
     grid = vision["image_size"] // vision["patch_size"]
     for count in cfg.tokens.counts:

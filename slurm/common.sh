@@ -46,7 +46,15 @@ run_stage() {
         export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
     fi
 
+    # The network interfaces of the process group's TCP traffic: gloo (the pipeline's CPU-side
+    # collectives) and NCCL (its bootstrap, and its data without InfiniBand). Unset, gloo binds to
+    # the address the node's host name resolves to: on some clusters a management network the
+    # other nodes can't reach, and a multi-node start hangs. Set them when submitting, e.g.
+    # GLOO_SOCKET_IFNAME=ib0 NCCL_SOCKET_IFNAME=ib0 sbatch slurm/stage1.sh, or with
+    # sbatch --export=ALL,GLOO_SOCKET_IFNAME=ib0,NCCL_SOCKET_IFNAME=ib0 where sbatch passes no
+    # environment by default; the job's environment reaches every task through srun.
     log "job $SLURM_JOB_ID start (restart count ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
+    log "network interfaces: GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-unset} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-unset}"
     # The module each task runs: pipeline.train, or a wrapper of it (the tests inject faults so).
     local module=${TOKENFLEX_TRAIN_MODULE:-pipeline.train}
     log "command: python -m $module $config $*"

@@ -11,17 +11,18 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE1_STEPS = 16
 
 
-def torchrun_command(config, output_dir, *overrides, ranks=2):
+def torchrun_command(config, output_dir, *overrides, ranks=2, module="pipeline.train"):
+    """module: pipeline.train or a test wrapper of it (tests/record_dtypes.py, tests/crash_at_step.py)."""
     # --master_port 0 would hang: DeepSpeed's env:// init does not see the port torchrun picks
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
-            "-m", "pipeline.train", str(REPO / "configs" / config), f"train.output_dir={output_dir}",
+            "-m", module, str(REPO / "configs" / config), f"train.output_dir={output_dir}",
             "wandb.mode=disabled", *overrides]
 
 
-def run_training(config, output_dir, *overrides, timeout=300, ranks=2):
+def run_training(config, output_dir, *overrides, timeout=300, ranks=2, module="pipeline.train"):
     """Run to completion on `ranks` processes; the combined log lands beside output_dir as <name>.log."""
-    result = subprocess.run(torchrun_command(config, output_dir, *overrides, ranks=ranks), cwd=REPO, env=cpu_training_env(),
-                            check=False, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(torchrun_command(config, output_dir, *overrides, ranks=ranks, module=module), cwd=REPO,
+                            env=cpu_training_env(), check=False, capture_output=True, text=True, timeout=timeout)
     (Path(output_dir).parent / f"{Path(output_dir).name}.log").write_text(result.stdout + result.stderr)
     return result
 

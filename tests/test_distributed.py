@@ -13,11 +13,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.distributed import (
+    bind_task_gpu,
     broadcast_from_rank0,
     distributed_env,
     init_process_group,
     max_over_ranks,
     process_group_backend,
+    socket_interfaces,
     sum_over_ranks,
 )
 from pipeline.sampler import check_same_across_ranks
@@ -33,14 +35,14 @@ def spawn(worker, *args):
     return dict(results)
 
 
-def join(rank, port, backend, timeout_minutes=1.0):
+def join(rank, port, backend, timeout_minutes=1.0, **env):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", **env)
     init_process_group(timeout_minutes, backend=backend)
 
 
 def _project_collectives(rank, port, results, backend):
-    join(rank, port, backend)
+    join(rank, port, backend, GLOO_SOCKET_IFNAME="lo")  # as on a cluster that names its interface
     try:
         results[rank] = {
             "sum": sum_over_ranks([1.5, rank]),
@@ -99,3 +101,41 @@ def test_rank_environment_comes_from_srun_when_torchrun_set_none(monkeypatch):
 @pytest.mark.parametrize("device_type, backend", [("cpu", "gloo"), ("cuda", "cpu:gloo,cuda:nccl")])
 def test_backend_per_device(device_type, backend):
     assert process_group_backend(device_type) == backend
+
+
+# ---- the GPU each task trains on, in the environments Slurm and torchrun give it ----
+
+SEES_ALL = "0,1,2,3,4,5,6,7"
+
+
+@pytest.mark.parametrize("local_rank, visible, index", [
+    ("3", SEES_ALL, 3),  # torchrun, or srun --gpus-per-node=8: every task sees the node's GPUs
+    ("3", "3", 0),  # srun --gpus-per-task=1 / --gpu-bind=single:1: one GPU per task
+    ("3", "0", 0),  # the same with Slurm's device cgroup, which renumbers the task's one GPU to 0
+    ("0", "5", 0),
+], ids=["all-visible", "per-task", "per-task-cgroup", "per-task-rank0"])
+def test_each_task_trains_on_its_own_gpu_and_deepspeed_is_told(monkeypatch, local_rank, visible, index):
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert bind_task_gpu(visible_gpus=len(visible.split(","))) == index
+    assert os.environ["LOCAL_RANK"] == str(index)  # DeepSpeed's device index (process group, zero.Init, engine)
+
+
+def test_a_task_seeing_too_few_gpus_for_its_local_rank_is_an_error(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ValueError, match=r"local rank 3, but this task sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES=0,1\)"):
+        bind_task_gpu(visible_gpus=2)
+
+
+def test_socket_interfaces_name_the_variables_or_what_each_backend_falls_back_to(monkeypatch):
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    unset = socket_interfaces(process_group_backend("cuda"))
+    assert unset["gloo"].endswith("GLOO_SOCKET_IFNAME unset") and "what host name" in unset["gloo"]
+    assert unset["nccl"] == "NCCL's own choice, NCCL_SOCKET_IFNAME unset"
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib1")
+    assert socket_interfaces(process_group_backend("cuda")) == {"gloo": "ib0 (GLOO_SOCKET_IFNAME)",
+                                                                "nccl": "ib1 (NCCL_SOCKET_IFNAME)"}
+    assert socket_interfaces(process_group_backend("cpu")) == {"gloo": "ib0 (GLOO_SOCKET_IFNAME)"}

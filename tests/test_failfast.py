@@ -155,11 +155,24 @@ def test_token_count_beyond_the_vision_grid_fails_at_start(tiny_models, syntheti
     assert "tokens.counts: num_vision_tokens=324" in error
 
 
-def test_seq_len_without_room_for_text_at_the_largest_n_fails_at_start(tiny_models, synthetic_shards, tmp_path, capsys):
+@pytest.mark.parametrize("text, named", [("64", "data.text_tokens_per_image"), ("auto", "a minimum of text")])
+def test_seq_len_without_room_for_text_at_the_largest_n_fails_at_start(
+        tiny_models, synthetic_shards, tmp_path, capsys, text, named):
     stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
     error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "tokens.counts={16: 1, 144: 1}",
-                           "data.seq_len=200", "data.text_tokens_per_image=64")
-    assert "data.seq_len=200 leaves no room for text at N=144" in error and "144 + 64 = 208" in error
+                           "data.seq_len=200", f"data.text_tokens_per_image={text}")
+    assert "data.seq_len=200 leaves no room for text at N=144" in error
+    assert f"max(tokens.counts) + {named} = 144 + 64 = 208" in error
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_flash_attention_with_fp32_weights_fails_at_start(tiny_models, synthetic_shards, tmp_path, capsys, precision):
+    """On a GPU, flash-attn would crash at the first forward on fp32 weights; auto is fp32 on CPU."""
+    stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
+    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "model.attn_implementation=flash_attention_2",
+                           f"train.precision={precision}")
+    assert "model.attn_implementation=flash_attention_2 needs bf16 weights" in error
+    assert f"train.precision={precision} trains in fp32 here" in error
 
 
 @pytest.fixture

@@ -432,17 +432,18 @@ def saved_model(tiny_models, tmp_path_factory):
 
 
 def test_bf16_model_batches_and_loss(saved_model, images):
-    """In bf16, the batch builders give pixel values in bf16 on the model's device, the logits
-    are bf16 and the cross-entropy is computed in fp32: the loss matches fp32's to bf16 precision."""
+    """In bf16, the batch builders give 8-bit pixel values on the model's device (the forward
+    normalizes them), the logits are bf16 and the cross-entropy is computed in fp32: the loss
+    matches fp32's to bf16 precision."""
     fp32 = TokenFlexVLM.from_pretrained(saved_model).eval()
     bf16 = TokenFlexVLM.from_pretrained(saved_model, "cpu", "bf16").eval()
     samples = [dict(zip(("input_ids", "labels"), sample(bf16, CONVERSATION, 1)), pixel_values=fp32.pixel_values(images[:1])),
                dict(zip(("input_ids", "labels"), sample(bf16, TEXT_ONLY, 1)), pixel_values=None)]
     batch = bf16.labelled_batch(samples, N)
     assert all(t.device == bf16.device for t in batch.values())
-    assert batch["pixel_values"].dtype == torch.bfloat16 and batch["image_mask"].tolist() == [True]
-    assert bf16.pixel_values(images).dtype == torch.bfloat16
-    assert bf16.image_inputs([])[0].dtype == torch.bfloat16
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["image_mask"].tolist() == [True]
+    assert bf16.pixel_values(images).dtype == torch.uint8
+    assert bf16.image_inputs([])[0].dtype == torch.uint8
     with torch.no_grad():
         out = bf16(batch, N, return_logits=True)
         reference = fp32(fp32.labelled_batch(samples, N), N, return_logits=True)

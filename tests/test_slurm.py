@@ -109,11 +109,13 @@ def assert_resumed_mid_run(log: str):
 
 @pytest.fixture(scope="module")
 def sbatch_run(slurm, train_args, tmp_path_factory):
-    """stage1.sh with two tasks, uninterrupted: (output dir, log text, final state)."""
+    """stage1.sh with two tasks, uninterrupted: (output dir, log text, final state). The
+    submission names gloo's network interface, as on a cluster whose host names resolve to a
+    network the other nodes can't reach."""
     tmp = tmp_path_factory.mktemp("sbatch_run")
     log = tmp / "job.log"
-    job_id = sbatch(*SBATCH_CPU, f"--output={log}", f"--error={log}", "slurm/stage1.sh",
-                    *train_args(tmp / "out"))
+    job_id = sbatch(*SBATCH_CPU, "--export=ALL,GLOO_SOCKET_IFNAME=lo", f"--output={log}", f"--error={log}",
+                    "slurm/stage1.sh", *train_args(tmp / "out"))
     state = wait_for_job(job_id)
     return tmp / "out", log.read_text(), state
 
@@ -122,6 +124,8 @@ def test_sbatch_two_tasks_completes_and_checkpoints(sbatch_run):
     output_dir, log, state = sbatch_run
     assert state == "COMPLETED", log
     assert "training finished with exit code 0" in log
+    assert "network interfaces: GLOO_SOCKET_IFNAME=lo " in log  # the job script's line
+    assert "gloo network interface: lo (GLOO_SOCKET_IFNAME)" in log  # rank 0's, from srun's environment
     assert max(losses(output_dir)) == STEPS
     assert (output_dir / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS:06d}"
 

@@ -1,11 +1,14 @@
 """The step's loss is one per-token mean over every rank and micro-batch (transformers PR #34191).
 
-The same two rows, one with few supervised tokens and one with many, trained three ways on real
+The same two rows, one with few supervised tokens and one with many, trained four ways on real
 DeepSpeed ZeRO-3 engines (gloo, spawned processes) must give the same loss and gradients:
-2 ranks x 1 micro-batch, 1 rank x 2 micro-batches, 1 rank x 1 batch of both rows. A mean per
-micro-batch, which DeepSpeed then averages over micro-batches and ranks, weighs the few tokens'
-row as much as the many tokens' row and fails this. A rank whose micro-batch has no answer
-token adds nothing: the other rank's row trains as if alone (an average over ranks halves it).
+2 ranks x 1 micro-batch, 1 rank x 2 micro-batches, 2 ranks x 2 micro-batches (each row twice),
+1 rank x 1 batch of both rows. A mean per micro-batch, which DeepSpeed then averages over
+micro-batches and ranks, weighs the few tokens' row as much as the many tokens' row and fails
+this. A rank whose micro-batch has no answer token adds nothing: the other rank's row trains as
+if alone (an average over ranks halves it). A step in which no rank has an answer token is
+skipped on every rank: no optimizer update, no LR-schedule move, and the next step is the same
+as a first one.
 """
 
 import os
@@ -31,7 +34,9 @@ N = 16
 LENGTH = 96
 SUPERVISED = (3, 60, 0)  # per row: the answer tokens at its end
 FEW, MANY, NONE = range(3)
-THREE_WAYS = ["2 ranks x 1 micro-batch", "1 rank x 2 micro-batches", "1 rank x 1 batch of both rows"]
+WAYS = ["2 ranks x 1 micro-batch", "1 rank x 2 micro-batches", "2 ranks x 2 micro-batches",
+        "1 rank x 1 batch of both rows"]
+SKIPPED_FIRST = "2 ranks, a step without answer tokens, then the rows"
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -52,7 +57,7 @@ def make_rows(model):
         labels = torch.full((LENGTH,), IGNORE_INDEX)
         labels[LENGTH - supervised:] = input_ids[LENGTH - supervised:]
         rows.append({"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(LENGTH),
-                     "pixel_values": torch.randn(3, 64, 64, generator=generator)})
+                     "pixel_values": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=generator)})
     return rows
 
 
@@ -72,28 +77,33 @@ class Batches:
         return next(self.batches)
 
 
-def train_once(tiny_models, micro_batches, grad_accum):
-    """One optimizer step of stage 2 (projector + LM train) through pipeline.train.train_step;
-    returns the step's loss (shares summed over ranks) and the full gradients of every trained
-    parameter, read when the optimizer steps (clipping off)."""
+def train_steps(tiny_models, steps, grad_accum):
+    """Optimizer steps of stage 2 (projector + LM train) through pipeline.train.train_step, on one
+    engine; steps: this rank's micro-batches of each step. Returns, per step: the loss (shares
+    summed over ranks; None when the step was skipped), the full gradients of every trained
+    parameter read when the optimizer stepped ({} when it did not; clipping off), the LR
+    schedule's position and the number of parameter partitions AdamW holds moments for."""
     cfg = load_config(REPO / "configs" / "tiny_cpu_stage2.yaml", [
-        f"data.rows_per_batch={len(micro_batches[0]['input_ids'])}", f"train.grad_accum={grad_accum}",
+        f"data.rows_per_batch={len(steps[0][0]['input_ids'])}", f"train.grad_accum={grad_accum}",
         "optim.grad_clip=0.0"])
     model = build_model(tiny_models)
     STAGES["finetune"].freeze_backbones(model, cfg)
     engine = build_engine(model, STAGES["finetune"].param_groups(model, cfg), cfg)
     trained = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
-    grads = {}
 
     def read_grads(optimizer, args, kwargs):
         # ZeRO-3 holds each rank's reduced partition until the optimizer steps; gather them whole
         grads.update({name: safe_get_full_grad(p).clone() for name, p in trained})
 
     engine.optimizer.optimizer.register_step_pre_hook(read_grads)
-    loss_share, _ = train_step(engine, Batches(micro_batches), N, grad_accum)
-    (loss,) = sum_over_ranks([float(loss_share)])
+    results = []
+    for micro_batches in steps:
+        grads = {}
+        loss_share, _ = train_step(engine, Batches(micro_batches), N, grad_accum)
+        loss = None if loss_share is None else sum_over_ranks([float(loss_share)])[0]
+        results.append((loss, grads, engine.lr_scheduler.last_epoch, len(engine.optimizer.optimizer.state)))
     engine.destroy()
-    return loss, grads
+    return results
 
 
 def _worker(rank, world_size, port, tiny_models, runs, results):
@@ -102,27 +112,28 @@ def _worker(rank, world_size, port, tiny_models, runs, results):
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     rows = make_rows(build_model(tiny_models))
     for name, (row_sets, grad_accum) in runs.items():
-        micro_batches = [batch([rows[i] for i in row_set]) for row_set in row_sets[rank]]
-        loss, grads = train_once(tiny_models, micro_batches, grad_accum)
-        if rank == 0:
-            results[name] = (loss, grads)
+        steps = [[batch([rows[i] for i in row_set]) for row_set in step] for step in row_sets[rank]]
+        results[name, rank] = train_steps(tiny_models, steps, grad_accum)
 
 
 def run_on(ranks, runs, tiny_models):
-    """runs: name -> (per rank, the row indices of each micro-batch; grad_accum)."""
+    """runs: name -> (per rank, per step, the row indices of each micro-batch; grad_accum).
+    Returns name -> rank 0's results per step, and (name, rank) -> each rank's."""
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(ranks, free_port(), tiny_models, runs, results), nprocs=ranks)
-    return dict(results)
+    return {**dict(results), **{name: results[name, 0] for name in runs}}
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_models):
     return {
-        **run_on(2, {"2 ranks x 1 micro-batch": ([[[FEW]], [[MANY]]], 1),
-                     "2 ranks, one without answer tokens": ([[[FEW]], [[NONE]]], 1)}, tiny_models),
-        **run_on(1, {"1 rank x 2 micro-batches": ([[[FEW], [MANY]]], 2),
-                     "1 rank x 1 batch of both rows": ([[[FEW, MANY]]], 1),
-                     "1 rank, the few tokens' row alone": ([[[FEW]]], 1)}, tiny_models),
+        **run_on(2, {"2 ranks x 1 micro-batch": ([[[[FEW]]], [[[MANY]]]], 1),
+                     "2 ranks x 2 micro-batches": ([[[[FEW], [MANY]]], [[[MANY], [FEW]]]], 2),
+                     "2 ranks, one without answer tokens": ([[[[FEW]]], [[[NONE]]]], 1),
+                     SKIPPED_FIRST: ([[[[NONE]], [[FEW]]], [[[NONE]], [[MANY]]]], 1)}, tiny_models),
+        **run_on(1, {"1 rank x 2 micro-batches": ([[[[FEW], [MANY]]]], 2),
+                     "1 rank x 1 batch of both rows": ([[[[FEW, MANY]]]], 1),
+                     "1 rank, the few tokens' row alone": ([[[[FEW]]]], 1)}, tiny_models),
     }
 
 
@@ -151,19 +162,31 @@ def test_step_loss_is_the_per_token_mean_over_ranks_and_micro_batches(runs, tiny
     per_token = torch.cat([few, many]).mean().item()
     per_row = (few.mean().item() + many.mean().item()) / 2
     assert abs(per_token - per_row) > 1e-3, "the rows' losses are too alike for the test to tell the means apart"
-    for name in THREE_WAYS:
-        assert runs[name][0] == pytest.approx(per_token, rel=1e-5), name
+    for name in WAYS:
+        assert runs[name][0][0] == pytest.approx(per_token, rel=1e-5), name
 
 
 def test_gradients_agree_whether_rows_are_split_over_ranks_micro_batches_or_a_batch(runs):
-    reference = runs["1 rank x 1 batch of both rows"][1]
-    for name in THREE_WAYS[:2]:
-        assert_same_gradients(runs[name][1], reference, name)
+    reference = runs["1 rank x 1 batch of both rows"][0][1]
+    for name in WAYS[:-1]:
+        assert_same_gradients(runs[name][0][1], reference, name)
 
 
 def test_a_rank_without_answer_tokens_adds_nothing(runs, tiny_models):
     """Its lm_head still runs on no rows (ZeRO-3 needs every rank's module forwards)."""
     (few,) = per_token_losses(tiny_models, [FEW])
     name = "2 ranks, one without answer tokens"
-    assert runs[name][0] == pytest.approx(few.mean().item(), rel=1e-5)
-    assert_same_gradients(runs[name][1], runs["1 rank, the few tokens' row alone"][1], name)
+    assert runs[name][0][0] == pytest.approx(few.mean().item(), rel=1e-5)
+    assert_same_gradients(runs[name][0][1], runs["1 rank, the few tokens' row alone"][0][1], name)
+
+
+def test_a_step_without_answer_tokens_on_any_rank_is_skipped_on_every_rank(runs):
+    for rank in (0, 1):
+        (loss, grads, schedule, moments), _ = runs[SKIPPED_FIRST, rank]
+        assert (loss, grads, schedule, moments) == (None, {}, 0, 0), f"rank {rank}: the optimizer or LR schedule moved"
+    # the next step is a first step: same loss, gradients and LR-schedule position as without the skipped one
+    loss, grads, schedule, moments = runs[SKIPPED_FIRST][1]
+    first = runs["2 ranks x 1 micro-batch"][0]
+    assert loss == pytest.approx(first[0], rel=1e-6)
+    assert_same_gradients(grads, first[1], SKIPPED_FIRST)
+    assert (schedule, moments) == (first[2], first[3]) and moments > 0

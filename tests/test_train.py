@@ -64,6 +64,8 @@ def test_stage1_trains_only_the_projector_and_loss_goes_down(stage1_run):
     step10 = metrics(stage1_run)[9]
     log = (stage1_run.parent / "run.log").read_text()
     assert "ZeRO-3: checkpoints load straight into partitioned parameters" in log
+    assert "gloo network interface: " in log
+    assert "projector        trains weights float32" in log  # train.precision fp32: no cast
     assert f"step 10/{STEPS}  N={step10['num_vision_tokens']}  loss {step10['loss']:.4f}" in log
 
 

@@ -40,7 +40,7 @@ class TrainBatches:
 
     next_batch(N) returns tensors input_ids, labels, position_ids and source_ids (the mixture
     source of each token, -1 for padding) of shape (rows_per_batch, seq_len), pixel_values (image
-    budget, 3, H, W) with image_mask (real images first, in slot order; zero dummies after), and a
+    budget, 3, H, W) uint8 with image_mask (real images first, in slot order; zero dummies after), and a
     stats dict: counts and running totals, "samples" ((source, shard, key, epoch) of each packed
     sample, to trace a batch back to its data) and "epoch" (the oldest epoch a worker of this rank
     is still reading).
@@ -167,7 +167,7 @@ class TrainBatches:
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
         source_ids = torch.full(shape, -1, dtype=torch.long)
-        pixels = torch.zeros((max_images, *self.pixel_shape))
+        pixels = torch.zeros((max_images, *self.pixel_shape), dtype=torch.uint8)
         image_mask = torch.zeros(max_images, dtype=torch.bool)
         num_images = real_tokens = 0
         packed = []  # (source, shard, key, epoch) of each sample, for the stats

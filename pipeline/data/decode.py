@@ -1,5 +1,6 @@
 """From a shard's sample (bytes by extension) to what training uses: token ids with one image
-marker per image, labels, and the image at full resolution as pixel values.
+marker per image, labels, and the image as the tower's 8-bit pixels (pipeline/images.py; the
+model normalizes them on its device).
 
 Decoding is here and only here; the stream (pipeline/data/stream.py) calls it after shuffling.
 """
@@ -12,7 +13,7 @@ import tarfile
 from PIL import Image
 
 from pipeline.chat import prompt_ids, tokenize_record
-from pipeline.images import image_pixel_values
+from pipeline.images import rgb_pixels, tower_pixels
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Decoder:
         self.image_aspect, self.with_record = image_aspect, with_record
 
     def __call__(self, sample: dict) -> dict:
-        """input_ids, labels and pixel_values ((1, 3, H, W) or None); SampleError naming the shard and key."""
+        """input_ids, labels and pixel_values ((1, 3, H, W) uint8 or None); SampleError naming the shard and key."""
         where = f"sample {sample.get('__key__')} in shard {sample.get('__url__')}"
         try:
             record = json.loads(sample["json"])
@@ -50,10 +51,10 @@ class Decoder:
         if num_images:
             try:
                 with Image.open(io.BytesIO(sample[image_keys[0]])) as image:
-                    pil = image.convert("RGB")
+                    rgb = rgb_pixels(image)
             except Exception as exn:  # PIL raises many types for bad bytes; all mean the same here
                 raise SampleError("corrupt", f"{where}: undecodable image ({exn!r})") from exn
-            pixels = image_pixel_values([pil], self.image_processor, self.image_aspect)
+            pixels = tower_pixels(rgb, self.image_processor, self.image_aspect).unsqueeze(0)
         try:
             input_ids, labels = tokenize_record(record, self.tokenizer, num_images, key=where)
         except (KeyError, TypeError, ValueError) as exn:

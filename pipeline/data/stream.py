@@ -158,7 +158,10 @@ class RankStream:
         self.board = ReadingBoard(self.num_workers)
         stream = SampleStream(mixture, decoder, rank, world_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                               first_epoch=first_epoch, open_epochs=open_epochs, replay=replay, board=self.board)
-        self.items = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+        # Workers keep about a packing window of samples ready while the trainer steps; with
+        # DataLoader's default (2 per worker) they idle, and the next batch waits on them.
+        prefetch = max(2, -(-cfg.pack_window // self.num_workers)) if cfg.num_workers else None
+        self.items = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=prefetch,
                                      timeout=self.timeout if cfg.num_workers else 0,
                                      worker_init_fn=functools.partial(loader_worker_setup, _exiting)))
 
@@ -205,7 +208,7 @@ def iter_samples(shards, tokenizer, image_processor, rank=0, world_size=1, num_w
     """Each sample of data.shards (a mixture's sources in turn) once, this rank's equal share, in a
     fixed order (for evaluation).
 
-    Yields dicts with input_ids, labels, pixel_values ((1, 3, H, W) or None; images prepared the
+    Yields dicts with input_ids, labels, pixel_values ((1, 3, H, W) uint8 or None; images prepared the
     way the image processor records, see set_image_aspect), key, shard and, with_record, the
     record itself, prompt_ids (for generation) and answer (the last reply). Unusable samples are
     logged and left out.
