@@ -224,7 +224,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=3000, help="synthetic records to stream")
     parser.add_argument("--batches", type=int, default=60, help="packed batches per packing measurement")
-    parser.add_argument("--photos", type=int, default=600, help="COCO-size photographs to stream")
+    parser.add_argument("--photos", type=int, default=600,
+                        help="COCO-size photographs to stream (0, with --large-photos 0: skip the photograph and "
+                             "GPU sections)")
     parser.add_argument("--large-photos", type=int, default=120, help="large (>= 1,500 px) photographs to stream")
     parser.add_argument("--repeats", type=int, default=2, help="passes per timing; the best one counts")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -251,37 +253,38 @@ def main(argv=None):
                                 generator=torch.Generator().manual_seed(0))
             print(f"| LLaVA map dataset | {workers} | {samples_per_second(loader, total):.0f} |")
 
-        so400m = (models[0], so400m_processor(work / "so400m"))
-        print("\n## Real photographs at 384 px: SigLIP-so400m's image processor, image_aspect pad")
-        print("CPU milliseconds per file or sample; the loader's samples/s are wall-clock.\n")
-        print("| photos | files | median file | bare JPEG decode | decode + pipeline's preparation | "
-              "decode + transformers' processor | loader worker per sample | vs bare decode | "
-              "loader, 1 worker | loader, 2 workers |\n|---|---|---|---|---|---|---|---|---|---|")
-        per_worker = {}
-        for kind, n in [("coco", args.photos), ("large", args.large_photos)]:
-            files, shards = photo_shards(work, kind, n)
-            sizes = [Image.open(f).size for f in files]
-            median_kb = statistics.median(f.stat().st_size for f in files) / 1000
-            decode = best_cpu_ms_per_item(bare_decode, files, args.repeats)
-            pipeline = best_cpu_ms_per_item(pipeline_path(so400m[1]), files, args.repeats)
-            processor = best_cpu_ms_per_item(processor_path(so400m[1]), files[:max(10, n // 10)], args.repeats)
-            (rate, worker_ms), (rate_2, _) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
-                                              for workers in [1, 2])
-            per_worker[kind] = 1000 / worker_ms
-            print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
-                  f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
-                  f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
+        if args.photos and args.large_photos:  # 0: skip the photographs and what a GPU consumes
+            so400m = (models[0], so400m_processor(work / "so400m"))
+            print("\n## Real photographs at 384 px: SigLIP-so400m's image processor, image_aspect pad")
+            print("CPU milliseconds per file or sample; the loader's samples/s are wall-clock.\n")
+            print("| photos | files | median file | bare JPEG decode | decode + pipeline's preparation | "
+                  "decode + transformers' processor | loader worker per sample | vs bare decode | "
+                  "loader, 1 worker | loader, 2 workers |\n|---|---|---|---|---|---|---|---|---|---|")
+            per_worker = {}
+            for kind, n in [("coco", args.photos), ("large", args.large_photos)]:
+                files, shards = photo_shards(work, kind, n)
+                sizes = [Image.open(f).size for f in files]
+                median_kb = statistics.median(f.stat().st_size for f in files) / 1000
+                decode = best_cpu_ms_per_item(bare_decode, files, args.repeats)
+                pipeline = best_cpu_ms_per_item(pipeline_path(so400m[1]), files, args.repeats)
+                processor = best_cpu_ms_per_item(processor_path(so400m[1]), files[:max(10, n // 10)], args.repeats)
+                (rate, worker_ms), (rate_2, _) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
+                                                  for workers in [1, 2])
+                per_worker[kind] = 1000 / worker_ms
+                print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
+                      f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
+                      f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
 
-        print("\n## What one GPU consumes (H100 SXM, MFU 0.4, SigLIP-so400m, 128 text tokens per sample), "
-              "and the loader workers per GPU that takes (one worker: 1000 / its CPU ms per sample above)")
-        print("| LM | stage | N | samples/s per GPU | workers per GPU, COCO-size | workers per GPU, large |\n"
-              "|---|---|---|---|---|---|")
-        for lm in ["0.5b", "1.5b", "7b"]:
-            for stage in [1, 2]:
-                for n in [64, 256]:
-                    consumed = gpu_samples_per_second(lm, stage, n)
-                    print(f"| {lm.upper()} | {stage} | {n} | {consumed:.0f} | {math.ceil(consumed / per_worker['coco'])} | "
-                          f"{math.ceil(consumed / per_worker['large'])} |")
+            print("\n## What one GPU consumes (H100 SXM, MFU 0.4, SigLIP-so400m, 128 text tokens per sample), "
+                  "and the loader workers per GPU that takes (one worker: 1000 / its CPU ms per sample above)")
+            print("| LM | stage | N | samples/s per GPU | workers per GPU, COCO-size | workers per GPU, large |\n"
+                  "|---|---|---|---|---|---|")
+            for lm in ["0.5b", "1.5b", "7b"]:
+                for stage in [1, 2]:
+                    for n in [64, 256]:
+                        consumed = gpu_samples_per_second(lm, stage, n)
+                        workers = [math.ceil(consumed / per_worker[kind]) for kind in PHOTOS]
+                        print(f"| {lm.upper()} | {stage} | {n} | {consumed:.0f} | {workers[0]} | {workers[1]} |")
 
         llava = work / "llava_like"
         make_synthetic.main(["--out", str(llava), "--n", str(args.n), "--llava-like"])
@@ -293,9 +296,11 @@ def main(argv=None):
         print(f"\n## A mixture of three sources ({sizes}: {mixture.epoch_length()} samples an epoch)")
         print("| training stream, one epoch | workers | samples/s |\n|---|---|---|")
         for workers in [1, 2]:
-            print(f"| equal slices, shuffle buffer 256 | {workers} | {epoch_rate(mixture, models, workers):.0f} |", flush=True)
+            rate = epoch_rate(mixture, models, workers)
+            print(f"| equal slices, shuffle buffer 256 | {workers} | {rate:.0f} |", flush=True)
         print("\nResumed after 20 packed batches (4 x 2048 rows, N = 144):\n")
-        cfg = DataConfig(shards=str(mixture_file), seq_len=2048, rows_per_batch=4, num_workers=2, text_tokens_per_image=64)
+        cfg = DataConfig(shards=str(mixture_file), seq_len=2048, rows_per_batch=4, num_workers=2,
+                         text_tokens_per_image=64)
         fresh, loader = first_batch_seconds(cfg, models)
         for _ in range(20):
             loader.next_batch(144)
