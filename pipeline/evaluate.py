@@ -50,8 +50,7 @@ def prompt_inputs(model, samples, num_vision_tokens):
 @torch.no_grad()
 def evaluate_batch(model, samples, num_vision_tokens, max_new_tokens):
     """(answers, prefill seconds, loss summed over answer tokens, answer tokens) for one batch."""
-    embeds, attention_mask, seconds = model.timed_prefill(lambda: prompt_inputs(model, samples, num_vision_tokens))
-    answers = model.generate_from(embeds, attention_mask, max_new_tokens)
+    answers, seconds = model.timed_generate(lambda: prompt_inputs(model, samples, num_vision_tokens), max_new_tokens)
 
     scored = [dict(s, labels=last_reply_labels(s)) for s in samples]
     batch = model.labelled_batch(scored, num_vision_tokens)
