@@ -215,6 +215,13 @@ def latency_ms(seconds: Sequence[float]) -> dict[str, float]:
     return {"median": median, "q1": q1, "q3": q3, "runs": len(ms)}
 
 
+def prefill_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """The latency of timed prefills and its spread, named as results, tables and lmms-eval's
+    throughput summary name them: prefill_ms (the median), prefill_ms_q1 and prefill_ms_q3."""
+    timing = latency_ms(seconds)
+    return {"prefill_ms": timing["median"], "prefill_ms_q1": timing["q1"], "prefill_ms_q3": timing["q3"]}
+
+
 def user_turn(prompt: str, has_image: bool) -> str:
     """A prompt as the content of a user turn: the image marker and a newline before the text."""
     return f"{IMAGE_TOKEN}\n{prompt}" if has_image else prompt

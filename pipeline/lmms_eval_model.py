@@ -32,7 +32,7 @@ from tenacity import RetryError
 from tqdm import tqdm
 
 from pipeline.chat import IMAGE_TOKEN
-from pipeline.inference import chunks_by_rows, inference_placement, latency_ms
+from pipeline.inference import chunks_by_rows, inference_placement, prefill_summary
 from pipeline.model import TokenFlexVLM, read_vlm_config
 
 
@@ -91,11 +91,9 @@ class TokenFlexLMMs(lmms):
         if prefill_seconds:
             elapsed = time.perf_counter() - started
             tokens = sum(len(self.model.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-            prefill = latency_ms(prefill_seconds[1:] or prefill_seconds)
             log_metrics(total_elapsed_time=elapsed, total_gen_tokens=tokens, avg_speed=tokens / elapsed,
                         additional_metrics={"num_vision_tokens": self.num_vision_tokens,
-                                            "prefill_ms": prefill["median"], "prefill_ms_q1": prefill["q1"],
-                                            "prefill_ms_q3": prefill["q3"]})
+                                            **prefill_summary(prefill_seconds[1:] or prefill_seconds)})
         return collator.get_original(answers)
 
     def loglikelihood(self, requests):
@@ -194,8 +192,8 @@ def sweep(model_dirs, names, tasks, counts, limit=None, batch_size=1, device=Non
           timing_repeats=5):
     """One result per model and N, yielded as it finishes: lmms-eval's per-task results, its
     scores flattened to {"task metric": value}, every document's prompt and responses (an
-    answer, or a (negative log-likelihood, is-greedy) pair per choice) and the prefill latency (latency_ms of
-    timing_repeats timed prefills of probe_batch after a warm-up). Each model is loaded once
+    answer, or a (negative log-likelihood, is-greedy) pair per choice) and the prefill latency
+    (prefill_summary of timing_repeats timed prefills of probe_batch after a warm-up). Each model is loaded once
     for all N and every task runs on its own, so that a failure names it (SweepError). One
     process (for data-parallel runs of one N, use lmms-eval's own CLI under `accelerate launch`)."""
     from lmms_eval.evaluator import simple_evaluate
@@ -212,7 +210,8 @@ def sweep(model_dirs, names, tasks, counts, limit=None, batch_size=1, device=Non
         model = load_model(path, device, dtype)
         for n in counts:
             result = {"model": name, "path": str(path), "num_vision_tokens": n, "scores": {}, "samples": {},
-                      "task_results": {}, "responses": {}, "prefill_ms": None}
+                      "task_results": {}, "responses": {}, "prefill_ms": None, "prefill_ms_q1": None,
+                      "prefill_ms_q3": None}
             for task in tasks:
                 try:
                     output = simple_evaluate(model=TokenFlexLMMs(model, n, batch_size=batch_size), tasks=[task],
@@ -227,7 +226,7 @@ def sweep(model_dirs, names, tasks, counts, limit=None, batch_size=1, device=Non
                     result["responses"][task_name] = [{"doc_id": s["doc_id"], "input": s["arguments"][0],
                                                        "target": s["target"], "responses": s["filtered_resps"]}
                                                       for s in samples]
-            result["prefill_ms"] = latency_ms(model.prefill_repeats(*probe_batch(model, batch_size), n, timing_repeats))
+            result |= prefill_summary(model.prefill_repeats(*probe_batch(model, batch_size), n, timing_repeats))
             yield result
         del model
 

@@ -1,23 +1,65 @@
 """Tables and plots of tools.evaluate's results (pipeline.evaluate's result dicts) and of
 tools.benchmark's (pipeline.lmms_eval_model.sweep's): one row per model and N, several models
-side by side."""
+side by side. Both give each row's prefill latency as prefill_ms (the median) with its spread,
+prefill_ms_q1 to prefill_ms_q3."""
 
 import math
 
+
+# ---- the prefill latency and its spread ----
+
+def spread_cell(r):
+    """'q1–q3' of a row's prefill, in ms; '-' for a row without one."""
+    return "-" if r["prefill_ms"] is None else f"{r['prefill_ms_q1']:.2f}–{r['prefill_ms_q3']:.2f}"
+
+
+def latency_noise(results):
+    """The models whose prefill spread (q3 - q1) at some N is larger than the range of their
+    medians across N: their timings cannot rank the token counts."""
+    noisy = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        timed = [r for r in results if r["model"] == model and r["prefill_ms"] is not None]
+        medians = [r["prefill_ms"] for r in timed]
+        if len(timed) > 1 and max(r["prefill_ms_q3"] - r["prefill_ms_q1"] for r in timed) > max(medians) - min(medians):
+            noisy.append(model)
+    return noisy
+
+
+def noise_warning(results):
+    noisy = latency_noise(results)
+    return (f"The prefill's spread is larger than its differences across N for {', '.join(noisy)}: these "
+            f"timings do not rank the token counts (a busy machine?)." if noisy else None)
+
+
+def plot_latency(ax, results, model, **style):
+    """A model's median prefill against N, q1–q3 as error bars."""
+    rows = [r for r in results if r["model"] == model]
+    medians = [math.nan if r["prefill_ms"] is None else r["prefill_ms"] for r in rows]
+    below = [math.nan if r["prefill_ms"] is None else r["prefill_ms"] - r["prefill_ms_q1"] for r in rows]
+    above = [math.nan if r["prefill_ms"] is None else r["prefill_ms_q3"] - r["prefill_ms"] for r in rows]
+    ax.errorbar([r["num_vision_tokens"] for r in rows], medians, yerr=[below, above], marker="o", capsize=3, **style)
+
+
+def latency_title(results):
+    return "prefill ms: median, q1–q3" + ("\nspread > differences across N: noise" if latency_noise(results) else "")
+
+
+# ---- tools.evaluate: accuracy, loss and prefill per model and N ----
 
 def markdown_table(results):
     types = sorted({t for r in results for t in r["accuracy_by_type"]})
     counts = {t: max(r["samples_by_type"].get(t, 0) for r in results) for t in types}
     header = ["model", "N", "accuracy", *(f"{t} (n={counts[t]})" for t in types), "loss", "prefill ms",
-              "vision tokens/s"]
+              "prefill q1–q3", "vision tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r["model"], str(r["num_vision_tokens"]), f"{r['accuracy']:.3f}",
                  *(f"{r['accuracy_by_type'][t]:.3f}" if t in r["accuracy_by_type"] else "-" for t in types),
-                 "-" if r["loss"] is None else f"{r['loss']:.4f}", f"{r['prefill_ms']:.2f}",
+                 "-" if r["loss"] is None else f"{r['loss']:.4f}", f"{r['prefill_ms']:.2f}", spread_cell(r),
                  f"{r['vision_tokens_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    warning = noise_warning(results)
+    return (f"{warning}\n\n" if warning else "") + "\n".join(lines) + "\n"
 
 
 def plot(results, path):
@@ -41,12 +83,13 @@ def plot(results, path):
         for t in types:
             y = [r["accuracy"] if t == "overall" else r["accuracy_by_type"].get(t, math.nan) for r in rows]
             accuracy_ax.plot(x, y, styles[model], marker="o", color=colours[t], linewidth=2.5 if t == "overall" else 1.2)
-        latency_ax.plot(x, [r["prefill_ms"] for r in rows], styles[model], marker="o", color="black")
+        plot_latency(latency_ax, results, model, linestyle=styles[model], color="black")
     type_handles = [Line2D([], [], color=colours[t], label=t) for t in types]
     model_handles = [Line2D([], [], color="gray", linestyle=styles[m], label=m) for m in models]
     accuracy_ax.legend(handles=type_handles + model_handles, fontsize=8)
     latency_ax.legend(handles=[Line2D([], [], color="black", linestyle=styles[m], label=m) for m in models], fontsize=8)
-    for ax, ylabel in ((accuracy_ax, "exact-match accuracy"), (latency_ax, "median prefill per batch (ms)")):
+    latency_ax.set_title(latency_title(results), fontsize=10)
+    for ax, ylabel in ((accuracy_ax, "exact-match accuracy"), (latency_ax, "prefill per batch (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("vision tokens N")
@@ -60,29 +103,6 @@ def plot(results, path):
 
 # ---- tools.benchmark: lmms-eval scores and prefill latency per model and N ----
 
-def latency_cell(latency):
-    """'median (q1–q3)' of a latency_ms dict, in ms; '-' when there is none."""
-    return "-" if latency is None else f"{latency['median']:.2f} ({latency['q1']:.2f}–{latency['q3']:.2f})"
-
-
-def latency_noise(results):
-    """The models whose prefill spread (q3 - q1) at some N is larger than the range of their
-    medians across N: their timings cannot rank the token counts."""
-    noisy = []
-    for model in dict.fromkeys(r["model"] for r in results):
-        timed = [r["prefill_ms"] for r in results if r["model"] == model and r["prefill_ms"]]
-        medians = [t["median"] for t in timed]
-        if len(timed) > 1 and max(t["q3"] - t["q1"] for t in timed) > max(medians) - min(medians):
-            noisy.append(model)
-    return noisy
-
-
-def noise_warning(results):
-    noisy = latency_noise(results)
-    return (f"The prefill's spread is larger than its differences across N for {', '.join(noisy)}: these "
-            f"timings do not rank the token counts (a busy machine?)." if noisy else None)
-
-
 def metric_names(results):
     return list(dict.fromkeys(metric for r in results for metric in r["scores"]))
 
@@ -94,19 +114,20 @@ def benchmark_table(report):
     metrics = metric_names(results)
     documents = {task: n for r in results for task, n in r["samples"].items()}
     caption = [f"lmms-eval scores (documents: {', '.join(f'{task} {n}' for task, n in documents.items()) or 'none'}); "
-               f"prefill ms: median (q1–q3) of {report['timing_repeats']} timed prefills, after a warm-up, of a "
-               f"batch of {report['batch_size']} prompts with one image each."]
+               f"prefill ms: the median (and q1–q3) of {report['timing_repeats']} timed prefills, after a warm-up, "
+               f"of a batch of {report['batch_size']} prompts with one image each."]
     if noise_warning(results):
         caption.append(noise_warning(results))
     if "failure" in report:
         failure = report["failure"]
         caption.append(f"Failed: model {failure['model']} at N={failure['num_vision_tokens']}, task "
                        f"{failure['task']}: {failure['error']}")
-    header = ["model", "N", *metrics, "prefill ms"]
+    header = ["model", "N", *metrics, "prefill ms", "prefill q1–q3"]
     lines = ["\n\n".join(caption) + "\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r["model"], str(r["num_vision_tokens"]),
-                 *(f"{r['scores'][m]:.4g}" if m in r["scores"] else "-" for m in metrics), latency_cell(r["prefill_ms"])]
+                 *(f"{r['scores'][m]:.4g}" if m in r["scores"] else "-" for m in metrics),
+                 "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.2f}", spread_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -129,16 +150,10 @@ def plot_benchmark(results, path):
             rows_of_model = [r for r in results if r["model"] == model]
             x = [r["num_vision_tokens"] for r in rows_of_model]
             if panel == "prefill ms":
-                timed = [r["prefill_ms"] or {"median": math.nan, "q1": math.nan, "q3": math.nan} for r in rows_of_model]
-                y = [t["median"] for t in timed]
-                spread = [[t["median"] - t["q1"] for t in timed], [t["q3"] - t["median"] for t in timed]]
-                ax.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=model)
+                plot_latency(ax, results, model, label=model)
             else:
                 ax.plot(x, [r["scores"].get(panel, math.nan) for r in rows_of_model], marker="o", label=model)
-        title = panel
-        if panel == "prefill ms":
-            title = "prefill ms: median, q1–q3" + ("\nspread > differences across N: noise" if latency_noise(results) else "")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(latency_title(results) if panel == "prefill ms" else panel, fontsize=10)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("vision tokens N")
