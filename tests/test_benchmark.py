@@ -454,3 +454,20 @@ def test_pip_check_reports_only_the_omissions_requirements_eval_documents():
         missing = re.fullmatch(r"lmms-eval 0\.7\.3 requires ([\w.-]+), which is not installed\.", line)
         pinned = re.fullmatch(r"lmms-eval 0\.7\.3 has requirement wandb==0\.25\.0, but you have wandb [\d.]+\.", line)
         assert pinned or (missing and missing.group(1) in left_out), line
+
+
+def test_local_task_names_a_bad_task_or_dataset(tmp_path):
+    import lmms_eval
+
+    pope = Path(lmms_eval.__file__).parent / "tasks" / "pope" / "pope.yaml"
+    index = {"pope": {"type": "task", "yaml_path": str(pope)}, "pope_full": {"type": "group", "yaml_path": str(pope)}}
+    with pytest.raises(ValueError, match="has no task 'no_such_task'"):
+        local_tasks.local_task("no_such_task", tmp_path, tmp_path / "out", index)
+    with pytest.raises(ValueError, match="has no task 'pope_full' \\(it is a group; name its tasks\\)"):
+        local_tasks.local_task("pope_full", tmp_path, tmp_path / "out", index)
+    with pytest.raises(ValueError, match=f"pope={tmp_path / 'missing'}: not a folder written by datasets' save_to_disk"):
+        local_tasks.local_task("pope", tmp_path / "missing", tmp_path / "out", index)
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"question": ["q"]})}).save_to_disk(tmp_path / "val")
+    with pytest.raises(ValueError, match=r"the task reads test_split 'test', but the dataset's splits are \['validation'\]"):
+        local_tasks.local_task("pope", tmp_path / "val", tmp_path / "out", index)
+    assert not (tmp_path / "out").exists()
