@@ -193,9 +193,10 @@ def sweep(model_dirs, names, tasks, counts, limit=None, batch_size=1, device=Non
     """One result per model and N, yielded as it finishes: lmms-eval's per-task results, its
     scores flattened to {"task metric": value}, every document's prompt and responses (an
     answer, or a (negative log-likelihood, is-greedy) pair per choice) and the prefill latency
-    (prefill_summary of timing_repeats timed prefills of probe_batch after a warm-up). Each model is loaded once
-    for all N and every task runs on its own, so that a failure names it (SweepError). One
-    process (for data-parallel runs of one N, use lmms-eval's own CLI under `accelerate launch`)."""
+    (prefill_summary of timing_repeats timed prefills of probe_batch after a warm-up). Each
+    model is loaded once for all N, and every task runs on its own, so that a failure names it
+    (SweepError). One process (for data-parallel runs of one N, use lmms-eval's own CLI under
+    `accelerate launch`)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
