@@ -27,11 +27,9 @@ from pipeline.chat import IMAGE_TOKEN, load_tokenizer, tokenize_record
 from pipeline.checkpoint import checkpoint_tags, latest_tag
 from pipeline.config import load_config
 from pipeline.images import image_pixel_values
+from pipeline.inference import as_dtype
 from pipeline.model import MODEL_TYPE, TokenFlexVLM, read_vlm_config, write_model_folder
 from pipeline.model_card import write_model_card
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 class ConversionError(Exception):
     """A checkpoint that can't be converted; the message says what is wrong and what to do."""
@@ -45,8 +43,10 @@ def convert_checkpoint(ckpt_dir, out_dir, tag=None, dtype="fp32", max_shard_size
     tag: which checkpoint (default: the one `latest` names). verify: see verify_folder; it
     builds two more copies of the model in memory.
     """
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    try:
+        dtype = as_dtype(dtype)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
     ckpt_dir, tag = resolve_checkpoint(ckpt_dir, tag)
     structure = ckpt_dir / "model"
     try:
@@ -58,7 +58,7 @@ def convert_checkpoint(ckpt_dir, out_dir, tag=None, dtype="fp32", max_shard_size
             f"({available_tags(ckpt_dir)})") from exn
     config = read_vlm_config(structure)
     write_model_folder(out_dir, config, load_tokenizer(structure), AutoImageProcessor.from_pretrained(structure),
-                       {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}, max_shard_size)
+                       {k: v.to(dtype) for k, v in state_dict.items()}, max_shard_size)
     write_model_card(out_dir, config, *run_record(ckpt_dir, tag))
     if verify:
         verify_folder(out_dir, structure, state_dict, dtype)
@@ -181,14 +181,14 @@ def probe_logits(model):
 
 def verify_folder(out_dir, structure, state_dict, dtype="fp32"):
     """ConversionError unless the written folder's probe logits equal those of a model built
-    from the consolidated fp32 state dict (fp32: bitwise; bf16: within one bf16 step)."""
+    from the consolidated fp32 state dict (fp32: bitwise; bf16 and fp16: within one bf16 step)."""
     reference = TokenFlexVLM.from_config(read_vlm_config(structure), load_tokenizer(structure),
                                          AutoImageProcessor.from_pretrained(structure))
     reference.load_state_dict(state_dict)
     expected = probe_logits(reference)
     del reference
     actual = probe_logits(TokenFlexVLM.from_pretrained(out_dir))
-    if dtype == "fp32":
+    if as_dtype(dtype) == torch.float32:
         if not torch.equal(actual, expected):
             raise ConversionError(f"{out_dir}: logits differ from the checkpoint's by up to "
                                   f"{(actual - expected).abs().max():.3g}; the folder does not hold its weights")
@@ -196,7 +196,8 @@ def verify_folder(out_dir, structure, state_dict, dtype="fp32"):
     try:
         torch.testing.assert_close(actual, expected, **bf16_tolerance(expected))
     except AssertionError as exn:
-        raise ConversionError(f"{out_dir}: bf16 logits are further than one bf16 step from the checkpoint's: {exn}")
+        raise ConversionError(f"{out_dir}: {as_dtype(dtype)} logits are further than one bf16 step from the "
+                              f"checkpoint's: {exn}")
 
 
 def bf16_tolerance(reference):

@@ -6,15 +6,14 @@ model generates the last reply, and the loss is the cross-entropy of that refere
 only. The synthetic records' question_type is the type of that last question.
 
 Per model and N: exact-match accuracy (answers normalised: stripped, lower-cased, trailing
-punctuation dropped) overall and per question type, mean loss per answer token, median prefill
-seconds per batch (vision encoding + prompt forward, the part N changes) and vision-token
-throughput (images x N / prefill seconds, over all batches).
+punctuation dropped) overall and per question type, mean loss per answer token, the prefill per
+batch (vision encoding + prompt forward, the part N changes: its median and quartiles over the
+batches, in ms) and vision-token throughput (images x N / prefill seconds, over all batches).
 
 Scoring only: tools/evaluate.py writes the results, tools/report.py makes tables and plots.
 """
 
 import itertools
-import statistics
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from pipeline.chat import IGNORE_INDEX
 from pipeline.data import iter_samples
 from pipeline.data.mixture import load_mixture
+from pipeline.inference import prefill_summary
 from pipeline.model import TokenFlexVLM, read_vlm_config
 
 TRAILING_PUNCTUATION = ".,;:!?"
@@ -51,8 +51,7 @@ def prompt_inputs(model, samples, num_vision_tokens):
 @torch.no_grad()
 def evaluate_batch(model, samples, num_vision_tokens, max_new_tokens):
     """(answers, prefill seconds, loss summed over answer tokens, answer tokens) for one batch."""
-    embeds, attention_mask, seconds = model.timed_prefill(lambda: prompt_inputs(model, samples, num_vision_tokens))
-    answers = model.generate_from(embeds, attention_mask, max_new_tokens)
+    answers, seconds = model.timed_generate(lambda: prompt_inputs(model, samples, num_vision_tokens), max_new_tokens)
 
     scored = [dict(s, labels=last_reply_labels(s)) for s in samples]
     batch = model.labelled_batch(scored, num_vision_tokens)
@@ -100,7 +99,7 @@ def evaluate_model(model, samples, counts, batch_size=8, max_new_tokens=16, name
     return [score(seen, run["answers"]) | {
         "model": name, "num_vision_tokens": n, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
         "loss": run["loss_sum"] / run["loss_tokens"] if run["loss_tokens"] else None,
-        "prefill_ms": 1000 * statistics.median(run["seconds"]),
+        **prefill_summary(run["seconds"]),
         "vision_tokens_per_s": run["images"] * n / sum(run["seconds"]),
         "predictions": [dict(s, prediction=a) for s, a in zip(seen, run["answers"])],
     } for n, run in runs.items()]

@@ -1,30 +1,34 @@
 """Inference helpers of TokenFlexVLM (a mixin): prompts in the LM's chat format, batches for a
-forward, greedy generation and prefill timing, each landing on the model's device and dtype.
+forward, greedy generation with its prefill timed, and the log-likelihood of candidate replies,
+each landing on the model's device and dtype.
 
 Model folders carry this module as transformers remote code (see pipeline/model.py).
 """
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from .chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers
+from .chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers, tokenize_record
 from .images import image_pixel_values
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Every spelling the tools (--dtype) and the lmms-eval model (dtype=) accept: the short names
+# and torch's own (bfloat16, as lmms-eval's model_args give it).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """torch dtype from a name in DTYPES, its torch name (bfloat16, as lmms-eval's model_args
-    give it), or a torch dtype."""
+    """torch dtype from a name in DTYPES or a torch dtype; ValueError naming the accepted names."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    by_torch_name = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
-    if dtype not in DTYPES and dtype not in by_torch_name:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join([*DTYPES, *by_torch_name])}")
-    return DTYPES.get(dtype) or by_torch_name[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def inference_placement(device: str | torch.device | None = None,
@@ -45,9 +49,18 @@ class InferenceMixin:
     tokenizer, image_processor, config, embed, language_model and generation_config."""
 
     def prompt_ids(self, prompt: str, has_image: bool) -> list[int]:
-        content = f"{IMAGE_TOKEN}\n{prompt}" if has_image else prompt
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+        """The prompt as one user turn (the image marker, a newline and the text), up to the
+        assistant header."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": user_turn(prompt, has_image)}],
                                                   add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+    def reply_ids(self, prompt: str, reply: str, has_image: bool) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of the prompt's user turn answered by reply, as training tokenizes
+        the conversation: the labels are the reply and its end token, split as the chat format
+        splits them after the assistant header."""
+        record = {"conversations": [{"from": "human", "value": user_turn(prompt, has_image)},
+                                    {"from": "gpt", "value": reply}]}
+        return tokenize_record(record, self.tokenizer, int(has_image), key=f"reply {reply!r}")
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> (images, 3, H, W) uint8 on the model's device (the forward normalizes them)."""
@@ -108,33 +121,141 @@ class InferenceMixin:
     def generate(self, images: Sequence[Image.Image | None], prompts: Sequence[str], num_vision_tokens: int,
                  max_new_tokens: int = 32) -> list[str]:
         """Greedy answers, one per prompt."""
-        return self.generate_from(*self.inference_inputs(images, prompts, num_vision_tokens), max_new_tokens)
+        return self.timed_generate(lambda: self.inference_inputs(images, prompts, num_vision_tokens),
+                                   max_new_tokens)[0]
 
     @torch.no_grad()
-    def generate_from(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> list[str]:
-        """Greedy answers from left-padded prompt embeddings (see prompt_embeddings)."""
+    def timed_generate(self, make_inputs: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                       max_new_tokens: int) -> tuple[list[str], float]:
+        """(greedy answers, prefill seconds) from make_inputs()'s left-padded prompt embeddings and
+        attention mask (see prompt_embeddings). The prefill, the part N changes, is make_inputs()
+        (vision encoding, embeddings) plus generation's own forward over the prompt, read when the
+        first token's logits are ready: the prompt runs through the LM once."""
+        clock = PrefillClock(self.device)
+        embeds, attention_mask = make_inputs()
         output = self.language_model.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask,
+            inputs_embeds=embeds, attention_mask=attention_mask, logits_processor=LogitsProcessorList([clock]),
             generation_config=self.generation_config(max_new_tokens=max_new_tokens),
         )
-        return [a.strip() for a in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
-
-    @torch.no_grad()
-    def timed_prefill(self, make_inputs: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-                      ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(embeds, attention_mask, seconds): make_inputs() (vision encoding and prompt embeddings)
-        plus the prompt forward, the part that N changes. Kernels run asynchronously on an
-        accelerator, so the clock reads only after the model's device has finished."""
-        synchronize(self.device)
-        started = time.perf_counter()
-        embeds, attention_mask = make_inputs()
-        self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=1)
-        synchronize(self.device)
-        return embeds, attention_mask, time.perf_counter() - started
+        answers = [a.strip() for a in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+        return answers, clock.seconds
 
     def prefill_seconds(self, images: Sequence[Image.Image | None], prompts: Sequence[str],
                         num_vision_tokens: int) -> float:
-        return self.timed_prefill(lambda: self.inference_inputs(images, prompts, num_vision_tokens))[2]
+        """One timed prefill: generation of a single token."""
+        return self.timed_generate(lambda: self.inference_inputs(images, prompts, num_vision_tokens), 1)[1]
+
+    def prefill_repeats(self, images: Sequence[Image.Image | None], prompts: Sequence[str], num_vision_tokens: int,
+                        repeats: int = 5) -> list[float]:
+        """Seconds of `repeats` timed prefills after an untimed one, which pays for allocation and
+        set-up: the samples behind a latency's median and spread."""
+        self.prefill_seconds(images, prompts, num_vision_tokens)
+        return [self.prefill_seconds(images, prompts, num_vision_tokens) for _ in range(repeats)]
+
+    @torch.no_grad()
+    def reply_log_likelihoods(self, images: Sequence[Image.Image | None], prompts: Sequence[str],
+                              replies: Sequence[Sequence[str]], num_vision_tokens: int,
+                              batch_size: int = 1) -> list[list[tuple[float, bool]]]:
+        """For each prompt (with its image, or None) and each of its candidate replies: (the
+        reply's log-likelihood, whether greedy decoding gives exactly it). A reply is scored as
+        training scores it (reply_ids): its tokens after the assistant header and its end token.
+
+        Each image is encoded once for all of its replies, with the other images of its chunk;
+        the LM scores at most batch_size replies per forward.
+        """
+        scores = []
+        for chunk in chunks_by_rows(replies, batch_size):
+            chunk_images = [images[i] for i in chunk if images[i] is not None]
+            image_embeds = (self.encode_images(self.pixel_values(chunk_images), num_vision_tokens)
+                            if chunk_images else None)
+            rows, image_of_row, image = [], [], -1
+            for i in chunk:
+                image += images[i] is not None
+                for reply in replies[i]:
+                    rows.append(self.reply_ids(prompts[i], reply, images[i] is not None))
+                    image_of_row.append(image if images[i] is not None else None)
+            row_scores = []
+            for start in range(0, len(rows), batch_size):
+                used = [j for j in image_of_row[start:start + batch_size] if j is not None]
+                row_scores += self.score_rows(rows[start:start + batch_size],
+                                              image_embeds[used] if used else None, num_vision_tokens)
+            for i in chunk:
+                scores.append(row_scores[:len(replies[i])])
+                row_scores = row_scores[len(replies[i]):]
+        return scores
+
+    def score_rows(self, rows: Sequence[tuple[list[int], list[int]]], image_embeds: torch.Tensor | None,
+                   num_vision_tokens: int) -> list[tuple[float, bool]]:
+        """(summed log-probability of the labelled tokens, whether each is the argmax) per row of
+        (input_ids, labels); image_embeds: (images, N, lm_dim) for the rows' markers, in order.
+        Rows are right-padded: under causal attention no real token sees a pad."""
+        rows = [expand_image_markers(ids, labels, self.config.image_token_id, num_vision_tokens) for ids, labels in rows]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.tensor([ids + [self.tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in rows],
+                                 device=self.device)
+        labels = torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels in rows], device=self.device)
+        no_images = torch.zeros(0, num_vision_tokens, self.language_model.config.hidden_size, device=self.device)
+        embeds = self.splice_images(input_ids, no_images if image_embeds is None else image_embeds)
+        hidden = self.lm_hidden_states(embeds, torch.arange(width, device=self.device).expand(len(rows), -1), None)
+        targets = labels[:, 1:]  # each position's next-token label, as model.supervised_targets defines it
+        supervised = targets != IGNORE_INDEX
+        log_probs = self.language_model.lm_head(hidden[:, :-1][supervised]).float().log_softmax(-1)
+        targets = targets[supervised]
+        row = supervised.nonzero()[:, 0]
+        sums = torch.zeros(len(rows), device=self.device).index_add_(0, row, log_probs.gather(-1, targets[:, None])[:, 0])
+        misses = torch.zeros(len(rows), device=self.device).index_add_(0, row, (log_probs.argmax(-1) != targets).float())
+        return [(float(total), not bool(missed)) for total, missed in zip(sums, misses)]
+
+
+def latency_ms(seconds: Sequence[float]) -> dict[str, float]:
+    """Median and quartiles, in milliseconds, of timed runs: the median is the latency, q1 to q3
+    its spread."""
+    ms = sorted(1000 * s for s in seconds)
+    q1, median, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else ms * 3
+    return {"median": median, "q1": q1, "q3": q3, "runs": len(ms)}
+
+
+def prefill_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """The latency of timed prefills and its spread, named as results, tables and lmms-eval's
+    throughput summary name them: prefill_ms (the median), prefill_ms_q1 and prefill_ms_q3."""
+    timing = latency_ms(seconds)
+    return {"prefill_ms": timing["median"], "prefill_ms_q1": timing["q1"], "prefill_ms_q3": timing["q3"]}
+
+
+def user_turn(prompt: str, has_image: bool) -> str:
+    """A prompt as the content of a user turn: the image marker and a newline before the text."""
+    return f"{IMAGE_TOKEN}\n{prompt}" if has_image else prompt
+
+
+def chunks_by_rows(replies: Sequence[Sequence[str]], rows: int) -> list[list[int]]:
+    """Consecutive prompt indices whose replies add up to at most `rows` (a prompt with more
+    replies is a chunk of its own)."""
+    chunks, size = [], 0
+    for i, candidates in enumerate(replies):
+        if not chunks or size + len(candidates) > rows:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += len(candidates)
+    return chunks
+
+
+class PrefillClock(LogitsProcessor):
+    """Seconds from its creation until generation first asks it about logits, i.e. until the
+    prompt's forward has finished. Kernels run asynchronously on an accelerator, so the clock
+    reads only after the device has finished its queued work."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = None
+        synchronize(device)
+        self.started = time.perf_counter()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.seconds is None:
+            synchronize(self.device)
+            self.seconds = time.perf_counter() - self.started
+        return scores
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,15 +8,18 @@ named in pyproject.toml; installed with requirements-eval.txt). Run it from the 
 root, like the project's other commands, so that `pipeline` is importable.
 
 Each request is one prompt with at most one image, built as tools.generate builds it
-(TokenFlexVLM.prompt_ids: the image marker, a newline and the task's text in one user turn);
-answers are greedy. Every batch's prefill (vision encoding + prompt forward, the part N
-changes) is timed and reported through lmms-eval's throughput metrics as `prefill_ms`.
+(TokenFlexVLM.prompt_ids: the image marker, a newline and the task's text in one user turn).
+generate_until answers greedily; each batch's prompts run through the LM once, and that prefill
+(vision encoding + prompt forward, the part N changes) is timed and reported through lmms-eval's
+throughput metrics as `prefill_ms` (median over batches) with its quartiles. loglikelihood scores
+each continuation as the assistant's reply, as training tokenizes it, in batches, encoding a
+document's image once for all of its choices.
 
-sweep() runs lmms-eval's simple_evaluate for every model folder at every N (tools/benchmark).
+sweep() runs lmms-eval's simple_evaluate for every model folder, N and task, and times the
+prefill of a probe batch (tools/benchmark).
 """
 
 import os
-import statistics
 import time
 
 import torch
@@ -25,10 +28,11 @@ from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from PIL import Image
+from tenacity import RetryError
 from tqdm import tqdm
 
 from pipeline.chat import IMAGE_TOKEN
-from pipeline.inference import inference_placement
+from pipeline.inference import chunks_by_rows, inference_placement, prefill_summary
 from pipeline.model import TokenFlexVLM, read_vlm_config
 
 
@@ -53,8 +57,10 @@ class TokenFlexLMMs(lmms):
                  max_batch_size=None):  # lmms-eval passes its --max_batch_size; batches here have a fixed size
         super().__init__()
         loaded = isinstance(pretrained, TokenFlexVLM)
-        self.model = pretrained.eval() if loaded else load_model(pretrained, device, dtype)
         self.num_vision_tokens = int(num_vision_tokens)
+        if not loaded:  # checked before the weights load
+            read_vlm_config(pretrained).check_token_count(self.num_vision_tokens)
+        self.model = pretrained.eval() if loaded else load_model(pretrained, device, dtype)
         self.model.config.check_token_count(self.num_vision_tokens)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
@@ -65,7 +71,9 @@ class TokenFlexLMMs(lmms):
         return next(self.model.parameters()).device
 
     def generate_until(self, requests):
-        """Greedy answers, cut at the task's `until` strings; at most max_new_tokens (default 128)."""
+        """Greedy answers, cut at the task's `until` strings; at most max_new_tokens (default 128).
+        Each batch's prompts run through the LM once; that prefill is timed (the first batch's
+        time only warms up when there are others)."""
         collator = utils.Collator([r.args for r in requests], lambda args: (-len(args[0]), args[0]), grouping=True)
         answers, prefill_seconds, started = [], [], time.perf_counter()
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc=f"tokenflex N={self.num_vision_tokens}")
@@ -74,13 +82,10 @@ class TokenFlexLMMs(lmms):
             gen_kwargs = greedy_options(all_gen_kwargs[0], tasks[0])
             images = [self.request_image(*request) for request in zip(doc_to_visual, tasks, splits, doc_ids)]
             prompts = [without_image_markers(c) for c in contexts]
-            if not prefill_seconds:  # untimed: the first forward pays for allocation and set-up
-                self.model.prefill_seconds(images, prompts, self.num_vision_tokens)
-            embeds, attention_mask, seconds = self.model.timed_prefill(
-                lambda: self.model.inference_inputs(images, prompts, self.num_vision_tokens))
+            batch_answers, seconds = self.model.timed_generate(
+                lambda: self.model.inference_inputs(images, prompts, self.num_vision_tokens), gen_kwargs["max_new_tokens"])
+            answers += [cut_at(answer, gen_kwargs["until"]) for answer in batch_answers]
             prefill_seconds.append(seconds)
-            for answer in self.model.generate_from(embeds, attention_mask, gen_kwargs["max_new_tokens"]):
-                answers.append(cut_at(answer, gen_kwargs["until"]))
             progress.update(len(chunk))
         progress.close()
         if prefill_seconds:
@@ -88,35 +93,48 @@ class TokenFlexLMMs(lmms):
             tokens = sum(len(self.model.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
             log_metrics(total_elapsed_time=elapsed, total_gen_tokens=tokens, avg_speed=tokens / elapsed,
                         additional_metrics={"num_vision_tokens": self.num_vision_tokens,
-                                            "prefill_ms": 1000 * statistics.median(prefill_seconds)})
+                                            **prefill_summary(prefill_seconds[1:] or prefill_seconds)})
         return collator.get_original(answers)
 
-    @torch.no_grad()
     def loglikelihood(self, requests):
-        """(negative log-likelihood of the continuation after the prompt, summed over its tokens;
-        whether greedy decoding gives exactly it) per request, the continuation scored as the
-        assistant's reply. Negative because lmms-eval ranks choices by the smallest value (it
-        expects a loss: api/task.py, multiple_choice)."""
-        results = []
-        for context, continuation, doc_to_visual, doc_id, task, split in tqdm(
-                [r.args for r in requests], disable=self.rank != 0, desc="tokenflex loglikelihood"):
-            if not isinstance(continuation, str):  # loglikelihood tasks give doc_to_target itself
-                continuation = continuation(self.task_dict[task][split][doc_id])
-            image = self.request_image(doc_to_visual, task, split, doc_id)
-            prompt = self.model.prompt_ids(without_image_markers(context), image is not None)
-            target = self.model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            pixel_values, image_mask = self.model.image_inputs([None if image is None else self.model.pixel_values([image])])
-            embeds, attention_mask = self.model.prompt_embeddings([prompt + target], pixel_values, image_mask,
-                                                                  self.num_vision_tokens)
-            logits = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
-            # the last len(target) + 1 positions predict the target tokens
-            log_probs = logits[0, -len(target) - 1:-1].float().log_softmax(-1)
-            target = torch.tensor(target, device=log_probs.device)
-            # lmms-eval 0.7.3 turns any other tuple into its str() (api/instance.py:
-            # unwrap_generation_output); a GenerationResult's text is passed on as it is
-            results.append(GenerationResult(text=(-float(log_probs.gather(-1, target[:, None]).sum()),
-                                                  bool((log_probs.argmax(-1) == target).all()))))
+        """(negative log-likelihood of the continuation, whether greedy decoding gives exactly it)
+        per request. The continuation is scored as the assistant's reply to the context, as
+        training tokenizes it (TokenFlexVLM.reply_log_likelihoods): lmms-eval's leading delimiter
+        dropped, split as the chat format splits it after the assistant header, its end token
+        included. Negative because lmms-eval ranks choices by the smallest value (it expects a
+        loss: api/task.py, multiple_choice). A document's requests (its choices) share one image
+        encoding; batch_size replies go through the LM per forward."""
+        documents = {}  # (task, split, doc_id, context) -> indices of its requests, one per choice
+        for index, (context, _, _, doc_id, task, split) in enumerate(r.args for r in requests):
+            documents.setdefault((task, split, doc_id, context), []).append(index)
+        keys = list(documents)
+        replies = [[self.continuation(requests[i].args) for i in documents[key]] for key in keys]
+        results = [None] * len(requests)
+        progress = tqdm(total=len(requests), disable=self.rank != 0,
+                        desc=f"tokenflex loglikelihood N={self.num_vision_tokens}")
+        for chunk in chunks_by_rows(replies, self.batch_size):  # only a chunk's images are held at a time
+            images, prompts = [], []
+            for task, split, doc_id, context in (keys[i] for i in chunk):
+                images.append(self.request_image(requests[documents[task, split, doc_id, context][0]].args[2],
+                                                 task, split, doc_id))
+                prompts.append(without_image_markers(context))
+            scores = self.model.reply_log_likelihoods(images, prompts, [replies[i] for i in chunk],
+                                                      self.num_vision_tokens, self.batch_size)
+            for i, document_scores in zip(chunk, scores):
+                for index, (log_likelihood, greedy) in zip(documents[keys[i]], document_scores, strict=True):
+                    # lmms-eval 0.7.3 turns any other tuple into its str() (api/instance.py:
+                    # unwrap_generation_output); a GenerationResult's text is passed on as it is
+                    results[index] = GenerationResult(text=(-log_likelihood, greedy))
+            progress.update(sum(len(replies[i]) for i in chunk))
+        progress.close()
         return results
+
+    def continuation(self, args):
+        """A loglikelihood request's continuation as a reply: lmms-eval's leading delimiter (a space) dropped."""
+        context, continuation, _, doc_id, task, split = args
+        if not isinstance(continuation, str):  # loglikelihood tasks give doc_to_target itself
+            continuation = continuation(self.task_dict[task][split][doc_id])
+        return continuation.strip()
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("tokenflex does not implement multi-round generation")
@@ -152,12 +170,33 @@ def cut_at(answer, until):
 
 # ---- the sweep over N ----
 
-def sweep(model_dirs, names, tasks, counts, limit=None, batch_size=1, device=None, dtype=None, include_path=None):
-    """One result per model and N: lmms-eval's per-task results, its scores flattened to
-    {"task metric": value}, every document's responses (an answer, or a (log-likelihood,
-    is-greedy) pair per choice) and the median prefill per batch. Each model is
-    loaded once for all N; one process (for data-parallel runs of one N, use lmms-eval's own
-    CLI under `accelerate launch`)."""
+class SweepError(Exception):
+    """A task that failed for one model at one N; `result` holds that (model, N)'s finished tasks."""
+
+    def __init__(self, result, task, error):
+        self.result, self.task = result, task
+        self.error = error.last_attempt.exception() if isinstance(error, RetryError) else error  # lmms-eval's retries
+        super().__init__(f"model {result['model']} at N={result['num_vision_tokens']}, task {task}: "
+                         f"{type(self.error).__name__}: {self.error}")
+
+
+def probe_batch(model, batch_size):
+    """batch_size prompts, each with a plain image at the image processor's input size and a short
+    question: the fixed batch whose prefill the sweep times at every N."""
+    size = model.image_processor.size
+    image = Image.new("RGB", (size["width"], size["height"]), (128, 128, 128))
+    return [image] * batch_size, ["What colour is the background?"] * batch_size
+
+
+def sweep(model_dirs, names, tasks, counts, limit=None, batch_size=1, device=None, dtype=None, include_path=None,
+          timing_repeats=5):
+    """One result per model and N, yielded as it finishes: lmms-eval's per-task results, its
+    scores flattened to {"task metric": value}, every document's prompt and responses (an
+    answer, or a (negative log-likelihood, is-greedy) pair per choice) and the prefill latency
+    (prefill_summary of timing_repeats timed prefills of probe_batch after a warm-up). Each
+    model is loaded once for all N, and every task runs on its own, so that a failure names it
+    (SweepError). One process (for data-parallel runs of one N, use lmms-eval's own CLI under
+    `accelerate launch`)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -168,23 +207,29 @@ def sweep(model_dirs, names, tasks, counts, limit=None, batch_size=1, device=Non
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
         raise ValueError(f"lmms-eval knows no task {', '.join(unknown)} (include path: {include_path})")
-    results = []
     for name, path in zip(names, model_dirs, strict=True):
         model = load_model(path, device, dtype)
         for n in counts:
-            output = simple_evaluate(model=TokenFlexLMMs(model, n, batch_size=batch_size), tasks=list(tasks),
-                                     task_manager=task_manager, limit=limit, log_samples=True)
-            prefill_ms = output.get("throughput", {}).get("avg_prefill_ms")  # absent without generation tasks
-            results.append({
-                "model": name, "path": str(path), "num_vision_tokens": n,
-                "scores": flat_scores(output["results"]), "prefill_ms": prefill_ms,
-                "samples": {task: len(samples) for task, samples in output["samples"].items()},
-                "task_results": output["results"],
-                "responses": {task: [{"doc_id": s["doc_id"], "target": s["target"], "responses": s["filtered_resps"]}
-                                     for s in samples] for task, samples in output["samples"].items()},
-            })
+            result = {"model": name, "path": str(path), "num_vision_tokens": n, "scores": {}, "samples": {},
+                      "task_results": {}, "responses": {}, "prefill_ms": None, "prefill_ms_q1": None,
+                      "prefill_ms_q3": None}
+            for task in tasks:
+                try:
+                    output = simple_evaluate(model=TokenFlexLMMs(model, n, batch_size=batch_size), tasks=[task],
+                                             task_manager=task_manager, limit=limit, log_samples=True)
+                except Exception as error:  # named, and handed on with the finished tasks
+                    raise SweepError(result, task, error) from error
+                result["scores"] |= flat_scores(output["results"])
+                result["task_results"] |= output["results"]
+                for task_name, samples in output["samples"].items():
+                    result["samples"][task_name] = len(samples)
+                    # the prompt: the first argument of the document's requests, as lmms-eval logs it
+                    result["responses"][task_name] = [{"doc_id": s["doc_id"], "input": s["arguments"][0],
+                                                       "target": s["target"], "responses": s["filtered_resps"]}
+                                                      for s in samples]
+            result |= prefill_summary(model.prefill_repeats(*probe_batch(model, batch_size), n, timing_repeats))
+            yield result
         del model
-    return results
 
 
 def flat_scores(task_results):

@@ -65,7 +65,7 @@ class VLMConfig:
         return vision["image_size"] // vision["patch_size"]
 
     def check_token_count(self, num_vision_tokens):
-        """ValueError unless N is a perfect square whose side fits the encoder's patch grid."""
+        """ValueError unless N is a perfect square n*n, n >= 1, whose side fits the encoder's patch grid."""
         pooled_side(num_vision_tokens, self.grid_side())
 
 
@@ -213,19 +213,23 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         The vision path runs even when the batch has no real image (all-dummy pixels): under
         ZeRO-3 every rank must run the same module forwards, or the job hangs.
         """
-        embeds = self.language_model.get_input_embeddings()(input_ids)
         features = self.encode_images(pixel_values, num_vision_tokens)
-        real = features[image_mask].reshape(-1, embeds.shape[-1])
-        slots = input_ids == self.config.image_token_id
-        if int(slots.sum()) != real.shape[0]:
-            raise ValueError(
-                f"batch has {int(slots.sum())} image slots but {int(image_mask.sum())} images x "
-                f"N={num_vision_tokens} = {real.shape[0]} image features; each image marker must "
-                f"be expanded to N slots and match exactly one image"
-            )
-        embeds = embeds.masked_scatter(slots.unsqueeze(-1), real.to(embeds.dtype))
+        embeds = self.splice_images(input_ids, features[image_mask])
         # dummy images contribute with zero weight, so their parameters still join backward
         return embeds + 0.0 * features[~image_mask].sum().to(embeds.dtype)
+
+    def splice_images(self, input_ids, image_embeds):
+        """Token embeddings with (images, N, lm_dim) image_embeds written, in order, into the image slots."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        real = image_embeds.reshape(-1, embeds.shape[-1])
+        slots = input_ids == self.config.image_token_id
+        if int(slots.sum()) != real.shape[0]:
+            images, n = image_embeds.shape[:2]
+            raise ValueError(
+                f"batch has {int(slots.sum())} image slots but {images} images x N={n} = {real.shape[0]} image "
+                f"features; each image marker must be expanded to N slots and match exactly one image"
+            )
+        return embeds.masked_scatter(slots.unsqueeze(-1), real.to(embeds.dtype))
 
     def forward(self, batch, num_vision_tokens, return_logits=False, num_items_in_batch=None):
         """batch: input_ids, labels, position_ids (rows, L); pixel_values (M, 3, H, W) uint8; image_mask (M,).

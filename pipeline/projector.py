@@ -30,8 +30,8 @@ def build_projector(name, vision_dim, lm_dim, **options):
 
 def square_side(count, what):
     side = math.isqrt(count) if count > 0 else 0
-    if side * side != count:
-        raise ValueError(f"{what}={count} is not a perfect square n*n (e.g. 64, 144, 256)")
+    if side < 1 or side * side != count:
+        raise ValueError(f"{what}={count} is not a perfect square n*n with n >= 1 (e.g. 64, 144, 256)")
     return side
 
 

@@ -185,6 +185,8 @@ def test_evaluate_markdown_table_has_the_json_numbers(evaluation):
             assert float(row[f"{t} (n={r['samples_by_type'][t]})"]) == round(accuracy, 3)
         assert float(row["loss"]) == round(r["loss"], 4)
         assert float(row["prefill ms"]) == round(r["prefill_ms"], 2)
+        assert row["prefill q1–q3"] == f"{r['prefill_ms_q1']:.2f}–{r['prefill_ms_q3']:.2f}"
+        assert r["prefill_ms_q1"] <= r["prefill_ms"] <= r["prefill_ms_q3"]
 
 
 def test_evaluate_plot_is_a_png(evaluation):

@@ -3,23 +3,32 @@ r"""Score model folders on lmms-eval tasks at several vision-token counts N.
     python -m tools.benchmark runs/flex/final runs/fixed256/final --names flex,fixed256 \
         --tasks mme,pope,gqa,textvqa_val --tokens 16,64,144,256 --batch-size 8 --out results/bench
 
-Runs lmms-eval (install it with requirements-eval.txt; see the README) once per model and N, with
-the `tokenflex` model at that N. Writes OUT/results.json (lmms-eval's results per task, every
-response), OUT/results.md (one table: a row per model and N, a column per task metric, and the
-median prefill per batch: vision encoding + prompt forward, the part N changes) and
+Runs lmms-eval (install it with requirements-eval.txt; see the README) once per model, N and task,
+with the `tokenflex` model at that N, then times the prefill (vision encoding + prompt forward,
+the part N changes) of one probe batch: --batch-size prompts with an image each, --timing-repeats
+times after a warm-up. Writes, and rewrites as each (model, N) finishes, OUT/results.json
+(lmms-eval's results per task, every response, every timing), OUT/results.md (one table: a row per
+model and N, a column per task metric, the prefill's median and quartiles) and
 OUT/scores_vs_tokens.png (each metric and the prefill latency against N, one line per model);
 with --model-card, each model's rows also go into its folder's README.md.
-Tasks lmms-eval downloads from the Hugging Face hub need the network, or its cache.
+
+A task that fails stops the sweep: the message names the model, N and task, the results
+finished so far stay in OUT (results.json also keeps the traceback), and the exit code is 1.
+Tasks lmms-eval downloads from the Hugging Face hub need the network, or its cache; see the
+README for tasks pointed at local data.
 """
 
 import argparse
 import json
-import math
 import sys
+import traceback
 from pathlib import Path
 
 from pipeline.model_card import set_evaluation
 from tools.options import add_model_options, add_placement_options, model_names, parse_token_counts, placement
+from tools.report import benchmark_table, plot_benchmark
+
+FAILED = 1
 
 
 def main(argv=None):
@@ -29,88 +38,64 @@ def main(argv=None):
     parser.add_argument("--tokens", default="16,64,144,256", help="comma-separated N values (default: 16,64,144,256)")
     parser.add_argument("--limit", type=int, help="only the first K documents of each task (for trying things out)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per forward (default: 1)")
+    parser.add_argument("--timing-repeats", type=int, default=5,
+                        help="timed prefills of the probe batch per model and N, after a warm-up (default: 5)")
     add_placement_options(parser)
     parser.add_argument("--include-path", help="folder of extra lmms-eval task YAMLs (lmms-eval's --include_path)")
     parser.add_argument("--model-card", action="store_true",
                         help="also write each model's rows into its folder's README.md (evaluation section)")
     args = parser.parse_args(argv)
-    if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
-        parser.error("--limit and --batch-size must be >= 1")
+    if (args.limit is not None and args.limit < 1) or args.batch_size < 1 or args.timing_repeats < 1:
+        parser.error("--limit, --batch-size and --timing-repeats must be >= 1")
     names = model_names(parser, args)
     device, dtype = placement(parser, args)
     try:
-        from pipeline.lmms_eval_model import sweep
+        from pipeline.lmms_eval_model import SweepError, sweep
     except ModuleNotFoundError as error:
         parser.error(f"{error}: install lmms-eval with `pip install --no-deps -r requirements-eval.txt`")
     tasks = [t for t in args.tasks.split(",") if t]
-    try:
-        counts = parse_token_counts(args.tokens)
-        results = sweep(args.model_dirs, names, tasks, counts, args.limit, args.batch_size, device, dtype,
-                        args.include_path)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "token_counts": counts,
-              "results": results}
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "results.md").write_text(markdown_table(results, args.batch_size))
-    plot(results, out / "scores_vs_tokens.png")
-    if args.model_card:
-        for name, path in zip(names, args.model_dirs):
-            set_evaluation(path, markdown_table([r for r in results if r["model"] == name], args.batch_size))
+    report = {"tasks": tasks, "limit": args.limit, "batch_size": args.batch_size,
+              "timing_repeats": args.timing_repeats, "results": []}
+    try:
+        report["token_counts"] = parse_token_counts(args.tokens)
+        results = sweep(args.model_dirs, names, tasks, report["token_counts"], args.limit, args.batch_size, device,
+                        dtype, args.include_path, args.timing_repeats)
+        for result in results:
+            report["results"].append(result)
+            write(report, out, names, args.model_dirs, args.model_card)
+    except (ValueError, FileNotFoundError) as error:  # checked before any model runs
+        parser.error(str(error))
+    except SweepError as error:
+        report["failure"] = {"model": error.result["model"], "num_vision_tokens": error.result["num_vision_tokens"],
+                             "task": error.task, "error": f"{type(error.error).__name__}: {error.error}",
+                             "traceback": "".join(traceback.format_exception(error.error))}
+        if error.result["scores"]:  # the tasks it finished
+            report["results"].append(error.result)
+        write(report, out, names, args.model_dirs, args.model_card)
+        grouped = args.limit and isinstance(error.error, AssertionError)
+        hint = (f" With --limit {args.limit}: a task that scores groups of documents (MME scores each image's "
+                f"question pair) needs a limit that keeps whole groups." if grouped else "")
+        print(f"tools.benchmark: {error}.{hint}\nThe results finished before it are in {out}/results.json and "
+              f"results.md; results.json also holds the traceback.", file=sys.stderr)
+        return FAILED
     print((out / "results.md").read_text().rstrip())
     print(f"wrote {out}/results.json, results.md, scores_vs_tokens.png")
     return 0
 
 
-def metric_names(results):
-    return list(dict.fromkeys(metric for r in results for metric in r["scores"]))
-
-
-def markdown_table(results, batch_size):
-    metrics = metric_names(results)
-    samples = ", ".join(f"{task} {n}" for task, n in results[0]["samples"].items())
-    header = ["model", "N", *metrics, "prefill ms"]
-    lines = [f"lmms-eval scores (documents: {samples}); prefill is the median per batch of {batch_size}.\n",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results:
-        cells = [r["model"], str(r["num_vision_tokens"]),
-                 *(f"{r['scores'][m]:.4g}" if m in r["scores"] else "-" for m in metrics),
-                 "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(results, path):
-    """One panel per task metric and one for prefill latency, against N; one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    panels = [*metric_names(results), "prefill ms"]
-    columns = min(3, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
-    ns = sorted({r["num_vision_tokens"] for r in results})
-    for ax, panel in zip(axes.flat, panels):
-        for model in dict.fromkeys(r["model"] for r in results):
-            rows_of_model = [r for r in results if r["model"] == model]
-            values = [r["prefill_ms"] if panel == "prefill ms" else r["scores"].get(panel) for r in rows_of_model]
-            ax.plot([r["num_vision_tokens"] for r in rows_of_model],
-                    [math.nan if v is None else v for v in values], marker="o", label=model)
-        ax.set_title(panel if panel != "prefill ms" else "median prefill per batch (ms)", fontsize=10)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ns, [str(n) for n in ns])
-        ax.set_xlabel("vision tokens N")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def write(report, out, names, model_dirs, model_card):
+    """results.json, results.md and the plot for the results so far; with model_card, each model's rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "results.md").write_text(benchmark_table(report))
+    if report["results"]:
+        plot_benchmark(report["results"], out / "scores_vs_tokens.png")
+    if model_card:
+        for name, path in zip(names, model_dirs):
+            rows = [r for r in report["results"] if r["model"] == name]
+            if rows:
+                set_evaluation(path, benchmark_table(dict(report, results=rows)))
 
 
 if __name__ == "__main__":

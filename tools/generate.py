@@ -4,7 +4,7 @@
     python -m tools.generate runs/stage2/final --image scene.png --prompt "..." --tokens 16,64,256
 
 One N prints the answer; several print a table of N, median prefill time (vision encoding +
-prompt forward) and answer. N must be a perfect square no larger than the encoder's patch grid.
+prompt forward) and answer. N must be a perfect square n*n (n >= 1) no larger than the encoder's patch grid.
 On a GPU the model runs in bf16 by default (--device, --dtype).
 """
 
@@ -53,13 +53,13 @@ def main(argv=None):
 
 
 def answers_at_counts(model, image, prompt, counts, max_new_tokens=32, repeats=3):
-    """[(N, median prefill seconds, answer)] for one image (or None) and prompt at each N."""
+    """[(N, median prefill seconds of `repeats` after a warm-up, answer)] for one image (or None)
+    and prompt at each N."""
     model.eval()
     images, prompts = [image], [prompt]
-    model.prefill_seconds(images, prompts, counts[0])  # untimed warm-up
     rows = []
     for n in tqdm(counts, desc="generating", unit="N", disable=len(counts) == 1):
-        seconds = statistics.median(model.prefill_seconds(images, prompts, n) for _ in range(repeats))
+        seconds = statistics.median(model.prefill_repeats(images, prompts, n, repeats))
         rows.append((n, seconds, model.generate(images, prompts, n, max_new_tokens)[0]))
     return rows
 

@@ -1,0 +1,165 @@
+"""The tokenflex lmms-eval model on the tiny real checkpoints, given lmms-eval's own request
+objects: each batch's prompts go through the LM once, multiple-choice continuations are scored as
+the training forward scores the assistant's reply, an image is encoded once for all of its
+choices, and bad model arguments are refused.
+
+Outside CI these tests skip when lmms-eval is not installed (requirements-eval.txt); in CI
+(CI=true) they fail instead.
+"""
+
+import argparse
+import os
+
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
+from pipeline.model import TokenFlexVLM
+from tools.options import add_placement_options
+
+try:
+    from lmms_eval.api.instance import Instance
+
+    from pipeline.lmms_eval_model import TokenFlexLMMs
+except ModuleNotFoundError as error:
+    if os.environ.get("CI"):
+        raise
+    pytest.skip(f"lmms-eval is not installed ({error}): pip install --no-deps -r requirements-eval.txt",
+                allow_module_level=True)
+
+N = 16
+TASK, SPLIT = "colours", "test"
+DOCUMENTS = [
+    {"question": "What colour is the background?", "choices": ["red", "blue", "black", "a long green reply"],
+     "image": Image.new("RGB", (64, 64), "red")},
+    {"question": "What is two plus three?", "choices": ["five", "six"], "image": None},
+    {"question": "What colour is the small square?", "choices": ["navy", "lime", "olive"],
+     "image": Image.new("RGB", (64, 64), "navy")},
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pil_default_for_truncated_images():
+    """Importing lmms-eval's api/task.py sets PIL's process-wide ImageFile.LOAD_TRUNCATED_IMAGES;
+    give the rest of the suite PIL's default back (build_shards rejects truncated images)."""
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    torch.manual_seed(0)  # the projector is random-init
+    return TokenFlexVLM.from_components(tiny_models / "vision", tiny_models / "qwen2").eval()
+
+
+def lmms(model, batch_size):
+    harness = TokenFlexLMMs(model, N, batch_size=batch_size)
+    harness.task_dict = {TASK: {SPLIT: DOCUMENTS}}  # what lmms-eval's evaluator sets
+    return harness
+
+
+def doc_to_visual(document):
+    return [document["image"]] if document["image"] is not None else []
+
+
+def choice_requests():
+    """lmms-eval's multiple-choice requests (api/task.py): one per choice, with its leading delimiter."""
+    return [Instance("loglikelihood", (doc["question"], f" {choice}", doc_to_visual, doc_id, TASK, SPLIT), idx=i,
+                     metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
+            for doc_id, doc in enumerate(DOCUMENTS) for i, choice in enumerate(doc["choices"])]
+
+
+class ForwardCounter:
+    """Within its with-block, the batch size of each forward of a module whose input is longer than length_over."""
+
+    def __init__(self, module, length_over=0):
+        self.module, self.length_over, self.calls = module, length_over, []
+
+    def __enter__(self):
+        self.hook = self.module.register_forward_pre_hook(self.record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+
+    def record(self, module, args, kwargs):
+        inputs = [*args, *(kwargs.get(k) for k in ("input_ids", "inputs_embeds", "pixel_values"))]
+        tensor = next(t for t in inputs if t is not None)
+        if tensor.shape[1] > self.length_over:
+            self.calls.append(tensor.shape[0])
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lmms_model") / "model"
+    model.save_pretrained(folder)
+    return folder
+
+
+@torch.no_grad()
+def training_forward(model, question, reply, image):
+    """(summed loss, whether every token is the argmax) of the training forward over a
+    conversation's reply and its end token: the user turn answered by reply, tokenized as
+    training tokenizes it."""
+    user = question if image is None else f"{IMAGE_TOKEN}\n{question}"
+    record = {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": reply}]}
+    ids, labels = tokenize_record(record, model.tokenizer, int(image is not None))
+    pixel_values = None if image is None else model.pixel_values([image])
+    batch = model.labelled_batch([{"input_ids": ids, "labels": labels, "pixel_values": pixel_values}], N)
+    output = model(batch, N, return_logits=True)
+    supervised = batch["labels"][0, 1:] != IGNORE_INDEX
+    greedy = bool((output.logits[0, :-1][supervised].argmax(-1) == batch["labels"][0, 1:][supervised]).all())
+    return float(output.loss) * int(supervised.sum()), greedy
+
+
+def test_choices_are_scored_as_the_training_forward_scores_the_reply(model):
+    """Negative log-likelihoods and greedy flags equal the training forward's on the whole
+    formatted conversation, not on the continuation tokenized apart (" black" as one piece
+    instead of the reply's tokens after the assistant header)."""
+    results = lmms(model, batch_size=3).loglikelihood(choice_requests())
+    expected = [training_forward(model, doc["question"], choice, doc["image"])
+                for doc in DOCUMENTS for choice in doc["choices"]]
+    assert [r.text[0] for r in results] == pytest.approx([loss for loss, _ in expected], rel=1e-4)
+    assert [r.text[1] for r in results] == [greedy for _, greedy in expected]
+
+
+@pytest.mark.parametrize("batch_size, lm_batches", [(1, [1] * 9), (4, [4, 2, 3])])
+def test_loglikelihood_encodes_each_image_once_and_batches_the_choices(model, batch_size, lm_batches):
+    with ForwardCounter(model.vision_tower) as vision, ForwardCounter(model.language_model.model) as language:
+        results = lmms(model, batch_size).loglikelihood(choice_requests())
+    assert vision.calls == [1, 1]  # two documents with an image, each encoded once for all its choices
+    assert language.calls == lm_batches
+    assert len(results) == sum(len(doc["choices"]) for doc in DOCUMENTS)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_generate_until_runs_each_batch_through_the_lm_once(model, batch_size):
+    requests = [Instance("generate_until", (doc["question"], {"max_new_tokens": 4, "until": ["\n\n"]}, doc_to_visual,
+                                            doc_id, TASK, SPLIT), idx=0,
+                         metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
+                for doc_id, doc in enumerate(DOCUMENTS)]
+    with ForwardCounter(model.language_model.model, length_over=1) as prefills:  # decoding feeds one token a step
+        answers = lmms(model, batch_size).generate_until(requests)
+    assert len(prefills.calls) == -(-len(DOCUMENTS) // batch_size) and sum(prefills.calls) == len(DOCUMENTS)
+    if batch_size == 1:
+        assert answers == [model.generate([doc["image"]], [doc["question"]], N, 4)[0].split("\n\n")[0].strip()
+                           for doc in DOCUMENTS]
+
+
+@pytest.mark.parametrize("tokens", [0, "0", -4, 15])
+def test_model_refuses_a_token_count_that_is_not_a_positive_square(model, model_dir, tokens):
+    message = f"num_vision_tokens={int(tokens)} is not a perfect square"
+    with pytest.raises(ValueError, match=message):
+        TokenFlexLMMs(model, tokens)
+    with pytest.raises(ValueError, match=message):  # a folder is checked before its weights load
+        TokenFlexLMMs(str(model_dir), tokens)
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
+                                             ("float32", torch.float32), ("fp16", torch.float16)])
+def test_model_args_take_every_dtype_spelling_the_tools_take(model_dir, dtype, expected):
+    parser = argparse.ArgumentParser()
+    add_placement_options(parser)
+    assert parser.parse_args(["--dtype", dtype]).dtype == dtype  # the tools' --dtype takes it too
+    assert TokenFlexLMMs(str(model_dir), N, device="cpu", dtype=dtype).model.dtype == expected
