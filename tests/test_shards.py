@@ -1,11 +1,14 @@
 """tools/make_synthetic and tools/build_shards: validation counts, repeated ids, determinism, atomic output."""
 
+import io
 import json
 import os
 import random
 
+import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
 
 from tools import build_shards, make_synthetic
 
@@ -98,6 +101,31 @@ def test_build_is_byte_identical_and_readable(synth, tmp_path):
     for sample, record in zip(samples, records):
         if "image" in record:
             assert sample["png"] == (synth / record["image"]).read_bytes()  # original bytes kept
+
+
+def test_max_image_side_shrinks_large_images_in_their_format_and_is_in_the_manifest(tmp_path):
+    """A 900x300 JPEG and a 200x600 PNG with max side 300 are stored at 300x100 and 100x300 in
+    their own formats, close to the original's pixels; a 120x80 image is stored byte for byte."""
+    gradient = Image.linear_gradient("L").convert("RGB")
+    images = {"wide.jpg": gradient.resize((900, 300)), "tall.png": gradient.resize((200, 600)),
+              "small.png": gradient.resize((120, 80))}
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    records = [{"id": name, "image": name, "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                             {"from": "gpt", "value": "A gradient."}]}
+               for name in images]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    manifest = build_shards.build(str(tmp_path / "data.json"), str(tmp_path), str(tmp_path / "out"), max_image_side=300)
+    assert manifest["max_image_side"] == 300 and manifest["total_samples"] == 3
+    samples = {json.loads(s["json"])["id"]: s for s in wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"),
+                                                                      shardshuffle=False)}
+    assert samples["small.png"]["png"] == (tmp_path / "small.png").read_bytes()
+    for name, ext, size in [("wide.jpg", "jpg", (300, 100)), ("tall.png", "png", (100, 300))]:
+        stored = Image.open(io.BytesIO(samples[name][ext]))
+        assert stored.format == ("JPEG" if ext == "jpg" else "PNG") and stored.size == size
+        expected = images[name].resize(size, Image.Resampling.BICUBIC)
+        difference = np.abs(np.asarray(stored, dtype=int) - np.asarray(expected, dtype=int))
+        assert difference.mean() < 2
 
 
 def test_rebuild_removes_stale_and_partial_files(synth, tmp_path):

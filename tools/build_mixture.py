@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from tools.build_shards import build_records, load_records, print_summary
+from tools.build_shards import add_build_options, build_records, check_build_options, load_records, print_summary
 
 STRATEGY = re.compile(r"^(first|end|random):(\d+(?:\.\d+)?)(%?)$")
 
@@ -61,7 +61,7 @@ def source_names(json_paths: list[str]) -> list[str]:
 
 
 def build_mixture(yaml_path: str, image_root: str, out: str, samples_per_shard: int = 1000, workers: int = 1,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, max_image_side: int | None = None) -> dict:
     """Build every dataset's shards under out/ and write out/mixture.yaml; returns its contents."""
     if not os.path.isfile(yaml_path):
         raise SystemExit(f"error: {yaml_path} not found")
@@ -77,7 +77,7 @@ def build_mixture(yaml_path: str, image_root: str, out: str, samples_per_shard: 
         records = select(load_records(entry["json_path"]), strategy, rng, where)
         print(f"\n{name}: {len(records)} records from {entry['json_path']} ({strategy})")
         manifest = build_records(records, f"{os.path.basename(entry['json_path'])} ({strategy})", image_root,
-                                 os.path.join(out, name), samples_per_shard, workers)
+                                 os.path.join(out, name), samples_per_shard, workers, max_image_side)
         print_summary(manifest)
         if manifest["total_samples"] == 0:
             raise SystemExit(f"error: {where}: no record kept ({strategy}); leave it out of the YAML")
@@ -94,13 +94,12 @@ def main(argv=None):
     parser.add_argument("--yaml", required=True, help="data YAML with `datasets:` (json_path, sampling_strategy)")
     parser.add_argument("--image-root", required=True, help="folder the records' 'image' paths are relative to")
     parser.add_argument("--out", required=True, help="output folder: one shard folder per dataset and mixture.yaml")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=1, help="processes validating images")
+    add_build_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="seeds the random:N selections")
     args = parser.parse_args(argv)
-    if args.samples_per_shard < 1 or args.workers < 1:
-        parser.error("--samples-per-shard and --workers must be >= 1")
-    mixture = build_mixture(args.yaml, args.image_root, args.out, args.samples_per_shard, args.workers, args.seed)
+    check_build_options(parser, args)
+    mixture = build_mixture(args.yaml, args.image_root, args.out, args.samples_per_shard, args.workers, args.seed,
+                            args.max_image_side)
     print(f"\nwrote {os.path.join(args.out, 'mixture.yaml')}: {len(mixture['sources'])} sources; train on it with "
           f"data.shards={os.path.join(args.out, 'mixture.yaml')}")
 

@@ -11,6 +11,11 @@ across its subsets (LLaVA-Instruct, VQAv2, OK-VQA, A-OKVQA, RefCOCO), each with 
 conversation. Shard keys are positions, not ids; the manifest counts repeated ids as information.
 OUT/manifest.json lists the shards with sample counts and sizes, the skipped counts and the
 number of kept records whose id an earlier one already had.
+--max-image-side S stores images whose longer side exceeds S resized to S on that side (Pillow's
+bicubic with antialiasing, aspect kept, same format; JPEG at quality 95), and records S in the
+manifest. It shrinks shards and the loader's decode of large photographs; the cost is that the
+model trains on pixels one resampling away from what a user passes at inference. Pick S at least
+the tower's side times the largest tile grid side you train, so tiles are not upsampled.
 Same input, byte-identical shards and manifest. Every file is written under a temporary
 name and renamed, and the manifest last, so an interrupted build never looks complete.
 
@@ -19,6 +24,7 @@ name and renamed, and the manifest last, so an interrupted build never looks com
 
 import argparse
 import concurrent.futures
+import functools
 import glob
 import io
 import json
@@ -78,16 +84,29 @@ def conversation_problem(record):
     return None
 
 
-def read_image(path):
-    """(bytes, None) if the file decodes fully, else (None, 'missing_image')."""
+def read_image(path, max_side=None):
+    """(bytes, None) if the file decodes fully, else (None, 'missing_image'); with max_side, an
+    image longer than that on its longer side comes back resized to it, in its own format."""
     try:
         with open(path, "rb") as f:
             data = f.read()
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # full decode: truncated files pass Image.open but fail here
+            if max_side and max(image.size) > max_side:
+                data = shrunk(image, max_side)
         return data, None
     except Exception:  # any unreadable or undecodable file is the same skip reason
         return None, "missing_image"
+
+
+def shrunk(image, max_side):
+    """The image's bytes, resized so its longer side is max_side, encoded in its own format."""
+    scale = max_side / max(image.size)
+    size = tuple(max(1, round(side * scale)) for side in image.size)
+    out = io.BytesIO()
+    options = {"quality": 95} if image.format == "JPEG" else {}
+    image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None).save(out, format=image.format, **options)
+    return out.getvalue()
 
 
 class ShardWriter:
@@ -138,13 +157,13 @@ def clean_out_dir(out_dir):
         os.remove(manifest)
 
 
-def build(json_path, image_root, out_dir, samples_per_shard=1000, workers=1):
+def build(json_path, image_root, out_dir, samples_per_shard=1000, workers=1, max_image_side=None):
     """Build the shards and manifest from a JSON or JSON Lines file; returns the manifest dict."""
     return build_records(load_records(json_path), os.path.basename(json_path), image_root, out_dir, samples_per_shard,
-                         workers)
+                         workers, max_image_side)
 
 
-def build_records(records, source, image_root, out_dir, samples_per_shard=1000, workers=1):
+def build_records(records, source, image_root, out_dir, samples_per_shard=1000, workers=1, max_image_side=None):
     """Build the shards and manifest from a list of records; `source` names them in the manifest."""
     clean_out_dir(out_dir)
     skipped = {reason: 0 for reason in REASONS}
@@ -171,7 +190,8 @@ def build_records(records, source, image_root, out_dir, samples_per_shard=1000, 
                 else:
                     candidates.append(record)
             paths = [os.path.join(image_root, r["image"]) for r in candidates if "image" in r]
-            images = iter(pool.map(read_image, paths, chunksize=16) if pool else map(read_image, paths))
+            read = functools.partial(read_image, max_side=max_image_side)
+            images = iter(pool.map(read, paths, chunksize=16) if pool else map(read, paths))
             for record in candidates:
                 sample = {"json": json.dumps(record, sort_keys=True, ensure_ascii=False).encode()}
                 if "image" in record:
@@ -196,6 +216,7 @@ def build_records(records, source, image_root, out_dir, samples_per_shard=1000, 
     manifest = {
         "source": source,
         "samples_per_shard": samples_per_shard,
+        "max_image_side": max_image_side,
         "shards": writer.shards,
         "total_samples": writer.total,
         "total_bytes": sum(s["num_bytes"] for s in writer.shards),
@@ -208,17 +229,30 @@ def build_records(records, source, image_root, out_dir, samples_per_shard=1000, 
     return manifest
 
 
+def add_build_options(parser):
+    """The shard-writing options tools.build_shards and tools.build_mixture share."""
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=1, help="processes validating images")
+    parser.add_argument("--max-image-side", type=int, default=None,
+                        help="store images longer than this (px, longer side) resized to it; "
+                             "recorded in the manifest (default: images as they are)")
+
+
+def check_build_options(parser, args):
+    if args.samples_per_shard < 1 or args.workers < 1 or (args.max_image_side is not None and args.max_image_side < 1):
+        parser.error("--samples-per-shard, --workers and --max-image-side must be >= 1")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="LLaVA conversation JSON list, or .jsonl")
     parser.add_argument("--image-root", required=True, help="folder the records' 'image' paths are relative to")
     parser.add_argument("--out", required=True, help="output folder for shard-*.tar and manifest.json")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=1, help="processes validating images")
+    add_build_options(parser)
     args = parser.parse_args(argv)
-    if args.samples_per_shard < 1 or args.workers < 1:
-        parser.error("--samples-per-shard and --workers must be >= 1")
-    print_summary(build(args.json, args.image_root, args.out, args.samples_per_shard, args.workers))
+    check_build_options(parser, args)
+    print_summary(build(args.json, args.image_root, args.out, args.samples_per_shard, args.workers,
+                        args.max_image_side))
 
 
 def print_summary(manifest):
