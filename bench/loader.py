@@ -12,10 +12,16 @@
    in this process; the loader workers' CPU time per sample (all a worker does: tar reading,
    decoding, preparing, tokenizing, handing items over) and its ratio to the bare decode of the
    same files; and the streaming loader's wall-clock samples/s with 1 and 2 workers;
-3. samples/s one GPU consumes (bench/train_step's FLOPs from the shapes: H100 SXM at MFU 0.4,
+3. the training stream over one epoch of a mixture of three sources (the synthetic shards,
+   LLaVA-like ones at repeat 0.5, 128 px synthetic ones at repeat 2: epochs cut into equal
+   slices that start inside shards, shuffled through the default 256-sample buffer), samples/s
+   with 1 and 2 workers; then, after 20 packed batches of it, the seconds to the first batch
+   afresh, replayed at the same layout (bitwise) and continued at another (1 rank x 2 workers ->
+   rank 0 of 2 x 1), and the size of the saved data state;
+4. samples/s one GPU consumes (bench/train_step's FLOPs from the shapes: H100 SXM at MFU 0.4,
    SigLIP-so400m, 0.5B/1.5B/7B Qwen2-shaped LMs, stages 1 and 2, N = 64 and 256, 128 text
    tokens per sample) and the loader workers per GPU that takes at the measured rates;
-4. the packer at N in {64, 144, 256} with the shipped stage configs' row shapes (seq_len x
+5. the packer at N in {64, 144, 256} with the shipped stage configs' row shapes (seq_len x
    rows_per_batch) and the image budget measured on the data (text_tokens_per_image: auto), on
    the synthetic data and on a LLaVA-like length distribution (text lengths lognormal around
    ~120 tokens, 2% long ones of 600-1500 tokens, 10% text-only): padding fraction, dummy-image
@@ -29,6 +35,7 @@ sharing the machine delay a pass far more than they change the work it does.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -39,6 +46,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, SiglipImageProcessor
@@ -47,7 +55,10 @@ from bench.photos import write_photos
 from bench.train_step import gpu_samples_per_second
 from pipeline.chat import load_tokenizer, tokenize_record
 from pipeline.config import DataConfig, load_config
-from pipeline.data import SampleStream, TrainBatches, resolve_shards
+from pipeline.data import TrainBatches
+from pipeline.data.decode import Decoder
+from pipeline.data.mixture import Mixture, load_mixture
+from pipeline.data.stream import SampleStream
 from pipeline.images import image_pixel_values
 from tools import build_shards, make_synthetic, make_tiny_models
 
@@ -145,10 +156,10 @@ def photo_shards(work, kind, n):
     return [folder / "images" / name for name in names], work / f"{kind}_shards"
 
 
-def workers_cpu_seconds(urls, models, workers, total, image_aspect):
-    """(samples/s, CPU seconds of the workers) of one pass of the streaming loader over urls. The
-    workers' CPU time is read once the pass has ended and they have exited."""
-    stream = SampleStream(urls, *models, endless=False, image_aspect=image_aspect)
+def workers_cpu_seconds(mixture, models, workers, total, image_aspect):
+    """(samples/s, CPU seconds of the workers) of one pass of the streaming loader over a mixture.
+    The workers' CPU time is read once the pass has ended and they have exited."""
+    stream = SampleStream(mixture, Decoder(*models, image_aspect), endless=False)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     rate = samples_per_second(DataLoader(stream, batch_size=None, num_workers=workers), total)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -161,10 +172,40 @@ def stream_rate(shards, models, workers, total, repeats, image_aspect=None):
     decoding, preparing, tokenizing, handing items over), less its start-up (an empty pass's)."""
     best_rate, best_cpu = 0.0, math.inf
     for _ in range(repeats):
-        start_up = workers_cpu_seconds([], models, workers, 0, image_aspect)[1]
-        rate, cpu = workers_cpu_seconds(resolve_shards(str(shards)), models, workers, total, image_aspect)
+        start_up = workers_cpu_seconds(Mixture(()), models, workers, 0, image_aspect)[1]
+        rate, cpu = workers_cpu_seconds(load_mixture(str(shards)), models, workers, total, image_aspect)
         best_rate, best_cpu = max(best_rate, rate), min(best_cpu, 1000 * (cpu - start_up) / total)
     return best_rate, best_cpu
+
+
+def epoch_rate(mixture, models, workers, shuffle_buffer=256):
+    """Wall-clock items/s of the training stream over one epoch of the mixture."""
+    stream = SampleStream(mixture, Decoder(*models), shuffle_buffer=shuffle_buffer)
+    start, length = time.perf_counter(), mixture.epoch_length()
+    for count, _ in enumerate(DataLoader(stream, batch_size=None, num_workers=workers), 1):
+        if count == length:
+            return length / (time.perf_counter() - start)
+
+
+def first_batch_seconds(cfg, models, **kwargs):
+    """Seconds to the first packed batch of a new TrainBatches, and the TrainBatches."""
+    start = time.perf_counter()
+    loader = TrainBatches(cfg, *models, **kwargs)
+    loader.next_batch(144)
+    return time.perf_counter() - start, loader
+
+
+def mixture_of_three(work, n):
+    """The synthetic shards (repeat 1), LLaVA-like ones (repeat 0.5) and n / 3 synthetic records
+    with 128 px images (repeat 2), as a mixture file in work/."""
+    large = work / "synth_128"
+    make_synthetic.main(["--out", str(large), "--n", str(n // 3), "--image-size", "128", "--seed", "1"])
+    build_shards.build(str(large / "data.json"), str(large), str(work / "shards_128"), samples_per_shard=250)
+    path = work / "mixture.yaml"
+    path.write_text(yaml.safe_dump({"sources": [{"name": "synthetic", "shards": "shards", "repeat": 1},
+                                                {"name": "llava_like", "shards": "llava_shards", "repeat": 0.5},
+                                                {"name": "synthetic_128px", "shards": "shards_128", "repeat": 2}]}))
+    return path
 
 
 def packing_row(cfg, models, n, batches):
@@ -183,7 +224,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=3000, help="synthetic records to stream")
     parser.add_argument("--batches", type=int, default=60, help="packed batches per packing measurement")
-    parser.add_argument("--photos", type=int, default=600, help="COCO-size photographs to stream")
+    parser.add_argument("--photos", type=int, default=600,
+                        help="COCO-size photographs to stream (0, with --large-photos 0: skip the photograph and "
+                             "GPU sections)")
     parser.add_argument("--large-photos", type=int, default=120, help="large (>= 1,500 px) photographs to stream")
     parser.add_argument("--repeats", type=int, default=2, help="passes per timing; the best one counts")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -210,41 +253,68 @@ def main(argv=None):
                                 generator=torch.Generator().manual_seed(0))
             print(f"| LLaVA map dataset | {workers} | {samples_per_second(loader, total):.0f} |")
 
-        so400m = (models[0], so400m_processor(work / "so400m"))
-        print("\n## Real photographs at 384 px: SigLIP-so400m's image processor, image_aspect pad")
-        print("CPU milliseconds per file or sample; the loader's samples/s are wall-clock.\n")
-        print("| photos | files | median file | bare JPEG decode | decode + pipeline's preparation | "
-              "decode + transformers' processor | loader worker per sample | vs bare decode | "
-              "loader, 1 worker | loader, 2 workers |\n|---|---|---|---|---|---|---|---|---|---|")
-        per_worker = {}
-        for kind, n in [("coco", args.photos), ("large", args.large_photos)]:
-            files, shards = photo_shards(work, kind, n)
-            sizes = [Image.open(f).size for f in files]
-            median_kb = statistics.median(f.stat().st_size for f in files) / 1000
-            decode = best_cpu_ms_per_item(bare_decode, files, args.repeats)
-            pipeline = best_cpu_ms_per_item(pipeline_path(so400m[1]), files, args.repeats)
-            processor = best_cpu_ms_per_item(processor_path(so400m[1]), files[:max(10, n // 10)], args.repeats)
-            (rate, worker_ms), (rate_2, _) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
-                                              for workers in [1, 2])
-            per_worker[kind] = 1000 / worker_ms
-            print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
-                  f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
-                  f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
+        if args.photos and args.large_photos:  # 0: skip the photographs and what a GPU consumes
+            so400m = (models[0], so400m_processor(work / "so400m"))
+            print("\n## Real photographs at 384 px: SigLIP-so400m's image processor, image_aspect pad")
+            print("CPU milliseconds per file or sample; the loader's samples/s are wall-clock.\n")
+            print("| photos | files | median file | bare JPEG decode | decode + pipeline's preparation | "
+                  "decode + transformers' processor | loader worker per sample | vs bare decode | "
+                  "loader, 1 worker | loader, 2 workers |\n|---|---|---|---|---|---|---|---|---|---|")
+            per_worker = {}
+            for kind, n in [("coco", args.photos), ("large", args.large_photos)]:
+                files, shards = photo_shards(work, kind, n)
+                sizes = [Image.open(f).size for f in files]
+                median_kb = statistics.median(f.stat().st_size for f in files) / 1000
+                decode = best_cpu_ms_per_item(bare_decode, files, args.repeats)
+                pipeline = best_cpu_ms_per_item(pipeline_path(so400m[1]), files, args.repeats)
+                processor = best_cpu_ms_per_item(processor_path(so400m[1]), files[:max(10, n // 10)], args.repeats)
+                (rate, worker_ms), (rate_2, _) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
+                                                  for workers in [1, 2])
+                per_worker[kind] = 1000 / worker_ms
+                print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
+                      f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
+                      f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
 
-        print("\n## What one GPU consumes (H100 SXM, MFU 0.4, SigLIP-so400m, 128 text tokens per sample), "
-              "and the loader workers per GPU that takes (one worker: 1000 / its CPU ms per sample above)")
-        print("| LM | stage | N | samples/s per GPU | workers per GPU, COCO-size | workers per GPU, large |\n"
-              "|---|---|---|---|---|---|")
-        for lm in ["0.5b", "1.5b", "7b"]:
-            for stage in [1, 2]:
-                for n in [64, 256]:
-                    consumed = gpu_samples_per_second(lm, stage, n)
-                    print(f"| {lm.upper()} | {stage} | {n} | {consumed:.0f} | {math.ceil(consumed / per_worker['coco'])} | "
-                          f"{math.ceil(consumed / per_worker['large'])} |")
+            print("\n## What one GPU consumes (H100 SXM, MFU 0.4, SigLIP-so400m, 128 text tokens per sample), "
+                  "and the loader workers per GPU that takes (one worker: 1000 / its CPU ms per sample above)")
+            print("| LM | stage | N | samples/s per GPU | workers per GPU, COCO-size | workers per GPU, large |\n"
+                  "|---|---|---|---|---|---|")
+            for lm in ["0.5b", "1.5b", "7b"]:
+                for stage in [1, 2]:
+                    for n in [64, 256]:
+                        consumed = gpu_samples_per_second(lm, stage, n)
+                        workers = [math.ceil(consumed / per_worker[kind]) for kind in PHOTOS]
+                        print(f"| {lm.upper()} | {stage} | {n} | {consumed:.0f} | {workers[0]} | {workers[1]} |")
 
         llava = work / "llava_like"
         make_synthetic.main(["--out", str(llava), "--n", str(args.n), "--llava-like"])
         build_shards.build(str(llava / "data.json"), str(llava), str(work / "llava_shards"), samples_per_shard=250)
+
+        mixture_file = mixture_of_three(work, args.n)
+        mixture = load_mixture(str(mixture_file))
+        sizes = ", ".join(f"{s.name} {s.num_samples} x {s.repeat:g}" for s in mixture.sources)
+        print(f"\n## A mixture of three sources ({sizes}: {mixture.epoch_length()} samples an epoch)")
+        print("| training stream, one epoch | workers | samples/s |\n|---|---|---|")
+        for workers in [1, 2]:
+            rate = epoch_rate(mixture, models, workers)
+            print(f"| equal slices, shuffle buffer 256 | {workers} | {rate:.0f} |", flush=True)
+        print("\nResumed after 20 packed batches (4 x 2048 rows, N = 144):\n")
+        cfg = DataConfig(shards=str(mixture_file), seq_len=2048, rows_per_batch=4, num_workers=2,
+                         text_tokens_per_image=64)
+        fresh, loader = first_batch_seconds(cfg, models)
+        for _ in range(20):
+            loader.next_batch(144)
+        state = json.loads(json.dumps(loader.state_dict()))
+        del loader
+        replay, _ = first_batch_seconds(cfg, models, states=[state])
+        other, _ = first_batch_seconds(dataclasses.replace(cfg, num_workers=1), models, rank=0, world_size=2,
+                                       states=[state])
+        print("| start | seconds to the first batch |\n|---|---|")
+        print(f"| afresh, 1 rank x 2 workers | {fresh:.1f} |\n| replayed, same layout (bitwise) | {replay:.1f} |\n"
+              f"| continued at 2 ranks x 1 worker (rank 0) | {other:.1f} |")
+        print(f"\nSaved data state: {len(json.dumps(state))} bytes of JSON ({len(state['window'])} samples in the pack "
+              f"window, {sum(len(w['missing']) for w in state['workers'])} in shuffle buffers and prefetch)")
+
         lengths = [len(tokenize_record(r, models[0], int("image" in r))[0])
                    for r in json.loads((llava / "data.json").read_text())]
         print(f"\nLLaVA-like text tokens per sample: median {statistics.median(lengths):.0f}, "

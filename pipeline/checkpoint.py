@@ -2,7 +2,8 @@
 
 Layout under <output_dir>/checkpoints:
     model/              the model's structure (config, tokenizer, image processor), no weights
-    step-000100/        DeepSpeed's files, plus trainer_state.json and rank-<r>.pt (data + RNG)
+    step-000100/        DeepSpeed's files, plus trainer_state.json, mixture.json (the data's
+                        sources, sizes and shares) and rank-<r>.pt (data position + RNG)
     step-000100-universal/  DeepSpeed's universal form of step-000100, made when a run resumes
                         it with a different number of ranks; pruned together with step-000100
     step-000100-universal.failed  the error of a failed conversion; delete it to try again
@@ -23,8 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from pipeline.data import next_epoch_state
 
 log = logging.getLogger("tokenflex")
 
@@ -149,8 +148,9 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, ckpt_dir, step, trainer_state, data_state, keep_last):
+def save(engine, ckpt_dir, step, trainer_state, data_state, keep_last, mixture=None):
     """Collective: every rank writes its shard, then rank 0 moves `latest` and prunes old ones.
+    mixture: the data's manifest (Mixture.manifest()), written by rank 0 as mixture.json.
 
     A crash mid-save leaves `latest` on the previous complete checkpoint."""
     ckpt_dir = Path(ckpt_dir)
@@ -162,6 +162,8 @@ def save(engine, ckpt_dir, step, trainer_state, data_state, keep_last):
     if rank == 0:
         state = dict(trainer_state, step=step, world_size=dist.get_world_size())
         (ckpt_dir / tag / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if mixture is not None:
+            (ckpt_dir / tag / "mixture.json").write_text(json.dumps(mixture, indent=1))
         temporary = ckpt_dir / "latest.tmp"
         temporary.write_text(tag)
         os.replace(temporary, ckpt_dir / "latest")
@@ -175,11 +177,13 @@ def save(engine, ckpt_dir, step, trainer_state, data_state, keep_last):
 
 
 def load(engine, ckpt_dir):
-    """Resume from `latest` if there is one: returns (trainer_state, data_state) or None.
+    """Resume from `latest` if there is one: returns (trainer_state, data_states) or None, where
+    data_states holds every saved rank's data state, in rank order (pipeline.data.TrainBatches
+    replays its own at the same layout and splits the job's remaining data at another).
 
     A checkpoint from a different number of ranks loads from its universal form (see
-    prepare_universal): weights, optimizer, LR schedule and step continue, but the per-rank data
-    positions and RNG states can't be mapped to the new ranks, so the data stream restarts."""
+    prepare_universal): weights, optimizer, LR schedule, step and the data's epoch continue; the
+    RNG states can't be mapped to the new ranks."""
     tag, trainer_state = latest_trainer_state(ckpt_dir)
     if tag is None:
         return None
@@ -193,15 +197,11 @@ def load(engine, ckpt_dir):
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / load_tag}")
     log.info("resumed from checkpoint %s at step %d", source, trainer_state["step"])
-    if saved_world_size != world_size:
-        saved = torch.load(source / "rank-0.pt", weights_only=False)["data"]
-        data_state, epoch = next_epoch_state(saved, dist.get_rank(), world_size)
-        log.warning("checkpoint %s was written by %d ranks, this run has %d: weights, optimizer state, LR schedule "
-                    "and step continue, but the data stream restarts at epoch %d for every rank (the rest of the "
-                    "current epoch is skipped) and RNG states are not restored, so losses won't match a run at %d "
-                    "ranks", source, saved_world_size, world_size, epoch, saved_world_size)
-        return trainer_state, data_state
-    rank_state = torch.load(source / f"rank-{dist.get_rank()}.pt", weights_only=False)
-    set_rng_state(rank_state["rng"])
-    return trainer_state, rank_state["data"]
-
+    saved = [torch.load(source / f"rank-{rank}.pt", weights_only=False) for rank in range(saved_world_size)]
+    if saved_world_size == world_size:
+        set_rng_state(saved[dist.get_rank()]["rng"])
+    else:
+        log.warning("checkpoint %s was written by %d ranks, this run has %d: weights, optimizer state, LR schedule, "
+                    "step and the data's epoch continue, but RNG states are not restored, so losses won't match a "
+                    "run at %d ranks", source, saved_world_size, world_size, saved_world_size)
+    return trainer_state, [rank_state["data"] for rank_state in saved]

@@ -50,11 +50,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the training data comes from and how it is packed (pipeline/data.py, pipeline/packing.py).
+    """What the training data is and how it is packed (pipeline/data/, pipeline/packing.py).
 
-    shards: a folder holding manifest.json (from tools/build_shards), or a brace pattern such
-        as "data/shard-{000000..000009}.tar". Every epoch reads each shard once, split across
-        ranks and workers, so it needs at least ranks x max(1, num_workers) shards.
+    shards: what to train on. A mixture file (.yaml, see pipeline/data/mixture.py) lists sources,
+        each a shard folder with a name and either a repeat count (exact epochs; a fraction takes a
+        seeded share of the source each epoch) or a weight (proportional sampling, endless);
+        tools.build_mixture writes one from a LLaVA-OneVision-style YAML. A shard folder (with
+        manifest.json, from tools.build_shards) or a brace pattern such as
+        "data/shard-{000000..000009}.tar" is a mixture of one source, read once per epoch.
     seq_len: length of every packed row, in tokens (image slots included).
     rows_per_batch: packed rows per micro-batch.
     text_tokens_per_image: sizes the image budget per batch, ceil(rows_per_batch * seq_len /
@@ -65,9 +68,12 @@ class DataConfig:
         default) or resize (straight to the processor's size). Recorded in model folders, so
         evaluation and generation prepare images the same way.
     shuffle_buffer: samples in each worker's shuffle buffer (0 or 1: no shuffling).
-    num_workers: DataLoader worker processes (0: read in the main process).
-    seed: seeds each epoch's shard order and the shuffling, together with epoch, rank and worker id.
+    num_workers: DataLoader worker processes per rank (0: read in the main process). Every epoch
+        is cut into ranks x max(1, num_workers) equal slices, one per worker.
+    seed: seeds each epoch's order of shards and sources and the shuffling.
     pack_window: pending samples the packer chooses each row's fill from.
+    read_timeout_s: a loader worker that delivers nothing for this long ends the run with an
+        error naming the rank, the worker and the shard it was reading (with num_workers >= 1).
     """
 
     shards: str = ""
@@ -79,11 +85,12 @@ class DataConfig:
     num_workers: int = 2
     seed: int = 0
     pack_window: int = 64
+    read_timeout_s: float = 600.0
 
     def __post_init__(self):
         # An empty `shards` is allowed here (the config's defaults must construct); it fails on use.
         if not isinstance(self.shards, str):
-            raise ValueError(f"data.shards must be a shard folder or brace pattern, got {self.shards!r}")
+            raise ValueError(f"data.shards must be a mixture file, shard folder or brace pattern, got {self.shards!r}")
         for name, low in [("seq_len", 8), ("rows_per_batch", 1), ("shuffle_buffer", 0), ("num_workers", 0),
                           ("seed", 0), ("pack_window", 1)]:
             value = getattr(self, name)
@@ -94,6 +101,8 @@ class DataConfig:
             raise ValueError(f"data.text_tokens_per_image must be auto or an integer >= 0, got {tokens!r}")
         if self.image_aspect not in ("pad", "resize"):
             raise ValueError(f"data.image_aspect must be pad or resize, got {self.image_aspect!r}")
+        if self.read_timeout_s <= 0:
+            raise ValueError(f"data.read_timeout_s must be > 0, got {self.read_timeout_s}")
 
 
 @dataclass

@@ -66,11 +66,13 @@ def convert_checkpoint(ckpt_dir, out_dir, tag=None, dtype="fp32", max_shard_size
 
 
 def run_record(ckpt_dir, tag):
-    """(the run's Config, the checkpoint's step) for the model card; the Config is None when the
-    run's config.yaml is not beside its checkpoints folder."""
+    """(the run's Config, the checkpoint's step, its data mixture's manifest) for the model card;
+    the Config is None when the run's config.yaml is not beside its checkpoints folder, the
+    manifest when the checkpoint has no mixture.json (written before it was recorded)."""
     step = json.loads((ckpt_dir / tag / "trainer_state.json").read_text())["step"]
-    config_file = ckpt_dir.parent / "config.yaml"
-    return (load_config(config_file) if config_file.is_file() else None), step
+    config_file, mixture_file = ckpt_dir.parent / "config.yaml", ckpt_dir / tag / "mixture.json"
+    return ((load_config(config_file) if config_file.is_file() else None), step,
+            (json.loads(mixture_file.read_text()) if mixture_file.is_file() else None))
 
 
 # ---- finding and checking the checkpoint ----

@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.chat import IGNORE_INDEX
-from pipeline.data import iter_samples, resolve_shards
+from pipeline.data import iter_samples
+from pipeline.data.mixture import load_mixture
 from pipeline.inference import prefill_summary
 from pipeline.model import TokenFlexVLM, read_vlm_config
 
@@ -129,7 +130,7 @@ def evaluate(model_dirs, shards, counts, names=None, limit=None, batch_size=8, m
     names = names or default_names(model_dirs)
     if len(names) != len(model_dirs):
         raise ValueError(f"{len(names)} names (--names) for {len(model_dirs)} model folders")
-    resolve_shards(shards)  # fail before any model runs
+    load_mixture(str(shards))  # fail before any model runs
     for path in model_dirs:
         for n in counts:
             read_vlm_config(path).check_token_count(n)

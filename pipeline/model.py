@@ -75,6 +75,7 @@ class VLMOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    token_losses: torch.Tensor | None = None  # each supervised token's loss, detached, in supervised_targets order
 
 
 def check_attn_implementation(attn_implementation):
@@ -241,11 +242,11 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         """
         embeds = self.embed(batch["input_ids"], batch["pixel_values"], batch["image_mask"], num_vision_tokens)
         hidden = self.lm_hidden_states(embeds, batch.get("position_ids"), batch.get("attention_mask"))
-        loss = None
+        loss = token_losses = None
         if "labels" in batch:
-            loss = self.supervised_loss(hidden, batch["labels"], num_items_in_batch)
+            loss, token_losses = self.supervised_loss(hidden, batch["labels"], num_items_in_batch)
         logits = self.language_model.lm_head(hidden) if return_logits else None
-        return VLMOutput(loss=loss, logits=logits)
+        return VLMOutput(loss=loss, logits=logits, token_losses=token_losses)
 
     def lm_hidden_states(self, embeds, position_ids, attention_mask):
         """The LM's last hidden states over rows of packed samples (position ids restarting at 0
@@ -266,7 +267,8 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
 
     def supervised_loss(self, hidden, labels, num_items_in_batch=None):
         """Next-token cross-entropy computed only where a label exists, summed, then divided as
-        forward describes (a batch without supervised tokens gives a zero that still backpropagates).
+        forward describes (a batch without supervised tokens gives a zero that still backpropagates);
+        and each supervised token's loss, detached (for losses per data source).
 
         Image slots and prompts carry no label, so at large N most positions never get
         full-vocabulary logits: the fp32 logits that dominate memory in a plain HF loss shrink
@@ -276,9 +278,9 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         targets, supervised = supervised_targets(labels)
         # lm_head runs even on zero rows: under ZeRO-3 every rank must run the same module forwards
         logits = self.language_model.lm_head(hidden[:, :-1][supervised])
-        loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+        token_losses = F.cross_entropy(logits.float(), targets[supervised], reduction="none")
         count = int(supervised.sum()) if num_items_in_batch is None else num_items_in_batch
-        return loss_sum / max(count, 1)
+        return token_losses.sum() / max(count, 1), token_losses.detach()
 
 def supervised_targets(labels):
     """(targets, supervised): each position's next-token label and where one exists. The one

@@ -1,6 +1,6 @@
 """A model folder's README.md, the model card the Hugging Face hub shows: what the model is
-made of, how it was trained, how to load it and, once tools.benchmark --model-card has run on
-it, its evaluation table.
+made of, how it was trained and on what data, how to load it and, once tools.benchmark
+--model-card has run on it, its evaluation table.
 
 tools.convert_checkpoint (and so stage 1's final/) writes it from the folder's config.json and
 the run's config.yaml; the base checkpoints are the `_name_or_path` that transformers records
@@ -14,9 +14,10 @@ from stages import STAGES
 EVALUATION_HEADING = "## Evaluation"
 
 
-def write_model_card(folder, config, run_config=None, step=None):
-    """README.md in `folder` for a VLMConfig; run_config (a pipeline.config.Config) and step
-    say how it was trained when the folder comes from a training run."""
+def write_model_card(folder, config, run_config=None, step=None, mixture=None):
+    """README.md in `folder` for a VLMConfig; run_config (a pipeline.config.Config), step and
+    mixture (the checkpoint's mixture.json: pipeline.data.mixture.Mixture.manifest()) say how and
+    on what it was trained when the folder comes from a training run."""
     folder = Path(folder)
     vision, text = config.vision_config, config.text_config
     side = vision["image_size"] // vision["patch_size"]
@@ -30,6 +31,7 @@ def write_model_card(folder, config, run_config=None, step=None):
                  ("steps", f"{step} of `{run_config.train.output_dir}`")]
     rows.append(("serves", f"any N = n² with n ≤ {side} (e.g. 16, 64, 144, 256)"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    data = f"\n{data_table(mixture)}" if mixture else ""
     (folder / "README.md").write_text(f"""\
 ---
 library_name: transformers
@@ -45,7 +47,7 @@ with any number of vision tokens N, chosen at inference.
 | | |
 |---|---|
 {table}
-
+{data}
 ## How to load it
 
 With transformers alone (the folder carries its modeling code):
@@ -67,6 +69,16 @@ With the TokenFLEX training pipeline checked out: `TokenFlexVLM.from_pretrained(
 
 None yet: `python -m tools.benchmark {folder} --tasks ... --model-card` writes it here.
 """)
+
+
+def data_table(mixture):
+    """The training data: each source's name, size and share of an epoch."""
+    share = mixture["mode"]
+    rows = "\n".join(f"| {s['name']} | {s['samples']} | {s[share]:g} | {s['samples_per_epoch']} |"
+                     for s in mixture["sources"])
+    return (f"## Training data\n\nA mixture of {len(mixture['sources'])} source(s) (shard folders from "
+            f"tools.build_shards), {mixture['epoch_samples']} samples an epoch, data.seed {mixture['seed']}.\n\n"
+            f"| source | samples | {share} | samples per epoch |\n|---|---|---|---|\n{rows}\n")
 
 
 def base_model(sub_config):

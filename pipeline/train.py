@@ -2,7 +2,8 @@
 
 Launch one process per GPU with torchrun, deepspeed or srun; rank and world size come from
 their environment. A run whose output_dir holds a checkpoint resumes from it, also with a
-different number of ranks (through a universal checkpoint; the data stream then restarts).
+different number of ranks (through a universal checkpoint) or loader workers: the data's
+current epoch continues, split over the new ranks and workers.
 """
 
 import argparse
@@ -21,11 +22,12 @@ import yaml
 from pipeline import checkpoint
 from pipeline.config import describe_options, load_config, to_dict
 from pipeline.convert import convert_checkpoint
-from pipeline.data import TrainBatches, resolve_shards
+from pipeline.data import TrainBatches
+from pipeline.data.mixture import load_mixture
 from pipeline.distributed import broadcast_from_rank0, distributed_env, init_process_group, sum_over_ranks
 from pipeline.engine import build_engine, use_bf16
 from pipeline.metrics import MetricsLog, Work, step_flops
-from pipeline.model import write_model_folder
+from pipeline.model import supervised_targets, write_model_folder
 from pipeline.projector import pooled_side
 from pipeline.sampler import TokenCountSampler, check_same_across_ranks
 from stages import STAGES
@@ -41,7 +43,7 @@ def train_step(engine, data, num_vision_tokens, grad_accum):
     their supervised tokens, so packed micro-batches with few or many answer tokens weigh each
     token the same. Returns this rank's share of that loss (the shares add up over ranks), or
     None when the step was skipped, and each micro-batch's stats, with the Work it asked of the
-    model.
+    model and its losses by source.
 
     A step in which no rank has a supervised token is skipped on every rank alike (they all
     read the same global count): no forward, backward or optimizer step, so AdamW's moments and
@@ -53,33 +55,52 @@ def train_step(engine, data, num_vision_tokens, grad_accum):
     stats = [{**batch.pop("stats"), "work": Work.of(batch, pad_token_id)} for batch in batches]
     supervised = int(sum_over_ranks([sum(s["work"].supervised for s in stats)])[0])
     if supervised == 0:
-        return None, [{**s, "work": Work()} for s in stats]  # the model did no work
+        # the model did no work, and no source has a loss
+        return None, [{**s, "work": Work(), "source_losses": [0.0] * 2 * len(s["total_samples_by_source"])}
+                      for s in stats]
     loss_share = 0.0
-    for batch in batches:
+    for batch, batch_stats in zip(batches, stats):
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = engine(batch, num_vision_tokens, num_items_in_batch=supervised).loss
+        out = engine(batch, num_vision_tokens, num_items_in_batch=supervised)
         # DeepSpeed averages gradients over data-parallel ranks (ZeRO's reduce divides by their
         # number): scaling by it leaves the sum over ranks. No division by grad_accum either:
         # the global token count already spans the micro-batches.
-        engine.backward(loss * engine.dp_world_size, scale_wrt_gas=False)
+        engine.backward(out.loss * engine.dp_world_size, scale_wrt_gas=False)
         engine.step()
-        loss_share += float(loss)
+        loss_share += float(out.loss)
+        batch_stats["source_losses"] = losses_by_source(out.token_losses, batch["labels"], batch["source_ids"],
+                                                        len(batch_stats["total_samples_by_source"]))
     return loss_share, stats
+
+
+def losses_by_source(token_losses, labels, source_ids, num_sources):
+    """A micro-batch's summed token losses per mixture source, then its supervised tokens per source."""
+    _, supervised = supervised_targets(labels)
+    sources = source_ids[:, 1:][supervised].cpu()  # a target token's source: the sample it belongs to
+    sums = torch.zeros(num_sources, dtype=torch.float64).index_add_(0, sources, token_losses.double().cpu())
+    return sums.tolist() + torch.bincount(sources, minlength=num_sources).tolist()
 
 
 def step_metrics(cfg, engine, step, n, loss, stats, seconds):
     """The step's metrics over all ranks (one all-reduce); the *_total counters run since the start.
 
     useful_flops and executed_flops: pipeline.metrics.step_flops, summed over ranks; on GPU,
-    mfu and hfu divide them by the step time and the ranks' peak (train.peak_tflops)."""
+    mfu and hfu divide them by the step time and the ranks' peak (train.peak_tflops).
+    Per mixture source: samples_total/<name> (consumed since the start) and loss_by_source/<name>
+    (the step's token loss over that source's supervised tokens, when it had any)."""
     world = dist.get_world_size()
     skipped = loss is None  # on every rank alike (see train_step)
     text_only = any(s["num_images"] == 0 for s in stats)
     per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images", "num_images")]
     running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
     flops = step_flops(engine.module, n, sum((s["work"] for s in stats), Work()))
-    loss, real, pad, samples, images, real_images, text_only_ranks, truncated, corrupt, useful, executed = sum_over_ranks(
-        [0.0 if skipped else loss, *per_step, float(text_only), *running, *flops])
+    names = list(stats[-1]["total_samples_by_source"])
+    consumed = list(stats[-1]["total_samples_by_source"].values())
+    source_losses = [sum(values) for values in zip(*(s["source_losses"] for s in stats))]
+    totals = sum_over_ranks([0.0 if skipped else loss, *per_step, float(text_only), *running, *flops, *consumed,
+                             *source_losses])
+    loss, real, pad, samples, images, real_images, text_only_ranks, truncated, corrupt, useful, executed = totals[:11]
+    consumed, loss_sums, token_counts = (totals[11 + i * len(names):11 + (i + 1) * len(names)] for i in range(3))
     metrics = {
         "step": step, "num_vision_tokens": n, "update_skipped": skipped, "loss": None if skipped else loss,
         "lr": engine.get_lr()[0], "grad_norm": None if skipped else float(engine.get_global_grad_norm() or 0.0),
@@ -89,6 +110,8 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
         "skipped_corrupt_total": int(corrupt), "useful_flops": useful, "executed_flops": executed,
         "dummy_image_fraction": 1 - real_images / images,
         "epoch": stats[-1]["epoch"],  # rank 0's data stream (see TrainBatches)
+        **{f"samples_total/{name}": int(c) for name, c in zip(names, consumed)},
+        **{f"loss_by_source/{name}": s / c for name, s, c in zip(names, loss_sums, token_counts) if c},
     }
     if torch.cuda.is_available():
         peak = seconds * world * cfg.train.peak_tflops * 1e12
@@ -125,16 +148,17 @@ def train_loop(cfg, rank, world_size, load_universal):
     engine = build_engine(model, stage.param_groups(model, cfg), cfg, load_universal=load_universal)
 
     resumed = checkpoint.load(engine, ckpt_dir)
-    trainer_state, data_state = resumed or ({"step": 0, "wandb_id": None}, None)
+    trainer_state, data_states = resumed or ({"step": 0, "wandb_id": None}, None)
     start = trainer_state["step"]
     sampler = TokenCountSampler(cfg.tokens.counts, cfg.tokens.seed)
     metrics = MetricsLog(cfg, to_dict(cfg), start, trainer_state["wandb_id"]) if rank == 0 else None
     wandb_id = broadcast_from_rank0(metrics.wandb_id if metrics else None)
-    data = TrainBatches(cfg.data, model.tokenizer, model.image_processor, rank, world_size, state=data_state)
+    data = TrainBatches(cfg.data, model.tokenizer, model.image_processor, rank, world_size, states=data_states)
 
     def save(step):
         state = {"wandb_id": wandb_id, "sampler": sampler.state_dict(), "stage": cfg.train.stage}
-        return checkpoint.save(engine, ckpt_dir, step, state, data.state_dict(), cfg.train.keep_last)
+        return checkpoint.save(engine, ckpt_dir, step, state, data.state_dict(), cfg.train.keep_last,
+                               data.mixture.manifest(cfg.data.seed))
 
     checkpoint.StopRequest.install()
     engine.train()
@@ -194,7 +218,7 @@ def check_inputs(cfg):
     for key, path in paths.items():
         if not path or not Path(path).exists():
             raise FileNotFoundError(f"{key}={path!r} not found (relative paths start at {Path.cwd()})")
-    resolve_shards(cfg.data.shards)
+    load_mixture(cfg.data.shards)
     if cfg.model.attn_implementation == "flash_attention_2" and not use_bf16(cfg.train.precision):
         raise ValueError(f"model.attn_implementation=flash_attention_2 needs bf16 weights (flash-attn has no fp32 "
                          f"kernels), but train.precision={cfg.train.precision} trains in fp32 here (auto: bf16 on a "

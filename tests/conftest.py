@@ -18,6 +18,27 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def models(tiny_models):
+    """The tiny Qwen2 tokenizer and the tiny vision tower's image processor."""
+    from transformers import AutoImageProcessor
+
+    from pipeline.chat import load_tokenizer
+
+    return load_tokenizer(tiny_models / "qwen2"), AutoImageProcessor.from_pretrained(tiny_models / "vision")
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """300 synthetic records (raw/) in 8 shards of 40, the last one 20 (shards/)."""
+    from tools import build_shards, make_synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic.main(["--out", str(root / "raw"), "--n", "300", "--seed", "7"])
+    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=40)
+    return root
+
+
+@pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory):
     """Shards of 240 synthetic records (about 10% text-only), 40 per shard."""
     from tools import build_shards, make_synthetic
@@ -28,13 +49,50 @@ def synthetic_shards(tmp_path_factory):
     return root / "shards"
 
 
+LONG_PROMPT_WORDS = 600  # a prompt of these alone fills a 512-token row (data.seq_len in the stage-1 runs)
+
+
 @pytest.fixture(scope="session")
-def stage1_run(tiny_models, synthetic_shards, tmp_path_factory):
-    """A finished 2-rank ZeRO-3 stage-1 run (16 steps, checkpoints every 4, exported final/)."""
+def mixture(synthetic_shards, tmp_path_factory):
+    """A mixture file of two sources: `synthetic` (synthetic_shards, repeat 1) and `hard` (60 more
+    synthetic records in shards of 20, repeat 0.5: a seeded half of it each epoch), 8 of whose
+    prompts are so long that their answers are truncated away and 2 of whose images are corrupt."""
+    import json
+
+    import webdataset as wds
+    import yaml
+
+    from tools import build_shards, make_synthetic
+
+    root = tmp_path_factory.mktemp("mixture")
+    make_synthetic.main(["--out", str(root / "raw"), "--n", "60", "--seed", "11", "--text-only-fraction", "0"])
+    records = json.loads((root / "raw" / "data.json").read_text())
+    for record in records[5::8]:
+        first = record["conversations"][0]
+        first["value"] = first["value"].replace("\n", "\n" + " ".join(["colour"] * LONG_PROMPT_WORDS) + " ", 1)
+    (root / "raw" / "data.json").write_text(json.dumps(records))
+    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "hard"), samples_per_shard=20)
+    shard = root / "hard" / "shard-000001.tar"
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    with wds.TarWriter(str(shard)) as writer:
+        for i, sample in enumerate(samples):
+            if i in (3, 14):
+                sample["png"] = b"\x89PNG corrupt"
+            writer.write({k: v for k, v in sample.items() if k not in ("__url__", "__local_path__")})
+    path = root / "mixture.yaml"
+    path.write_text(yaml.safe_dump({"sources": [{"name": "synthetic", "shards": str(synthetic_shards), "repeat": 1},
+                                                {"name": "hard", "shards": "hard", "repeat": 0.5}]}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def stage1_run(tiny_models, mixture, tmp_path_factory):
+    """A finished 2-rank ZeRO-3 stage-1 run on the two-source mixture (16 steps, checkpoints every
+    4, exported final/)."""
     from tests.distributed import run_training, stage1_overrides
 
     out = tmp_path_factory.mktemp("stage1") / "run"
-    result = run_training("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, synthetic_shards))
+    result = run_training("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, mixture))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

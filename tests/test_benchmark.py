@@ -22,7 +22,7 @@ import webdataset as wds
 from PIL import Image, ImageFile
 
 from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
-from pipeline.data import resolve_shards
+from pipeline.data.mixture import resolve_source
 from pipeline.evaluate import normalise
 from pipeline.model import TokenFlexVLM
 from pipeline.model_card import EVALUATION_HEADING
@@ -110,7 +110,7 @@ def task_dir(heldout, synthetic_shards, tmp_path_factory):
     tools.local_tasks' copies of lmms-eval's pope, mme and seedbench_ppl on SCENES held-out scenes."""
     folder = tmp_path_factory.mktemp("lmms_task")
     rows = {"key": [], "question": [], "answer": [], "choices": [], "image": []}
-    for sample in wds.tarfile_to_samples()({"url": url} for url in resolve_shards(heldout[0])):
+    for sample in wds.tarfile_to_samples()({"url": url} for url in resolve_source(str(heldout[0]))[0]):
         record = json.loads(sample["json"])
         if len(record["conversations"]) != 2:
             continue

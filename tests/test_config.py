@@ -57,7 +57,7 @@ def test_cli_help_lists_options_and_bad_config_exits_2():
 
 @pytest.mark.parametrize("override, named", [
     ("model.vision_path=/no/such/vision", "model.vision_path='/no/such/vision' not found"),
-    ("data.shards=/no/such/shards", "shard /no/such/shards not found"),
+    ("data.shards=/no/such/shards", "data.shards: /no/such/shards not found"),
     ("train.deepspeed=/no/such.json", "train.deepspeed='/no/such.json' not found"),
 ])
 def test_missing_inputs_are_named_before_start_up(tiny_models, synthetic_shards, override, named):

@@ -1,10 +1,11 @@
-"""pipeline/data: streaming splits, epochs, label masks, corruption, determinism, shapes, resume,
-the image budget, image aspect, and the packer's figures on LLaVA-like data."""
+"""pipeline/data: the stream and the packed batches: splits, label masks, corruption, determinism,
+shapes, bitwise resume, the image budget, image aspect, and the packer's figures on LLaVA-like
+data. Epochs across the job and resumes at other layouts: tests/test_data_epochs.py."""
 
-import collections
 import copy
 import json
 import shutil
+import tarfile
 
 import pytest
 import torch
@@ -12,40 +13,21 @@ import webdataset as wds
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, load_tokenizer, tokenize_record
+from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
 from pipeline.config import DataConfig, load_config
-from pipeline.data import (
-    SampleStream,
-    TrainBatches,
-    iter_samples,
-    measure_text_tokens_per_image,
-    resolve_shards,
-)
+from pipeline.data import TrainBatches, iter_samples
+from pipeline.data.decode import Decoder, measure_text_tokens_per_image
+from pipeline.data.mixture import load_mixture
+from pipeline.data.stream import SampleStream
 from pipeline.images import image_pixel_values, set_image_aspect
 from tests.distributed import REPO
-from tools import build_shards, make_synthetic, make_tiny_models
+from tools import build_shards, make_synthetic
 
 N_SEQUENCE = [16, 64, 256, 144, 16, 256, 64, 64, 144, 16, 256, 64]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    make_tiny_models.main([str(out)])
-    return load_tokenizer(out / "qwen2"), AutoImageProcessor.from_pretrained(out / "vision")
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    """300 synthetic records in 8 shards of 40 (the last one 20)."""
-    root = tmp_path_factory.mktemp("synth")
-    make_synthetic.main(["--out", str(root / "raw"), "--n", "300", "--seed", "7"])
-    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=40)
-    return root
-
-
-def batches(cfg, models, ns, rank=0, world_size=1, state=None):
-    loader = TrainBatches(cfg, *models, rank=rank, world_size=world_size, state=state)
+def batches(cfg, models, ns, rank=0, world_size=1, states=None):
+    loader = TrainBatches(cfg, *models, rank=rank, world_size=world_size, states=states)
     return loader, [loader.next_batch(n) for n in ns]
 
 
@@ -67,9 +49,9 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="data.image_aspect"):
         DataConfig(shards="x", image_aspect="crop")
     with pytest.raises(ValueError, match="shards not set"):
-        resolve_shards(DataConfig().shards)  # the default constructs (configs need that), but can't be used
+        load_mixture(DataConfig().shards)  # the default constructs (configs need that), but can't be used
     with pytest.raises(FileNotFoundError, match="shard-000008.tar"):
-        resolve_shards("/nonexistent/shard-{000008..000009}.tar")
+        load_mixture("/nonexistent/shard-{000008..000009}.tar")
 
 
 def test_ranks_and_workers_split_without_resampling(synth, models):
@@ -102,11 +84,12 @@ def test_labels_cover_exactly_the_assistant_replies(synth, models):
 
 
 def write_corrupt_shards(synth, out):
-    """0: truncated mid-way; 1: an undecodable image and a garbage json; 2: not a tar; 3, 4: good."""
+    """0: truncated inside its 21st sample; 1: an undecodable image and a garbage json; 2: not a tar; 3, 4: good."""
     out.mkdir()
     good = sorted((synth / "shards").glob("shard-*.tar"))
-    data = good[0].read_bytes()
-    (out / "shard-000000.tar").write_bytes(data[:len(data) // 2])
+    with tarfile.open(good[0]) as tar:
+        cut = next(m for m in tar.getmembers() if m.name.startswith("000000020."))
+    (out / "shard-000000.tar").write_bytes(good[0].read_bytes()[:cut.offset_data + cut.size // 2])
     samples = list(wds.WebDataset(str(good[1]), shardshuffle=False))
     image_sample = next(i for i, s in enumerate(samples) if "png" in s)
     samples[image_sample]["png"] = b"\x89PNG garbage"
@@ -120,54 +103,27 @@ def write_corrupt_shards(synth, out):
     return f"{out}/shard-{{000000..000004}}.tar", [samples[image_sample]["__key__"], samples[image_sample + 1]["__key__"]]
 
 
-def test_corrupt_shards_are_skipped_counted_and_the_stream_goes_on(synth, models, tmp_path):
+def test_corrupt_shards_are_skipped_counted_and_the_stream_goes_on(synth, models, tmp_path, caplog):
     pattern, bad_keys = write_corrupt_shards(synth, tmp_path / "corrupt")
-    items = list(SampleStream(resolve_shards(pattern), *models, endless=False))
+    mixture = load_mixture(pattern)
+    assert "shard-000002.tar holds no readable sample; left out" in caplog.text  # not a tar: named, not read
+    items = list(SampleStream(mixture, Decoder(*models), endless=False))
     samples = [i for i in items if i["kind"] == "sample"]
     skips = [i for i in items if i["kind"] == "skip"]
     assert all(s["reason"] == "corrupt" for s in skips)
     assert [s["key"] for s in skips if "shard-000001.tar" in s["shard"]] == bad_keys
-    assert items[-1]["read_errors"] == 1  # the shard that is not a tar
     by_shard = {n: sum(f"shard-00000{n}.tar" in s["shard"] for s in samples) for n in range(5)}
     assert by_shard[1] == 38 and by_shard[2] == 0 and by_shard[3] == by_shard[4] == 40  # it went on past all
-    assert 0 < by_shard[0] < 40  # the truncated shard's complete samples come through
+    assert by_shard[0] == 20  # the truncated shard's complete samples come through
+    # the sample the truncation cut is a skip too: every planned sample is accounted for
+    assert len(items) == len(samples) + len(skips) == sum(mixture.sources[0].sizes)
+    assert [s["key"] for s in skips if "shard-000000.tar" in s["shard"]] == [None]
+    assert "shard-000000.tar unreadable from sample" in caplog.text
 
     cfg = DataConfig(shards=pattern, seq_len=512, num_workers=2, shuffle_buffer=8)
     _, out = batches(cfg, models, [64] * 30)
-    assert out[-1]["stats"]["total_skipped_corrupt"] > 0
+    assert out[-1]["stats"]["total_skipped_corrupt"] >= 3  # 3 an epoch
     assert all(b["stats"]["num_samples"] > 0 for b in out)
-
-
-def test_every_sample_once_per_epoch_across_ranks_and_workers(synth, models):
-    # Five shards of 40, 40, 40, 40 and 20 samples over 2 ranks x 2 workers: each epoch one
-    # worker reads two shards and the others one, so workers (and ranks) finish their epochs at
-    # different times and go straight on to the next.
-    pattern = str(synth / "shards" / "shard-{000003..000007}.tar")
-    keys = collections.Counter((s["shard"].rsplit("/", 1)[-1], s["key"]) for s in iter_samples(pattern, *models))
-    assert len(keys) == 180 and set(keys.values()) == {1}
-    cfg = DataConfig(shards=pattern, seq_len=512, num_workers=2, shuffle_buffer=16)
-    packed, waiting = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
-    for rank in range(2):
-        loader = TrainBatches(cfg, *models, rank=rank, world_size=2)
-        epochs = []
-        for _ in range(60):  # about 3 epochs of this rank's share
-            stats = loader.next_batch(64)["stats"]
-            assert stats["num_samples"] > 0  # no rank idles
-            epochs.append(stats["epoch"])
-            for shard, key, epoch in stats["samples"]:
-                packed[epoch][shard, key] += 1
-        assert epochs == sorted(epochs) and epochs[-1] >= 2
-        for sample in loader.window:  # read, but still waiting to be packed
-            waiting[sample["epoch"]][sample["shard"].rsplit("/", 1)[-1], sample["key"]] += 1
-    # Every worker of both ranks has finished epochs 0 and 1: each sample came once in each.
-    assert packed[0] + waiting[0] == keys and packed[1] + waiting[1] == keys
-    assert all(set((packed[e] + waiting[e]).values()) == {1} for e in packed | waiting)  # never twice in an epoch
-
-
-def test_fewer_shards_than_ranks_times_workers_is_an_error(synth, models):
-    cfg = DataConfig(shards=str(synth / "shards" / "shard-{000005..000007}.tar"), num_workers=2)
-    with pytest.raises(ValueError, match="3 shards, fewer than 2 ranks x 2 workers.*data.num_workers"):
-        TrainBatches(cfg, *models, rank=0, world_size=2)
 
 
 def test_stream_is_deterministic_and_ranks_differ(synth, models):
@@ -237,27 +193,27 @@ def test_overlong_samples_are_truncated_or_dropped(synth, models):
 
 
 def test_resume_gives_identical_batches(synth, models):
-    # Three shards (40, 40, 20) over two workers: their epochs drift apart, so the saved restart
-    # points differ per worker, and samples of a finished epoch still wait in the window.
+    # Three shards (40, 40, 20), 100 samples, over two workers: they read 50 each per epoch.
+    # After 50 batches a sample of worker 0's epoch 1 still waits in the window while both
+    # workers read epoch 2: the replay restarts worker 0 an epoch earlier than worker 1.
     cfg = DataConfig(shards=str(synth / "shards" / "shard-{000005..000007}.tar"), seq_len=512, num_workers=2,
                      shuffle_buffer=16)
     ns = N_SEQUENCE * 5
     loader = TrainBatches(cfg, *models)
-    head = [loader.next_batch(n) for n in ns[:44]]
+    head = [loader.next_batch(n) for n in ns[:50]]
     state = json.loads(json.dumps(loader.state_dict()))  # must survive a JSON checkpoint
-    assert state["pending"] and state["pulled"] > len(state["pending"])
-    restart_epochs, restart_counts = zip(*[(epoch, count) for epoch, count, _ in state["workers"]])
-    assert min(restart_epochs) >= 1 and len(set(restart_counts)) == 2  # replay starts past epoch 0, unevenly
-    tail = [loader.next_batch(n) for n in ns[44:]]
-    waiting = {s["epoch"] for s in loader.window} | {e for b in tail for _, _, e in b["stats"]["samples"]}
+    assert state["window"] and state["pulled"] > len(state["window"])
+    assert [(w["epoch"], w["restart"]) for w in state["workers"]] == [(2, [1, 50]), (2, [2, 100])]
+    tail = [loader.next_batch(n) for n in ns[50:]]
+    waiting = {s["epoch"] for s in loader.window} | {e for b in tail for *_, e in b["stats"]["samples"]}
     assert min(waiting) < max(waiting)  # the tail packs samples of more than one epoch
 
-    _, resumed = batches(cfg, models, ns[44:], state=state)
+    _, resumed = batches(cfg, models, ns[50:], states=[state])
     assert_same_batches(tail, resumed)
     assert [b["stats"] for b in resumed] == [b["stats"] for b in tail]
     assert head  # (the head batches are what the resumed loader must not repeat)
-    with pytest.raises(ValueError, match="rank"):
-        TrainBatches(cfg, *models, rank=1, world_size=2, state=state)
+    with pytest.raises(ValueError, match="different seed"):
+        TrainBatches(DataConfig(**{**cfg.__dict__, "seed": 1}), *models, states=[state])
 
 
 def test_a_sample_that_never_fits_is_an_error_not_a_hang(models, tmp_path):
@@ -275,7 +231,7 @@ def test_auto_text_tokens_per_image_is_measured_on_the_data(synth, models):
     images = sum("image" in r for r in records)
     exact = (sum(len(ids) for ids in encoded) - images) / images
     # 8 shards of at most 40 samples: reading 64 of each reads them all.
-    assert measure_text_tokens_per_image(resolve_shards(str(synth / "shards")), tokenizer) == pytest.approx(exact)
+    assert measure_text_tokens_per_image(load_mixture(str(synth / "shards")), tokenizer) == pytest.approx(exact)
     cfg = DataConfig(shards=str(synth / "shards"), seq_len=512, rows_per_batch=2, num_workers=1)
     budgets = [[TrainBatches(cfg, *models, rank=r, world_size=2).image_budget(n) for n in (16, 64, 144)]
                for r in range(2)]
@@ -319,12 +275,14 @@ def packing_figures(loader, n, count):
 @pytest.mark.parametrize("n", [64, 144, 256])
 def test_llava_like_batches_fill_rows_and_image_slots(llava_like, models, stage, n):
     """With the shipped stage configs' row shapes and the image budget measured on the data,
-    nearly every token is real and nearly every image slot holds a real image."""
+    nearly every token is real and nearly every image slot holds a real image: under 3% dummies,
+    the README's figure (these 12 batches of 1000 records measured at most 2.2%;
+    bench/loader_results.md, 60 batches of 3000, under 1%)."""
     shipped = load_config(REPO / "configs" / f"{stage}.yaml").data
     cfg = DataConfig(shards=str(llava_like), seq_len=shipped.seq_len, rows_per_batch=shipped.rows_per_batch,
                      num_workers=1)
     pad, dummy, dropped = packing_figures(TrainBatches(cfg, *models), n, 12)
-    assert pad < 0.02 and dummy <= 0.05 and dropped == 0
+    assert pad < 0.02 and dummy < 0.03 and dropped == 0
 
 
 @pytest.mark.parametrize("n", [16, 64, 144])

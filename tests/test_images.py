@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, SiglipImageProcessor
 
 from pipeline.chat import IMAGE_TOKEN, load_tokenizer
-from pipeline.data import SampleStream
+from pipeline.data.decode import Decoder
 from pipeline.images import image_pixel_values, normalize_pixels, pixel_table
 from pipeline.model import TokenFlexVLM
 from pipeline.vision import tower_features
@@ -78,9 +78,8 @@ def worker_pixels(data, extension, processor, aspect, tokenizer):
     """The pixel values a loader worker makes of a shard sample holding the image file."""
     record = {"image": f"x.{extension}", "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\nwhat?"},
                                                            {"from": "gpt", "value": "a person"}]}
-    stream = SampleStream([], tokenizer, processor, image_aspect=aspect, endless=False)
     sample = {"__key__": "000000000", "__url__": "shard-000000.tar", "json": json.dumps(record).encode(), extension: data}
-    return stream.decode(sample)["pixel_values"]
+    return Decoder(tokenizer, processor, aspect)(sample)["pixel_values"]
 
 
 @pytest.mark.parametrize("aspect", ["pad", "resize"])

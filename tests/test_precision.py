@@ -10,7 +10,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from tests.distributed import metrics, run_training, stage1_overrides
 from tools import convert_checkpoint, evaluate

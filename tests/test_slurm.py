@@ -59,11 +59,11 @@ def slurm():
 
 
 @pytest.fixture(scope="module")
-def train_args(tiny_models, synthetic_shards):
-    """Config and overrides for a short 2-rank CPU run; call with the run's output dir."""
+def train_args(tiny_models, mixture):
+    """Config and overrides for a short 2-rank CPU run on the two-source mixture; call with the run's output dir."""
     def args(output_dir: Path) -> list[str]:
         return ["configs/tiny_cpu_stage1.yaml", f"model.vision_path={tiny_models / 'vision'}",
-                f"model.lm_path={tiny_models / 'qwen2'}", f"data.shards={synthetic_shards}",
+                f"model.lm_path={tiny_models / 'qwen2'}", f"data.shards={mixture}",
                 f"train.output_dir={output_dir}",
                 f"train.max_steps={STEPS}", "train.export_final=false", "wandb.mode=disabled"]
     return args

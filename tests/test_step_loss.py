@@ -63,7 +63,8 @@ def make_rows(model):
 
 def batch(rows):
     stacked = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
-    return {**stacked, "image_mask": torch.ones(len(rows), dtype=torch.bool), "stats": {}}
+    return {**stacked, "source_ids": torch.zeros_like(stacked["input_ids"]),  # one data source
+            "image_mask": torch.ones(len(rows), dtype=torch.bool), "stats": {"total_samples_by_source": {"rows": 0}}}
 
 
 class Batches:

@@ -34,12 +34,12 @@ def signal_workers(torchrun, sig):
 
 
 @pytest.fixture(scope="module")
-def resumed_stage1(tiny_models, synthetic_shards, tmp_path_factory):
+def resumed_stage1(tiny_models, mixture, tmp_path_factory):
     """The same run, SIGKILLed after it has logged 6 steps (past its step-4 checkpoint), then
     started again. Returns the output folder, the steps logged before the kill, the checkpoint
     step it resumed from and the resumed run's log."""
     out = tmp_path_factory.mktemp("resumed") / "run"
-    process = subprocess.Popen(torchrun_command("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, synthetic_shards)),
+    process = subprocess.Popen(torchrun_command("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, mixture)),
                                cwd=REPO, env=cpu_training_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics_file = out / "metrics.jsonl"
     deadline = time.time() + 240
@@ -51,7 +51,7 @@ def resumed_stage1(tiny_models, synthetic_shards, tmp_path_factory):
     process.wait()
     killed_at = len(metrics(out))
     checkpoint_step = int((out / "checkpoints" / "latest").read_text().removeprefix("step-"))
-    result = run_training("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, synthetic_shards))
+    result = run_training("tiny_cpu_stage1.yaml", out, *stage1_overrides(tiny_models, mixture))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, killed_at, checkpoint_step, result.stderr
 
@@ -67,6 +67,25 @@ def test_stage1_trains_only_the_projector_and_loss_goes_down(stage1_run):
     assert "gloo network interface: " in log
     assert "projector        trains weights float32" in log  # train.precision fp32: no cast
     assert f"step 10/{STEPS}  N={step10['num_vision_tokens']}  loss {step10['loss']:.4f}" in log
+
+
+def test_metrics_split_samples_and_loss_by_mixture_source(stage1_run):
+    """The stage-1 run trains on a two-source mixture: samples_total/<name> add up to the samples
+    the steps packed, and the step's loss is the token-weighted mean of its sources' losses."""
+    records = metrics(stage1_run)
+    packed = 0
+    for record in records:
+        packed += round(record["samples_per_s"] * record["step_time_s"])
+        assert record["samples_total/synthetic"] + record["samples_total/hard"] == packed
+    both = 0
+    for record in records:
+        by_source = [v for k, v in record.items() if k.startswith("loss_by_source/")]
+        if len(by_source) == 1:
+            assert by_source[0] == pytest.approx(record["loss"], rel=1e-6)  # the loss sums in fp32
+        else:
+            assert min(by_source) < record["loss"] < max(by_source)
+            both += 1
+    assert 0 < both < len(records)
 
 
 def test_stage1_leaves_frozen_weights_bit_identical(stage1_run, tiny_models):

@@ -139,8 +139,13 @@ def clean_out_dir(out_dir):
 
 
 def build(json_path, image_root, out_dir, samples_per_shard=1000, workers=1):
-    """Build the shards and manifest; returns the manifest dict."""
-    records = load_records(json_path)
+    """Build the shards and manifest from a JSON or JSON Lines file; returns the manifest dict."""
+    return build_records(load_records(json_path), os.path.basename(json_path), image_root, out_dir, samples_per_shard,
+                         workers)
+
+
+def build_records(records, source, image_root, out_dir, samples_per_shard=1000, workers=1):
+    """Build the shards and manifest from a list of records; `source` names them in the manifest."""
     clean_out_dir(out_dir)
     skipped = {reason: 0 for reason in REASONS}
     examples = {reason: [] for reason in REASONS}
@@ -189,7 +194,7 @@ def build(json_path, image_root, out_dir, samples_per_shard=1000, workers=1):
             pool.shutdown()
 
     manifest = {
-        "source": os.path.basename(json_path),
+        "source": source,
         "samples_per_shard": samples_per_shard,
         "shards": writer.shards,
         "total_samples": writer.total,
@@ -213,7 +218,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.samples_per_shard < 1 or args.workers < 1:
         parser.error("--samples-per-shard and --workers must be >= 1")
-    manifest = build(args.json, args.image_root, args.out, args.samples_per_shard, args.workers)
+    print_summary(build(args.json, args.image_root, args.out, args.samples_per_shard, args.workers))
+
+
+def print_summary(manifest):
     print(f"kept {manifest['total_samples']} of {manifest['total_records']} records "
           f"in {len(manifest['shards'])} shards ({manifest['total_bytes']} bytes)")
     print(f"repeated ids: {manifest['repeated_ids']} kept records share their id with an earlier one "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.data import resolve_shards
+from pipeline.data.mixture import resolve_source
 from tools.make_synthetic import BACKGROUNDS, DOT_COLOURS, LARGE_COLOURS, SMALL_COLOURS
 
 OBJECT_PALETTES = {"background": BACKGROUNDS, "large shape": LARGE_COLOURS, "small square": SMALL_COLOURS,
@@ -35,7 +35,7 @@ def scenes(shards, limit=None):
     import webdataset as wds
 
     found = []
-    for sample in wds.tarfile_to_samples()({"url": url} for url in resolve_shards(str(shards))):
+    for sample in wds.tarfile_to_samples()({"url": url} for url in resolve_source(str(shards))[0]):
         record = json.loads(sample["json"])
         if "image" not in record:
             continue

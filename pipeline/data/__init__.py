@@ -1,0 +1,16 @@
+"""The training data: what to train on, which samples each worker reads, reading and decoding
+them, packing them into batches, and resuming at any world size.
+
+    mixture.py  sources (shard folders) with repeat counts or weights, from data.shards
+    plan.py     which positions of each epoch every rank's workers read: pure functions
+    shards.py   reading samples out of tar shards by index
+    decode.py   sample bytes -> token ids, labels, pixel values
+    stream.py   the DataLoader workers' stream of items; evaluation's one pass (iter_samples)
+    state.py    the small resume state, replayed at the same layout, split at another
+    batches.py  packed batches for one rank (TrainBatches)
+"""
+
+from pipeline.data.batches import TrainBatches
+from pipeline.data.stream import iter_samples
+
+__all__ = ["TrainBatches", "iter_samples"]

@@ -1,0 +1,217 @@
+"""Packed training batches for one rank, resumable at any world size and worker count.
+
+The main process expands each sample's image markers to the step's N slots and packs whole
+samples (pipeline/packing.py) into `rows_per_batch` rows of exactly `seq_len` tokens and a fixed
+image budget, so that for a given N every rank's batch has the same shapes (ZeRO-3 ranks must run
+the same collective sequence). Samples come from pipeline/data/stream.py; the resume state is
+pipeline/data/state.py's.
+"""
+
+import copy
+import logging
+import os
+
+import torch
+from PIL import Image
+
+from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers
+from pipeline.data.decode import Decoder, measure_text_tokens_per_image
+from pipeline.data.mixture import load_mixture
+from pipeline.data.plan import count
+from pipeline.data.state import (
+    VERSION,
+    check_compatible,
+    open_epochs_of,
+    remaining_positions,
+    replay_plan,
+    summed_counters,
+)
+from pipeline.data.stream import RankStream
+from pipeline.images import image_pixel_values
+from pipeline.packing import choose_row, image_budget, image_slots_fit, sample_length
+
+log = logging.getLogger(__name__)
+
+UNFIT_LIMIT = 1000  # samples dropped in a row, at one N, before the packer gives up with an error
+
+
+class TrainBatches:
+    """Endless packed training batches for one rank.
+
+    next_batch(N) returns tensors input_ids, labels, position_ids and source_ids (the mixture
+    source of each token, -1 for padding) of shape (rows_per_batch, seq_len), pixel_values (image
+    budget, 3, H, W) uint8 with image_mask (real images first, in slot order; zero dummies after), and a
+    stats dict: counts and running totals, "samples" ((source, shard, key, epoch) of each packed
+    sample, to trace a batch back to its data) and "epoch" (the oldest epoch a worker of this rank
+    is still reading).
+
+    states: every rank's state_dict() from a checkpoint, in rank order, or None to start afresh.
+    """
+
+    COUNTERS = ("samples_packed", "truncated", "dropped", "skipped_corrupt", "skipped_invalid")
+
+    def __init__(self, cfg, tokenizer, image_processor, rank: int = 0, world_size: int = 1, states: list | None = None):
+        self.cfg, self.tokenizer, self.image_processor = cfg, tokenizer, image_processor
+        self.rank, self.world_size = rank, world_size
+        self.mixture = load_mixture(cfg.shards)
+        self.num_workers = max(1, cfg.num_workers)
+        self.length = self.mixture.epoch_length()
+        if self.length < world_size * self.num_workers:
+            raise ValueError(f"data.shards={cfg.shards} gives {self.length} samples an epoch, fewer than {world_size} "
+                             f"ranks x {self.num_workers} workers: every worker reads its own slice of each epoch. "
+                             f"Lower data.num_workers or add data")
+        if cfg.text_tokens_per_image == "auto":
+            self.text_tokens_per_image = measure_text_tokens_per_image(self.mixture, tokenizer)
+            log.info("data.text_tokens_per_image: auto, measured %.1f text tokens per image", self.text_tokens_per_image)
+        else:
+            self.text_tokens_per_image = cfg.text_tokens_per_image
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        # Dummy pixel shape: what the processor makes of any image (fixed-size processors only).
+        self.pixel_shape = image_pixel_values([Image.new("RGB", (8, 8))], image_processor, cfg.image_aspect).shape[1:]
+        self.counters = {**dict.fromkeys(self.COUNTERS, 0), "samples_by_source": {s.name: 0 for s in self.mixture.sources}}
+        for state in states or []:
+            check_compatible(state, self._identity())
+        if not states:
+            self._open(first_epoch=0, open_epochs={})
+        elif len(states) == world_size and states[rank]["layout"] == self._layout():
+            self.counters = copy.deepcopy(states[rank]["counters"])
+            self._open(replay=states[rank])
+        else:
+            self._continue(states)
+
+    def image_budget(self, num_vision_tokens: int) -> int:
+        """Images per batch at N: a pure function of the config and the data, the same on every rank."""
+        return image_budget(self.cfg.rows_per_batch * self.cfg.seq_len, num_vision_tokens, self.text_tokens_per_image)
+
+    def _identity(self) -> dict:
+        """What must match for a saved position in the data to mean the same samples."""
+        return {"mixture": self.mixture.fingerprint(), "seed": self.cfg.seed}
+
+    def _layout(self) -> dict:
+        """What must also match to replay the stream bit for bit."""
+        c = self.cfg
+        # num_workers 0 (reading in this process) and 1 give the same stream
+        return {"rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
+                "shuffle_buffer": c.shuffle_buffer, "pack_window": c.pack_window}
+
+    def _continue(self, states: list) -> None:
+        """Resume from the states of another layout: what the job had not consumed of the epochs it
+        was in is split over this layout's ranks x workers; rank 0 carries on the job's counters."""
+        remaining = remaining_positions(states, self.length)
+        if self.rank == 0:
+            self.counters = summed_counters(states)
+            saved = states[0]["layout"]
+            log.warning("data state saved by %d ranks x %d workers, resumed by %d x %d: epoch %s continues, its %d "
+                        "samples not yet consumed split over the new ranks and workers (not bitwise as an "
+                        "uninterrupted run)", saved["world_size"], saved["num_workers"], self.world_size,
+                        self.num_workers, "-".join(map(str, sorted({min(remaining), max(remaining)}))),
+                        sum(count(i) for i in remaining.values()))
+        self._open(first_epoch=min(remaining), open_epochs=remaining)
+
+    def _open(self, first_epoch: int = 0, open_epochs: dict | None = None, replay: dict | None = None) -> None:
+        """Start the workers, afresh from first_epoch or replaying a state of this same layout up to
+        its saved position: consumed positions come back as placeholders, pending ones decoded."""
+        decoder = Decoder(self.tokenizer, self.image_processor, self.cfg.image_aspect)
+        self.stream = RankStream(self.mixture, decoder, self.cfg, self.rank, self.world_size, first_epoch,
+                                 open_epochs_of(replay) if replay else open_epochs,
+                                 replay_plan(replay) if replay else None)
+        self.window = []
+        if replay is None:
+            return
+        while self.stream.pulled < replay["pulled"]:
+            item = self.stream.pull()
+            if item["kind"] == "sample":
+                self._accept(item)
+        saved = [tuple(w[:3]) for w in replay["window"]]
+        if [(s["worker"], s["epoch"], s["position"]) for s in self.window] != saved or \
+                [p.as_dict() for p in self.stream.progress] != [{k: w[k] for k in ("epoch", "read", "missing")}
+                                                               for w in replay["workers"]]:
+            raise RuntimeError(f"resume of rank {self.rank}: the replayed stream differs from the saved one; "
+                               f"did the shards change?")
+
+    def _accept(self, sample: dict) -> None:
+        sample["markers"] = [i for i, t in enumerate(sample["input_ids"]) if t == self.image_token_id]
+        sample["epoch_start"] = tuple(sample["epoch_start"])
+        self.window.append(sample)
+
+    def _fill_window(self) -> None:
+        while len(self.window) < self.cfg.pack_window:
+            item = self.stream.pull()
+            if item["kind"] == "sample":
+                self._accept(item)
+            elif item["kind"] == "skip":
+                self.counters["skipped_" + item["reason"]] += 1
+
+    def _drop_unfit(self, n: int) -> None:
+        """Drop window samples whose image slots would end past seq_len at this N (can't truncate);
+        an error naming data.seq_len and N when sample after sample can't fit."""
+        dropped = 0
+        while True:
+            self._fill_window()
+            fit = [s for s in self.window if image_slots_fit(s["markers"], n, self.cfg.seq_len)]
+            if len(fit) == len(self.window):
+                return
+            dropped += len(self.window) - len(fit)
+            self.counters["dropped"] += len(self.window) - len(fit)
+            self.window = fit
+            if dropped > UNFIT_LIMIT:
+                raise ValueError(f"{dropped} samples in a row don't fit data.seq_len={self.cfg.seq_len} at N={n}: "
+                                 f"their image slots end past the row. Raise data.seq_len or take {n} out of "
+                                 f"tokens.counts")
+
+    def next_batch(self, num_vision_tokens: int) -> dict:
+        cfg, n = self.cfg, num_vision_tokens
+        max_images = self.image_budget(n)
+        shape = (cfg.rows_per_batch, cfg.seq_len)
+        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        source_ids = torch.full(shape, -1, dtype=torch.long)
+        pixels = torch.zeros((max_images, *self.pixel_shape), dtype=torch.uint8)
+        image_mask = torch.zeros(max_images, dtype=torch.bool)
+        num_images = real_tokens = 0
+        packed = []  # (source, shard, key, epoch) of each sample, for the stats
+        names = [s.name for s in self.mixture.sources]
+        for row in range(cfg.rows_per_batch):
+            self._drop_unfit(n)
+            picks = choose_row([sample_length(len(s["input_ids"]), len(s["markers"]), n, cfg.seq_len) for s in self.window],
+                               [len(s["markers"]) for s in self.window], cfg.seq_len, max_images - num_images,
+                               (max_images - num_images) / (cfg.rows_per_batch - row))
+            used = 0
+            for sample in [self.window[i] for i in picks]:
+                ids, labs = expand_image_markers(sample["input_ids"], sample["labels"], self.image_token_id, n)
+                if len(ids) > cfg.seq_len:
+                    ids, labs = ids[:cfg.seq_len], labs[:cfg.seq_len]
+                    self.counters["truncated"] += 1
+                end = used + len(ids)
+                input_ids[row, used:end] = torch.tensor(ids)
+                labels[row, used:end] = torch.tensor(labs)
+                position_ids[row, used:end] = torch.arange(len(ids))
+                source_ids[row, used:end] = sample["source"]
+                for image in ([] if sample["pixel_values"] is None else sample["pixel_values"]):
+                    pixels[num_images] = image
+                    image_mask[num_images] = True
+                    num_images += 1
+                packed.append((names[sample["source"]], os.path.basename(sample["shard"]), sample["key"], sample["epoch"]))
+                self.counters["samples_by_source"][names[sample["source"]]] += 1
+                used = end
+            self.window = [s for i, s in enumerate(self.window) if i not in set(picks)]
+            real_tokens += used
+            # The padding tail is a sequence of its own, so real tokens never attend to it.
+            position_ids[row, used:] = torch.arange(cfg.seq_len - used)
+        num_samples = len(packed)
+        self.counters["samples_packed"] += num_samples
+        stats = {"samples": packed, "num_samples": num_samples, "num_images": num_images, "max_images": max_images,
+                 "real_tokens": real_tokens, "pad_tokens": input_ids.numel() - real_tokens,
+                 "epoch": self.stream.epoch,
+                 **{"total_" + k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "source_ids": source_ids,
+                "pixel_values": pixels, "image_mask": image_mask, "stats": stats}
+
+    def state_dict(self) -> dict:
+        """Small and layout-independent (see pipeline/data/state.py): the stream's position, the
+        window's samples (positions), the counters."""
+        return {"version": VERSION, "identity": self._identity(), "layout": self._layout(),
+                **self.stream.state(self.window),
+                "window": [[s["worker"], s["epoch"], s["position"], s["index"]] for s in self.window],
+                "counters": {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}
