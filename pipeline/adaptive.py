@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.data import iter_samples, resolve_shards
+from pipeline.data import iter_samples
+from pipeline.data.mixture import resolve_source
 from pipeline.evaluate import batches_of, evaluate_model, normalise, score
 from pipeline.inference import prefill_summary, synchronize
 from pipeline.model import TokenFlexVLM, read_vlm_config
@@ -227,7 +228,7 @@ def evaluate_adaptive(model_dirs, shards, ladder=DEFAULT_LADDER, threshold=None,
     for path in model_dirs:
         check_ladder(ladder, read_vlm_config(path))
     for folder in [shards] + ([calibration_shards] if calibration_shards else []):
-        resolve_shards(folder)  # fail before any model runs
+        resolve_source(folder, "--shards")  # fail before any model runs
     results, calibration = [], {}
     for name, path in zip(names, model_dirs, strict=True):
         model = TokenFlexVLM.from_pretrained(path, device, dtype)
