@@ -23,6 +23,13 @@ standard deviation over seeds.
     python -m bench.flex_vs_fixed --studies main,weights,loss,compute,smallest --write-results
     python -m bench.flex_vs_fixed --quick                                 # minutes: checks it runs (tests)
 
+Time, estimated from a timed piece (80 stage-2 steps and an evaluation, 2026-11-29, on the 2 cores
+shared at load 6: 0.70 s a step, i.e. about 0.2 s on free cores) and from the previous study's
+prefill times: main alone about 35 min on 2 free cores; main and the four ablations above (24
+trainings, about 8,500 steps, 132,000 answers) 50-70 min on 2 free cores, about 1.5-2 hours on
+shared ones. Evaluation is the least certain part: a trained model's short answers decode faster
+than those of the barely trained model that was timed.
+
 Writes OUT/<study>/results.{md,json} and accuracy_vs_tokens.png per study; --write-results copies
 them to bench/flex_vs_fixed_results.{md,json} and bench/flex_vs_fixed_accuracy.png (main) and
 bench/flex_vs_fixed_<study>_results.{md,json} and _accuracy.png (ablations). Trained models and
@@ -56,6 +63,9 @@ FLEX = {16: 1, 64: 1, 144: 1}
 EVAL_COUNTS = [16, 36, 64, 100, 144, 196, 256]  # the main study's; 36, 100, 196 and 256 are seen by no model
 ABLATION_COUNTS = [16, 64, 144, 256]  # the ablations': evaluation is most of a study's time
 EVAL_BATCH_SIZE = 32
+# The flex model's stage-2 steps: a third of configs/tiny_cpu_stage2.yaml's 900, so that all the
+# studies (24 trainings, 132,000 answers) fit in about 1.5 hours on 2 shared CPU cores
+STAGE2_STEPS = 300
 
 
 @dataclass(frozen=True)
@@ -399,8 +409,9 @@ def parse_args(argv):
     parser.add_argument("--seeds", help="comma-separated seeds for every study (default: each study's own)")
     parser.add_argument("--train-samples", type=int, default=10000, help="synthetic training records")
     parser.add_argument("--test-samples", type=int, default=1000, help="synthetic test records")
-    parser.add_argument("--stage2-steps", type=int,
-                        help="the flex model's stage-2 steps (default: configs/tiny_cpu_stage2.yaml's)")
+    parser.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS,
+                        help="the flex model's stage-2 steps (default: %(default)s; configs/tiny_cpu_stage2.yaml "
+                             "has 900)")
     parser.add_argument("--ranks", type=int, default=2, help="training processes per run (default: 2)")
     parser.add_argument("--quick", action="store_true",
                         help="each study's first two models only (main: flex and fixed16), seed 0, 2+4 steps, 240 "
@@ -412,7 +423,7 @@ def parse_args(argv):
     unknown = sorted(set(args.studies) - set(STUDIES))
     if unknown:
         parser.error(f"unknown study {unknown[0]}; choose from {', '.join(STUDIES)}")
-    if args.test_samples < 1 or args.train_samples < 1 or (args.stage2_steps is not None and args.stage2_steps < 1):
+    if min(args.test_samples, args.train_samples, args.stage2_steps) < 1:
         parser.error("--train-samples, --test-samples and --stage2-steps must be >= 1")
     return args
 
@@ -449,7 +460,7 @@ def main(argv=None):
 
     config_steps = load_config(stage_config(2)).train.max_steps
     base = QUICK["steps"] if args.quick else {1: load_config(stage_config(1)).train.max_steps,
-                                              2: args.stage2_steps or config_steps}
+                                              2: args.stage2_steps}
     models = list(dict.fromkeys(m for study in studies.values() for m in study.models))
     costs = per_step_costs(out, sorted({n for m in models + ["flex"] for n in MODELS[m].counts}), args.ranks,
                            QUICK["packer_batches"] if args.quick else PACKER_BATCHES)
