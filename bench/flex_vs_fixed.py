@@ -1,23 +1,39 @@
-"""Does flexibility pay? One TokenFLEX model against fixed-N specialists, on the tiny CPU models.
+"""Does flexibility pay, and what makes it pay? TokenFLEX models against fixed-N specialists, on the
+tiny CPU models (configs/tiny_cpu_stage{1,2}.yaml, both stages, 2 ranks).
 
-Trains, with the demo's recipe (configs/tiny_cpu_stage{1,2}.yaml, both stages, 2 ranks):
-  flex         tokens.counts {16: 1, 64: 1, 144: 1}: N drawn per optimizer step
-  fixed16/64/144  one specialist per count
-  flex-resize  flex with the projector's resize_avg pooling (bilinear resize to a multiple of n,
-               then average) instead of adaptive average pooling
-every model on the same data, with the same seeds (train, data and tokens seed = the run's seed)
-and the same number of training samples: the flex model runs the configs' step counts, and a
-specialist runs as many steps as that many samples take at its N (its steps pack more or fewer
-samples), measured with the project's packer on the training shards before training. Then every
-model is evaluated (pipeline.evaluate) on the held-out shards at N = 16, 36, 64, 100, 144, 196 and
-256 (36, 100, 196 and 256 are seen by none of them), and the results are summarised as mean and
-spread (half the range) over seeds, per question type, with the questions of the study answered.
+Studies (--studies, comma-separated; each reuses the models an earlier one trained in --out):
+  main      flex {16: 1, 64: 1, 144: 1} against fixed16, fixed64 and fixed144 (3 seeds)
+  weights   flex-235: the flex set weighted towards the larger counts, 2:3:5 (2 seeds)
+  loss      flex-square: InternVL's "square" loss reduction (train.loss_reduction=square) (2 seeds)
+  compute   fixed16/64/144-compute: specialists given the flex model's training FLOPs
+            (pipeline.metrics' useful count) instead of its samples (2 seeds)
+  smallest  flex-64-144 {64: 1, 144: 1} against fixed64 and fixed144: does the smallest count
+            cost the larger ones? (2 seeds)
+  pooling   flex-resize: the projector's resize_avg pooling instead of adaptive average pooling (2 seeds)
+Every model sees the same data with the same seeds (train, data and tokens seed = the run's seed).
+Sample-matched models run as many steps as the flex model's samples take at their counts, compute-
+matched ones as many as its useful FLOPs take; both measured with the project's packer on the
+training shards before training (stage 1 and stage 2 alike). The data are tools.make_synthetic's
+splits (disjoint scenes and text questions); every model is evaluated on the test split only
+(nothing is tuned on it): in the main study at N = 16, 36, 64, 100, 144, 196 and 256 (36, 100,
+196 and 256 are seen by none), in the ablations at 16, 64, 144 and 256. Figures are mean ±
+standard deviation over seeds.
 
-    python -m bench.flex_vs_fixed --write-results   # the study (about 45 min on 2 CPU cores)
-    python -m bench.flex_vs_fixed --quick           # minutes: 2 models, 1 seed, a few steps (tests)
+    python -m bench.flex_vs_fixed --studies main --write-results          # the main table
+    python -m bench.flex_vs_fixed --studies main,weights,loss,compute,smallest --write-results
+    python -m bench.flex_vs_fixed --quick                                 # minutes: checks it runs (tests)
 
-Writes OUT/results.md, OUT/results.json and OUT/accuracy_vs_tokens.png; --write-results also
-copies them to bench/flex_vs_fixed_results.{md,json} and bench/flex_vs_fixed_accuracy.png.
+Time, estimated from a timed piece (80 stage-2 steps and an evaluation, 2026-11-29, on the 2 cores
+shared at load 6: 0.70 s a step, i.e. about 0.2 s on free cores) and from the previous study's
+prefill times: main alone about 35 min on 2 free cores; main and the four ablations above (24
+trainings, about 8,500 steps, 132,000 answers) 50-70 min on 2 free cores, about 1.5-2 hours on
+shared ones. Evaluation is the least certain part: a trained model's short answers decode faster
+than those of the barely trained model that was timed.
+
+Writes OUT/<study>/results.{md,json} and accuracy_vs_tokens.png per study; --write-results copies
+them to bench/flex_vs_fixed_results.{md,json} and bench/flex_vs_fixed_accuracy.png (main) and
+bench/flex_vs_fixed_<study>_results.{md,json} and _accuracy.png (ablations). Trained models and
+their evaluations are kept under OUT/runs and reused when the same settings ask for them again.
 """
 
 import argparse
@@ -31,89 +47,191 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from pipeline.config import load_config
 from pipeline.data import TrainBatches
 from pipeline.evaluate import evaluate
+from pipeline.metrics import Work, step_flops
 from pipeline.model import TokenFlexVLM
+from stages import STAGES
 from tools.demo import REPO, cpu_training_env, make_models_and_data, run, stage_command
 
 FLEX = {16: 1, 64: 1, 144: 1}
-MODELS = {  # name: (tokens.counts, projector pooling)
-    "flex": (FLEX, "adaptive"),
-    "fixed16": ({16: 1}, "adaptive"),
-    "fixed64": ({64: 1}, "adaptive"),
-    "fixed144": ({144: 1}, "adaptive"),
-    "flex-resize": (FLEX, "resize_avg"),
+EVAL_COUNTS = [16, 36, 64, 100, 144, 196, 256]  # the main study's; 36, 100, 196 and 256 are seen by no model
+ABLATION_COUNTS = [16, 64, 144, 256]  # the ablations': evaluation is most of a study's time
+EVAL_BATCH_SIZE = 32
+# The flex model's stage-2 steps: a third of configs/tiny_cpu_stage2.yaml's 900, so that all the
+# studies (24 trainings, 132,000 answers) fit in about 1.5 hours on 2 shared CPU cores
+STAGE2_STEPS = 300
+
+
+@dataclass(frozen=True)
+class Model:
+    counts: dict
+    pooling: str = "adaptive"
+    loss_reduction: str = "token"
+    matched: str = "samples"  # to the flex model's samples, or its useful training FLOPs ("compute")
+
+    def describe(self):
+        extras = [x for x in (f"{self.pooling} pooling" if self.pooling != "adaptive" else "",
+                              f"{self.loss_reduction} loss" if self.loss_reduction != "token" else "",
+                              "compute-matched" if self.matched == "compute" else "") if x]
+        return f"{self.counts}" + (f" ({', '.join(extras)})" if extras else "")
+
+
+MODELS = {
+    "flex": Model(FLEX),
+    "fixed16": Model({16: 1}), "fixed64": Model({64: 1}), "fixed144": Model({144: 1}),
+    "flex-235": Model({16: 2, 64: 3, 144: 5}),
+    "flex-square": Model(FLEX, loss_reduction="square"),
+    "fixed16-compute": Model({16: 1}, matched="compute"), "fixed64-compute": Model({64: 1}, matched="compute"),
+    "fixed144-compute": Model({144: 1}, matched="compute"),
+    "flex-64-144": Model({64: 1, 144: 1}),
+    "flex-resize": Model(FLEX, pooling="resize_avg"),
 }
-EVAL_COUNTS = [16, 36, 64, 100, 144, 196, 256]
+
+
+@dataclass(frozen=True)
+class Study:
+    question: str
+    models: list
+    seeds: list
+    flex: str = "flex"  # the model the specialists (or the variant) are compared with
+    specialists: list = field(default_factory=list)
+    counts: list = field(default_factory=lambda: ABLATION_COUNTS)  # N at evaluation
+
+
+STUDIES = {
+    "main": Study("Does one flex model match each specialist at its N, and beat it away from it?",
+                  ["flex", "fixed16", "fixed64", "fixed144"], [0, 1, 2],
+                  specialists=["fixed16", "fixed64", "fixed144"], counts=EVAL_COUNTS),
+    "weights": Study("Token-count weights 1:1:1 against 2:3:5 (towards the larger counts)",
+                     ["flex", "flex-235"], [0, 1]),
+    "loss": Study("Loss reduction: per token over the step against InternVL's square (1/sqrt of a sample's tokens)",
+                  ["flex", "flex-square"], [0, 1]),
+    "compute": Study("Compute-matched: specialists given the flex model's useful training FLOPs, not its samples",
+                     ["flex", "fixed16-compute", "fixed64-compute", "fixed144-compute"], [0, 1],
+                     specialists=["fixed16-compute", "fixed64-compute", "fixed144-compute"]),
+    "smallest": Study("Does the smallest count cost the larger ones? flex {64, 144} against fixed64 and fixed144",
+                      ["flex-64-144", "flex", "fixed64", "fixed144"], [0, 1], flex="flex-64-144",
+                      specialists=["fixed64", "fixed144"]),
+    "pooling": Study("Pooling: resize_avg (the authors' code) against adaptive average pooling",
+                     ["flex", "flex-resize"], [0, 1]),
+}
 TYPES = ["overall", "coarse", "medium", "fine", "text"]
-RESULTS = {".md": REPO / "bench" / "flex_vs_fixed_results.md", ".json": REPO / "bench" / "flex_vs_fixed_results.json",
-           ".png": REPO / "bench" / "flex_vs_fixed_accuracy.png"}
-PACKER_BATCHES = 30  # batches per rank and N for measuring samples per step
-QUICK = {"steps": {1: 2, 2: 4}, "packer_batches": 4}
+PACKER_BATCHES = 30  # batches per rank and N for measuring samples and FLOPs per step
+QUICK = {"steps": {1: 2, 2: 4}, "packer_batches": 4, "seeds": [0], "models": 2,  # each study's first two
+         "splits": {"train": 240, "validation": 24, "test": 48}}
 
 
 def stage_config(stage):
     return REPO / "configs" / f"tiny_cpu_stage{stage}.yaml"
 
 
-def samples_per_step(data_root, counts, ranks, batches=PACKER_BATCHES):
-    """Mean samples one optimizer step packs (all ranks) at each N, from the training config's
-    packer (pipeline.data.TrainBatches) on the training shards; nothing trains."""
-    cfg = load_config(stage_config(2), [f"data.shards={data_root / 'shards' / 'train'}"])
+def results_paths(study):
+    stem = "flex_vs_fixed" if study == "main" else f"flex_vs_fixed_{study}"
+    return {".md": REPO / "bench" / f"{stem}_results.md", ".json": REPO / "bench" / f"{stem}_results.json",
+            ".png": REPO / "bench" / f"{stem}_accuracy.png"}
+
+
+# ---- steps: matching the flex model's samples or its compute ----
+
+def per_step_costs(data_root, counts, ranks, batches=PACKER_BATCHES):
+    """{stage: {N: {"samples": mean samples one optimizer step packs (all ranks), "flops": its
+    useful training FLOPs (pipeline.metrics.step_flops, with the stage's trained parts)}}}, from
+    each stage's packer (pipeline.data.TrainBatches) on the training shards; nothing trains."""
     model = TokenFlexVLM.from_components(data_root / "tiny" / "vision", data_root / "tiny" / "qwen2")
-    per_n = {}
-    for n in counts:
-        total = 0
-        for rank in range(ranks):
-            stream = TrainBatches(cfg.data, model.tokenizer, model.image_processor, rank, ranks)
-            total += sum(stream.next_batch(n)["stats"]["num_samples"] for _ in range(batches))
-        per_n[n] = total / batches
-    return per_n
+    costs = {}
+    for stage, name in ((1, "align"), (2, "finetune")):
+        cfg = load_config(stage_config(stage), [f"data.shards={data_root / 'shards' / 'train'}"])
+        STAGES[name].freeze_backbones(model, cfg)
+        costs[stage] = {}
+        for n in counts:
+            samples = flops = 0.0
+            for rank in range(ranks):
+                stream = TrainBatches(cfg.data, model.tokenizer, model.image_processor, rank, ranks)
+                for _ in range(batches):
+                    batch = stream.next_batch(n)
+                    samples += batch.pop("stats")["num_samples"]
+                    flops += step_flops(model, n, Work.of(batch, model.tokenizer.pad_token_id))[0]
+            costs[stage][n] = {"samples": samples / batches, "flops": flops / batches}
+    return costs
 
 
-def mean_samples(per_n, counts):
-    weights = sum(counts.values())
-    return sum(per_n[n] * w for n, w in counts.items()) / weights
+def mean_cost(per_n, counts, kind):
+    """A step's mean cost under the token-count weights (N is drawn per step)."""
+    return sum(per_n[n][kind] * w for n, w in counts.items()) / sum(counts.values())
 
 
-def scaled_steps(base_steps, per_n, counts):
-    """Steps that see as many samples at `counts` as base_steps do at the flex mix."""
-    return max(1, round(base_steps * mean_samples(per_n, FLEX) / mean_samples(per_n, counts)))
+def scaled_steps(base_steps, per_n, model):
+    """Steps that see as many samples (or spend as many useful FLOPs) at the model's counts as
+    base_steps do at the flex mix."""
+    kind = "flops" if model.matched == "compute" else "samples"
+    return max(1, round(base_steps * mean_cost(per_n, FLEX, kind) / mean_cost(per_n, model.counts, kind)))
 
 
-def samples_seen(output_dir):
-    """Training samples over all ranks, from the run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return round(sum(r["samples_per_s"] * r["step_time_s"] for r in rows))
+# ---- training and evaluation of one model and seed, reused when asked again ----
 
-
-def train(name, seed, data_root, runs, steps, ranks, env):
-    """Stage 1 then stage 2 of one model; returns its final model folder and samples seen."""
-    counts, pooling = MODELS[name]
-    run_dir = runs / f"{name}-seed{seed}"
-    counts_yaml = "{" + ", ".join(f"{n}: {w}" for n, w in counts.items()) + "}"
+def train(name, seed, data_root, run_dir, steps, ranks, env):
+    """Stage 1 then stage 2 of one model; returns its final model folder."""
+    model = MODELS[name]
+    counts_yaml = "{" + ", ".join(f"{n}: {w}" for n, w in model.counts.items()) + "}"
     shared = [f"tokens.counts={counts_yaml}", f"train.seed={seed}", f"data.seed={seed}", f"tokens.seed={seed}",
-              "wandb.mode=disabled"]
-    run_dir.mkdir(parents=True, exist_ok=True)
+              f"train.loss_reduction={model.loss_reduction}", "wandb.mode=disabled"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     for stage in (1, 2):
         overrides = [*shared, f"train.max_steps={steps[stage]}", f"train.save_every={steps[stage]}"]
         if stage == 1:
-            overrides.append(f"model.projector_options={{pooling: {pooling}}}")
+            overrides.append(f"model.projector_options={{pooling: {model.pooling}}}")
         run(f"{name}, seed {seed}: stage {stage}, {steps[stage]} steps",
             stage_command(stage, data_root, run_dir / f"stage{stage}", ranks, *overrides), env,
             log=run_dir / f"stage{stage}.log")
-    return run_dir / "stage2" / "final", {s: samples_seen(run_dir / f"stage{s}") for s in (1, 2)}
+    return run_dir / "stage2" / "final"
 
+
+def run_totals(output_dir):
+    """Training samples and useful FLOPs over all ranks, from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {"samples": round(sum(r["samples_per_s"] * r["step_time_s"] for r in rows)),
+            "useful_flops": sum(r["useful_flops"] for r in rows)}
+
+
+def trained_and_evaluated(name, seed, out, steps, counts, ranks, env):
+    """The model's results at `counts` on the test split. OUT/runs/<name>-seed<seed>/results.json
+    keeps a model's results: with the same steps it is not trained again, and only counts it
+    lacks are evaluated."""
+    run_dir = out / "runs" / f"{name}-seed{seed}"
+    saved = run_dir / "results.json"
+    steps_key = {str(s): v for s, v in steps.items()}
+    record = json.loads(saved.read_text()) if saved.exists() else {}
+    if record.get("steps") == steps_key:
+        print(f"{name}, seed {seed}: reusing {run_dir}", flush=True)
+    else:
+        train(name, seed, out, run_dir, steps, ranks, env)
+        record = {"steps": steps_key, "trained": {str(s): run_totals(run_dir / f"stage{s}") for s in (1, 2)},
+                  "results": []}
+    missing = [n for n in counts if n not in {r["num_vision_tokens"] for r in record["results"]}]
+    if missing:
+        report = evaluate([run_dir / "stage2" / "final"], out / "shards" / "test", missing, [f"{name}-seed{seed}"],
+                          batch_size=EVAL_BATCH_SIZE)
+        record["results"] += [{k: v for k, v in r.items() if k != "predictions"} | {"study_model": name, "seed": seed}
+                              for r in report["results"]]
+        saved.write_text(json.dumps(record, indent=1))
+    return record | {"results": [r for r in record["results"] if r["num_vision_tokens"] in counts]}
+
+
+# ---- summaries and verdicts ----
 
 def accuracy(result, kind):
     return result["accuracy"] if kind == "overall" else result["accuracy_by_type"].get(kind, math.nan)
 
 
 def summarise(results, models, seeds):
-    """{model: {kind: {N: (mean, spread, per-seed values)}}}; spread = half the range over seeds."""
+    """{model: {kind: {N: (mean, standard deviation, per-seed values)}}} over seeds (sd 0 for one seed)."""
     table = {}
     for model in models:
         for kind in TYPES:
@@ -121,13 +239,13 @@ def summarise(results, models, seeds):
                 values = [accuracy(r, kind) for r in results
                           if r["study_model"] == model and r["num_vision_tokens"] == n and r["seed"] in seeds]
                 if values:
-                    table.setdefault(model, {}).setdefault(kind, {})[n] = (
-                        statistics.mean(values), (max(values) - min(values)) / 2, values)
+                    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                    table.setdefault(model, {}).setdefault(kind, {})[n] = (statistics.mean(values), sd, values)
     return table
 
 
 def own_count(name):
-    counts = MODELS[name][0]
+    counts = MODELS[name].counts
     return next(iter(counts)) if len(counts) == 1 else None
 
 
@@ -135,33 +253,43 @@ def points(x):
     return f"{100 * x:+.1f}"
 
 
-def answers(table):
-    """Markdown paragraphs answering the study's questions from the overall accuracy."""
+def within(diff):
+    """Within 1 point either way: +4 is not "within"."""
+    return "within 1 point" if abs(diff) <= 0.01 else "NOT within 1 point"
+
+
+def verdicts(diff):
+    """Two verdicts on a difference (flex minus specialist): within 1 point either way, and not
+    worse by more than 1 point (which also holds whenever flex is ahead)."""
+    return f"{within(diff)}; {'not worse by more than 1 point' if diff >= -0.01 else 'worse by more than 1 point'}"
+
+
+def answers(table, study):
+    """Markdown paragraphs answering the study's question from the overall accuracy."""
     lines = []
-    flex = table.get("flex", {}).get("overall")
-    specialists = [m for m in table if own_count(m)]
+    flex = table.get(study.flex, {}).get("overall")
+    specialists = [m for m in study.specialists if m in table]
     if flex and specialists:
-        lines.append("**At the specialist's own N** (flex minus specialist, overall accuracy, points):\n")
+        lines.append(f"**At the specialist's own N** ({study.flex} minus specialist, overall accuracy, points; "
+                     f"± the standard deviations over seeds):\n")
         for name in specialists:
             n = own_count(name)
             diff = flex[n][0] - table[name]["overall"][n][0]
-            verdict = "within 1 point" if diff >= -0.01 else "NOT within 1 point"
-            lines.append(f"- {name} at N={n}: {points(diff)} ({verdict}; spreads ±{100 * flex[n][1]:.1f} / "
+            lines.append(f"- {name} at N={n}: {points(diff)} ({verdicts(diff)}; ±{100 * flex[n][1]:.1f} / "
                          f"±{100 * table[name]['overall'][n][1]:.1f})")
-        lines.append("\n**Away from it** (flex minus specialist at every other N; unseen counts marked *):\n")
-        seen_by_flex = set(MODELS["flex"][0])
+        lines.append(f"\n**Away from it** ({study.flex} minus specialist at every other N; counts {study.flex} "
+                     f"never trained on marked *):\n")
+        seen_by_flex = set(MODELS[study.flex].counts)
         for name in specialists:
             others = [n for n in EVAL_COUNTS if n != own_count(name) and n in flex]
             diffs = {n: flex[n][0] - table[name]["overall"][n][0] for n in others}
             wins = [n for n in others if diffs[n] > 0]
             cells = ", ".join(f"{n}{'*' if n not in seen_by_flex else ''}: {points(d)}" for n, d in diffs.items())
-            lines.append(f"- {name}: flex ahead at {len(wins)} of {len(others)} counts ({cells})")
-    if "flex" in table and "flex-resize" in table:
-        diffs = {n: table["flex-resize"]["overall"][n][0] - table["flex"]["overall"][n][0] for n in EVAL_COUNTS
-                 if n in table["flex"]["overall"]}
-        cells = ", ".join(f"{n}: {points(d)}" for n, d in diffs.items())
-        lines.append(f"\n**Pooling** (flex-resize minus flex, points; the two poolings are the same operation at N = "
-                     f"16, 64 and 256 on the 16x16 grid): {cells}")
+            lines.append(f"- {name}: {study.flex} ahead at {len(wins)} of {len(others)} counts ({cells})")
+    for variant in (m for m in study.models if m not in specialists and m != study.flex and m in table):
+        diffs = {n: table[variant]["overall"][n][0] - flex[n][0] for n in EVAL_COUNTS if n in flex}
+        cells = ", ".join(f"{n}: {points(d)} ({within(d)})" for n, d in diffs.items())
+        lines.append(f"\n**{variant} minus {study.flex}** (overall accuracy, points): {cells}")
     return "\n".join(lines) + "\n"
 
 
@@ -171,15 +299,15 @@ def markdown_tables(table):
         header = ["model", *(f"N={n}" for n in EVAL_COUNTS)]
         rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for model, kinds in table.items():
-            cells = [f"{100 * m:.1f} ± {100 * s:.1f}" if not math.isnan(m) else "-"
-                     for m, s, _ in (kinds[kind][n] for n in EVAL_COUNTS if n in kinds[kind])]
+            cells = ["-" if n not in kinds[kind] or math.isnan(kinds[kind][n][0]) else
+                     f"{100 * kinds[kind][n][0]:.1f} ± {100 * kinds[kind][n][1]:.1f}" for n in EVAL_COUNTS]
             rows.append("| " + " | ".join([model, *cells]) + " |")
-        parts.append(f"**{kind}** accuracy (%), mean ± spread over seeds\n\n" + "\n".join(rows))
+        parts.append(f"**{kind}** accuracy (%), mean ± standard deviation over seeds\n\n" + "\n".join(rows))
     return "\n\n".join(parts) + "\n"
 
 
 def plot(table, path):
-    """Accuracy against N, one line per model (spread as error bars), a panel per question type."""
+    """Accuracy against N, one line per model (standard deviation as error bars), a panel per question type."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,7 +319,7 @@ def plot(table, path):
         for model, data in table.items():
             ns = [n for n in EVAL_COUNTS if n in data[kind]]
             ax.errorbar(ns, [data[kind][n][0] for n in ns], yerr=[data[kind][n][1] for n in ns], marker="o",
-                        capsize=3, label=model, linestyle="--" if model == "flex-resize" else "-")
+                        capsize=3, label=model, linestyle="-" if len(MODELS[model].counts) == 1 else "--")
         ax.set_xscale("log", base=2)
         ax.set_xticks(EVAL_COUNTS, [str(n) for n in EVAL_COUNTS])
         ax.set_title(kind)
@@ -204,71 +332,116 @@ def plot(table, path):
     plt.close(fig)
 
 
+# ---- the report ----
+
 def git_commit():
     """The checkout's commit, and the files that differ from it (read when the study starts)."""
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        # rstrip: porcelain lines start with a space that a strip would take from the first
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.rstrip()
 
     changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
     return git("rev-parse", "--short", "HEAD") + (f" (with uncommitted changes to {', '.join(changed)})" if changed else "")
 
 
-def write_report(out, args, settings, table, results, wall_s):
+def write_report(out, args, name, study, settings, records, wall_s):
+    results = [r for record in records for r in record["results"]]
+    table = summarise(results, study.models, study.seeds)
+    costs, test = settings["per_step"], settings["splits"]["test"]
     argv = " ".join(args.argv)
+    per_step = ", ".join(f"{n}: {v['samples']:.1f} samples, {v['flops'] / 1e9:.1f} GFLOP" for n, v in costs[2].items())
+    base = settings["base_steps"]
+    cut = ("" if base[2] == settings["config_steps"] else
+           f"; configs/tiny_cpu_stage2.yaml says {settings['config_steps']}, cut so that all the studies fit in the "
+           f"time given (--stage2-steps)")
     header = [
-        "# Flex vs fixed: does flexibility pay? (tiny CPU models)\n",
+        f"# Flex vs fixed, study `{name}`: {study.question} (tiny CPU models)\n",
         (f"Command: `python -m bench.flex_vs_fixed{' ' + argv if argv else ''}`, at commit {settings['commit']}, "
-         f"on {settings['machine']}, {settings['date']}; {wall_s / 60:.0f} min in all.\n"),
-        (f"Models: {', '.join(f'{m} {MODELS[m][0]} ({MODELS[m][1]} pooling)' for m in settings['models'])}; seeds "
-         f"{settings['seeds']}. Training: configs/tiny_cpu_stage1.yaml then tiny_cpu_stage2.yaml, 2 ranks, "
-         f"{settings['train_samples']} synthetic training records; steps per model (stage 1 + stage 2) chosen so "
-         f"that every model sees the same number of samples: "
-         f"{', '.join(f'{m} {s[1]}+{s[2]}' for m, s in settings['steps'].items())}. Samples packed per step "
-         f"(both ranks) at N: {', '.join(f'{n}: {v:.1f}' for n, v in settings['samples_per_step'].items())}. "
-         f"Samples seen in stage 2 (mean over seeds): "
-         f"{', '.join(f'{m} {v:.0f}' for m, v in settings['samples_seen_stage2'].items())}.\n"),
-        (f"Evaluation: {settings['heldout_samples']} held-out records, exact match on the last answer, at N = "
-         f"{', '.join(map(str, EVAL_COUNTS))}. With this many records one accuracy carries a sampling error of up "
-         f"to ±{100 * math.sqrt(0.25 / settings['heldout_samples']):.1f} points overall (more per question type), "
-         f"and the seeds' spread shows the training noise: differences of a point or two are below both.\n"),
+         f"on {settings['machine']}, {settings['date']}; {wall_s / 60:.0f} min for the whole command (models "
+         f"trained by an earlier command in the same folder are reused, not retrained).\n"),
+        (f"Models: {', '.join(f'{m} {MODELS[m].describe()}' for m in study.models)}; seeds {study.seeds}. "
+         f"Training: configs/tiny_cpu_stage1.yaml then tiny_cpu_stage2.yaml, 2 ranks, {settings['splits']['train']} "
+         f"synthetic training records, the flex model's steps {base[1]} + {base[2]} (stage 1 + stage 2{cut}); "
+         f"the others' steps match its samples or, compute-matched, its useful training FLOPs: "
+         f"{', '.join(f'{m} {s[1]}+{s[2]}' for m, s in settings['steps'].items() if m in study.models)}. "
+         f"Per stage-2 step (both ranks) at N: {per_step}. "
+         f"Stage 2 as trained (mean over seeds): "
+         f"{', '.join(f'{m} {v[0]:.0f} samples, {v[1] / 1e12:.1f} TFLOP' for m, v in trained_means(records).items())}.\n"),
+        (f"Evaluation: the test split's {test} records (tools.make_synthetic --split test: no scene and no text "
+         f"question of it is in the training or validation split), exact match on the last answer, at N = "
+         f"{', '.join(map(str, study.counts))}; nothing was tuned on it. One accuracy carries a sampling error of up "
+         f"to ±{100 * math.sqrt(0.25 / test):.1f} points overall (about twice that per question type), and the "
+         f"standard deviation over seeds shows the training noise.\n"),
     ]
     if settings["quick"]:
         header.append("A --quick run: a few steps per model, to check that the study runs; it measures nothing.\n")
-    body = ["## Answers\n\n", answers(table), "\n## Accuracy by model and N\n", markdown_tables(table),
-            f"\n![accuracy vs N]({RESULTS['.png'].name if args.write_results else 'accuracy_vs_tokens.png'})\n"]
-    (out / "results.md").write_text("\n".join(header) + "\n" + "".join(body))
-    summary = {model: {kind: {str(n): {"mean": m, "spread": s, "per_seed": v} for n, (m, s, v) in by_n.items()}
+    png = results_paths(name)[".png"].name if args.write_results else "accuracy_vs_tokens.png"
+    body = ["## Answers\n\n", answers(table, study), "\n## Accuracy by model and N\n", markdown_tables(table),
+            f"\n![accuracy vs N]({png})\n"]
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.md").write_text("\n".join(header) + "\n" + "".join(body))
+    summary = {model: {kind: {str(n): {"mean": m, "sd": s, "per_seed": v} for n, (m, s, v) in by_n.items()}
                        for kind, by_n in kinds.items()} for model, kinds in table.items()}
-    (out / "results.json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": results}, indent=1))
-    plot(table, out / "accuracy_vs_tokens.png")
+    (folder / "results.json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": results},
+                                                    indent=1))
+    plot(table, folder / "accuracy_vs_tokens.png")
     if args.write_results:
-        for source, target in ((out / "results.md", RESULTS[".md"]), (out / "results.json", RESULTS[".json"]),
-                               (out / "accuracy_vs_tokens.png", RESULTS[".png"])):
+        for suffix, target in results_paths(name).items():
+            source = folder / ("accuracy_vs_tokens.png" if suffix == ".png" else f"results{suffix}")
             shutil.copyfile(source, target)
+    return folder / "results.md"
+
+
+def trained_means(records):
+    """{model: (stage-2 samples, stage-2 useful FLOPs)}, mean over the records' seeds."""
+    by_model = {}
+    for record in records:
+        by_model.setdefault(record["results"][0]["study_model"], []).append(record["trained"]["2"])
+    return {m: (statistics.mean(t["samples"] for t in v), statistics.mean(t["useful_flops"] for t in v))
+            for m, v in by_model.items()}
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/flex_vs_fixed"), help="work folder (default: %(default)s)")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: %(default)s)")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--studies", default="main", help=f"comma-separated, of {', '.join(STUDIES)} (default: main)")
+    parser.add_argument("--seeds", help="comma-separated seeds for every study (default: each study's own)")
     parser.add_argument("--train-samples", type=int, default=10000, help="synthetic training records")
-    parser.add_argument("--heldout-samples", type=int, default=300, help="synthetic held-out records")
+    parser.add_argument("--test-samples", type=int, default=1000, help="synthetic test records")
+    parser.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS,
+                        help="the flex model's stage-2 steps (default: %(default)s; configs/tiny_cpu_stage2.yaml "
+                             "has 900)")
     parser.add_argument("--ranks", type=int, default=2, help="training processes per run (default: 2)")
     parser.add_argument("--quick", action="store_true",
-                        help="flex and fixed16, seed 0, 2+4 steps, 240 training and 24 held-out records: checks the "
-                             "study runs end to end, measures nothing")
+                        help="each study's first two models only (main: flex and fixed16), seed 0, 2+4 steps, 240 "
+                             "training and 48 test records: checks the study runs end to end, measures nothing")
     parser.add_argument("--write-results", action="store_true", help="copy the results into bench/")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
-    if args.quick:
-        args.seeds, args.models, args.train_samples, args.heldout_samples = "0", "flex,fixed16", 240, 24
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.models = args.models.split(",")
-    unknown = sorted(set(args.models) - set(MODELS))
+    args.studies = args.studies.split(",")
+    unknown = sorted(set(args.studies) - set(STUDIES))
     if unknown:
-        parser.error(f"unknown model {unknown[0]}; choose from {', '.join(MODELS)}")
+        parser.error(f"unknown study {unknown[0]}; choose from {', '.join(STUDIES)}")
+    if min(args.test_samples, args.train_samples, args.stage2_steps) < 1:
+        parser.error("--train-samples, --test-samples and --stage2-steps must be >= 1")
     return args
+
+
+def studies_to_run(args):
+    """{name: Study}, with --seeds and --quick applied."""
+    studies = {}
+    for name in args.studies:
+        study = STUDIES[name]
+        if args.quick:
+            models = study.models[:QUICK["models"]]
+            study = Study(study.question, models, QUICK["seeds"], study.flex,
+                          [m for m in study.specialists if m in models], study.counts)
+        elif args.seeds:
+            study = Study(study.question, study.models, [int(s) for s in args.seeds.split(",")], study.flex,
+                          study.specialists, study.counts)
+        studies[name] = study
+    return studies
 
 
 def main(argv=None):
@@ -277,37 +450,38 @@ def main(argv=None):
     out = args.out.resolve()
     env = cpu_training_env()
     out.mkdir(parents=True, exist_ok=True)
-    make_models_and_data(out, args.train_samples, args.heldout_samples, env, log_dir=out)
+    studies = studies_to_run(args)
+    splits = QUICK["splits"] if args.quick else {"train": args.train_samples, "validation": 300,
+                                                 "test": args.test_samples}
+    data_settings = out / "data_settings.json"
+    if not (data_settings.exists() and json.loads(data_settings.read_text()) == splits):
+        make_models_and_data(out, splits, env, log_dir=out)
+        data_settings.write_text(json.dumps(splits))
 
-    base = QUICK["steps"] if args.quick else {s: load_config(stage_config(s)).train.max_steps for s in (1, 2)}
-    per_n = samples_per_step(out, sorted({n for m in args.models for n in MODELS[m][0]}), args.ranks,
-                             QUICK["packer_batches"] if args.quick else PACKER_BATCHES)
-    steps = {m: {s: scaled_steps(base[s], per_n, MODELS[m][0]) for s in (1, 2)} for m in args.models}
-    print(f"samples per step at N: {per_n}; steps per model (stage 1, stage 2): {steps}", flush=True)
+    config_steps = load_config(stage_config(2)).train.max_steps
+    base = QUICK["steps"] if args.quick else {1: load_config(stage_config(1)).train.max_steps,
+                                              2: args.stage2_steps}
+    models = list(dict.fromkeys(m for study in studies.values() for m in study.models))
+    costs = per_step_costs(out, sorted({n for m in models + ["flex"] for n in MODELS[m].counts}), args.ranks,
+                           QUICK["packer_batches"] if args.quick else PACKER_BATCHES)
+    steps = {m: {s: scaled_steps(base[s], costs[s], MODELS[m]) for s in (1, 2)} for m in models}
+    planned = sum(steps[m][1] + steps[m][2] for study in studies.values() for m in set(study.models)
+                  for _ in study.seeds)
+    print(f"per stage-2 step at N: {costs[2]}\nsteps per model (stage 1, stage 2): {steps}\n"
+          f"at most {planned} training steps in all (fewer where a study reuses another's models)", flush=True)
 
-    folders, names, seen = [], [], {}
-    for seed in args.seeds:
-        for model in args.models:
-            folder, samples = train(model, seed, out, out / "runs", steps[model], args.ranks, env)
-            folders.append(folder)
-            names.append(f"{model}-seed{seed}")
-            seen.setdefault(model, []).append(samples[2])
-
-    report = evaluate(folders, out / "shards" / "heldout", EVAL_COUNTS, names)
-    results = []
-    for r in report["results"]:
-        model, seed = r["model"].rsplit("-seed", 1)
-        results.append({k: v for k, v in r.items() if k != "predictions"} | {"study_model": model, "seed": int(seed)})
-    table = summarise(results, args.models, args.seeds)
     settings = {"commit": commit, "date": datetime.date.today().isoformat(),
                 "machine": (f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores, no GPU (load average "
                             f"{load:.1f} at the start)"),
-                "models": args.models, "seeds": args.seeds, "train_samples": args.train_samples,
-                "heldout_samples": args.heldout_samples, "steps": steps,
-                "samples_per_step": {n: round(v, 2) for n, v in per_n.items()},
-                "samples_seen_stage2": {m: statistics.mean(v) for m, v in seen.items()}, "quick": args.quick}
-    write_report(out, args, settings, table, results, time.perf_counter() - started)
-    print((out / "results.md").read_text())
+                "splits": splits, "base_steps": base, "config_steps": config_steps, "steps": steps,
+                "per_step": costs, "quick": args.quick}
+    for name, study in studies.items():
+        records = [trained_and_evaluated(m, seed, out, steps[m], study.counts, args.ranks, env)
+                   for seed in study.seeds for m in study.models]
+        report = write_report(out, args, name, study, settings | {"study": name, "models": study.models,
+                                                                  "seeds": study.seeds},
+                              records, time.perf_counter() - started)
+        print(report.read_text(), flush=True)
     return 0
 
 

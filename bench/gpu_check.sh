@@ -43,7 +43,7 @@ run python -c 'import torch; assert torch.cuda.is_available(), "no GPU visible t
 # The demo's steps (tools/demo.py), on one GPU process: DeepSpeed ZeRO-3 over NCCL, bf16.
 run python -m tools.make_tiny_models "$out/tiny"
 run python -m tools.make_synthetic --out "$out/synthetic/train" --n 10000 --seed 0
-run python -m tools.make_synthetic --out "$out/synthetic/heldout" --n 200 --seed 1
+run python -m tools.make_synthetic --out "$out/synthetic/heldout" --n 200 --split test
 for split in train heldout; do
     run python -m tools.build_shards --json "$out/synthetic/$split/data.json" --image-root "$out/synthetic/$split" \
         --out "$out/shards/$split" --samples-per-shard 500

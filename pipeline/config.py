@@ -156,6 +156,9 @@ class TrainConfig:
     peak_tflops: float = 989.0  # per GPU, for MFU (H100 SXM dense bf16)
     export_final: bool = True  # write <output_dir>/final, a model folder, when training ends
     gradient_checkpointing: bool = False  # recompute LM (and trained tower) activations in backward
+    # token: every supervised token of the step weighs the same; square: InternVL's reduction, each
+    # token weighted by 1/sqrt(its sample's supervised tokens) (pipeline.model.supervised_weights)
+    loss_reduction: str = "token"
     log_every: int = 10  # steps between metric lines in the log (the progress bar updates every step)
     # A rank waiting this long in one collective (a peer hung, not crashed) fails the job. Covers the
     # slowest collective wait: every rank saving its share of a checkpoint to a shared file system.
@@ -164,6 +167,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.stage not in ("align", "finetune"):
             raise ValueError(f"train.stage must be 'align' or 'finetune', got {self.stage!r}")
+        if self.loss_reduction not in ("token", "square"):
+            raise ValueError(f"train.loss_reduction must be token or square, got {self.loss_reduction!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
         for name in ("max_steps", "grad_accum", "save_every", "keep_last", "log_every"):

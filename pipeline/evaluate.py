@@ -8,7 +8,9 @@ only. The synthetic records' question_type is the type of that last question.
 Per model and N: exact-match accuracy (answers normalised: stripped, lower-cased, trailing
 punctuation dropped) overall and per question type, mean loss per answer token, the prefill per
 batch (vision encoding + prompt forward, the part N changes: its median and quartiles over the
-batches, in ms) and vision-token throughput (images x N / prefill seconds, over all batches).
+batches, in ms, and its total) and vision-token throughput (images x N / prefill seconds, over all
+batches). Each prediction carries its probability under the model (the product of its tokens'
+probabilities): what the adaptive policy (pipeline/adaptive.py) reads.
 
 Scoring only: tools/evaluate.py writes the results, tools/report.py makes tables and plots.
 """
@@ -50,14 +52,16 @@ def prompt_inputs(model, samples, num_vision_tokens):
 
 @torch.no_grad()
 def evaluate_batch(model, samples, num_vision_tokens, max_new_tokens):
-    """(answers, prefill seconds, loss summed over answer tokens, answer tokens) for one batch."""
-    answers, seconds = model.timed_generate(lambda: prompt_inputs(model, samples, num_vision_tokens), max_new_tokens)
+    """(answers, their probabilities, prefill seconds, loss summed over answer tokens, answer
+    tokens) for one batch."""
+    answers, seconds, probabilities = model.scored_generate(lambda: prompt_inputs(model, samples, num_vision_tokens),
+                                                            max_new_tokens)
 
     scored = [dict(s, labels=last_reply_labels(s)) for s in samples]
     batch = model.labelled_batch(scored, num_vision_tokens)
     tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     loss = model(batch, num_vision_tokens).loss
-    return answers, seconds, float(loss) * tokens, tokens
+    return answers, probabilities, seconds, float(loss) * tokens, tokens
 
 
 # ---- evaluation ----
@@ -78,16 +82,18 @@ def evaluate_model(model, samples, counts, batch_size=8, max_new_tokens=16, name
     for n in counts:
         model.config.check_token_count(n)
     seen = []
-    runs = {n: {"answers": [], "seconds": [], "loss_sum": 0.0, "loss_tokens": 0, "images": 0} for n in counts}
+    runs = {n: {"answers": [], "probabilities": [], "seconds": [], "loss_sum": 0.0, "loss_tokens": 0, "images": 0}
+            for n in counts}
     progress = tqdm(total=total, desc=f"evaluating {name}", unit="sample")
     for batch in batches_of(samples, batch_size):
         if not seen:  # one untimed sample first: the first forward pays for allocation and set-up
             evaluate_batch(model, batch[:1], counts[0], 1)
-        seen += [{"key": s["key"], "answer": s["answer"], "question_type": s["record"].get("question_type", "all")}
-                 for s in batch]
+        seen += [{"key": s["key"], "answer": s["answer"], "question_type": s["record"].get("question_type", "all"),
+                  "image": s["pixel_values"] is not None} for s in batch]
         for n, run in runs.items():
-            answers, seconds, loss_sum, loss_tokens = evaluate_batch(model, batch, n, max_new_tokens)
+            answers, probabilities, seconds, loss_sum, loss_tokens = evaluate_batch(model, batch, n, max_new_tokens)
             run["answers"] += answers
+            run["probabilities"] += probabilities
             run["seconds"].append(seconds)
             run["loss_sum"] += loss_sum
             run["loss_tokens"] += loss_tokens
@@ -99,9 +105,10 @@ def evaluate_model(model, samples, counts, batch_size=8, max_new_tokens=16, name
     return [score(seen, run["answers"]) | {
         "model": name, "num_vision_tokens": n, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
         "loss": run["loss_sum"] / run["loss_tokens"] if run["loss_tokens"] else None,
-        **prefill_summary(run["seconds"]),
+        **prefill_summary(run["seconds"]), "prefill_total_s": sum(run["seconds"]),
         "vision_tokens_per_s": run["images"] * n / sum(run["seconds"]),
-        "predictions": [dict(s, prediction=a) for s, a in zip(seen, run["answers"])],
+        "predictions": [dict(s, prediction=a, probability=p) for s, a, p in zip(seen, run["answers"],
+                                                                                 run["probabilities"])],
     } for n, run in runs.items()]
 
 

@@ -101,13 +101,19 @@ class InferenceMixin:
                           num_vision_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded embeddings and attention mask for tokenized prompts whose image markers
         are not yet expanded; pixel_values and image_mask from image_inputs."""
+        input_ids, attention_mask = self.left_padded_prompts(prompts_ids, num_vision_tokens)
+        return self.embed(input_ids, pixel_values, image_mask, num_vision_tokens), attention_mask
+
+    def left_padded_prompts(self, prompts_ids: Sequence[list[int]],
+                            num_vision_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of tokenized prompts, image markers expanded to N slots, left-padded."""
         rows = [expand_image_markers(ids, ids, self.config.image_token_id, num_vision_tokens)[0]
                 for ids in prompts_ids]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        return self.embed(input_ids, pixel_values, image_mask, num_vision_tokens), attention_mask
+        return input_ids, attention_mask
 
     def inference_inputs(self, images: Sequence[Image.Image | None], prompts: Sequence[str],
                          num_vision_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,14 +137,34 @@ class InferenceMixin:
         attention mask (see prompt_embeddings). The prefill, the part N changes, is make_inputs()
         (vision encoding, embeddings) plus generation's own forward over the prompt, read when the
         first token's logits are ready: the prompt runs through the LM once."""
+        answers, seconds, _ = self.scored_generate(make_inputs, max_new_tokens, probabilities=False)
+        return answers, seconds
+
+    @torch.no_grad()
+    def scored_generate(self, make_inputs: Callable[[], tuple[torch.Tensor, torch.Tensor]], max_new_tokens: int,
+                        probabilities: bool = True) -> tuple[list[str], float, list[float] | None]:
+        """timed_generate's (answers, prefill seconds) and each answer's probability under the
+        model: the product of its generated tokens' probabilities up to and including the first
+        end token (None when probabilities=False, which keeps no logits)."""
         clock = PrefillClock(self.device)
         embeds, attention_mask = make_inputs()
         output = self.language_model.generate(
             inputs_embeds=embeds, attention_mask=attention_mask, logits_processor=LogitsProcessorList([clock]),
-            generation_config=self.generation_config(max_new_tokens=max_new_tokens),
+            generation_config=self.generation_config(max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                                                     output_logits=probabilities),
         )
-        answers = [a.strip() for a in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
-        return answers, clock.seconds
+        answers = [a.strip() for a in self.tokenizer.batch_decode(output.sequences, skip_special_tokens=True)]
+        return answers, clock.seconds, self.answer_probabilities(output) if probabilities else None
+
+    def answer_probabilities(self, output) -> list[float]:
+        """Per generated sequence, the product of its tokens' probabilities (from the raw logits)
+        up to and including its first end token; the padding generation adds after it counts nothing."""
+        logits = torch.stack(output.logits, dim=1).float()  # (batch, steps, vocab)
+        tokens = output.sequences[:, -logits.shape[1]:]  # generate returns only new tokens from embeddings
+        log_probs = logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        ended = torch.isin(tokens, torch.tensor(self.generation_config().eos_token_id, device=tokens.device))
+        after_end = (ended.long().cumsum(1) - ended.long()) > 0
+        return log_probs.masked_fill(after_end, 0.0).sum(1).exp().tolist()
 
     def prefill_seconds(self, images: Sequence[Image.Image | None], prompts: Sequence[str],
                         num_vision_tokens: int) -> float:

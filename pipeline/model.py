@@ -231,20 +231,21 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
             )
         return embeds.masked_scatter(slots.unsqueeze(-1), real.to(embeds.dtype))
 
-    def forward(self, batch, num_vision_tokens, return_logits=False, num_items_in_batch=None):
+    def forward(self, batch, num_vision_tokens, return_logits=False, num_items_in_batch=None, loss_reduction="token"):
         """batch: input_ids, labels, position_ids (rows, L); pixel_values (M, 3, H, W) uint8; image_mask (M,).
 
-        loss: the cross-entropy summed over supervised tokens, divided by num_items_in_batch
-        when given (training passes the step's supervised tokens over all ranks and
-        micro-batches, so every token weighs the same), else by this batch's own count: the
-        per-token mean. Logits only when asked, since full-vocabulary logits dominate memory at
-        large N.
+        loss: the cross-entropy of supervised tokens, each weighted as loss_reduction says
+        (supervised_weights), summed, divided by num_items_in_batch when given (training passes
+        the step's total weight over all ranks and micro-batches, so the step's loss is one
+        weighted mean), else by this batch's own total weight. Logits only when asked, since
+        full-vocabulary logits dominate memory at large N.
         """
         embeds = self.embed(batch["input_ids"], batch["pixel_values"], batch["image_mask"], num_vision_tokens)
         hidden = self.lm_hidden_states(embeds, batch.get("position_ids"), batch.get("attention_mask"))
         loss = token_losses = None
         if "labels" in batch:
-            loss, token_losses = self.supervised_loss(hidden, batch["labels"], num_items_in_batch)
+            weights = supervised_weights(batch["labels"], batch.get("position_ids"), loss_reduction)
+            loss, token_losses = self.supervised_loss(hidden, batch["labels"], weights, num_items_in_batch)
         logits = self.language_model.lm_head(hidden) if return_logits else None
         return VLMOutput(loss=loss, logits=logits, token_losses=token_losses)
 
@@ -265,8 +266,8 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
                                            attention_mask=attention_mask, use_cache=False).last_hidden_state
         return hidden.reshape(rows, length, width)
 
-    def supervised_loss(self, hidden, labels, num_items_in_batch=None):
-        """Next-token cross-entropy computed only where a label exists, summed, then divided as
+    def supervised_loss(self, hidden, labels, weights, num_items_in_batch=None):
+        """Next-token cross-entropy computed only where a label exists, weighted, summed, then divided as
         forward describes (a batch without supervised tokens gives a zero that still backpropagates);
         and each supervised token's loss, detached (for losses per data source).
 
@@ -279,14 +280,39 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         # lm_head runs even on zero rows: under ZeRO-3 every rank must run the same module forwards
         logits = self.language_model.lm_head(hidden[:, :-1][supervised])
         token_losses = F.cross_entropy(logits.float(), targets[supervised], reduction="none")
-        count = int(supervised.sum()) if num_items_in_batch is None else num_items_in_batch
-        return token_losses.sum() / max(count, 1), token_losses.detach()
+        total = float(weights.sum()) if num_items_in_batch is None else num_items_in_batch
+        return (token_losses * weights).sum() / (total or 1.0), token_losses.detach()
 
 def supervised_targets(labels):
     """(targets, supervised): each position's next-token label and where one exists. The one
     definition of a supervised token, for the loss and for counting them."""
     targets = labels[:, 1:]
     return targets, targets != IGNORE_INDEX
+
+
+LOSS_REDUCTIONS = ("token", "square")
+
+
+def supervised_weights(labels: torch.Tensor, position_ids: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Each supervised token's weight in the loss, in supervised_targets order (fp32).
+
+    token: 1 each, the per-token mean. square (InternVL's loss_reduction "square", as in the
+    TokenFLEX authors' code): 1/sqrt(its sample's supervised tokens), so a sample with n answer
+    tokens weighs sqrt(n) in all, between the per-token mean (n) and the per-sample mean (1).
+    Packed samples are told apart by their position ids restarting at 0; without position ids
+    (padded rows) each row is one sample.
+    """
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"train.loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}, got {reduction!r}")
+    _, supervised = supervised_targets(labels)
+    if reduction == "token":
+        return torch.ones(int(supervised.sum()), device=labels.device)
+    rows, length = labels.shape
+    row_offsets = torch.arange(rows, device=labels.device)[:, None] * (length + 1)
+    starts = torch.zeros_like(labels) if position_ids is None else (position_ids == 0).long().cumsum(1)
+    sample_of_target = (starts + row_offsets)[:, 1:][supervised]  # a target token belongs to the next position's sample
+    _, sample, counts = torch.unique(sample_of_target, return_inverse=True, return_counts=True)
+    return counts[sample].float().rsqrt()
 
 
 def generation_config(tokenizer, **options):

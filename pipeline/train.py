@@ -27,7 +27,7 @@ from pipeline.data.mixture import load_mixture
 from pipeline.distributed import broadcast_from_rank0, distributed_env, init_process_group, sum_over_ranks
 from pipeline.engine import build_engine, use_bf16
 from pipeline.metrics import MetricsLog, Work, step_flops
-from pipeline.model import supervised_targets, write_model_folder
+from pipeline.model import supervised_targets, supervised_weights, write_model_folder
 from pipeline.projector import pooled_side
 from pipeline.sampler import TokenCountSampler, check_same_across_ranks
 from stages import STAGES
@@ -36,12 +36,13 @@ log = logging.getLogger("tokenflex")
 MIN_TEXT_TOKENS = 64  # room for a prompt and an answer beside an image, when text_tokens_per_image is auto
 
 
-def train_step(engine, data, num_vision_tokens, grad_accum):
+def train_step(engine, data, num_vision_tokens, grad_accum, loss_reduction="token"):
     """One optimizer step: every micro-batch of it uses the same N, on every rank.
 
-    The step's loss is the sum of its token losses over every rank and micro-batch divided by
-    their supervised tokens, so packed micro-batches with few or many answer tokens weigh each
-    token the same. Returns this rank's share of that loss (the shares add up over ranks), or
+    The step's loss is the weighted sum of its token losses over every rank and micro-batch
+    divided by their total weight (pipeline.model.supervised_weights: under loss_reduction
+    "token" each token weighs 1, so packed micro-batches with few or many answer tokens weigh
+    each token the same; under "square" each sample's tokens weigh 1/sqrt of their number). Returns this rank's share of that loss (the shares add up over ranks), or
     None when the step was skipped, and each micro-batch's stats, with the Work it asked of the
     model and its losses by source.
 
@@ -58,10 +59,12 @@ def train_step(engine, data, num_vision_tokens, grad_accum):
         # the model did no work, and no source has a loss
         return None, [{**s, "work": Work(), "source_losses": [0.0] * 2 * len(s["total_samples_by_source"])}
                       for s in stats]
+    total_weight = supervised if loss_reduction == "token" else sum_over_ranks([sum(
+        float(supervised_weights(b["labels"], b.get("position_ids"), loss_reduction).sum()) for b in batches)])[0]
     loss_share = 0.0
     for batch, batch_stats in zip(batches, stats):
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        out = engine(batch, num_vision_tokens, num_items_in_batch=supervised)
+        out = engine(batch, num_vision_tokens, num_items_in_batch=total_weight, loss_reduction=loss_reduction)
         # DeepSpeed averages gradients over data-parallel ranks (ZeRO's reduce divides by their
         # number): scaling by it leaves the sum over ranks. No division by grad_accum either:
         # the global token count already spans the micro-batches.
@@ -172,7 +175,7 @@ def train_loop(cfg, rank, world_size, load_universal):
             code = checkpoint.PREEMPTED_EXIT_CODE
             break
         started = time.perf_counter()
-        loss, stats = train_step(engine, data, n, cfg.train.grad_accum)
+        loss, stats = train_step(engine, data, n, cfg.train.grad_accum, cfg.train.loss_reduction)
         record = step_metrics(cfg, engine, step + 1, n, loss, stats, time.perf_counter() - started)
         if metrics:
             metrics.log(record)

@@ -165,3 +165,42 @@ def test_multi_turn_records_ask_every_question_and_score_types_equally(tmp_path)
         assert len(set(questions)) == len(questions)  # no question asked twice
     scored = [r["question_type"] for r in records]
     assert all(0.27 < scored.count(t) / len(scored) < 0.4 for t in ("coarse", "medium", "fine"))
+
+
+def test_splits_share_no_image_no_text_question_and_no_id(tmp_path):
+    """Train, validation and test drawn with the same seed: their images (pixels), their text
+    questions and their record ids are disjoint, and each id names its split."""
+    from PIL import Image
+
+    images, questions, ids = {}, {}, {}
+    for split, n in (("train", 300), ("validation", 150), ("test", 150)):
+        out = tmp_path / split
+        make_synthetic.main(["--out", str(out), "--n", str(n), "--split", split, "--seed", "0",
+                             "--text-only-fraction", "0.4"])
+        records = json.loads((out / "data.json").read_text())
+        assert all(r["id"].startswith(f"{split}-") for r in records)
+        ids[split] = {r["id"] for r in records}
+        questions[split] = {r["conversations"][0]["value"] for r in records if "image" not in r}
+        images[split] = set()
+        for r in records:
+            if "image" in r:
+                assert r["image"].startswith(f"images/{split}-")
+                with Image.open(out / r["image"]) as image:
+                    images[split].add(image.tobytes())
+        assert len(questions[split]) > 10 and len(images[split]) > 50
+    for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert not images[a] & images[b] and not questions[a] & questions[b] and not ids[a] & ids[b], (a, b)
+
+
+def test_every_text_question_and_scene_belongs_to_one_split_owning_its_share():
+    """split_of partitions the whole text-question space (all sums and differences of 0-20, the
+    word facts); each split owns roughly its share of it, so none is starved."""
+    space = {q for q, _ in make_synthetic.WORD_FACTS}
+    space |= {f"What is {a} plus {b}?" for a in range(21) for b in range(21)}
+    space |= {f"What is {a} minus {b}?" for a in range(21) for b in range(a + 1)}
+    owners = [make_synthetic.split_of(q) for q in space]
+    shares = {split: owners.count(split) / len(owners) for split in make_synthetic.SPLITS}
+    assert 0.75 < shares["train"] < 0.85 and 0.07 < shares["validation"] < 0.13 and 0.07 < shares["test"] < 0.13
+    rng = random.Random(0)
+    scene = make_synthetic.scene_in_split(rng, 64, "test")
+    assert make_synthetic.split_of(json.dumps(scene, sort_keys=True)) == "test"

@@ -9,6 +9,10 @@ this. A rank whose micro-batch has no answer token adds nothing: the other rank'
 if alone (an average over ranks halves it). A step in which no rank has an answer token is
 skipped on every rank: no optimizer update, no LR-schedule move, and the next step is the same
 as a first one.
+
+The same for train.loss_reduction=square (InternVL's, the TokenFLEX authors'): each token weighs
+1/sqrt(its sample's answer tokens), and the step's loss is one weighted mean over every rank and
+micro-batch, whichever way the rows are split.
 """
 
 import os
@@ -77,7 +81,7 @@ class Batches:
         return next(self.batches)
 
 
-def train_steps(tiny_models, steps, grad_accum):
+def train_steps(tiny_models, steps, grad_accum, reduction):
     """Optimizer steps of stage 2 (projector + LM train) through pipeline.train.train_step, on one
     engine; steps: this rank's micro-batches of each step. Returns, per step: the loss (shares
     summed over ranks; None when the step was skipped), the full gradients of every trained
@@ -85,7 +89,7 @@ def train_steps(tiny_models, steps, grad_accum):
     schedule's position and the number of parameter partitions AdamW holds moments for."""
     cfg = load_config(REPO / "configs" / "tiny_cpu_stage2.yaml", [
         f"data.rows_per_batch={len(steps[0][0]['input_ids'])}", f"train.grad_accum={grad_accum}",
-        "optim.grad_clip=0.0"])
+        "optim.grad_clip=0.0", f"train.loss_reduction={reduction}"])
     model = build_model(tiny_models)
     STAGES["finetune"].freeze_backbones(model, cfg)
     engine = build_engine(model, STAGES["finetune"].param_groups(model, cfg), cfg)
@@ -99,7 +103,7 @@ def train_steps(tiny_models, steps, grad_accum):
     results = []
     for micro_batches in steps:
         grads = {}
-        loss_share, _ = train_step(engine, Batches(micro_batches), N, grad_accum)
+        loss_share, _ = train_step(engine, Batches(micro_batches), N, grad_accum, cfg.train.loss_reduction)
         loss = None if loss_share is None else sum_over_ranks([float(loss_share)])[0]
         results.append((loss, grads, engine.lr_scheduler.last_epoch, len(engine.optimizer.optimizer.state)))
     engine.destroy()
@@ -111,13 +115,14 @@ def _worker(rank, world_size, port, tiny_models, runs, results):
                       LOCAL_RANK=str(rank))
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     rows = make_rows(build_model(tiny_models))
-    for name, (row_sets, grad_accum) in runs.items():
+    for name, (row_sets, grad_accum, *reduction) in runs.items():
         steps = [[batch([rows[i] for i in row_set]) for row_set in step] for step in row_sets[rank]]
-        results[name, rank] = train_steps(tiny_models, steps, grad_accum)
+        results[name, rank] = train_steps(tiny_models, steps, grad_accum, *(reduction or ["token"]))
 
 
 def run_on(ranks, runs, tiny_models):
-    """runs: name -> (per rank, per step, the row indices of each micro-batch; grad_accum).
+    """runs: name -> (per rank, per step, the row indices of each micro-batch; grad_accum[; loss
+    reduction, token when not given]).
     Returns name -> rank 0's results per step, and (name, rank) -> each rank's."""
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(ranks, free_port(), tiny_models, runs, results), nprocs=ranks)
@@ -130,10 +135,13 @@ def runs(tiny_models):
         **run_on(2, {"2 ranks x 1 micro-batch": ([[[[FEW]]], [[[MANY]]]], 1),
                      "2 ranks x 2 micro-batches": ([[[[FEW], [MANY]]], [[[MANY], [FEW]]]], 2),
                      "2 ranks, one without answer tokens": ([[[[FEW]]], [[[NONE]]]], 1),
-                     SKIPPED_FIRST: ([[[[NONE]], [[FEW]]], [[[NONE]], [[MANY]]]], 1)}, tiny_models),
+                     SKIPPED_FIRST: ([[[[NONE]], [[FEW]]], [[[NONE]], [[MANY]]]], 1),
+                     "square: 2 ranks x 2 micro-batches": ([[[[FEW], [MANY]]], [[[MANY], [FEW]]]], 2, "square")},
+                tiny_models),
         **run_on(1, {"1 rank x 2 micro-batches": ([[[[FEW], [MANY]]]], 2),
                      "1 rank x 1 batch of both rows": ([[[[FEW, MANY]]]], 1),
-                     "1 rank, the few tokens' row alone": ([[[[FEW]]]], 1)}, tiny_models),
+                     "1 rank, the few tokens' row alone": ([[[[FEW]]]], 1),
+                     "square: 1 rank x 1 batch of both rows": ([[[[FEW, MANY]]]], 1, "square")}, tiny_models),
     }
 
 
@@ -190,3 +198,35 @@ def test_a_step_without_answer_tokens_on_any_rank_is_skipped_on_every_rank(runs)
     assert loss == pytest.approx(first[0], rel=1e-6)
     assert_same_gradients(grads, first[1], SKIPPED_FIRST)
     assert (schedule, moments) == (first[2], first[3]) and moments > 0
+
+
+def test_square_reduction_weighs_each_sample_by_the_root_of_its_tokens_over_ranks_and_micro_batches(runs, tiny_models):
+    """Each row's mean token loss weighs sqrt(its answer tokens): 2 ranks x 2 micro-batches gives
+    the loss and gradients of the two rows in one batch on one rank, and neither the per-token
+    mean nor the per-row mean."""
+    few, many = per_token_losses(tiny_models, [FEW, MANY])
+    roots = torch.tensor([len(few), len(many)], dtype=torch.float64).sqrt()
+    square = float((roots * torch.stack([few.mean(), many.mean()]).double()).sum() / roots.sum())
+    per_token = torch.cat([few, many]).mean().item()
+    assert abs(square - per_token) > 1e-3, "the rows' losses are too alike for the test to tell the means apart"
+    split, whole = runs["square: 2 ranks x 2 micro-batches"][0], runs["square: 1 rank x 1 batch of both rows"][0]
+    assert split[0] == pytest.approx(square, rel=1e-5) and whole[0] == pytest.approx(square, rel=1e-5)
+    assert_same_gradients(split[1], whole[1], "square: 2 ranks x 2 micro-batches")
+    token_grads = runs["1 rank x 1 batch of both rows"][0][1]
+    assert any(not torch.allclose(whole[1][p], token_grads[p], rtol=1e-3) for p in token_grads)
+
+
+def test_square_weights_tell_packed_samples_apart():
+    """Two samples packed in one row (position ids restart) and one in a second row: each token
+    weighs 1/sqrt of its own sample's supervised tokens, whatever the row."""
+    from pipeline.model import supervised_weights
+
+    labels = torch.full((2, 8), IGNORE_INDEX)
+    labels[0, 2:4] = 5  # sample A: 2 answer tokens (positions 0-3)
+    labels[0, 5:8] = 5  # sample B: 3 answer tokens (positions 4-7)
+    labels[1, 4:8] = 5  # sample C: 4 answer tokens, alone in its row
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3], list(range(8))])
+    weights = supervised_weights(labels, position_ids, "square")
+    expected = [2 ** -0.5] * 2 + [3 ** -0.5] * 3 + [4 ** -0.5] * 4
+    torch.testing.assert_close(weights, torch.tensor(expected))
+    torch.testing.assert_close(supervised_weights(labels, position_ids, "token"), torch.ones(9))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SAMPLES = 10000  # synthetic training records: stage 2 makes nearly two passes
-HELDOUT_SAMPLES = 200
+EVAL_SAMPLES = 200  # records of the validation and of the test split
 
 
 def free_port():
@@ -48,8 +48,10 @@ def torchrun(ranks):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", ranks, "--master_port", free_port()]
 
 
-def make_models_and_data(out, train_samples, heldout_samples, env, log_dir=None):
-    """OUT/tiny (models), OUT/synthetic/{train,heldout} (records and images), OUT/shards/{train,heldout}."""
+def make_models_and_data(out, split_sizes, env, log_dir=None):
+    """OUT/tiny (models), OUT/synthetic/<split> (records and images) and OUT/shards/<split> for each
+    split in split_sizes ({"train": 10000, "validation": 200, "test": 200}): disjoint scenes and
+    text questions (tools.make_synthetic --split)."""
     py = sys.executable
 
     def log(name):
@@ -58,9 +60,9 @@ def make_models_and_data(out, train_samples, heldout_samples, env, log_dir=None)
     run("tiny random-init SigLIP, Qwen2 and Llama, and a sentencepiece tokenizer",
         [py, "-m", "tools.make_tiny_models", out / "tiny"], env, log("tiny_models"))
     # At least 8 shards of each split: every training rank x loader worker reads its own.
-    for split, count, seed in (("train", train_samples, 0), ("heldout", heldout_samples, 1)):
+    for split, count in split_sizes.items():
         run(f"synthetic {split} data", [py, "-m", "tools.make_synthetic", "--out", out / "synthetic" / split,
-                                        "--n", count, "--seed", seed], env, log(f"synthetic_{split}"))
+                                        "--n", count, "--split", split], env, log(f"synthetic_{split}"))
         run(f"{split} shards", [py, "-m", "tools.build_shards", "--json", out / "synthetic" / split / "data.json",
                                 "--image-root", out / "synthetic" / split, "--out", out / "shards" / split,
                                 "--samples-per-shard", max(1, min(500, count // 8))], env, log(f"shards_{split}"))
@@ -89,7 +91,7 @@ def main(argv=None):
     env = cpu_training_env()
     py = sys.executable
 
-    make_models_and_data(out, args.samples, HELDOUT_SAMPLES, env)
+    make_models_and_data(out, {"train": args.samples, "validation": EVAL_SAMPLES, "test": EVAL_SAMPLES}, env)
     run("stage 1: align the projector (vision tower and LM frozen)",
         stage_command(1, out, out / "stage1", args.ranks), env)
     run("stage 2: finetune projector and LM (vision tower frozen) from stage 1's exported folder",
@@ -97,12 +99,12 @@ def main(argv=None):
     run("convert stage 2's ZeRO-3 checkpoint into a model folder",
         [py, "-m", "tools.convert_checkpoint", out / "stage2" / "checkpoints", out / "model"], env)
 
-    image = sorted((out / "synthetic" / "heldout" / "images").iterdir())[0]
+    image = sorted((out / "synthetic" / "test" / "images").iterdir())[0]
     run("greedy generation at three token counts",
         [py, "-m", "tools.generate", out / "model", "--image", image, "--prompt", "What colour is the background?",
          "--tokens", "64,144,256"], env)
-    run("evaluation on held-out shards at several token counts",
-        [py, "-m", "tools.evaluate", out / "model", "--shards", out / "shards" / "heldout",
+    run("evaluation on the test split at several token counts",
+        [py, "-m", "tools.evaluate", out / "model", "--shards", out / "shards" / "test",
          "--tokens", "16,36,64,100,144,196,256", "--out", out / "eval"], env)
     print(f"\nDone. Table: {out / 'eval' / 'results.md'}  Plot: {out / 'eval' / 'accuracy_vs_tokens.png'}")
     print(f"Training metrics: {out / 'stage1' / 'metrics.jsonl'}, {out / 'stage2' / 'metrics.jsonl'} "

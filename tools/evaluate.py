@@ -8,6 +8,18 @@ answer, median prefill latency and vision tokens per second. Multi-turn records 
 their last question, with the earlier turns in the prompt. Writes OUT/results.json (with every
 prediction), OUT/results.md (one table, a row per model and N) and OUT/accuracy_vs_tokens.png.
 
+--tokens adaptive answers each image question at the smallest N of a ladder (--ladder, default
+16,64,144,256) whose answer's probability reaches a threshold (pipeline/adaptive.py): --threshold
+gives it, or --calibrate VALIDATION_SHARDS picks, on a validation split, the one with the fewest
+mean vision tokens within --max-drop points of the best fixed N's accuracy there. The image is
+encoded once and re-pooled for each try. Per model it reports each ladder N as a fixed N, the
+policy and the oracle (the smallest N that answers right): accuracy and mean vision tokens
+overall and per question type, and the total prefill time (every try included); the plot,
+accuracy_vs_mean_tokens.png, draws accuracy against mean tokens.
+
+    python -m tools.evaluate runs/demo/model --shards runs/demo/shards/test --tokens adaptive \
+        --calibrate runs/demo/shards/validation --out runs/demo/adaptive
+
 On a GPU the models run in bf16 by default (--device, --dtype); results.json records where.
 """
 
@@ -16,16 +28,24 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.adaptive import DEFAULT_LADDER, evaluate_adaptive
 from pipeline.evaluate import evaluate
 from tools.options import add_model_options, add_placement_options, model_names, parse_token_counts, placement
-from tools.report import markdown_table, plot
+from tools.report import adaptive_table, markdown_table, plot, plot_adaptive
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
     parser.add_argument("--shards", required=True, help="held-out shards: folder with manifest.json or brace pattern")
-    parser.add_argument("--tokens", default="16,36,64,100,144,196,256", help="comma-separated N values")
+    parser.add_argument("--tokens", default="16,36,64,100,144,196,256",
+                        help="comma-separated N values, or adaptive (see above)")
+    parser.add_argument("--ladder", default=",".join(map(str, DEFAULT_LADDER)),
+                        help="--tokens adaptive: the counts tried, in increasing order (default: %(default)s)")
+    parser.add_argument("--threshold", type=float, help="--tokens adaptive: the answer probability that stops")
+    parser.add_argument("--calibrate", help="--tokens adaptive: validation shards to pick the threshold on")
+    parser.add_argument("--max-drop", type=float, default=0.5,
+                        help="--calibrate: accuracy points below the best fixed N allowed (default: %(default)s)")
     parser.add_argument("--limit", type=int, help="evaluate only the first K samples")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="longest answer, in tokens (default: 16)")
@@ -35,15 +55,25 @@ def main(argv=None):
         parser.error("--limit, --batch-size and --max-new-tokens must be >= 1")
     names = model_names(parser, args)
     device, dtype = placement(parser, args)
+    adaptive = args.tokens.strip() == "adaptive"
+    if not adaptive and (args.threshold is not None or args.calibrate):
+        parser.error("--threshold and --calibrate go with --tokens adaptive")
+    if adaptive and (args.threshold is None) == (args.calibrate is None):
+        parser.error("--tokens adaptive needs --threshold or --calibrate VALIDATION_SHARDS (one of them)")
     try:
-        counts = parse_token_counts(args.tokens)
-        report = evaluate(args.model_dirs, args.shards, counts, names, args.limit, args.batch_size,
-                          args.max_new_tokens, device, dtype)
+        if adaptive:
+            report = evaluate_adaptive(args.model_dirs, args.shards, parse_token_counts(args.ladder), args.threshold,
+                                       args.calibrate, args.max_drop / 100, names, args.limit, args.batch_size,
+                                       args.max_new_tokens, device, dtype)
+        else:
+            report = evaluate(args.model_dirs, args.shards, parse_token_counts(args.tokens), names, args.limit,
+                              args.batch_size, args.max_new_tokens, device, dtype)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    write(report, Path(args.out))
+    (write_adaptive if adaptive else write)(report, Path(args.out))
     print((Path(args.out) / "results.md").read_text().rstrip())
-    print(f"wrote {args.out}/results.json, results.md, accuracy_vs_tokens.png")
+    plot_name = "accuracy_vs_mean_tokens.png" if adaptive else "accuracy_vs_tokens.png"
+    print(f"wrote {args.out}/results.json, results.md, {plot_name}")
     return 0
 
 
@@ -57,6 +87,14 @@ def write(report, out_dir):
                f"{results[0]['dtype']}.\n\n")
     (out_dir / "results.md").write_text(caption + markdown_table(results))
     plot(results, out_dir / "accuracy_vs_tokens.png")
+
+
+def write_adaptive(report, out_dir):
+    """results.json (with every prediction), results.md and accuracy_vs_mean_tokens.png of --tokens adaptive."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "results.md").write_text(adaptive_table(report))
+    plot_adaptive(report, out_dir / "accuracy_vs_mean_tokens.png")
 
 
 if __name__ == "__main__":

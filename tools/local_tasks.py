@@ -2,7 +2,7 @@
 only where its data comes from and its name.
 
     python -m tools.local_tasks --out tasks pope=data/pope mme=data/mme
-    python -m tools.local_tasks --out runs/demo/tasks --synthetic runs/demo/shards/heldout
+    python -m tools.local_tasks --out runs/demo/tasks --synthetic runs/demo/shards/test
     python -m lmms_eval --model tokenflex --tasks pope_local,mme_local --include_path tasks ...
 
 TASK=DATASET: DATASET is a folder that datasets' save_to_disk wrote, holding the task's splits

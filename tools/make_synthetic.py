@@ -8,14 +8,21 @@ dot, each coloured from its own palette. Questions are tagged in the record's "q
   text    text-only arithmetic and word facts
 Answers are one word or number, for exact-match scoring. Same seed, same files.
 
+--split train|validation|test: the three splits partition the space of scenes and the space of
+text questions (split_of: a stable hash of a scene's drawing or of a question's text picks the
+split that owns it), so whatever their seeds no image and no text question is in two splits.
+Record ids and image names start with the split ("test-000042").
+
 --llava-like instead writes records with LLaVA-Instruct-like lengths (random words, text
 lengths lognormal around ~120 tokens, 2% long ones, 10% text-only) that all share one scene
 image: for measuring packing, not for training.
 
-    python -m tools.make_synthetic --out data/synth --n 2000
+    python -m tools.make_synthetic --out data/synth/train --n 10000 --split train
+    python -m tools.make_synthetic --out data/synth/test --n 1000 --split test
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -84,18 +91,30 @@ def draw_shape(draw, kind, box, colour):
         draw.polygon([(x + s / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=colour)
 
 
-def render_scene(rng, size):
-    """Return (PIL image, facts dict) for one random scene: background, large shape, small square, dot."""
+def draw_scene(rng, size):
+    """One random scene's description: the colours (its facts), the large shape's kind and the boxes."""
     facts = {"background": rng.choice(list(BACKGROUNDS)), "large": rng.choice(list(LARGE_COLOURS)),
              "small": rng.choice(list(SMALL_COLOURS)), "dot": rng.choice(list(DOT_COLOURS))}
-    image = Image.new("RGB", (size, size), BACKGROUNDS[facts["background"]])
+    boxes = place_boxes(rng, size, [rng.randrange(size * 3 // 8, size // 2 + 1),
+                                    rng.randrange(size * 7 // 32, size * 9 // 32 + 1), size * 5 // 32])
+    return {"facts": facts, "shape": rng.choice(SHAPES), "boxes": boxes, "size": size}
+
+
+def render(scene):
+    """The scene's PIL image: background, large shape, small square, dot."""
+    facts, (large, small, dot) = scene["facts"], scene["boxes"]
+    image = Image.new("RGB", (scene["size"], scene["size"]), BACKGROUNDS[facts["background"]])
     draw = ImageDraw.Draw(image)
-    large, small, dot = place_boxes(rng, size, [rng.randrange(size * 3 // 8, size // 2 + 1),
-                                                rng.randrange(size * 7 // 32, size * 9 // 32 + 1), size * 5 // 32])
-    draw_shape(draw, rng.choice(SHAPES), large, LARGE_COLOURS[facts["large"]])
+    draw_shape(draw, scene["shape"], large, LARGE_COLOURS[facts["large"]])
     draw_shape(draw, "square", small, SMALL_COLOURS[facts["small"]])
     draw_shape(draw, "square", dot, DOT_COLOURS[facts["dot"]])
-    return image, facts
+    return image
+
+
+def render_scene(rng, size):
+    """Return (PIL image, facts dict) for one random scene of any split."""
+    scene = draw_scene(rng, size)
+    return render(scene), scene["facts"]
 
 
 def image_questions(facts):
@@ -108,6 +127,35 @@ def image_questions(facts):
     ]
 
 
+# ---- splits: train, validation and test own disjoint parts of the scene and question spaces ----
+
+SPLITS = ("train", "validation", "test")
+SPLIT_BUCKETS = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}  # of 10 hash buckets
+
+
+def split_of(description):
+    """The split that owns a scene or a text question, from a stable hash of its description
+    (not Python's hash(), which changes per process)."""
+    bucket = int.from_bytes(hashlib.sha256(description.encode()).digest()[:8], "big") % 10
+    return next(split for split, buckets in SPLIT_BUCKETS.items() if bucket in buckets)
+
+
+def scene_in_split(rng, size, split):
+    """A random scene that `split` owns: scenes are drawn until one belongs to it."""
+    while True:
+        scene = draw_scene(rng, size)
+        if split_of(json.dumps(scene, sort_keys=True)) == split:
+            return scene
+
+
+def text_question_in_split(rng, split):
+    """(question, answer) of a random text question that `split` owns."""
+    while True:
+        question, answer = text_question(rng)
+        if split_of(question) == split:
+            return question, answer
+
+
 def text_question(rng):
     if rng.random() < 0.5:
         a, b = rng.randint(0, 20), rng.randint(0, 20)
@@ -117,15 +165,16 @@ def text_question(rng):
     return rng.choice(WORD_FACTS)
 
 
-def make_record(rng, index, out_dir, image_size, text_only_fraction, multi_turn_fraction):
-    record_id = f"synth-{index:06d}"
+def make_record(rng, split, index, out_dir, image_size, text_only_fraction, multi_turn_fraction):
+    record_id = f"{split}-{index:06d}"
     if rng.random() < text_only_fraction:
-        question, answer = text_question(rng)
+        question, answer = text_question_in_split(rng, split)
         return {"id": record_id, "question_type": "text", "conversations": [
             {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
-    image, facts = render_scene(rng, image_size)
+    scene = scene_in_split(rng, image_size, split)
+    facts = scene["facts"]
     rel_path = f"images/{record_id}.png"
-    image.save(os.path.join(out_dir, rel_path))
+    render(scene).save(os.path.join(out_dir, rel_path))
     # The last question is the one evaluation scores: its type is drawn first, so that coarse,
     # medium and fine are equally common among scored questions. A multi-turn record asks every
     # other question of its scene before it, in random order: one image, several answers to learn.
@@ -162,6 +211,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder: data.json and images/ go here")
     parser.add_argument("--n", type=int, required=True, help="number of records")
+    parser.add_argument("--split", choices=SPLITS, default="train",
+                        help="the split whose scenes and text questions to draw (default: train)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
     parser.add_argument("--text-only-fraction", type=float, default=0.1)
@@ -173,14 +224,15 @@ def main(argv=None):
         parser.error("--n must be >= 1 and --image-size >= 32")
 
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-    rng = random.Random(args.seed)
+    rng = random.Random(f"{args.split}:{args.seed}")
     if args.llava_like:
         render_scene(rng, args.image_size)[0].save(os.path.join(args.out, "images", "scene.png"))
         word_list = sorted({w for _, q, a in image_questions(render_scene(rng, 64)[1]) for w in (q + " " + a).split()})
         records = [llava_like_record(rng, i, args.text_only_fraction, word_list) for i in range(args.n)]
     else:
-        records = [make_record(rng, i, args.out, args.image_size, args.text_only_fraction, args.multi_turn_fraction)
-                   for i in tqdm(range(args.n), desc="rendering", unit="rec")]
+        records = [make_record(rng, args.split, i, args.out, args.image_size, args.text_only_fraction,
+                               args.multi_turn_fraction) for i in tqdm(range(args.n), desc=f"rendering {args.split}",
+                                                                       unit="rec")]
     with open(os.path.join(args.out, "data.json"), "w") as f:
         json.dump(records, f, indent=1)
     print(f"wrote {len(records)} records to {args.out}/data.json")

@@ -1,9 +1,11 @@
-"""Tables and plots of tools.evaluate's results (pipeline.evaluate's result dicts) and of
-tools.benchmark's (pipeline.lmms_eval_model.sweep's): one row per model and N, several models
-side by side. Both give each row's prefill latency as prefill_ms (the median) with its spread,
+"""Tables and plots of tools.evaluate's results (pipeline.evaluate's result dicts; with --tokens
+adaptive, pipeline.adaptive's policy rows) and of tools.benchmark's (pipeline.lmms_eval_model.sweep's):
+one row per model and N, several models side by side. Both give each row's prefill latency as prefill_ms (the median) with its spread,
 prefill_ms_q1 to prefill_ms_q3."""
 
 import math
+
+import numpy as np
 
 
 # ---- the prefill latency and its spread ----
@@ -161,6 +163,95 @@ def plot_benchmark(results, path):
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- tools.evaluate --tokens adaptive: fixed N, the adaptive policy and the oracle ----
+
+def goal_check(results, model):
+    """The adaptive row against the best fixed N (the most accurate, the smallest among equals):
+    (accuracy difference in points, mean tokens as a fraction of that N, that N)."""
+    rows = [r for r in results if r["model"] == model]
+    fixed = [r for r in rows if r["policy"] == "fixed"]
+    best = max(fixed, key=lambda r: (r["accuracy"], -r["num_vision_tokens"]))
+    adaptive = next(r for r in rows if r["policy"] == "adaptive")
+    return (100 * (adaptive["accuracy"] - best["accuracy"]),
+            adaptive["mean_vision_tokens"] / best["mean_vision_tokens"], best["num_vision_tokens"])
+
+
+def adaptive_table(report):
+    """A caption (the ladder, each model's threshold and where it came from, the goal check) and
+    two tables: accuracy and mean vision tokens per question type, a row per model and policy,
+    with the total prefill (every try included)."""
+    results = report["results"]
+    models = list(dict.fromkeys(r["model"] for r in results))
+    lines = [f"Ladder {', '.join(map(str, report['ladder']))} on {results[0]['samples']} samples of "
+             f"{report['shards']}; mean vision tokens are over the questions with an image. adaptive: the "
+             f"smallest N of the ladder whose answer's probability reaches the threshold (the last N otherwise); "
+             f"oracle: the smallest N that answers right (the smallest when none does).\n"]
+    for model in models:
+        adaptive = next(r for r in results if r["model"] == model and r["policy"] == "adaptive")
+        calibration = report["calibration"].get(model)
+        source = (f"calibrated on {calibration['samples']} samples of {report['calibration_shards']} (fewest mean "
+                  f"tokens within {100 * calibration['max_drop']:.1f} points of the best fixed N there, N="
+                  f"{calibration['best_fixed_tokens']})" if calibration else "given")
+        difference, fraction, best = goal_check(results, model)
+        lines.append(f"- {model}: threshold {adaptive['threshold']:.4g}, {source}. Against the best fixed N here "
+                     f"(N={best}): {difference:+.1f} points at {100 * fraction:.0f}% of its vision tokens; "
+                     f"{adaptive['tries_per_image']:.2f} tries per image.")
+    types = sorted({t for r in results for t in r["accuracy_by_type"]})
+    counts = {t: max(r["samples_by_type"].get(t, 0) for r in results) for t in types}
+    for title, key, overall, form in (("accuracy", "accuracy_by_type", "accuracy", "{:.3f}"),
+                                      ("mean vision tokens", "mean_vision_tokens_by_type", "mean_vision_tokens",
+                                       "{:.1f}")):
+        header = ["model", "policy", title, *(f"{t} (n={counts[t]})" for t in types)]
+        header += ["prefill total s"] if key == "accuracy_by_type" else []
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in results:
+            policy = f"fixed N={r['num_vision_tokens']}" if r["policy"] == "fixed" else r["policy"]
+            cells = [r["model"], policy, "-" if r[overall] is None else form.format(r[overall]),
+                     *(form.format(r[key][t]) if t in r[key] else "-" for t in types)]
+            if key == "accuracy_by_type":
+                cells.append("-" if r["policy"] == "oracle" else f"{r['prefill_total_s']:.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_adaptive(report, path):
+    """Accuracy against mean vision tokens per model: the fixed counts (a line), the adaptive
+    policy at its threshold, the oracle, and the policy at other thresholds read off the fixed
+    counts' answers (dotted: the plotted split's own, not a calibration)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from pipeline.adaptive import ladder_arrays, simulate
+
+    results, ladder = report["results"], report["ladder"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for colour, model in zip(colours * 10, dict.fromkeys(r["model"] for r in results)):
+        rows = {r["policy"]: r for r in results if r["model"] == model and r["policy"] != "fixed"}
+        fixed = [r for r in results if r["model"] == model and r["policy"] == "fixed"]
+        ax.plot([r["mean_vision_tokens"] for r in fixed], [r["accuracy"] for r in fixed], "-o", color=colour,
+                label=f"{model}: fixed N")
+        arrays = ladder_arrays(fixed, ladder)
+        sweep = [simulate(arrays, ladder, t) for t in np.linspace(0, 1, 41)]
+        ax.plot([c["mean_vision_tokens"] for c in sweep], [c["accuracy"] for c in sweep], ":", color=colour,
+                label=f"{model}: thresholds 0-1 (read off fixed N)")
+        ax.plot(rows["adaptive"]["mean_vision_tokens"], rows["adaptive"]["accuracy"], "*", markersize=14,
+                color=colour, label=f"{model}: adaptive (threshold {rows['adaptive']['threshold']:.3g})")
+        ax.plot(rows["oracle"]["mean_vision_tokens"], rows["oracle"]["accuracy"], "D", color=colour,
+                markerfacecolor="none", label=f"{model}: oracle")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ladder, [str(n) for n in ladder])
+    ax.set_xlabel("mean vision tokens per image question")
+    ax.set_ylabel("exact-match accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

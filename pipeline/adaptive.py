@@ -1,0 +1,253 @@
+"""Adaptive N at inference: each image and question answered at the smallest vision-token count
+of a ladder whose answer the model is confident in.
+
+The policy (first_confident): try the ladder's counts in increasing order (default 16, 64, 144,
+256); at each, answer greedily and read the answer's probability (the product of its tokens'
+probabilities, end token included: InferenceMixin.scored_generate); keep the first answer whose
+probability is at least the threshold, else the last count's. A text-only question has no N:
+it is answered once.
+
+The vision tower runs once per image: every try re-pools the same tower features to its N
+(model.projector(features, N)), so a try costs the projector and the LM's prompt forward.
+
+The threshold is calibrated on a validation split (calibrate): from each count's answers and
+their probabilities there, the threshold with the fewest mean vision tokens whose accuracy is
+within max_drop of the best fixed count's. The oracle (oracle_result) answers each question at
+the smallest count that answers it right (at the smallest count when none does): no policy over
+the ladder can be more accurate, or cheaper at that accuracy.
+
+Mean vision tokens are over the questions with an image; accuracy is over all of them.
+"""
+
+import itertools
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.data import iter_samples
+from pipeline.data.mixture import resolve_source
+from pipeline.evaluate import batches_of, evaluate_model, normalise, score
+from pipeline.inference import prefill_summary, synchronize
+from pipeline.model import TokenFlexVLM, read_vlm_config
+
+DEFAULT_LADDER = (16, 64, 144, 256)
+
+
+def check_ladder(ladder: Sequence[int], config) -> None:
+    """ValueError unless the ladder is at least two increasing counts the model can serve."""
+    if len(ladder) < 2 or list(ladder) != sorted(set(ladder)):
+        raise ValueError(f"ladder {list(ladder)}: give at least two increasing token counts")
+    for n in ladder:
+        config.check_token_count(n)
+
+
+def first_confident(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """The policy on (questions, tries) answer probabilities: per question, the index of the
+    first try whose probability reaches threshold, the last try when none does."""
+    confident = probabilities >= threshold
+    confident[:, -1] = True
+    return confident.argmax(axis=1)
+
+
+# ---- the policy, run ----
+
+@torch.no_grad()
+def adaptive_generate(model: TokenFlexVLM, prompts_ids: Sequence[list[int]],
+                      pixel_values: Sequence[torch.Tensor | None], ladder: Sequence[int], threshold: float,
+                      max_new_tokens: int) -> tuple[list[dict], float]:
+    """Per prompt, {"prediction", "chosen_tokens" (None without an image), "probability",
+    "tries"}; and the prefill seconds: the tower once for the batch's images, plus every try's
+    prefill (re-pooling, splicing and the prompt's forward).
+
+    pixel_values: per prompt a (1, 3, H, W) uint8 tensor or None (a text-only prompt)."""
+    with_image = [i for i, p in enumerate(pixel_values) if p is not None]
+    feature_row = {prompt: row for row, prompt in enumerate(with_image)}
+    seconds = 0.0
+    if with_image:
+        synchronize(model.device)
+        started = time.perf_counter()
+        features = model.image_features(torch.cat([pixel_values[i] for i in with_image]).to(model.device))
+        synchronize(model.device)
+        seconds += time.perf_counter() - started
+    results, pending = [None] * len(prompts_ids), list(range(len(prompts_ids)))
+    for attempt, n in enumerate(ladder, start=1):
+        def make_inputs(asked=tuple(pending), n=n):
+            input_ids, attention_mask = model.left_padded_prompts([prompts_ids[i] for i in asked], n)
+            rows = [feature_row[i] for i in asked if i in feature_row]
+            image_embeds = (model.projector(features[rows], n) if rows else
+                            torch.zeros(0, n, model.language_model.config.hidden_size, device=model.device))
+            return model.splice_images(input_ids, image_embeds), attention_mask
+
+        answers, try_seconds, probabilities = model.scored_generate(make_inputs, max_new_tokens)
+        seconds += try_seconds
+        still = []
+        for i, answer, probability in zip(pending, answers, probabilities, strict=True):
+            has_image = i in feature_row
+            if not has_image or probability >= threshold or attempt == len(ladder):
+                results[i] = {"prediction": answer, "chosen_tokens": n if has_image else None,
+                              "probability": probability, "tries": attempt}
+            else:
+                still.append(i)
+        pending = still
+        if not pending:
+            break
+    return results, seconds
+
+
+def evaluate_adaptive_model(model: TokenFlexVLM, samples, ladder: Sequence[int], threshold: float,
+                            batch_size: int = 8, max_new_tokens: int = 16, name: str = "model",
+                            total: int | None = None) -> dict:
+    """The policy on every sample: score() plus mean vision tokens (overall and per question
+    type), the prefill (per batch, and its total over the run: every try included), tries per
+    image and the predictions, each with its chosen N and probability."""
+    model.eval()
+    check_ladder(ladder, model.config)
+    seen, seconds = [], []
+    progress = tqdm(total=total, desc=f"adaptive {name}", unit="sample")
+    for batch in batches_of(samples, batch_size):
+        if not seen:  # one untimed sample first: the first forward pays for allocation and set-up
+            adaptive_generate(model, [batch[0]["prompt_ids"]], [batch[0]["pixel_values"]], ladder, threshold, 1)
+        results, batch_seconds = adaptive_generate(model, [s["prompt_ids"] for s in batch],
+                                                   [s["pixel_values"] for s in batch], ladder, threshold,
+                                                   max_new_tokens)
+        seen += [question(s) | r for s, r in zip(batch, results)]
+        seconds.append(batch_seconds)
+        progress.update(len(batch))
+    progress.close()
+    if not seen:
+        raise ValueError("no usable samples to evaluate")
+    imaged = [p for p in seen if p["image"]]
+    return policy_result(seen, "adaptive", name, model) | {
+        "threshold": threshold, "ladder": list(ladder),
+        "tries_per_image": sum(p["tries"] for p in imaged) / len(imaged) if imaged else None,
+        **prefill_summary(seconds), "prefill_total_s": sum(seconds)}
+
+
+def question(sample: dict) -> dict:
+    """What a prediction records of its sample (as pipeline.evaluate's predictions do)."""
+    return {"key": sample["key"], "answer": sample["answer"],
+            "question_type": sample["record"].get("question_type", "all"), "image": sample["pixel_values"] is not None}
+
+
+def policy_result(predictions: list[dict], policy: str, name: str, model: TokenFlexVLM | None = None) -> dict:
+    """score() of predictions that each carry chosen_tokens, plus the mean vision tokens over the
+    questions with an image, overall and per question type."""
+    result = score(predictions, [p["prediction"] for p in predictions])
+    by_type = {}
+    for p in predictions:
+        if p["image"]:
+            by_type.setdefault(p["question_type"], []).append(p["chosen_tokens"])
+    chosen = [n for counts in by_type.values() for n in counts]
+    return result | {"model": name, "num_vision_tokens": policy, "policy": policy,
+                     "mean_vision_tokens": sum(chosen) / len(chosen) if chosen else None,
+                     "mean_vision_tokens_by_type": {t: sum(c) / len(c) for t, c in sorted(by_type.items())},
+                     **({"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")} if model else {}),
+                     "predictions": predictions}
+
+
+# ---- from every count's answers: fixed rows, the oracle, the policy simulated, calibration ----
+
+def fixed_result(result: dict) -> dict:
+    """pipeline.evaluate's result at one N as a policy row: every image question at N."""
+    n = result["num_vision_tokens"]
+    by_type = {p["question_type"] for p in result["predictions"] if p["image"]}
+    return result | {"policy": "fixed", "mean_vision_tokens": n if any(p["image"] for p in result["predictions"]) else None,
+                     "mean_vision_tokens_by_type": {t: n for t in sorted(by_type)}}
+
+
+def ladder_arrays(fixed_results: Sequence[dict], ladder: Sequence[int]) -> dict[str, np.ndarray]:
+    """(questions, tries) probabilities and hits, and which questions have an image, from
+    pipeline.evaluate's results of one model at each count of the ladder (same samples, in order)."""
+    by_n = {r["num_vision_tokens"]: r["predictions"] for r in fixed_results}
+    missing = [n for n in ladder if n not in by_n]
+    if missing:
+        raise ValueError(f"no fixed-N results at {missing} for the ladder {list(ladder)}")
+    columns = [by_n[n] for n in ladder]
+    if len({tuple(p["key"] for p in c) for c in columns}) != 1:
+        raise ValueError("the fixed-N results of the ladder are not over the same samples in the same order")
+    return {"probabilities": np.array([[p["probability"] for p in c] for c in columns]).T,
+            "hits": np.array([[normalise(p["prediction"]) == normalise(p["answer"]) for p in c] for c in columns]).T,
+            "image": np.array([p["image"] for p in columns[0]])}
+
+
+def simulate(arrays: dict[str, np.ndarray], ladder: Sequence[int], threshold: float) -> dict[str, float]:
+    """Accuracy and mean vision tokens the policy would reach at threshold, read off every
+    count's answers (what a real run gives, up to batching's float noise)."""
+    choice = first_confident(arrays["probabilities"].copy(), threshold)
+    hits = arrays["hits"][np.arange(len(choice)), choice]
+    tokens = np.array(ladder)[choice][arrays["image"]]
+    return {"threshold": threshold, "accuracy": float(hits.mean()),
+            "mean_vision_tokens": float(tokens.mean()) if len(tokens) else None}
+
+
+def calibrate(fixed_results: Sequence[dict], ladder: Sequence[int], max_drop: float) -> dict:
+    """The threshold, from validation results at every count of the ladder, with the fewest mean
+    vision tokens whose accuracy is at least the best fixed count's minus max_drop (a fraction:
+    0.005 is half a point); ties go to the higher accuracy. Every threshold at which a decision
+    changes is tried: each probability seen, and infinity (always the last count)."""
+    arrays = ladder_arrays(fixed_results, ladder)
+    accuracies = arrays["hits"].mean(axis=0)
+    best = int(np.argmax(accuracies))  # the first, i.e. the smallest N, among equals
+    candidates = [simulate(arrays, ladder, t) for t in sorted(set(arrays["probabilities"].flatten())) + [np.inf]]
+    allowed = [c for c in candidates if c["accuracy"] >= accuracies[best] - max_drop - 1e-12]
+    chosen = min(allowed, key=lambda c: (c["mean_vision_tokens"] or 0, -c["accuracy"]))
+    return {"threshold": float(chosen["threshold"]), "max_drop": max_drop, "samples": len(arrays["hits"]),
+            "accuracy": chosen["accuracy"], "mean_vision_tokens": chosen["mean_vision_tokens"],
+            "best_fixed_tokens": ladder[best], "best_fixed_accuracy": float(accuracies[best])}
+
+
+def oracle_result(fixed_results: Sequence[dict], ladder: Sequence[int], name: str) -> dict:
+    """Each question at the smallest count of the ladder that answers it right (the smallest
+    count when none does), from the fixed-N results."""
+    arrays = ladder_arrays(fixed_results, ladder)
+    choice = np.where(arrays["hits"].any(axis=1), arrays["hits"].argmax(axis=1), 0)
+    by_n = {r["num_vision_tokens"]: r["predictions"] for r in fixed_results}
+    predictions = []
+    for i, c in enumerate(choice):
+        p = by_n[ladder[c]][i]
+        predictions.append(p | {"chosen_tokens": ladder[c] if p["image"] else None})
+    return policy_result(predictions, "oracle", name)
+
+
+# ---- model folders on shards ----
+
+def evaluate_adaptive(model_dirs, shards, ladder=DEFAULT_LADDER, threshold=None, calibration_shards=None,
+                      max_drop=0.005, names=None, limit=None, batch_size=8, max_new_tokens=16, device="cpu",
+                      dtype="fp32") -> dict:
+    """Per model: each count of the ladder as a fixed N, the policy (its threshold given, or
+    calibrated on calibration_shards), and the oracle, on the shards. {"shards", "ladder",
+    "calibration" (per model, when calibrated), "results": policy rows (fixed, adaptive, oracle)}."""
+    from pipeline.evaluate import default_names
+
+    if (threshold is None) == (calibration_shards is None):
+        raise ValueError("give either a threshold or validation shards to calibrate one on, not both")
+    names = names or default_names(model_dirs)
+    for path in model_dirs:
+        check_ladder(ladder, read_vlm_config(path))
+    for folder in [shards] + ([calibration_shards] if calibration_shards else []):
+        resolve_source(folder, "--shards")  # fail before any model runs
+    results, calibration = [], {}
+    for name, path in zip(names, model_dirs, strict=True):
+        model = TokenFlexVLM.from_pretrained(path, device, dtype)
+
+        def samples(folder, cap):
+            return itertools.islice(iter_samples(folder, model.tokenizer, model.image_processor), cap)
+
+        model_threshold = threshold
+        if calibration_shards is not None:
+            validation = evaluate_model(model, samples(calibration_shards, limit), list(ladder), batch_size,
+                                        max_new_tokens, f"{name} (validation)", total=limit)
+            calibration[name] = calibrate(validation, ladder, max_drop)
+            model_threshold = calibration[name]["threshold"]
+        fixed = evaluate_model(model, samples(shards, limit), list(ladder), batch_size, max_new_tokens, name, limit)
+        adaptive = evaluate_adaptive_model(model, samples(shards, limit), ladder, model_threshold, batch_size,
+                                           max_new_tokens, name, limit)
+        rows = [*(fixed_result(r) for r in fixed), adaptive, oracle_result(fixed, ladder, name)]
+        results += [dict(r, path=str(path)) for r in rows]
+        del model
+    return {"shards": str(shards), "limit": limit, "batch_size": batch_size, "ladder": list(ladder),
+            "calibration_shards": None if calibration_shards is None else str(calibration_shards),
+            "calibration": calibration, "results": results}

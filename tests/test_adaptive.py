@@ -1,0 +1,188 @@
+"""Adaptive N (pipeline/adaptive.py, tools.evaluate --tokens adaptive): answer probabilities, the
+policy run on a model (one tower forward per image, the first confident count), calibration and
+the oracle on given answers, and the command end to end."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.adaptive import (
+    adaptive_generate,
+    calibrate,
+    evaluate_adaptive_model,
+    first_confident,
+    ladder_arrays,
+    oracle_result,
+    simulate,
+)
+from pipeline.data import iter_samples
+from pipeline.evaluate import evaluate_model
+from pipeline.model import TokenFlexVLM
+from tests.conftest import save_chatty_copy
+from tools import evaluate as evaluate_tool
+
+pytestmark = pytest.mark.timeout(600)
+LADDER = (16, 64, 256)
+
+
+@pytest.fixture(scope="module")
+def chatty(stage1_run, tmp_path_factory):
+    """The shared stage-1 run's final weights made to answer visibly (conftest.save_chatty_copy)."""
+    return save_chatty_copy(stage1_run / "final", tmp_path_factory.mktemp("adaptive") / "chatty")
+
+
+@pytest.fixture(scope="module")
+def model(chatty):
+    return TokenFlexVLM.from_pretrained(chatty).eval()
+
+
+@pytest.fixture(scope="module")
+def samples(model, synthetic_shards):
+    return list(itertools.islice(iter_samples(synthetic_shards, model.tokenizer, model.image_processor), 24))
+
+
+def test_answer_probability_is_the_product_of_its_greedy_tokens_probabilities(model, samples):
+    """scored_generate's probability against a plain greedy loop over the LM, one prompt at a time
+    without a cache; the batch (left-padded) gives the same answers and probabilities."""
+    batch = [s for s in samples if s["pixel_values"] is not None][:3]
+    answers, _, probabilities = model.scored_generate(
+        lambda: model.prompt_embeddings([s["prompt_ids"] for s in batch],
+                                        *model.image_inputs([s["pixel_values"] for s in batch]), 16), 6)
+    end = set(model.generation_config().eos_token_id)
+    for sample, answer, probability in zip(batch, answers, probabilities):
+        embeds, _ = model.prompt_embeddings([sample["prompt_ids"]], *model.image_inputs([sample["pixel_values"]]), 16)
+        tokens, log_probability = [], 0.0
+        with torch.no_grad():
+            for _ in range(6):
+                logits = model.language_model(inputs_embeds=embeds, use_cache=False).logits[0, -1].float()
+                token = int(logits.argmax())
+                log_probability += float(logits.log_softmax(-1)[token])
+                tokens.append(token)
+                if token in end:
+                    break
+                embeds = torch.cat([embeds, model.language_model.get_input_embeddings()(torch.tensor([[token]]))], 1)
+        assert answer == model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        assert probability == pytest.approx(math.exp(log_probability), rel=1e-4)
+    assert len(set(round(p, 6) for p in probabilities)) > 1  # the check above compares varied numbers
+
+
+def test_policy_encodes_each_image_once_and_stops_at_the_first_confident_count(model, samples):
+    fixed = evaluate_model(model, samples, list(LADDER), batch_size=8, max_new_tokens=8)
+    arrays = ladder_arrays(fixed, LADDER)
+    first = np.sort(arrays["probabilities"][arrays["image"], 0])
+    threshold = float((first[len(first) // 2 - 1] + first[len(first) // 2]) / 2)  # half the images stop at 16
+
+    tower_calls = []
+    hook = model.vision_tower.register_forward_hook(  # the tower is called with pixel_values by keyword
+        lambda module, args, kwargs, output: tower_calls.append(len(kwargs.get("pixel_values", args[0] if args else []))),
+        with_kwargs=True)
+    try:
+        results = []
+        for batch in (samples[:8], samples[8:16], samples[16:]):
+            batch_results, seconds = adaptive_generate(model, [s["prompt_ids"] for s in batch],
+                                                       [s["pixel_values"] for s in batch], LADDER, threshold, 8)
+            results += batch_results
+            assert seconds > 0
+    finally:
+        hook.remove()
+    images = [s["pixel_values"] is not None for s in samples]
+    assert tower_calls == [sum(images[:8]), sum(images[8:16]), sum(images[16:])]  # once per batch, whatever the tries
+
+    expected = first_confident(arrays["probabilities"].copy(), threshold)
+    chosen = [r["chosen_tokens"] for r, image in zip(results, images) if image]
+    assert chosen == [LADDER[i] for i in expected[arrays["image"]]]
+    assert {16, 64}.issubset(chosen) or {16, 256}.issubset(chosen)  # both stops and tries happened
+    by_n = {r["num_vision_tokens"]: r["predictions"] for r in fixed}
+    for i, r in enumerate(results):
+        if r["chosen_tokens"] is None:  # text-only: answered once
+            assert not images[i] and r["tries"] == 1
+        else:
+            assert r["tries"] == LADDER.index(r["chosen_tokens"]) + 1
+            assert r["prediction"] == by_n[r["chosen_tokens"]][i]["prediction"]
+    assert simulate(arrays, LADDER, threshold)["mean_vision_tokens"] == pytest.approx(np.mean(chosen))
+
+
+def test_thresholds_zero_and_infinite_give_the_smallest_and_the_largest_count(model, samples):
+    for threshold, count in ((0.0, LADDER[0]), (math.inf, LADDER[-1])):
+        result = evaluate_adaptive_model(model, samples[:10], LADDER, threshold, batch_size=5, max_new_tokens=4)
+        assert result["mean_vision_tokens"] == count
+        assert result["tries_per_image"] == LADDER.index(count) + 1
+        assert result["prefill_total_s"] > 0 and result["samples"] == 10
+
+
+def fixed_rows(table):
+    """pipeline.evaluate-style results from {N: [(probability, right), ...]}: question i is an
+    image question of type coarse, except the last, a text one."""
+    rows = []
+    for n, answers in table.items():
+        predictions = [{"key": f"k{i}", "answer": "yes", "question_type": "text" if i == len(answers) - 1 else "coarse",
+                        "image": i != len(answers) - 1, "prediction": "yes" if right else "no", "probability": p}
+                       for i, (p, right) in enumerate(answers)]
+        rows.append({"num_vision_tokens": n, "predictions": predictions})
+    return rows
+
+
+# four image questions and a text one; N=16 gets questions 0 and 1 right, N=64 gets 0-2, N=256 all but 3
+TABLE = {16: [(0.9, True), (0.5, True), (0.4, False), (0.3, False), (0.8, True)],
+         64: [(0.95, True), (0.6, True), (0.7, True), (0.5, False), (0.8, True)],
+         256: [(0.9, True), (0.9, True), (0.9, True), (0.6, False), (0.8, True)]}
+
+
+def test_calibration_takes_the_fewest_tokens_within_the_allowed_drop():
+    rows = fixed_rows(TABLE)
+    # best fixed: 64 and 256 both answer 4 of 5; the smaller wins the tie
+    exact = calibrate(rows, LADDER, max_drop=0.0)
+    assert exact["best_fixed_tokens"] == 64 and exact["best_fixed_accuracy"] == pytest.approx(0.8)
+    # threshold 0.5: questions 0 and 1 stop at 16, 2 and 3 at 64 (0.4, 0.3 < 0.5) -> 0, 1, 2 and the text right
+    assert exact["threshold"] == pytest.approx(0.5) and exact["accuracy"] == pytest.approx(0.8)
+    assert exact["mean_vision_tokens"] == pytest.approx((16 + 16 + 64 + 64) / 4)
+    # a drop of 20 points allows the lowest threshold: every image question at 16, as accurate as fixed 16
+    loose = calibrate(rows, LADDER, max_drop=0.2)
+    assert loose["threshold"] == pytest.approx(0.3) and loose["mean_vision_tokens"] == 16
+    assert loose["accuracy"] == pytest.approx(0.6)
+
+
+def test_oracle_takes_the_smallest_count_that_answers_right():
+    oracle = oracle_result(fixed_rows(TABLE), LADDER, "m")
+    assert [p["chosen_tokens"] for p in oracle["predictions"]] == [16, 16, 64, 16, None]  # none right: 16
+    assert oracle["accuracy"] == pytest.approx(0.8) and oracle["mean_vision_tokens"] == pytest.approx(28)
+
+
+def test_evaluate_tokens_adaptive_reports_fixed_policy_and_oracle_per_model(chatty, stage1_run, synthetic_shards,
+                                                                            tmp_path):
+    out = tmp_path / "out"
+    assert evaluate_tool.main([str(chatty), str(stage1_run / "final"), "--names", "chatty,final",
+                               "--shards", str(synthetic_shards), "--tokens", "adaptive", "--ladder", "16,64,256",
+                               "--calibrate", str(synthetic_shards), "--max-drop", "2", "--limit", "16",
+                               "--max-new-tokens", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert [(r["model"], r["policy"], r["num_vision_tokens"]) for r in report["results"]] == [
+        (m, *p) for m in ("chatty", "final")
+        for p in (("fixed", 16), ("fixed", 64), ("fixed", 256), ("adaptive", "adaptive"), ("oracle", "oracle"))]
+    for model in ("chatty", "final"):
+        rows = {r["policy"] if r["policy"] != "fixed" else r["num_vision_tokens"]: r
+                for r in report["results"] if r["model"] == model}
+        assert rows["oracle"]["accuracy"] >= max(rows[n]["accuracy"] for n in LADDER)
+        assert 16 <= rows["adaptive"]["mean_vision_tokens"] <= 256
+        assert rows["adaptive"]["threshold"] == report["calibration"][model]["threshold"]
+        assert rows["adaptive"]["prefill_total_s"] > 0 and set(rows["adaptive"]["mean_vision_tokens_by_type"]) <= {
+            "coarse", "medium", "fine"}
+    markdown = (out / "results.md").read_text()
+    assert "| chatty | adaptive |" in markdown and "| final | oracle |" in markdown and "tries per image" in markdown
+    assert (out / "accuracy_vs_mean_tokens.png").stat().st_size > 10_000
+
+
+def test_evaluate_tokens_adaptive_needs_one_threshold_source(synthetic_shards, stage1_run, tmp_path, capsys):
+    for extra in ([], ["--threshold", "0.5", "--calibrate", str(synthetic_shards)]):
+        with pytest.raises(SystemExit):
+            evaluate_tool.main([str(stage1_run / "final"), "--shards", str(synthetic_shards), "--tokens", "adaptive",
+                                "--out", str(tmp_path), *extra])
+        assert "--threshold or --calibrate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_tool.main([str(stage1_run / "final"), "--shards", str(synthetic_shards), "--tokens", "adaptive",
+                            "--ladder", "64,16", "--threshold", "0.5", "--out", str(tmp_path)])
+    assert "increasing" in capsys.readouterr().err
