@@ -44,8 +44,7 @@ def last_reply_labels(sample):
 
 def prompt_inputs(model, samples, num_vision_tokens):
     """Left-padded prompt embeddings and attention mask of samples whose prompts hold earlier turns."""
-    pixel_values, image_mask = model.image_inputs([s["pixel_values"] for s in samples])
-    return model.prompt_embeddings([s["prompt_ids"] for s in samples], pixel_values, image_mask, num_vision_tokens)
+    return model.prompt_embeddings([s["prompt_ids"] for s in samples], model.image_inputs(samples), num_vision_tokens)
 
 
 @torch.no_grad()
