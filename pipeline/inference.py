@@ -179,12 +179,13 @@ class InferenceMixin:
         scores = []
         for chunk in chunks_by_rows(replies, batch_size):
             samples = [self.prepared_images(images[i], max_tiles) for i in chunk]
-            inputs = self.image_inputs(samples)
-            tiles = self.encode_images(inputs["pixel_values"], num_vision_tokens)[inputs["image_mask"]]
+            present = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+            tiles = self.encode_images(torch.cat(present).to(self.device), num_vision_tokens) if present else None
             slots_of_prompt, tile = [], 0  # each prompt's image slots, (slots, lm_dim)
             for sample in samples:
                 count = sum(tile_count(grid) for grid in sample["image_grids"])
-                slots_of_prompt.append(self.tile_layout(tiles[tile:tile + count], sample["image_grids"]))
+                slots_of_prompt.append(self.tile_layout(tiles[tile:tile + count], sample["image_grids"]) if count else
+                                       torch.zeros(0, self.language_model.config.hidden_size, device=self.device))
                 tile += count
             rows, row_slots = [], []
             for i, sample, slots in zip(chunk, samples, slots_of_prompt):
