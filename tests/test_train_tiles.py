@@ -63,3 +63,33 @@ def test_tiled_training_learns_and_its_folder_records_the_tiling(tiled_stage1, t
     assert result.returncode == 0, result.stderr[-3000:]
     tuned = TokenFlexVLM.from_pretrained(out / "final")
     assert not row_end.equal(tuned.tile_layout.row_end.detach())  # row ends train with the projector
+
+
+def test_evaluate_sweeps_tiles_and_n_and_plots_accuracy_against_vision_tokens(tiled_stage1, tiled_shards, tmp_path):
+    from tools import evaluate
+
+    out = tmp_path / "eval"
+    assert evaluate.main([str(tiled_stage1 / "final"), "--shards", str(tiled_shards), "--tokens", "16,64",
+                          "--tiles", "1,4", "--limit", "12", "--batch-size", "4", "--max-new-tokens", "2",
+                          "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [(r["model"], r["num_tiles"], r["num_vision_tokens"]) for r in results] == [
+        ("final tiles=1", 1, 16), ("final tiles=1", 1, 64), ("final tiles=4", 4, 16), ("final tiles=4", 4, 64)]
+    per_image = {(r["num_tiles"], r["num_vision_tokens"]): r["vision_tokens_per_image"] for r in results}
+    assert per_image[1, 16] == 16 and per_image[1, 64] == 64  # one tile: N slots per image
+    assert per_image[4, 16] > 16 and per_image[4, 64] > 64  # wide and tall scenes take 4 tiles + thumbnail
+    assert (out / "accuracy_vs_tiles.png").stat().st_size > 0
+    assert "| final tiles=4 | 64 | 4 |" in (out / "results.md").read_text()
+
+
+def test_generate_answers_a_prompt_with_two_images_at_a_tile_limit(tiled_stage1, tiled_shards, capsys):
+    from tools import generate
+
+    raw = tiled_shards.parent / "raw"
+    record = next(r for r in json.loads((raw / "data.json").read_text()) if isinstance(r.get("image"), list))
+    images = [str(raw / path) for path in record["image"]]
+    assert generate.main([str(tiled_stage1 / "final"), "--image", images[0], "--image", images[1],
+                          "--prompt", "Which is larger?", "--tokens", "16,64", "--tiles", "2",
+                          "--max-new-tokens", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["N", "prefill", "ms"] and [line.split()[0] for line in table[1:]] == ["16", "64"]
