@@ -11,6 +11,7 @@ pipeline/projector.py; inference helpers (prompts, generation, timing) are pipel
 import importlib.util
 import json
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -173,7 +174,12 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         # strict=False because tied embeddings are stored once; anything else missing is an error
         result = load_torch_model(self, path, strict=False)
         tied = {name for name in result.missing_keys if self._is_tied(name)}
-        missing = sorted(set(result.missing_keys) - tied)
+        # Folders written before tiles have no row end: it stays random-init, unused at one tile per image.
+        before_tiles = {"tile_layout.row_end"} & set(result.missing_keys)
+        if before_tiles:
+            warnings.warn(f"{path} has no tile_layout.row_end (written before tiles): serve it with one tile per "
+                          f"image, or train it with data.max_tiles > 1 first", stacklevel=2)
+        missing = sorted(set(result.missing_keys) - tied - before_tiles)
         if missing or result.unexpected_keys:
             raise ValueError(f"{path}: weights do not match the model: missing {missing[:5]}, "
                              f"unexpected {sorted(result.unexpected_keys)[:5]}")

@@ -548,3 +548,21 @@ def test_generation_with_two_images_reads_both_in_order(talkative_model, images)
         one, _ = talkative_model.inference_inputs([images[0]], [prompt], 16)
     assert forward.shape == backward.shape and one.shape[1] == forward.shape[1] - 16 - 1  # a marker+newline less
     assert not torch.allclose(forward, backward)  # the images' order is kept
+
+
+def test_a_folder_written_before_tiles_loads_with_a_warning(tiny_models, tmp_path):
+    """Its weights lack the row-end embedding, which one tile per image never uses: the folder
+    loads, gives the logits it gave, and says so."""
+    from safetensors.torch import load_file, save_file
+
+    model = build_model(tiny_models, seed=4).eval()
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["tile_layout.row_end"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="no tile_layout.row_end"):
+        loaded = TokenFlexVLM.from_pretrained(tmp_path).eval()
+    image = Image.new("RGB", (64, 64), "red")
+    with torch.no_grad():
+        expected = model.inference_inputs([image], ["what colour?"], 16)[0]
+        torch.testing.assert_close(loaded.inference_inputs([image], ["what colour?"], 16)[0], expected)
