@@ -26,7 +26,14 @@
    the synthetic data and on a LLaVA-like length distribution (text lengths lognormal around
    ~120 tokens, 2% long ones of 600-1500 tokens, 10% text-only): padding fraction, dummy-image
    fraction (image slots the vision tower encodes without a real image), samples per batch,
-   truncated and dropped samples; and, for comparison, the old fixed text_tokens_per_image 64.
+   truncated and dropped samples; and, for comparison, the old fixed text_tokens_per_image 64;
+6. the packer with tiles (data.max_tiles 6) at N in {64, 144, 256}, the stage configs' rows, on
+   the LLaVA-like lengths with a realistic aspect-ratio mix (COCO-like 4:3 45% and 3:4 25%,
+   square 10%, letter-size documents 10%, 8:3 wide charts 10%; image sides a sixth of real ones,
+   640x480 as 107x80, so that the tiny 64 px tower picks the grids SigLIP's 384 px would):
+   padding, dummy tiles (tile slots the tower encodes without a real tile: the issue's target
+   is at most 5% of tower forwards), tiles per image, the tile budget, samples per batch, truncated
+   and dropped samples. --sections packing,tiles runs sections 5 and 6 alone.
 
 Timings are the best of --repeats passes, and CPU times where the table says so: other jobs
 sharing the machine delay a pass far more than they change the work it does.
@@ -209,15 +216,38 @@ def mixture_of_three(work, n):
 
 
 def packing_row(cfg, models, n, batches):
-    """(text tokens per image, padding, dummy-image fraction, image budget, samples/batch, truncated, dropped)
-    over `batches` batches."""
+    """(text tokens per tile, padding, dummy-tile fraction, tile budget, samples/batch, truncated, dropped,
+    tiles per image) over `batches` batches (a tile is an image when max_tiles is 1)."""
     loader = TrainBatches(cfg, *models)
     out = [loader.next_batch(n)["stats"] for _ in range(batches)]
     pad = sum(s["pad_tokens"] for s in out) / sum(s["pad_tokens"] + s["real_tokens"] for s in out)
-    dummy = 1 - sum(s["num_images"] for s in out) / sum(s["max_images"] for s in out)
+    dummy = 1 - sum(s["num_tiles"] for s in out) / sum(s["tile_budget"] for s in out)
     per_batch = statistics.mean(s["num_samples"] for s in out)
-    return (loader.text_tokens_per_image, pad, dummy, out[-1]["max_images"], per_batch, out[-1]["total_truncated"],
-            out[-1]["total_dropped"])
+    per_image = sum(s["num_tiles"] for s in out) / max(1, sum(s["num_images"] for s in out))
+    return (loader.text_tokens_per_tile, pad, dummy, out[-1]["tile_budget"], per_batch, out[-1]["total_truncated"],
+            out[-1]["total_dropped"], per_image)
+
+
+# (share, width, height) of the tiled section's images: real sizes over 6 (see the module docstring)
+ASPECT_MIX = [(0.45, 107, 80), (0.25, 80, 107), (0.10, 100, 100), (0.10, 283, 367), (0.10, 267, 100)]
+
+
+def aspect_mix_shards(work, llava):
+    """The LLaVA-like records with their image drawn from ASPECT_MIX (seeded), as shards."""
+    out = work / "aspect_mix"
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (_, width, height) in enumerate(ASPECT_MIX):
+        paths.append(f"images/{width}x{height}.png")
+        Image.new("RGB", (width, height), (90 + 30 * i, 120, 150)).save(out / paths[-1])
+    rng = random.Random(0)
+    records = json.loads((llava / "data.json").read_text())
+    for record in records:
+        if "image" in record:
+            record["image"] = rng.choices(paths, weights=[share for share, _, _ in ASPECT_MIX])[0]
+    (out / "data.json").write_text(json.dumps(records))
+    build_shards.build(str(out / "data.json"), str(out), str(work / "aspect_mix_shards"), samples_per_shard=250)
+    return work / "aspect_mix_shards"
 
 
 def main(argv=None):
@@ -230,7 +260,11 @@ def main(argv=None):
     parser.add_argument("--large-photos", type=int, default=120, help="large (>= 1,500 px) photographs to stream")
     parser.add_argument("--repeats", type=int, default=2, help="passes per timing; the best one counts")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--sections", default="all",
+                        help="all, or comma-separated of throughput, photos, mixture, packing, tiles (default: all)")
     args = parser.parse_args(argv)
+    sections = {"throughput", "photos", "mixture", "packing", "tiles"} if args.sections == "all" else \
+        set(args.sections.split(","))
     torch.set_num_threads(1)  # like a dataloader worker; keeps the two cores for the workers
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,100 +276,134 @@ def main(argv=None):
         manifest = build_shards.build(str(work / "synth" / "data.json"), str(work / "synth"), str(work / "shards"),
                                       samples_per_shard=250, workers=2)
         total = manifest["total_samples"]
-
-        print(f"\n## Throughput: {total} synthetic samples (64 px PNG), decode + tokenize")
-        print("| loader | workers | samples/s |\n|---|---|---|")
-        for workers in [1, 2]:
-            print(f"| streaming shards | {workers} | {stream_rate(work / 'shards', models, workers, total, args.repeats)[0]:.0f} |")
-        for workers in [1, 2]:
-            dataset = LlavaMapDataset(work / "synth" / "data.json", work / "synth", *models)
-            loader = DataLoader(dataset, batch_size=None, num_workers=workers, shuffle=True,
-                                generator=torch.Generator().manual_seed(0))
-            print(f"| LLaVA map dataset | {workers} | {samples_per_second(loader, total):.0f} |")
-
-        if args.photos and args.large_photos:  # 0: skip the photographs and what a GPU consumes
-            so400m = (models[0], so400m_processor(work / "so400m"))
-            print("\n## Real photographs at 384 px: SigLIP-so400m's image processor, image_aspect pad")
-            print("CPU milliseconds per file or sample; the loader's samples/s are wall-clock.\n")
-            print("| photos | files | median file | bare JPEG decode | decode + pipeline's preparation | "
-                  "decode + transformers' processor | loader worker per sample | vs bare decode | "
-                  "loader, 1 worker | loader, 2 workers |\n|---|---|---|---|---|---|---|---|---|---|")
-            per_worker = {}
-            for kind, n in [("coco", args.photos), ("large", args.large_photos)]:
-                files, shards = photo_shards(work, kind, n)
-                sizes = [Image.open(f).size for f in files]
-                median_kb = statistics.median(f.stat().st_size for f in files) / 1000
-                decode = best_cpu_ms_per_item(bare_decode, files, args.repeats)
-                pipeline = best_cpu_ms_per_item(pipeline_path(so400m[1]), files, args.repeats)
-                processor = best_cpu_ms_per_item(processor_path(so400m[1]), files[:max(10, n // 10)], args.repeats)
-                (rate, worker_ms), (rate_2, _) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
-                                                  for workers in [1, 2])
-                per_worker[kind] = 1000 / worker_ms
-                print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
-                      f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
-                      f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
-
-            print("\n## What one GPU consumes (H100 SXM, MFU 0.4, SigLIP-so400m, 128 text tokens per sample), "
-                  "and the loader workers per GPU that takes (one worker: 1000 / its CPU ms per sample above)")
-            print("| LM | stage | N | samples/s per GPU | workers per GPU, COCO-size | workers per GPU, large |\n"
-                  "|---|---|---|---|---|---|")
-            for lm in ["0.5b", "1.5b", "7b"]:
-                for stage in [1, 2]:
-                    for n in [64, 256]:
-                        consumed = gpu_samples_per_second(lm, stage, n)
-                        workers = [math.ceil(consumed / per_worker[kind]) for kind in PHOTOS]
-                        print(f"| {lm.upper()} | {stage} | {n} | {consumed:.0f} | {workers[0]} | {workers[1]} |")
-
         llava = work / "llava_like"
         make_synthetic.main(["--out", str(llava), "--n", str(args.n), "--llava-like"])
         build_shards.build(str(llava / "data.json"), str(llava), str(work / "llava_shards"), samples_per_shard=250)
+        if "throughput" in sections:
+            throughput(args, work, models, total)
+        if "photos" in sections and args.photos and args.large_photos:  # 0: skip the photographs and the GPU
+            photographs(args, work, models)
+        if "mixture" in sections:
+            mixture_section(args, work, models)
+        if "packing" in sections:
+            packing_section(args, work, models, llava)
+        if "tiles" in sections:
+            tiles_section(args, work, models, llava)
 
-        mixture_file = mixture_of_three(work, args.n)
-        mixture = load_mixture(str(mixture_file))
-        sizes = ", ".join(f"{s.name} {s.num_samples} x {s.repeat:g}" for s in mixture.sources)
-        print(f"\n## A mixture of three sources ({sizes}: {mixture.epoch_length()} samples an epoch)")
-        print("| training stream, one epoch | workers | samples/s |\n|---|---|---|")
-        for workers in [1, 2]:
-            rate = epoch_rate(mixture, models, workers)
-            print(f"| equal slices, shuffle buffer 256 | {workers} | {rate:.0f} |", flush=True)
-        print("\nResumed after 20 packed batches (4 x 2048 rows, N = 144):\n")
-        cfg = DataConfig(shards=str(mixture_file), seq_len=2048, rows_per_batch=4, num_workers=2,
-                         text_tokens_per_image=64)
-        fresh, loader = first_batch_seconds(cfg, models)
-        for _ in range(20):
-            loader.next_batch(144)
-        state = json.loads(json.dumps(loader.state_dict()))
-        del loader
-        replay, _ = first_batch_seconds(cfg, models, states=[state])
-        other, _ = first_batch_seconds(dataclasses.replace(cfg, num_workers=1), models, rank=0, world_size=2,
-                                       states=[state])
-        print("| start | seconds to the first batch |\n|---|---|")
-        print(f"| afresh, 1 rank x 2 workers | {fresh:.1f} |\n| replayed, same layout (bitwise) | {replay:.1f} |\n"
-              f"| continued at 2 ranks x 1 worker (rank 0) | {other:.1f} |")
-        print(f"\nSaved data state: {len(json.dumps(state))} bytes of JSON ({len(state['window'])} samples in the pack "
-              f"window, {sum(len(w['missing']) for w in state['workers'])} in shuffle buffers and prefetch)")
 
-        lengths = [len(tokenize_record(r, models[0], int("image" in r))[0])
-                   for r in json.loads((llava / "data.json").read_text())]
-        print(f"\nLLaVA-like text tokens per sample: median {statistics.median(lengths):.0f}, "
-              f"mean {statistics.mean(lengths):.0f}, max {max(lengths)}")
+def throughput(args, work, models, total):
+    print(f"\n## Throughput: {total} synthetic samples (64 px PNG), decode + tokenize")
+    print("| loader | workers | samples/s |\n|---|---|---|")
+    for workers in [1, 2]:
+        print(f"| streaming shards | {workers} | {stream_rate(work / 'shards', models, workers, total, args.repeats)[0]:.0f} |")
+    for workers in [1, 2]:
+        dataset = LlavaMapDataset(work / "synth" / "data.json", work / "synth", *models)
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, shuffle=True,
+                            generator=torch.Generator().manual_seed(0))
+        print(f"| LLaVA map dataset | {workers} | {samples_per_second(loader, total):.0f} |")
 
-        print(f"\n## Packing: the stage configs' rows, window 64, {args.batches} batches per N")
-        print("| data | rows x seq_len | text_tokens_per_image | N | padding | dummy images | image budget | "
-              "samples/batch | truncated | dropped |\n|---|---|---|---|---|---|---|---|---|---|")
-        settings = [(name, shards, stage, "auto") for name, shards in [("synthetic", work / "shards"),
-                                                                      ("LLaVA-like", work / "llava_shards")]
-                    for stage in STAGES] + [("LLaVA-like", work / "llava_shards", STAGES[0], 64)]
-        for name, shards, stage, text_tokens in settings:
-            shipped = load_config(REPO / "configs" / f"{stage}.yaml").data
-            cfg = DataConfig(shards=str(shards), seq_len=shipped.seq_len, rows_per_batch=shipped.rows_per_batch,
-                             text_tokens_per_image=text_tokens, num_workers=1)
-            for n in [64, 144, 256]:
-                measured, pad, dummy, budget, per_batch, truncated, dropped = packing_row(cfg, models, n, args.batches)
-                text = f"auto ({measured:.0f})" if text_tokens == "auto" else text_tokens
-                print(f"| {name} | {cfg.rows_per_batch} x {cfg.seq_len} | {text} | {n} | {pad:.2%} | {dummy:.2%} | "
-                      f"{budget} | {per_batch:.1f} | {truncated} | {dropped} |", flush=True)
 
+def photographs(args, work, models):
+    so400m = (models[0], so400m_processor(work / "so400m"))
+    print("\n## Real photographs at 384 px: SigLIP-so400m's image processor, image_aspect pad")
+    print("CPU milliseconds per file or sample; the loader's samples/s are wall-clock.\n")
+    print("| photos | files | median file | bare JPEG decode | decode + pipeline's preparation | "
+          "decode + transformers' processor | loader worker per sample | vs bare decode | "
+          "loader, 1 worker | loader, 2 workers |\n|---|---|---|---|---|---|---|---|---|---|")
+    per_worker = {}
+    for kind, n in [("coco", args.photos), ("large", args.large_photos)]:
+        files, shards = photo_shards(work, kind, n)
+        sizes = [Image.open(f).size for f in files]
+        median_kb = statistics.median(f.stat().st_size for f in files) / 1000
+        decode = best_cpu_ms_per_item(bare_decode, files, args.repeats)
+        pipeline = best_cpu_ms_per_item(pipeline_path(so400m[1]), files, args.repeats)
+        processor = best_cpu_ms_per_item(processor_path(so400m[1]), files[:max(10, n // 10)], args.repeats)
+        (rate, worker_ms), (rate_2, _) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
+                                          for workers in [1, 2])
+        per_worker[kind] = 1000 / worker_ms
+        print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
+              f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
+              f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
+
+    print("\n## What one GPU consumes (H100 SXM, MFU 0.4, SigLIP-so400m, 128 text tokens per sample), "
+          "and the loader workers per GPU that takes (one worker: 1000 / its CPU ms per sample above)")
+    print("| LM | stage | N | samples/s per GPU | workers per GPU, COCO-size | workers per GPU, large |\n"
+          "|---|---|---|---|---|---|")
+    for lm in ["0.5b", "1.5b", "7b"]:
+        for stage in [1, 2]:
+            for n in [64, 256]:
+                consumed = gpu_samples_per_second(lm, stage, n)
+                workers = [math.ceil(consumed / per_worker[kind]) for kind in PHOTOS]
+                print(f"| {lm.upper()} | {stage} | {n} | {consumed:.0f} | {workers[0]} | {workers[1]} |")
+
+
+def mixture_section(args, work, models):
+    mixture_file = mixture_of_three(work, args.n)
+    mixture = load_mixture(str(mixture_file))
+    sizes = ", ".join(f"{s.name} {s.num_samples} x {s.repeat:g}" for s in mixture.sources)
+    print(f"\n## A mixture of three sources ({sizes}: {mixture.epoch_length()} samples an epoch)")
+    print("| training stream, one epoch | workers | samples/s |\n|---|---|---|")
+    for workers in [1, 2]:
+        rate = epoch_rate(mixture, models, workers)
+        print(f"| equal slices, shuffle buffer 256 | {workers} | {rate:.0f} |", flush=True)
+    print("\nResumed after 20 packed batches (4 x 2048 rows, N = 144):\n")
+    cfg = DataConfig(shards=str(mixture_file), seq_len=2048, rows_per_batch=4, num_workers=2,
+                     text_tokens_per_image=64)
+    fresh, loader = first_batch_seconds(cfg, models)
+    for _ in range(20):
+        loader.next_batch(144)
+    state = json.loads(json.dumps(loader.state_dict()))
+    del loader
+    replay, _ = first_batch_seconds(cfg, models, states=[state])
+    other, _ = first_batch_seconds(dataclasses.replace(cfg, num_workers=1), models, rank=0, world_size=2,
+                                   states=[state])
+    print("| start | seconds to the first batch |\n|---|---|")
+    print(f"| afresh, 1 rank x 2 workers | {fresh:.1f} |\n| replayed, same layout (bitwise) | {replay:.1f} |\n"
+          f"| continued at 2 ranks x 1 worker (rank 0) | {other:.1f} |")
+    print(f"\nSaved data state: {len(json.dumps(state))} bytes of JSON ({len(state['window'])} samples in the pack "
+          f"window, {sum(len(w['missing']) for w in state['workers'])} in shuffle buffers and prefetch)")
+
+
+def packing_section(args, work, models, llava):
+    lengths = [len(tokenize_record(r, models[0], int("image" in r))[0])
+               for r in json.loads((llava / "data.json").read_text())]
+    print(f"\nLLaVA-like text tokens per sample: median {statistics.median(lengths):.0f}, "
+          f"mean {statistics.mean(lengths):.0f}, max {max(lengths)}")
+
+    print(f"\n## Packing: the stage configs' rows, window 64, {args.batches} batches per N")
+    print("| data | rows x seq_len | text_tokens_per_image | N | padding | dummy images | image budget | "
+          "samples/batch | truncated | dropped |\n|---|---|---|---|---|---|---|---|---|---|")
+    settings = [(name, shards, stage, "auto") for name, shards in [("synthetic", work / "shards"),
+                                                                  ("LLaVA-like", work / "llava_shards")]
+                for stage in STAGES] + [("LLaVA-like", work / "llava_shards", STAGES[0], 64)]
+    for name, shards, stage, text_tokens in settings:
+        shipped = load_config(REPO / "configs" / f"{stage}.yaml").data
+        cfg = DataConfig(shards=str(shards), seq_len=shipped.seq_len, rows_per_batch=shipped.rows_per_batch,
+                         text_tokens_per_image=text_tokens, num_workers=1)
+        for n in [64, 144, 256]:
+            measured, pad, dummy, budget, per_batch, truncated, dropped, _ = packing_row(cfg, models, n, args.batches)
+            text = f"auto ({measured:.0f})" if text_tokens == "auto" else text_tokens
+            print(f"| {name} | {cfg.rows_per_batch} x {cfg.seq_len} | {text} | {n} | {pad:.2%} | {dummy:.2%} | "
+                  f"{budget} | {per_batch:.1f} | {truncated} | {dropped} |", flush=True)
+
+
+def tiles_section(args, work, models, llava):
+    """Tiles come in large pieces (7 tiles of N slots each for a 2 x 3 grid and its thumbnail): rows
+    hold fewer of them, and a wider pack window finds the fills (data.pack_window 256)."""
+    shards = aspect_mix_shards(work, llava)
+    print(f"\n## Packing with tiles (data.max_tiles 6): LLaVA-like lengths, a realistic aspect-ratio mix, "
+          f"{args.batches} batches per N")
+    print("| rows x seq_len | pack window | text tokens per tile | N | padding | dummy tiles | tiles per image | "
+          "tile budget | samples/batch | truncated | dropped |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for stage, window in [(STAGES[0], 64), (STAGES[1], 64), (STAGES[1], 256)]:
+        shipped = load_config(REPO / "configs" / f"{stage}.yaml").data
+        cfg = DataConfig(shards=str(shards), seq_len=shipped.seq_len, rows_per_batch=shipped.rows_per_batch,
+                         num_workers=1, max_tiles=6, pack_window=window)
+        for n in [64, 144, 256]:
+            measured, pad, dummy, budget, per_batch, truncated, dropped, per_image = packing_row(cfg, models, n,
+                                                                                                args.batches)
+            print(f"| {cfg.rows_per_batch} x {cfg.seq_len} | {window} | auto ({measured:.1f}) | {n} | {pad:.2%} | "
+                  f"{dummy:.2%} | {per_image:.2f} | {budget} | {per_batch:.1f} | {truncated} | {dropped} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -7,8 +7,9 @@ probabilities, end token included: InferenceMixin.scored_generate); keep the fir
 probability is at least the threshold, else the last count's. A text-only question has no N:
 it is answered once.
 
-The vision tower runs once per image: every try re-pools the same tower features to its N
-(model.projector(features, N)), so a try costs the projector and the LM's prompt forward.
+The vision tower runs once per image (once per tile with tiles): every try re-pools the same
+tower features to its N (model.projector(features, N)), so a try costs the projector and the
+LM's prompt forward.
 
 The threshold is calibrated on a validation split (calibrate): from each count's answers and
 their probabilities there, the threshold with the fewest mean vision tokens whose accuracy is
@@ -55,37 +56,42 @@ def first_confident(probabilities: np.ndarray, threshold: float) -> np.ndarray:
 # ---- the policy, run ----
 
 @torch.no_grad()
-def adaptive_generate(model: TokenFlexVLM, prompts_ids: Sequence[list[int]],
-                      pixel_values: Sequence[torch.Tensor | None], ladder: Sequence[int], threshold: float,
+def adaptive_generate(model: TokenFlexVLM, samples: Sequence[dict], ladder: Sequence[int], threshold: float,
                       max_new_tokens: int) -> tuple[list[dict], float]:
-    """Per prompt, {"prediction", "chosen_tokens" (None without an image), "probability",
-    "tries"}; and the prefill seconds: the tower once for the batch's images, plus every try's
-    prefill (re-pooling, splicing and the prompt's forward).
+    """Per sample, {"prediction", "chosen_tokens" (None without an image), "probability",
+    "tries"}; and the prefill seconds: the tower once for the batch's tiles, plus every try's
+    prefill (re-pooling, tile layout, splicing and the prompt's forward).
 
-    pixel_values: per prompt a (1, 3, H, W) uint8 tensor or None (a text-only prompt)."""
-    with_image = [i for i, p in enumerate(pixel_values) if p is not None]
-    feature_row = {prompt: row for row, prompt in enumerate(with_image)}
+    samples: dicts with prompt_ids, pixel_values ((tiles, 3, H, W) uint8 or None: text-only) and
+    image_grids, as iter_samples gives them."""
+    tile_rows, first = {}, 0  # per sample with images: its tiles' rows in the tower's features
+    for i, sample in enumerate(samples):
+        if sample["pixel_values"] is not None:
+            tile_rows[i] = list(range(first, first + len(sample["pixel_values"])))
+            first += len(sample["pixel_values"])
     seconds = 0.0
-    if with_image:
+    if tile_rows:
         synchronize(model.device)
         started = time.perf_counter()
-        features = model.image_features(torch.cat([pixel_values[i] for i in with_image]).to(model.device))
+        features = model.image_features(model.image_inputs(samples)["pixel_values"])
         synchronize(model.device)
         seconds += time.perf_counter() - started
-    results, pending = [None] * len(prompts_ids), list(range(len(prompts_ids)))
+    results, pending = [None] * len(samples), list(range(len(samples)))
     for attempt, n in enumerate(ladder, start=1):
         def make_inputs(asked=tuple(pending), n=n):
-            input_ids, attention_mask = model.left_padded_prompts([prompts_ids[i] for i in asked], n)
-            rows = [feature_row[i] for i in asked if i in feature_row]
-            image_embeds = (model.projector(features[rows], n) if rows else
-                            torch.zeros(0, n, model.language_model.config.hidden_size, device=model.device))
-            return model.splice_images(input_ids, image_embeds), attention_mask
+            grids = [grid for i in asked for grid in samples[i]["image_grids"]]
+            input_ids, attention_mask = model.left_padded_prompts(
+                [samples[i]["prompt_ids"] for i in asked], torch.tensor(grids, dtype=torch.long).view(-1, 2), n)
+            rows = [row for i in asked for row in tile_rows.get(i, [])]
+            tile_embeds = (model.projector(features[rows], n) if rows else
+                           torch.zeros(0, n, model.language_model.config.hidden_size, device=model.device))
+            return model.splice_images(input_ids, model.tile_layout(tile_embeds, grids)), attention_mask
 
         answers, try_seconds, probabilities = model.scored_generate(make_inputs, max_new_tokens)
         seconds += try_seconds
         still = []
         for i, answer, probability in zip(pending, answers, probabilities, strict=True):
-            has_image = i in feature_row
+            has_image = i in tile_rows
             if not has_image or probability >= threshold or attempt == len(ladder):
                 results[i] = {"prediction": answer, "chosen_tokens": n if has_image else None,
                               "probability": probability, "tries": attempt}
@@ -109,10 +115,8 @@ def evaluate_adaptive_model(model: TokenFlexVLM, samples, ladder: Sequence[int],
     progress = tqdm(total=total, desc=f"adaptive {name}", unit="sample")
     for batch in batches_of(samples, batch_size):
         if not seen:  # one untimed sample first: the first forward pays for allocation and set-up
-            adaptive_generate(model, [batch[0]["prompt_ids"]], [batch[0]["pixel_values"]], ladder, threshold, 1)
-        results, batch_seconds = adaptive_generate(model, [s["prompt_ids"] for s in batch],
-                                                   [s["pixel_values"] for s in batch], ladder, threshold,
-                                                   max_new_tokens)
+            adaptive_generate(model, batch[:1], ladder, threshold, 1)
+        results, batch_seconds = adaptive_generate(model, batch, ladder, threshold, max_new_tokens)
         seen += [question(s) | r for s, r in zip(batch, results)]
         seconds.append(batch_seconds)
         progress.update(len(batch))

@@ -1,8 +1,8 @@
 """Conversation formats per LM family, the image marker and label masks.
 
-A conversation carries one IMAGE_TOKEN per image. Just before the LM sees it, each marker is
-expanded into N copies (the step's vision-token count); the projector's N outputs fill those
-slots in order.
+A conversation carries one IMAGE_TOKEN per image, in the order of its images. Just before the LM
+sees it, each marker is expanded into its image's slots: N copies (the step's vision-token count)
+per tile, plus row ends (pipeline/tiles.py); the image's tiles, projected, fill those slots in order.
 
 Each LM family gets its own conversation format (model.chat_format; `auto` picks it):
   chatml  tokenizers with a chat template and <|im_start|>/<|im_end|> in their vocabulary
@@ -133,13 +133,19 @@ def load_tokenizer(path, chat_format="auto"):
     return tokenizer
 
 
-def expand_image_markers(input_ids, labels, image_token_id, num_vision_tokens):
-    """Replace every image marker with `num_vision_tokens` copies; image slots never train."""
-    out_ids, out_labels = [], []
+def expand_image_markers(input_ids, labels, image_token_id, slots_per_image):
+    """Replace the k-th image marker with slots_per_image[k] copies (pipeline/tiles.py:
+    image_slots; an int: every image's); image slots never train."""
+    markers = input_ids.count(image_token_id)
+    slots = [slots_per_image] * markers if isinstance(slots_per_image, int) else list(slots_per_image)
+    if len(slots) != markers:
+        raise ValueError(f"{markers} {IMAGE_TOKEN} markers but slot counts for {len(slots)} images")
+    out_ids, out_labels, image = [], [], 0
     for token, label in zip(input_ids, labels):
         if token == image_token_id:
-            out_ids.extend([image_token_id] * num_vision_tokens)
-            out_labels.extend([IGNORE_INDEX] * num_vision_tokens)
+            out_ids.extend([image_token_id] * slots[image])
+            out_labels.extend([IGNORE_INDEX] * slots[image])
+            image += 1
         else:
             out_ids.append(token)
             out_labels.append(label)

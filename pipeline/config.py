@@ -60,10 +60,17 @@ class DataConfig:
         "data/shard-{000000..000009}.tar" is a mixture of one source, read once per epoch.
     seq_len: length of every packed row, in tokens (image slots included).
     rows_per_batch: packed rows per micro-batch.
-    text_tokens_per_image: sizes the image budget per batch, ceil(rows_per_batch * seq_len /
-        (N + text_tokens_per_image)) images, the same on every rank for a given N. auto: measured
-        on the data (text tokens over images, in the first samples of up to 16 evenly spread
-        shards, tokenized as training does), so that few image slots go to dummy images.
+    max_tiles: tiles per image at most (pipeline/tiles.py): each image is cut into the grid of at
+        most max_tiles tiles at the tower's input size whose aspect ratio is closest to its own
+        (InternVL's rule), plus a thumbnail when the grid has more than one; every tile is pooled
+        to the step's N. 1: one tile per image, no thumbnail (the image at the tower's size).
+    multi_image_max_tiles: tiles per image at most in samples with several images (at most
+        max_tiles; LLaVA-OneVision gives each image of a multi-image sample one).
+    text_tokens_per_image: text tokens per tile (per image when max_tiles is 1): sizes the tile
+        budget per batch, ceil(rows_per_batch * seq_len / (N + text_tokens_per_image)) tiles, the
+        same on every rank for a given N. auto: measured on the data (text tokens and row ends
+        over tiles, in the first samples of up to 16 evenly spread shards, tokenized and tiled as
+        training does), so that few tile slots go to dummy tiles.
     image_aspect: pad (to a square in the image processor's mean colour, then resize: LLaVA-1.5's
         default) or resize (straight to the processor's size). Recorded in model folders, so
         evaluation and generation prepare images the same way.
@@ -79,6 +86,8 @@ class DataConfig:
     shards: str = ""
     seq_len: int = 2048
     rows_per_batch: int = 1
+    max_tiles: int = 1
+    multi_image_max_tiles: int = 1
     text_tokens_per_image: int | str = "auto"
     image_aspect: str = "pad"
     shuffle_buffer: int = 256
@@ -91,7 +100,8 @@ class DataConfig:
         # An empty `shards` is allowed here (the config's defaults must construct); it fails on use.
         if not isinstance(self.shards, str):
             raise ValueError(f"data.shards must be a mixture file, shard folder or brace pattern, got {self.shards!r}")
-        for name, low in [("seq_len", 8), ("rows_per_batch", 1), ("shuffle_buffer", 0), ("num_workers", 0),
+        for name, low in [("seq_len", 8), ("rows_per_batch", 1), ("max_tiles", 1), ("multi_image_max_tiles", 1),
+                          ("shuffle_buffer", 0), ("num_workers", 0),
                           ("seed", 0), ("pack_window", 1)]:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:

@@ -26,10 +26,10 @@ from transformers import AutoImageProcessor
 from pipeline.chat import IMAGE_TOKEN, load_tokenizer, tokenize_record
 from pipeline.checkpoint import checkpoint_tags, latest_tag
 from pipeline.config import load_config
-from pipeline.images import image_pixel_values
 from pipeline.inference import as_dtype
 from pipeline.model import MODEL_TYPE, TokenFlexVLM, read_vlm_config, write_model_folder
 from pipeline.model_card import write_model_card
+from pipeline.tiles import prepare_images
 
 class ConversionError(Exception):
     """A checkpoint that can't be converted; the message says what is wrong and what to do."""
@@ -165,8 +165,8 @@ def probe_samples(tokenizer, image_processor):
     samples = []
     for record, image in records:
         input_ids, labels = tokenize_record(record, tokenizer, int(image is not None))
-        pixel_values = None if image is None else image_pixel_values([image], image_processor)
-        samples.append({"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values})
+        pixels, grids = prepare_images([] if image is None else [image], image_processor)
+        samples.append({"input_ids": input_ids, "labels": labels, "pixel_values": pixels, "image_grids": grids})
     return samples
 
 

@@ -5,12 +5,14 @@ on their LAST question: the prompt holds every earlier turn (with the reference 
 model generates the last reply, and the loss is the cross-entropy of that reference reply
 only. The synthetic records' question_type is the type of that last question.
 
-Per model and N: exact-match accuracy (answers normalised: stripped, lower-cased, trailing
-punctuation dropped) overall and per question type, mean loss per answer token, the prefill per
-batch (vision encoding + prompt forward, the part N changes: its median and quartiles over the
-batches, in ms, and its total) and vision-token throughput (images x N / prefill seconds, over all
-batches). Each prediction carries its probability under the model (the product of its tokens'
-probabilities): what the adaptive policy (pipeline/adaptive.py) reads.
+Per model, tile limit and N: exact-match accuracy (answers normalised: stripped, lower-cased,
+trailing punctuation dropped) overall and per question type, mean loss per answer token, the
+vision tokens per image (its slots: N per tile plus row ends, pipeline/tiles.py, averaged over
+the images), the prefill per batch (vision encoding + prompt forward, the part N changes: its
+median and quartiles over the batches, in ms) and vision-token throughput (image slots /
+prefill seconds, over all batches), and the prefill's total. Tile limits re-read the data:
+tiles are cut as samples are decoded. Each prediction carries its probability under the model
+(the product of its tokens' probabilities): what the adaptive policy (pipeline/adaptive.py) reads.
 
 Scoring only: tools/evaluate.py writes the results, tools/report.py makes tables and plots.
 """
@@ -26,6 +28,7 @@ from pipeline.data import iter_samples
 from pipeline.data.mixture import load_mixture
 from pipeline.inference import prefill_summary
 from pipeline.model import TokenFlexVLM, read_vlm_config
+from pipeline.tiles import image_slots, recorded_tiling
 
 TRAILING_PUNCTUATION = ".,;:!?"
 
@@ -46,8 +49,7 @@ def last_reply_labels(sample):
 
 def prompt_inputs(model, samples, num_vision_tokens):
     """Left-padded prompt embeddings and attention mask of samples whose prompts hold earlier turns."""
-    pixel_values, image_mask = model.image_inputs([s["pixel_values"] for s in samples])
-    return model.prompt_embeddings([s["prompt_ids"] for s in samples], pixel_values, image_mask, num_vision_tokens)
+    return model.prompt_embeddings([s["prompt_ids"] for s in samples], model.image_inputs(samples), num_vision_tokens)
 
 
 @torch.no_grad()
@@ -72,17 +74,19 @@ def batches_of(samples, batch_size):
         yield batch
 
 
-def evaluate_model(model, samples, counts, batch_size=8, max_new_tokens=16, name="model", total=None):
+def evaluate_model(model, samples, counts, batch_size=8, max_new_tokens=16, name="model", total=None, num_tiles=None):
     """One result dict per N (see the module docstring) with the per-sample predictions.
 
     samples: an iterable of iter_samples items, streamed: only one batch of images is held at
     a time, and every N sees each batch before the next one is read. total: for the progress bar.
+    num_tiles: the tile limit the samples were decoded with (None: the folder's), for the results.
     """
     model.eval()
     for n in counts:
         model.config.check_token_count(n)
     seen = []
-    runs = {n: {"answers": [], "probabilities": [], "seconds": [], "loss_sum": 0.0, "loss_tokens": 0, "images": 0}
+    runs = {n: {"answers": [], "probabilities": [], "seconds": [], "loss_sum": 0.0, "loss_tokens": 0, "images": 0,
+                "slots": 0}
             for n in counts}
     progress = tqdm(total=total, desc=f"evaluating {name}", unit="sample")
     for batch in batches_of(samples, batch_size):
@@ -97,16 +101,19 @@ def evaluate_model(model, samples, counts, batch_size=8, max_new_tokens=16, name
             run["seconds"].append(seconds)
             run["loss_sum"] += loss_sum
             run["loss_tokens"] += loss_tokens
-            run["images"] += sum(s["pixel_values"] is not None for s in batch)
+            run["images"] += sum(len(s["image_grids"]) for s in batch)
+            run["slots"] += sum(image_slots(grid, n) for s in batch for grid in s["image_grids"])
         progress.update(len(batch))
     progress.close()
     if not seen:
         raise ValueError("no usable samples to evaluate")
     return [score(seen, run["answers"]) | {
-        "model": name, "num_vision_tokens": n, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+        "model": name, "num_vision_tokens": n, "num_tiles": num_tiles or recorded_tiling(model.image_processor)[0],
+        "vision_tokens_per_image": run["slots"] / run["images"] if run["images"] else None,
+        "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
         "loss": run["loss_sum"] / run["loss_tokens"] if run["loss_tokens"] else None,
         **prefill_summary(run["seconds"]), "prefill_total_s": sum(run["seconds"]),
-        "vision_tokens_per_s": run["images"] * n / sum(run["seconds"]),
+        "vision_tokens_per_s": run["slots"] / sum(run["seconds"]),
         "predictions": [dict(s, prediction=a, probability=p) for s, a, p in zip(seen, run["answers"],
                                                                                  run["probabilities"])],
     } for n, run in runs.items()]
@@ -124,9 +131,11 @@ def score(samples, answers):
 
 
 def evaluate(model_dirs, shards, counts, names=None, limit=None, batch_size=8, max_new_tokens=16, device="cpu",
-             dtype="fp32"):
-    """Every model at every N: {"shards", "limit", "batch_size", "token_counts", "results"}, with one
-    result per model and N (evaluate_model's, plus the folder's path)."""
+             dtype="fp32", tiles=(None,)):
+    """Every model at every tile limit (None: the folder's own) and N: {"shards", "limit",
+    "batch_size", "token_counts", "tile_counts", "results"}, with one result per model, tile
+    limit and N (evaluate_model's, plus the folder's path; with several tile limits the model's
+    name says its limit, "name tiles=T")."""
     names = names or default_names(model_dirs)
     if len(names) != len(model_dirs):
         raise ValueError(f"{len(names)} names (--names) for {len(model_dirs)} model folders")
@@ -137,12 +146,15 @@ def evaluate(model_dirs, shards, counts, names=None, limit=None, batch_size=8, m
     results = []
     for name, path in zip(names, model_dirs):
         model = TokenFlexVLM.from_pretrained(path, device, dtype)
-        samples = itertools.islice(iter_samples(shards, model.tokenizer, model.image_processor), limit)
-        for result in evaluate_model(model, samples, counts, batch_size, max_new_tokens, name, total=limit):
-            results.append(dict(result, path=str(path)))
+        for num_tiles in tiles:
+            samples = itertools.islice(iter_samples(shards, model.tokenizer, model.image_processor,
+                                                    max_tiles=num_tiles), limit)
+            label = name if len(tiles) == 1 else f"{name} tiles={num_tiles}"
+            for result in evaluate_model(model, samples, counts, batch_size, max_new_tokens, label, limit, num_tiles):
+                results.append(dict(result, path=str(path)))
         del model  # frees its memory before the next model loads
     return {"shards": str(shards), "limit": limit, "batch_size": batch_size, "token_counts": list(counts),
-            "results": results}
+            "tile_counts": list(tiles), "results": results}
 
 
 def default_names(model_dirs):

@@ -74,19 +74,29 @@ def pad_to_square(rgb: torch.Tensor, background: Sequence[int]) -> torch.Tensor:
     return square
 
 
-def resize_to_tower(rgb: torch.Tensor, image_processor) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, height, width) uint8: the processor's size and resample filter,
-    antialiased as PIL resamples."""
+def tower_size(image_processor) -> tuple[int, int]:
+    """(height, width) of the tower's input; ValueError unless the processor resizes to a fixed size without a crop."""
     size = dict(image_processor.size)  # transformers' SizeDict lists only the fields it has
     if set(size) != {"height", "width"} or getattr(image_processor, "do_center_crop", False):
         raise ValueError(f"image processor {type(image_processor).__name__} resizes to {size} and crops "
                          f"{getattr(image_processor, 'do_center_crop', False)}: the pipeline needs a fixed "
                          f"{{height, width}} without a crop, as SigLIP's processors have")
+    return size["height"], size["width"]
+
+
+def resize_to_tower(rgb: torch.Tensor, image_processor) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, height, width) uint8: the processor's size and resample filter,
+    antialiased as PIL resamples."""
+    return resize_rgb(rgb, *tower_size(image_processor), image_processor)
+
+
+def resize_rgb(rgb: torch.Tensor, height: int, width: int, image_processor) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, height, width) uint8 with the processor's resample filter (tiles
+    resize a whole image to their grid's size with it)."""
     mode = RESAMPLE_MODES.get(int(image_processor.resample))
     if mode is None:
         raise ValueError(f"image processor resample {image_processor.resample!r}: the pipeline resizes with "
                          f"bilinear (2) or bicubic (3) only")
-    height, width = size["height"], size["width"]
     # (1, 3, H, W) in channels-last memory: the layout of torch's vectorized uint8 kernel
     batch = rgb.permute(2, 0, 1).unsqueeze(0)
     # Each pass rounds to 8 bits and clips bicubic's overshoot, so the order of the passes shows
@@ -106,9 +116,9 @@ def pixel_table(image_processor) -> torch.Tensor:
 
 
 def normalize_pixels(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """(images, 3, H, W) uint8 -> the processor's float values, on the pixels' device."""
+    """(tiles, 3, H, W) uint8 -> the processor's float values, on the pixels' device."""
     if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
-        raise ValueError(f"pixel values must be (images, 3, H, W) uint8 from pipeline.images.image_pixel_values, "
+        raise ValueError(f"pixel values must be (tiles, 3, H, W) uint8 from pipeline.tiles.prepare_images, "
                          f"got {tuple(pixels.shape)} {pixels.dtype}")
     channels = torch.arange(3, device=pixels.device).view(3, 1, 1)
     return table[channels, pixels.long()]

@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers, tokenize_record
-from .images import image_pixel_values
+from .images import tower_size
+from .tiles import image_slots, prepare_images, tile_count
 
 # Every spelling the tools (--dtype) and the lmms-eval model (dtype=) accept: the short names
 # and torch's own (bfloat16, as lmms-eval's model_args give it).
@@ -46,68 +46,82 @@ def inference_placement(device: str | torch.device | None = None,
 
 class InferenceMixin:
     """Methods TokenFlexVLM offers for evaluation, generation and benchmarks; they use its
-    tokenizer, image_processor, config, embed, language_model and generation_config."""
+    tokenizer, image_processor, config, embed, tile_layout, language_model and generation_config.
 
-    def prompt_ids(self, prompt: str, has_image: bool) -> list[int]:
-        """The prompt as one user turn (the image marker, a newline and the text), up to the
-        assistant header."""
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": user_turn(prompt, has_image)}],
+    A prompt's images: None or [] (text-only), one PIL image, or a list of them (in the order of
+    the prompt's markers). max_tiles: at most this many tiles per image (pipeline/tiles.py; None:
+    what the model folder records)."""
+
+    def prompt_ids(self, prompt: str, num_images: int) -> list[int]:
+        """The prompt as one user turn (an image marker and a newline per image, then the text),
+        up to the assistant header."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": user_turn(prompt, num_images)}],
                                                   add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
 
-    def reply_ids(self, prompt: str, reply: str, has_image: bool) -> tuple[list[int], list[int]]:
+    def reply_ids(self, prompt: str, reply: str, num_images: int) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of the prompt's user turn answered by reply, as training tokenizes
         the conversation: the labels are the reply and its end token, split as the chat format
         splits them after the assistant header."""
-        record = {"conversations": [{"from": "human", "value": user_turn(prompt, has_image)},
+        record = {"conversations": [{"from": "human", "value": user_turn(prompt, num_images)},
                                     {"from": "gpt", "value": reply}]}
-        return tokenize_record(record, self.tokenizer, int(has_image), key=f"reply {reply!r}")
+        return tokenize_record(record, self.tokenizer, num_images, key=f"reply {reply!r}")
 
-    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> (images, 3, H, W) uint8 on the model's device (the forward normalizes them)."""
-        return image_pixel_values(images, self.image_processor).to(self.device)
+    def prepared_images(self, images, max_tiles: int | None = None) -> dict:
+        """One prompt's images (see the class docstring) -> {"pixel_values": (tiles, 3, H, W) uint8
+        or None, "image_grids": each image's (rows, cols)}, as the data loader decodes a sample."""
+        pixels, grids = prepare_images(image_list(images), self.image_processor, max_tiles)
+        return {"pixel_values": pixels, "image_grids": grids}
 
-    def image_inputs(self, pixel_values: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixel_values, image_mask) on the model's device for a forward: the given images (a list
-        of (k, 3, H, W) uint8 tensors or None, e.g. one per sample), or one masked-out dummy when there
-        are none, since the vision path always runs (see embed)."""
-        present = [p for p in pixel_values if p is not None]
+    def image_inputs(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """pixel_values, image_mask and image_grids on the model's device for a forward: the
+        samples' tiles (dicts with pixel_values, (tiles, 3, H, W) uint8 or None, and image_grids),
+        or one masked-out dummy when there are none, since the vision path always runs (see embed)."""
+        present = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        grids = torch.tensor([grid for s in samples for grid in s["image_grids"]], dtype=torch.long,
+                             device=self.device).view(-1, 2)
         if present:
             pixels = torch.cat(present).to(self.device)
-            return pixels, torch.ones(len(pixels), dtype=torch.bool, device=self.device)
-        size = self.image_processor.size
-        return (torch.zeros(1, 3, size["height"], size["width"], device=self.device, dtype=torch.uint8),
-                torch.zeros(1, dtype=torch.bool, device=self.device))
+            return {"pixel_values": pixels, "image_mask": torch.ones(len(pixels), dtype=torch.bool, device=self.device),
+                    "image_grids": grids}
+        height, width = tower_size(self.image_processor)
+        return {"pixel_values": torch.zeros(1, 3, height, width, device=self.device, dtype=torch.uint8),
+                "image_mask": torch.zeros(1, dtype=torch.bool, device=self.device), "image_grids": grids}
 
     def labelled_batch(self, samples: Sequence[dict], num_vision_tokens: int) -> dict[str, torch.Tensor]:
-        """A forward batch as training builds one (markers expanded to N slots, per-sequence
-        position_ids, real images flagged in image_mask), one sample per right-padded row, on
-        the model's device.
+        """A forward batch as training builds one (markers expanded to their slots, per-sequence
+        position_ids, real tiles flagged in image_mask), one sample per right-padded row, on the
+        model's device.
 
-        samples: dicts with input_ids, labels and pixel_values ((1, 3, H, W) or None). Right
-        padding needs no attention mask: under causal attention no real token sees a pad.
+        samples: dicts with input_ids, labels, pixel_values and image_grids (see image_inputs).
+        Right padding needs no attention mask: under causal attention no real token sees a pad.
         """
-        rows = [expand_image_markers(s["input_ids"], s["labels"], self.config.image_token_id, num_vision_tokens)
+        rows = [expand_image_markers(s["input_ids"], s["labels"], self.config.image_token_id,
+                                     [image_slots(grid, num_vision_tokens) for grid in s["image_grids"]])
                 for s in samples]
         width = max(len(ids) for ids, _ in rows)
         pad = self.tokenizer.pad_token_id
-        pixel_values, image_mask = self.image_inputs([s["pixel_values"] for s in samples])
         return {"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows], device=self.device),
                 "labels": torch.tensor([labs + [IGNORE_INDEX] * (width - len(labs)) for _, labs in rows],
                                        device=self.device),
                 "position_ids": torch.arange(width, device=self.device).expand(len(rows), -1),
-                "pixel_values": pixel_values, "image_mask": image_mask}
+                **self.image_inputs(samples)}
 
-    def prompt_embeddings(self, prompts_ids: Sequence[list[int]], pixel_values: torch.Tensor, image_mask: torch.Tensor,
+    def prompt_embeddings(self, prompts_ids: Sequence[list[int]], images: dict[str, torch.Tensor],
                           num_vision_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded embeddings and attention mask for tokenized prompts whose image markers
-        are not yet expanded; pixel_values and image_mask from image_inputs."""
-        input_ids, attention_mask = self.left_padded_prompts(prompts_ids, num_vision_tokens)
-        return self.embed(input_ids, pixel_values, image_mask, num_vision_tokens), attention_mask
+        are not yet expanded; images: image_inputs of the prompts' samples, in order."""
+        input_ids, attention_mask = self.left_padded_prompts(prompts_ids, images["image_grids"], num_vision_tokens)
+        embeds = self.embed(input_ids, images["pixel_values"], images["image_mask"], num_vision_tokens,
+                            images["image_grids"])
+        return embeds, attention_mask
 
-    def left_padded_prompts(self, prompts_ids: Sequence[list[int]],
+    def left_padded_prompts(self, prompts_ids: Sequence[list[int]], image_grids: torch.Tensor,
                             num_vision_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) of tokenized prompts, image markers expanded to N slots, left-padded."""
-        rows = [expand_image_markers(ids, ids, self.config.image_token_id, num_vision_tokens)[0]
+        """(input_ids, attention_mask) of tokenized prompts, left-padded, each image marker expanded
+        to its image's slots at N (image_grids: the prompts' images' grids, in order)."""
+        slots = iter([image_slots(grid, num_vision_tokens) for grid in image_grids.tolist()])
+        rows = [expand_image_markers(ids, ids, self.config.image_token_id,
+                                     [next(slots) for _ in range(ids.count(self.config.image_token_id))])[0]
                 for ids in prompts_ids]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
@@ -115,19 +129,18 @@ class InferenceMixin:
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         return input_ids, attention_mask
 
-    def inference_inputs(self, images: Sequence[Image.Image | None], prompts: Sequence[str],
-                         num_vision_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompt_embeddings for text prompts and PIL images; an image may be None (text-only)."""
-        prompts_ids = [self.prompt_ids(prompt, image is not None) for image, prompt in zip(images, prompts, strict=True)]
-        real_images = [image for image in images if image is not None]
-        pixel_values, image_mask = self.image_inputs([self.pixel_values(real_images)] if real_images else [])
-        return self.prompt_embeddings(prompts_ids, pixel_values, image_mask, num_vision_tokens)
+    def inference_inputs(self, images: Sequence, prompts: Sequence[str], num_vision_tokens: int,
+                         max_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompt_embeddings for text prompts and each one's images (see the class docstring)."""
+        prompts_ids = [self.prompt_ids(prompt, len(image_list(image))) for image, prompt in zip(images, prompts, strict=True)]
+        samples = [self.prepared_images(image, max_tiles) for image in images]
+        return self.prompt_embeddings(prompts_ids, self.image_inputs(samples), num_vision_tokens)
 
     @torch.no_grad()
-    def generate(self, images: Sequence[Image.Image | None], prompts: Sequence[str], num_vision_tokens: int,
-                 max_new_tokens: int = 32) -> list[str]:
+    def generate(self, images: Sequence, prompts: Sequence[str], num_vision_tokens: int,
+                 max_new_tokens: int = 32, max_tiles: int | None = None) -> list[str]:
         """Greedy answers, one per prompt."""
-        return self.timed_generate(lambda: self.inference_inputs(images, prompts, num_vision_tokens),
+        return self.timed_generate(lambda: self.inference_inputs(images, prompts, num_vision_tokens, max_tiles),
                                    max_new_tokens)[0]
 
     @torch.no_grad()
@@ -166,62 +179,68 @@ class InferenceMixin:
         after_end = (ended.long().cumsum(1) - ended.long()) > 0
         return log_probs.masked_fill(after_end, 0.0).sum(1).exp().tolist()
 
-    def prefill_seconds(self, images: Sequence[Image.Image | None], prompts: Sequence[str],
-                        num_vision_tokens: int) -> float:
+    def prefill_seconds(self, images: Sequence, prompts: Sequence[str], num_vision_tokens: int,
+                        max_tiles: int | None = None) -> float:
         """One timed prefill: generation of a single token."""
-        return self.timed_generate(lambda: self.inference_inputs(images, prompts, num_vision_tokens), 1)[1]
+        return self.timed_generate(lambda: self.inference_inputs(images, prompts, num_vision_tokens, max_tiles), 1)[1]
 
-    def prefill_repeats(self, images: Sequence[Image.Image | None], prompts: Sequence[str], num_vision_tokens: int,
-                        repeats: int = 5) -> list[float]:
+    def prefill_repeats(self, images: Sequence, prompts: Sequence[str], num_vision_tokens: int,
+                        repeats: int = 5, max_tiles: int | None = None) -> list[float]:
         """Seconds of `repeats` timed prefills after an untimed one, which pays for allocation and
         set-up: the samples behind a latency's median and spread."""
-        self.prefill_seconds(images, prompts, num_vision_tokens)
-        return [self.prefill_seconds(images, prompts, num_vision_tokens) for _ in range(repeats)]
+        self.prefill_seconds(images, prompts, num_vision_tokens, max_tiles)
+        return [self.prefill_seconds(images, prompts, num_vision_tokens, max_tiles) for _ in range(repeats)]
 
     @torch.no_grad()
-    def reply_log_likelihoods(self, images: Sequence[Image.Image | None], prompts: Sequence[str],
-                              replies: Sequence[Sequence[str]], num_vision_tokens: int,
-                              batch_size: int = 1) -> list[list[tuple[float, bool]]]:
-        """For each prompt (with its image, or None) and each of its candidate replies: (the
-        reply's log-likelihood, whether greedy decoding gives exactly it). A reply is scored as
-        training scores it (reply_ids): its tokens after the assistant header and its end token.
+    def reply_log_likelihoods(self, images: Sequence, prompts: Sequence[str], replies: Sequence[Sequence[str]],
+                              num_vision_tokens: int, batch_size: int = 1,
+                              max_tiles: int | None = None) -> list[list[tuple[float, bool]]]:
+        """For each prompt (with its images, see the class docstring) and each of its candidate
+        replies: (the reply's log-likelihood, whether greedy decoding gives exactly it). A reply is
+        scored as training scores it (reply_ids): its tokens after the assistant header and its
+        end token.
 
-        Each image is encoded once for all of its replies, with the other images of its chunk;
-        the LM scores at most batch_size replies per forward.
+        Each prompt's images are encoded once for all of its replies, with the other images of its
+        chunk; the LM scores at most batch_size replies per forward.
         """
         scores = []
         for chunk in chunks_by_rows(replies, batch_size):
-            chunk_images = [images[i] for i in chunk if images[i] is not None]
-            image_embeds = (self.encode_images(self.pixel_values(chunk_images), num_vision_tokens)
-                            if chunk_images else None)
-            rows, image_of_row, image = [], [], -1
-            for i in chunk:
-                image += images[i] is not None
+            samples = [self.prepared_images(images[i], max_tiles) for i in chunk]
+            present = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+            tiles = self.encode_images(torch.cat(present).to(self.device), num_vision_tokens) if present else None
+            slots_of_prompt, tile = [], 0  # each prompt's image slots, (slots, lm_dim)
+            for sample in samples:
+                count = sum(tile_count(grid) for grid in sample["image_grids"])
+                slots_of_prompt.append(self.tile_layout(tiles[tile:tile + count], sample["image_grids"]) if count else
+                                       torch.zeros(0, self.language_model.config.hidden_size, device=self.device))
+                tile += count
+            rows, row_slots = [], []
+            for i, sample, slots in zip(chunk, samples, slots_of_prompt):
+                counts = [image_slots(grid, num_vision_tokens) for grid in sample["image_grids"]]
                 for reply in replies[i]:
-                    rows.append(self.reply_ids(prompts[i], reply, images[i] is not None))
-                    image_of_row.append(image if images[i] is not None else None)
+                    rows.append(self.reply_ids(prompts[i], reply, len(counts)))
+                    row_slots.append((slots, counts))
             row_scores = []
             for start in range(0, len(rows), batch_size):
-                used = [j for j in image_of_row[start:start + batch_size] if j is not None]
-                row_scores += self.score_rows(rows[start:start + batch_size],
-                                              image_embeds[used] if used else None, num_vision_tokens)
+                row_scores += self.score_rows(rows[start:start + batch_size], row_slots[start:start + batch_size])
             for i in chunk:
                 scores.append(row_scores[:len(replies[i])])
                 row_scores = row_scores[len(replies[i]):]
         return scores
 
-    def score_rows(self, rows: Sequence[tuple[list[int], list[int]]], image_embeds: torch.Tensor | None,
-                   num_vision_tokens: int) -> list[tuple[float, bool]]:
+    def score_rows(self, rows: Sequence[tuple[list[int], list[int]]],
+                   row_slots: Sequence[tuple[torch.Tensor, list[int]]]) -> list[tuple[float, bool]]:
         """(summed log-probability of the labelled tokens, whether each is the argmax) per row of
-        (input_ids, labels); image_embeds: (images, N, lm_dim) for the rows' markers, in order.
-        Rows are right-padded: under causal attention no real token sees a pad."""
-        rows = [expand_image_markers(ids, labels, self.config.image_token_id, num_vision_tokens) for ids, labels in rows]
+        (input_ids, labels); row_slots: per row, its images' slot embeddings ((slots, lm_dim), see
+        TileLayout) and each image's slot count. Rows are right-padded: under causal attention no
+        real token sees a pad."""
+        rows = [expand_image_markers(ids, labels, self.config.image_token_id, counts)
+                for (ids, labels), (_, counts) in zip(rows, row_slots, strict=True)]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.tensor([ids + [self.tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in rows],
                                  device=self.device)
         labels = torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels in rows], device=self.device)
-        no_images = torch.zeros(0, num_vision_tokens, self.language_model.config.hidden_size, device=self.device)
-        embeds = self.splice_images(input_ids, no_images if image_embeds is None else image_embeds)
+        embeds = self.splice_images(input_ids, torch.cat([slots for slots, _ in row_slots]))
         hidden = self.lm_hidden_states(embeds, torch.arange(width, device=self.device).expand(len(rows), -1), None)
         targets = labels[:, 1:]  # each position's next-token label, as model.supervised_targets defines it
         supervised = targets != IGNORE_INDEX
@@ -248,9 +267,16 @@ def prefill_summary(seconds: Sequence[float]) -> dict[str, float]:
     return {"prefill_ms": timing["median"], "prefill_ms_q1": timing["q1"], "prefill_ms_q3": timing["q3"]}
 
 
-def user_turn(prompt: str, has_image: bool) -> str:
-    """A prompt as the content of a user turn: the image marker and a newline before the text."""
-    return f"{IMAGE_TOKEN}\n{prompt}" if has_image else prompt
+def user_turn(prompt: str, num_images: int) -> str:
+    """A prompt as the content of a user turn: an image marker and a newline per image before the text."""
+    return f"{IMAGE_TOKEN}\n" * num_images + prompt
+
+
+def image_list(images) -> list:
+    """A prompt's images as a list: None is none, one image is a list of one."""
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 def chunks_by_rows(replies: Sequence[Sequence[str]], rows: int) -> list[list[int]]:

@@ -1,24 +1,27 @@
 """TokenFLEX as an lmms-eval model, at one vision-token count N per run, and a sweep over N:
 
     python -m lmms_eval --model tokenflex --tasks mme,pope --batch_size 8 \
-        --model_args pretrained=runs/stage2/final,num_vision_tokens=64,device=cuda,dtype=bfloat16
+        --model_args pretrained=runs/stage2/final,num_vision_tokens=64,num_tiles=4,device=cuda,dtype=bfloat16
 
 lmms-eval finds it through its entry-point group `lmms_eval.models` (pipeline/lmms_eval_plugin.py,
 named in pyproject.toml; installed with requirements-eval.txt). Run it from the repository
 root, like the project's other commands, so that `pipeline` is importable.
 
-Each request is one prompt with at most one image, built as tools.generate builds it
-(TokenFlexVLM.prompt_ids: the image marker, a newline and the task's text in one user turn).
+Each request is one prompt with any number of images (a document's visuals, in order; videos
+are refused), built as tools.generate builds it (TokenFlexVLM.prompt_ids: an image marker and a
+newline per image, then the task's text, in one user turn). num_tiles: at most this many tiles
+per image (pipeline/tiles.py; default: what the model folder records).
 generate_until answers greedily; each batch's prompts run through the LM once, and that prefill
 (vision encoding + prompt forward, the part N changes) is timed and reported through lmms-eval's
 throughput metrics as `prefill_ms` (median over batches) with its quartiles. loglikelihood scores
 each continuation as the assistant's reply, as training tokenizes it, in batches, encoding a
 document's image once for all of its choices.
 
-sweep() runs lmms-eval's simple_evaluate for every model folder, N and task, and times the
-prefill of a probe batch (tools/benchmark).
+sweep() runs lmms-eval's simple_evaluate for every model folder, tile count, N and task, and
+times the prefill of a probe batch (tools/benchmark).
 """
 
+import itertools
 import os
 import time
 
@@ -34,6 +37,7 @@ from tqdm import tqdm
 from pipeline.chat import IMAGE_TOKEN
 from pipeline.inference import chunks_by_rows, inference_placement, prefill_summary
 from pipeline.model import TokenFlexVLM, read_vlm_config
+from pipeline.tiles import recorded_tiling
 
 
 def default_device():
@@ -50,14 +54,18 @@ def load_model(path, device=None, dtype=None):
 
 class TokenFlexLMMs(lmms):
     """model_args: pretrained (a model folder, or a loaded TokenFlexVLM), num_vision_tokens,
+    num_tiles (at most this many tiles per image; default: the folder's recorded data.max_tiles),
     device (default: this process's GPU, else cpu), dtype (default: bfloat16 on GPU, float32 on
     CPU; ignored for a loaded model), batch_size (from --batch_size)."""
 
     def __init__(self, pretrained, num_vision_tokens=64, device=None, dtype=None, batch_size=1,
-                 max_batch_size=None):  # lmms-eval passes its --max_batch_size; batches here have a fixed size
+                 max_batch_size=None, num_tiles=None):  # lmms-eval passes its --max_batch_size; batches here have a fixed size
         super().__init__()
         loaded = isinstance(pretrained, TokenFlexVLM)
         self.num_vision_tokens = int(num_vision_tokens)
+        self.num_tiles = None if num_tiles is None else int(num_tiles)
+        if self.num_tiles is not None and self.num_tiles < 1:
+            raise ValueError(f"num_tiles={num_tiles} must be >= 1")
         if not loaded:  # checked before the weights load
             read_vlm_config(pretrained).check_token_count(self.num_vision_tokens)
         self.model = pretrained.eval() if loaded else load_model(pretrained, device, dtype)
@@ -80,10 +88,11 @@ class TokenFlexLMMs(lmms):
         for chunk in collator.get_batched(n=self.batch_size):
             contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
             gen_kwargs = greedy_options(all_gen_kwargs[0], tasks[0])
-            images = [self.request_image(*request) for request in zip(doc_to_visual, tasks, splits, doc_ids)]
+            images = [self.request_images(*request) for request in zip(doc_to_visual, tasks, splits, doc_ids)]
             prompts = [without_image_markers(c) for c in contexts]
             batch_answers, seconds = self.model.timed_generate(
-                lambda: self.model.inference_inputs(images, prompts, self.num_vision_tokens), gen_kwargs["max_new_tokens"])
+                lambda: self.model.inference_inputs(images, prompts, self.num_vision_tokens, self.num_tiles),
+                gen_kwargs["max_new_tokens"])
             answers += [cut_at(answer, gen_kwargs["until"]) for answer in batch_answers]
             prefill_seconds.append(seconds)
             progress.update(len(chunk))
@@ -92,7 +101,7 @@ class TokenFlexLMMs(lmms):
             elapsed = time.perf_counter() - started
             tokens = sum(len(self.model.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
             log_metrics(total_elapsed_time=elapsed, total_gen_tokens=tokens, avg_speed=tokens / elapsed,
-                        additional_metrics={"num_vision_tokens": self.num_vision_tokens,
+                        additional_metrics={"num_vision_tokens": self.num_vision_tokens, "num_tiles": self.num_tiles,
                                             **prefill_summary(prefill_seconds[1:] or prefill_seconds)})
         return collator.get_original(answers)
 
@@ -115,11 +124,11 @@ class TokenFlexLMMs(lmms):
         for chunk in chunks_by_rows(replies, self.batch_size):  # only a chunk's images are held at a time
             images, prompts = [], []
             for task, split, doc_id, context in (keys[i] for i in chunk):
-                images.append(self.request_image(requests[documents[task, split, doc_id, context][0]].args[2],
-                                                 task, split, doc_id))
+                images.append(self.request_images(requests[documents[task, split, doc_id, context][0]].args[2],
+                                                  task, split, doc_id))
                 prompts.append(without_image_markers(context))
             scores = self.model.reply_log_likelihoods(images, prompts, [replies[i] for i in chunk],
-                                                      self.num_vision_tokens, self.batch_size)
+                                                      self.num_vision_tokens, self.batch_size, self.num_tiles)
             for i, document_scores in zip(chunk, scores):
                 for index, (log_likelihood, greedy) in zip(documents[keys[i]], document_scores, strict=True):
                     # lmms-eval 0.7.3 turns any other tuple into its str() (api/instance.py:
@@ -139,13 +148,14 @@ class TokenFlexLMMs(lmms):
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("tokenflex does not implement multi-round generation")
 
-    def request_image(self, doc_to_visual, task, split, doc_id):
-        """The request's image as RGB, or None; ValueError for more than one image or a video."""
+    def request_images(self, doc_to_visual, task, split, doc_id):
+        """The request's images as RGB, in the document's order (none: text-only); ValueError for a
+        visual that is not an image (a video's path, say)."""
         visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) or [] if v is not None]
-        if len(visuals) > 1 or (visuals and not isinstance(visuals[0], Image.Image)):
+        if not all(isinstance(v, Image.Image) for v in visuals):
             kinds = ", ".join(type(v).__name__ for v in visuals)
-            raise ValueError(f"task {task}, doc {doc_id}: tokenflex takes at most one image per prompt, got {kinds}")
-        return visuals[0].convert("RGB") if visuals else None
+            raise ValueError(f"task {task}, doc {doc_id}: tokenflex takes images only (no video), got {kinds}")
+        return [v.convert("RGB") for v in visuals]
 
 
 def greedy_options(gen_kwargs, task):
@@ -158,7 +168,7 @@ def greedy_options(gen_kwargs, task):
 
 
 def without_image_markers(context):
-    """The task's text without literal image markers: prompt_ids places the one image itself."""
+    """The task's text without literal image markers: prompt_ids places the images itself."""
     return context.replace(IMAGE_TOKEN, "").strip() if IMAGE_TOKEN in context else context
 
 
@@ -180,23 +190,26 @@ class SweepError(Exception):
                          f"{type(self.error).__name__}: {self.error}")
 
 
-def probe_batch(model, batch_size):
-    """batch_size prompts, each with a plain image at the image processor's input size and a short
-    question: the fixed batch whose prefill the sweep times at every N."""
+def probe_batch(model, batch_size, num_tiles=None):
+    """batch_size prompts, each with a plain image and a short question: the fixed batch whose
+    prefill the sweep times at every N. The image is num_tiles (default: the folder's recorded
+    max_tiles) tower inputs wide, so that it is cut into that many tiles (and a thumbnail)."""
     size = model.image_processor.size
-    image = Image.new("RGB", (size["width"], size["height"]), (128, 128, 128))
+    tiles = num_tiles or recorded_tiling(model.image_processor)[0]
+    image = Image.new("RGB", (tiles * size["width"], size["height"]), (128, 128, 128))
     return [image] * batch_size, ["What colour is the background?"] * batch_size
 
 
 def sweep(model_dirs, names, tasks, counts, limit=None, batch_size=1, device=None, dtype=None, include_path=None,
-          timing_repeats=5):
-    """One result per model and N, yielded as it finishes: lmms-eval's per-task results, its
-    scores flattened to {"task metric": value}, every document's prompt and responses (an
-    answer, or a (negative log-likelihood, is-greedy) pair per choice) and the prefill latency
-    (prefill_summary of timing_repeats timed prefills of probe_batch after a warm-up). Each
-    model is loaded once for all N, and every task runs on its own, so that a failure names it
-    (SweepError). One process (for data-parallel runs of one N, use lmms-eval's own CLI under
-    `accelerate launch`)."""
+          timing_repeats=5, tiles=(None,)):
+    """One result per model, tile count and N, yielded as it finishes: lmms-eval's per-task
+    results, its scores flattened to {"task metric": value}, every document's prompt and
+    responses (an answer, or a (negative log-likelihood, is-greedy) pair per choice) and the
+    prefill latency (prefill_summary of timing_repeats timed prefills of probe_batch after a
+    warm-up). tiles: the tile limits to run at (None: the folder's own); with several, each
+    result's model name says its tile count ("name tiles=T"). Each model is loaded once for all
+    tile counts and N, and every task runs on its own, so that a failure names it (SweepError).
+    One process (for data-parallel runs of one N, use lmms-eval's own CLI under `accelerate launch`)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -207,29 +220,32 @@ def sweep(model_dirs, names, tasks, counts, limit=None, batch_size=1, device=Non
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
         raise ValueError(f"lmms-eval knows no task {', '.join(unknown)} (include path: {include_path})")
-    for name, path in zip(names, model_dirs, strict=True):
-        model = load_model(path, device, dtype)
-        for n in counts:
-            result = {"model": name, "path": str(path), "num_vision_tokens": n, "scores": {}, "samples": {},
-                      "task_results": {}, "responses": {}, "prefill_ms": None, "prefill_ms_q1": None,
-                      "prefill_ms_q3": None}
-            for task in tasks:
-                try:
-                    output = simple_evaluate(model=TokenFlexLMMs(model, n, batch_size=batch_size), tasks=[task],
-                                             task_manager=task_manager, limit=limit, log_samples=True)
-                except Exception as error:  # named, and handed on with the finished tasks
-                    raise SweepError(result, task, error) from error
-                result["scores"] |= flat_scores(output["results"])
-                result["task_results"] |= output["results"]
-                for task_name, samples in output["samples"].items():
-                    result["samples"][task_name] = len(samples)
-                    # the prompt: the first argument of the document's requests, as lmms-eval logs it
-                    result["responses"][task_name] = [{"doc_id": s["doc_id"], "input": s["arguments"][0],
-                                                       "target": s["target"], "responses": s["filtered_resps"]}
-                                                      for s in samples]
-            result |= prefill_summary(model.prefill_repeats(*probe_batch(model, batch_size), n, timing_repeats))
-            yield result
-        del model
+    model = model_path = None
+    for (name, path), num_tiles, n in itertools.product(zip(names, model_dirs, strict=True), tiles, counts):
+        if model_path != path:
+            model = None  # frees its memory before the next model loads
+            model, model_path = load_model(path, device, dtype), path
+        label = name if len(tiles) == 1 else f"{name} tiles={num_tiles}"
+        result = {"model": label, "path": str(path), "num_vision_tokens": n, "num_tiles": num_tiles, "scores": {},
+                  "samples": {}, "task_results": {}, "responses": {}, "prefill_ms": None, "prefill_ms_q1": None,
+                  "prefill_ms_q3": None}
+        for task in tasks:
+            try:
+                output = simple_evaluate(model=TokenFlexLMMs(model, n, batch_size=batch_size, num_tiles=num_tiles),
+                                         tasks=[task], task_manager=task_manager, limit=limit, log_samples=True)
+            except Exception as error:  # named, and handed on with the finished tasks
+                raise SweepError(result, task, error) from error
+            result["scores"] |= flat_scores(output["results"])
+            result["task_results"] |= output["results"]
+            for task_name, samples in output["samples"].items():
+                result["samples"][task_name] = len(samples)
+                # the prompt: the first argument of the document's requests, as lmms-eval logs it
+                result["responses"][task_name] = [{"doc_id": s["doc_id"], "input": s["arguments"][0],
+                                                   "target": s["target"], "responses": s["filtered_resps"]}
+                                                  for s in samples]
+        probe = probe_batch(model, batch_size, num_tiles)
+        result |= prefill_summary(model.prefill_repeats(*probe, n, timing_repeats, num_tiles))
+        yield result
 
 
 def flat_scores(task_results):

@@ -11,6 +11,7 @@ pipeline/projector.py; inference helpers (prompts, generation, timing) are pipel
 import importlib.util
 import json
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .chat import IGNORE_INDEX, IMAGE_TOKEN, end_token_ids, load_tokenizer
 from .images import normalize_pixels, pixel_table
 from .inference import InferenceMixin, as_dtype
 from .projector import build_projector, pooled_side
+from .tiles import TileLayout
 from .vision import load_vision_tower, tower_attn_implementation, tower_features
 
 MODEL_TYPE = "tokenflex_vlm"
@@ -102,6 +104,7 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
             language_model.config.hidden_size,
             **config.projector_options,
         )
+        self.tile_layout = TileLayout(language_model.config.hidden_size)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         # the processor's rescale and normalize, applied on the model's device (not saved: the
@@ -152,6 +155,7 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         # parameters only, like transformers' dtype=: buffers such as RoPE's inverse frequencies
         # stay fp32 (in bf16 they would shift long-context positions by radians)
         model.projector.to(dtype)
+        model.tile_layout.to(dtype)
         return model
 
     @classmethod
@@ -170,7 +174,12 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         # strict=False because tied embeddings are stored once; anything else missing is an error
         result = load_torch_model(self, path, strict=False)
         tied = {name for name in result.missing_keys if self._is_tied(name)}
-        missing = sorted(set(result.missing_keys) - tied)
+        # Folders written before tiles have no row end: it stays random-init, unused at one tile per image.
+        before_tiles = {"tile_layout.row_end"} & set(result.missing_keys)
+        if before_tiles:
+            warnings.warn(f"{path} has no tile_layout.row_end (written before tiles): serve it with one tile per "
+                          f"image, or train it with data.max_tiles > 1 first", stacklevel=2)
+        missing = sorted(set(result.missing_keys) - tied - before_tiles)
         if missing or result.unexpected_keys:
             raise ValueError(f"{path}: weights do not match the model: missing {missing[:5]}, "
                              f"unexpected {sorted(result.unexpected_keys)[:5]}")
@@ -196,43 +205,47 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
     # ---- forward ----
 
     def image_features(self, pixel_values):
-        """(images, 3, H, W) uint8 pixels (pipeline.images.image_pixel_values) -> the tower's
-        (images, patches, vision_dim) features, which every N shares. Normalized here, on the
+        """(tiles, 3, H, W) uint8 pixels (pipeline.tiles.prepare_images) -> the tower's
+        (tiles, patches, vision_dim) features, which every N shares. Normalized here, on the
         model's device, as the image processor normalizes."""
         dtype = next(self.projector.parameters()).dtype
         pixels = normalize_pixels(pixel_values, self.pixel_table).to(dtype)
         return tower_features(self.vision_tower, pixels, self.config.vision_feature_layer)
 
     def encode_images(self, pixel_values, num_vision_tokens):
-        """(images, 3, H, W) uint8 -> (images, N, lm_dim)."""
+        """(tiles, 3, H, W) uint8 -> (tiles, N, lm_dim)."""
         return self.projector(self.image_features(pixel_values), num_vision_tokens)
 
-    def embed(self, input_ids, pixel_values, image_mask, num_vision_tokens):
-        """Token embeddings with each image's N projected features written into its N slots.
+    def embed(self, input_ids, pixel_values, image_mask, num_vision_tokens, image_grids=None):
+        """Token embeddings with each image's slots (pipeline/tiles.py: its tiles' N projected
+        features each, and row ends) written into its markers' slots.
 
-        The vision path runs even when the batch has no real image (all-dummy pixels): under
-        ZeRO-3 every rank must run the same module forwards, or the job hangs.
+        image_mask flags the real tiles; image_grids: each real image's (rows, cols), in order
+        (None: every image one tile). The vision path runs even when the batch has no real
+        image (all-dummy pixels): under ZeRO-3 every rank must run the same module forwards, or
+        the job hangs.
         """
         features = self.encode_images(pixel_values, num_vision_tokens)
-        embeds = self.splice_images(input_ids, features[image_mask])
-        # dummy images contribute with zero weight, so their parameters still join backward
+        real = features[image_mask]
+        grids = [(1, 1)] * len(real) if image_grids is None else image_grids.tolist()
+        embeds = self.splice_images(input_ids, self.tile_layout(real, grids))
+        # dummy tiles contribute with zero weight, so their parameters still join backward
         return embeds + 0.0 * features[~image_mask].sum().to(embeds.dtype)
 
-    def splice_images(self, input_ids, image_embeds):
-        """Token embeddings with (images, N, lm_dim) image_embeds written, in order, into the image slots."""
+    def splice_images(self, input_ids, image_slots):
+        """Token embeddings with (slots, lm_dim) image_slots written, in order, into the image slots."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
-        real = image_embeds.reshape(-1, embeds.shape[-1])
         slots = input_ids == self.config.image_token_id
-        if int(slots.sum()) != real.shape[0]:
-            images, n = image_embeds.shape[:2]
+        if int(slots.sum()) != image_slots.shape[0]:
             raise ValueError(
-                f"batch has {int(slots.sum())} image slots but {images} images x N={n} = {real.shape[0]} image "
-                f"features; each image marker must be expanded to N slots and match exactly one image"
+                f"batch has {int(slots.sum())} image slots but its images fill {image_slots.shape[0]}; each image "
+                f"marker must be expanded to its image's slots (pipeline/tiles.py: image_slots) and match one image"
             )
-        return embeds.masked_scatter(slots.unsqueeze(-1), real.to(embeds.dtype))
+        return embeds.masked_scatter(slots.unsqueeze(-1), image_slots.to(embeds.dtype))
 
     def forward(self, batch, num_vision_tokens, return_logits=False, num_items_in_batch=None, loss_reduction="token"):
-        """batch: input_ids, labels, position_ids (rows, L); pixel_values (M, 3, H, W) uint8; image_mask (M,).
+        """batch: input_ids, labels, position_ids (rows, L); pixel_values (M, 3, H, W) uint8 tiles;
+        image_mask (M,); image_grids (images, 2), each real image's (rows, cols), optional (see embed).
 
         loss: the cross-entropy of supervised tokens, each weighted as loss_reduction says
         (supervised_weights), summed, divided by num_items_in_batch when given (training passes
@@ -240,7 +253,8 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         weighted mean), else by this batch's own total weight. Logits only when asked, since
         full-vocabulary logits dominate memory at large N.
         """
-        embeds = self.embed(batch["input_ids"], batch["pixel_values"], batch["image_mask"], num_vision_tokens)
+        embeds = self.embed(batch["input_ids"], batch["pixel_values"], batch["image_mask"], num_vision_tokens,
+                            batch.get("image_grids"))
         hidden = self.lm_hidden_states(embeds, batch.get("position_ids"), batch.get("attention_mask"))
         loss = token_losses = None
         if "labels" in batch:

@@ -30,6 +30,7 @@ from pipeline.metrics import MetricsLog, Work, step_flops
 from pipeline.model import supervised_targets, supervised_weights, write_model_folder
 from pipeline.projector import pooled_side
 from pipeline.sampler import TokenCountSampler, check_same_across_ranks
+from pipeline.tiles import largest_image_slots
 from stages import STAGES
 
 log = logging.getLogger("tokenflex")
@@ -94,7 +95,7 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
     world = dist.get_world_size()
     skipped = loss is None  # on every rank alike (see train_step)
     text_only = any(s["num_images"] == 0 for s in stats)
-    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "max_images", "num_images")]
+    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "tile_budget", "num_tiles")]
     running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
     flops = step_flops(engine.module, n, sum((s["work"] for s in stats), Work()))
     names = list(stats[-1]["total_samples_by_source"])
@@ -102,7 +103,7 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
     source_losses = [sum(values) for values in zip(*(s["source_losses"] for s in stats))]
     totals = sum_over_ranks([0.0 if skipped else loss, *per_step, float(text_only), *running, *flops, *consumed,
                              *source_losses])
-    loss, real, pad, samples, images, real_images, text_only_ranks, truncated, corrupt, useful, executed = totals[:11]
+    loss, real, pad, samples, tiles, real_tiles, text_only_ranks, truncated, corrupt, useful, executed = totals[:11]
     consumed, loss_sums, token_counts = (totals[11 + i * len(names):11 + (i + 1) * len(names)] for i in range(3))
     metrics = {
         "step": step, "num_vision_tokens": n, "update_skipped": skipped, "loss": None if skipped else loss,
@@ -111,7 +112,7 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
         "tokens_per_s": real / seconds, "samples_per_s": samples / seconds, "padding_fraction": pad / (real + pad),
         "text_only_ranks": int(text_only_ranks), "truncated_total": int(truncated),
         "skipped_corrupt_total": int(corrupt), "useful_flops": useful, "executed_flops": executed,
-        "dummy_image_fraction": 1 - real_images / images,
+        "dummy_image_fraction": 1 - real_tiles / tiles,
         "epoch": stats[-1]["epoch"],  # rank 0's data stream (see TrainBatches)
         **{f"samples_total/{name}": int(c) for name, c in zip(names, consumed)},
         **{f"loss_by_source/{name}": s / c for name, s, c in zip(names, loss_sums, token_counts) if c},
@@ -233,14 +234,17 @@ def check_inputs(cfg):
             pooled_side(count, grid)
         except ValueError as error:
             raise ValueError(f"tokens.counts: {error}") from None
-    # Room for a sample with one image at the largest N: its N slots plus the text that
-    # data.text_tokens_per_image assumes per image, or with auto (measured later, on the data) a
-    # short prompt and answer. The packer can't cut a sample inside its image.
-    largest, text = max(cfg.tokens.counts), cfg.data.text_tokens_per_image
+    # Room for a sample with the largest image data.max_tiles allows at the largest N: its slots
+    # (pipeline/tiles.py) plus the text that data.text_tokens_per_image assumes per tile, or with
+    # auto (measured later, on the data) a short prompt and answer. The packer can't cut a sample
+    # inside its image.
+    largest, text, max_tiles = max(cfg.tokens.counts), cfg.data.text_tokens_per_image, cfg.data.max_tiles
     text, named = (MIN_TEXT_TOKENS, "a minimum of text") if text == "auto" else (text, "data.text_tokens_per_image")
-    if cfg.data.seq_len < largest + text:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} leaves no room for text at N={largest}: it must be at "
-                         f"least max(tokens.counts) + {named} = {largest} + {text} = {largest + text}")
+    image = largest_image_slots(max_tiles, largest)
+    if cfg.data.seq_len < image + text:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} can't hold the largest image with its text at N={largest}: "
+                         f"it must be at least the slots of an image of data.max_tiles={max_tiles} tiles at "
+                         f"max(tokens.counts) + {named} = {image} + {text} = {image + text}")
     ckpt_dir = checkpoint.checkpoint_dir(cfg.train.output_dir)
     tag, trainer_state = checkpoint.latest_trainer_state(ckpt_dir)
     if tag and not cfg.tokens.allow_change_on_resume:

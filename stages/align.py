@@ -1,12 +1,14 @@
 """Stage 1, align: train the projector only; the vision tower and the LM stay frozen.
 
-Starts from separate vision and LM checkpoints (model.vision_path, model.lm_path)."""
+The tiles' row-end embedding (pipeline/tiles.py) is part of the image side and trains with the
+projector. Starts from separate vision and LM checkpoints (model.vision_path, model.lm_path)."""
 
 from transformers import AutoConfig
 
 from pipeline.images import set_image_aspect
 from pipeline.engine import zero3_loading
 from pipeline.model import TokenFlexVLM
+from pipeline.tiles import set_tiling
 from stages.common import group, log, set_trainable
 
 
@@ -28,13 +30,15 @@ def build_model(cfg):
             chat_format=cfg.model.chat_format,
         )
     set_image_aspect(model.image_processor, cfg.data.image_aspect)
+    set_tiling(model.image_processor, cfg.data.max_tiles, cfg.data.multi_image_max_tiles)
     return model
 
 
 def freeze_backbones(model, cfg):
-    log.info("stage align: projector only")
-    set_trainable(model, {"projector"})
+    log.info("stage align: projector (and the tiles' row-end embedding) only")
+    set_trainable(model, {"projector", "tile_layout"})
 
 
 def param_groups(model, cfg):
-    return group(list(model.projector.parameters()), cfg.optim.lr, cfg.optim.weight_decay)
+    return group(list(model.projector.parameters()) + list(model.tile_layout.parameters()), cfg.optim.lr,
+                 cfg.optim.weight_decay)

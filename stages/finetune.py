@@ -7,6 +7,7 @@ written by tools.convert_checkpoint."""
 from pipeline.chat import prepare_tokenizer
 from pipeline.images import set_image_aspect
 from pipeline.model import TokenFlexVLM, read_vlm_config
+from pipeline.tiles import set_tiling
 from stages.common import group, log, set_trainable
 
 
@@ -22,11 +23,12 @@ def build_model(cfg):
     model = TokenFlexVLM.from_pretrained(cfg.model.init_from, attn_implementation=cfg.model.attn_implementation)
     prepare_tokenizer(model.tokenizer, cfg.model.chat_format)  # auto keeps the folder's format
     set_image_aspect(model.image_processor, cfg.data.image_aspect)
+    set_tiling(model.image_processor, cfg.data.max_tiles, cfg.data.multi_image_max_tiles)
     return model
 
 
 def trainable_parts(cfg):
-    return {"projector", "language_model"} | ({"vision_tower"} if cfg.optim.vision_lr > 0 else set())
+    return {"projector", "tile_layout", "language_model"} | ({"vision_tower"} if cfg.optim.vision_lr > 0 else set())
 
 
 def freeze_backbones(model, cfg):
@@ -35,7 +37,7 @@ def freeze_backbones(model, cfg):
 
 
 def param_groups(model, cfg):
-    groups = group(list(model.projector.parameters()) + list(model.language_model.parameters()),
+    groups = group([*model.projector.parameters(), *model.tile_layout.parameters(), *model.language_model.parameters()],
                    cfg.optim.lr, cfg.optim.weight_decay)
     if cfg.optim.vision_lr > 0:
         groups += group(list(model.vision_tower.parameters()), cfg.optim.vision_lr, cfg.optim.weight_decay)

@@ -83,8 +83,7 @@ def test_policy_encodes_each_image_once_and_stops_at_the_first_confident_count(m
     try:
         results = []
         for batch in (samples[:8], samples[8:16], samples[16:]):
-            batch_results, seconds = adaptive_generate(model, [s["prompt_ids"] for s in batch],
-                                                       [s["pixel_values"] for s in batch], LADDER, threshold, 8)
+            batch_results, seconds = adaptive_generate(model, batch, LADDER, threshold, 8)
             results += batch_results
             assert seconds > 0
     finally:

@@ -245,8 +245,8 @@ def training_forward(model, question, reply, image, n):
     user = question if image is None else f"{IMAGE_TOKEN}\n{question}"
     record = {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": reply}]}
     ids, labels = tokenize_record(record, model.tokenizer, int(image is not None))
-    pixel_values = None if image is None else model.pixel_values([image.convert("RGB")])
-    batch = model.labelled_batch([{"input_ids": ids, "labels": labels, "pixel_values": pixel_values}], n)
+    images = [] if image is None else [image.convert("RGB")]
+    batch = model.labelled_batch([{"input_ids": ids, "labels": labels, **model.prepared_images(images)}], n)
     output = model(batch, n, return_logits=True)
     supervised = batch["labels"][0, 1:] != IGNORE_INDEX
     greedy = bool((output.logits[0, :-1][supervised].argmax(-1) == batch["labels"][0, 1:][supervised]).all())

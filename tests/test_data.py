@@ -16,7 +16,7 @@ from transformers import AutoImageProcessor
 from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
 from pipeline.config import DataConfig, load_config
 from pipeline.data import TrainBatches, iter_samples
-from pipeline.data.decode import Decoder, measure_text_tokens_per_image
+from pipeline.data.decode import Decoder, measure_text_tokens_per_tile
 from pipeline.data.mixture import load_mixture
 from pipeline.data.stream import SampleStream
 from pipeline.images import image_pixel_values, set_image_aspect
@@ -146,7 +146,7 @@ def test_shapes_match_across_ranks_for_each_n(synth, models):
     for n, a, b in zip(ns, rank0, rank1):
         for key in ["input_ids", "labels", "position_ids", "pixel_values", "image_mask"]:
             assert a[key].shape == b[key].shape, (n, key)
-        assert a["pixel_values"].shape == (loader.image_budget(n), 3, 64, 64)
+        assert a["pixel_values"].shape == (loader.tile_budget(n), 3, 64, 64)
         assert a["input_ids"].shape == (2, 640)
 
 
@@ -234,9 +234,9 @@ def test_auto_text_tokens_per_image_is_measured_on_the_data(synth, models):
     images = sum("image" in r for r in records)
     exact = (sum(len(ids) for ids in encoded) - images) / images
     # 8 shards of at most 40 samples: reading 64 of each reads them all.
-    assert measure_text_tokens_per_image(load_mixture(str(synth / "shards")), tokenizer) == pytest.approx(exact)
+    assert measure_text_tokens_per_tile(load_mixture(str(synth / "shards")), tokenizer) == pytest.approx(exact)
     cfg = DataConfig(shards=str(synth / "shards"), seq_len=512, rows_per_batch=2, num_workers=1)
-    budgets = [[TrainBatches(cfg, *models, rank=r, world_size=2).image_budget(n) for n in (16, 64, 144)]
+    budgets = [[TrainBatches(cfg, *models, rank=r, world_size=2).tile_budget(n) for n in (16, 64, 144)]
                for r in range(2)]
     assert budgets[0] == budgets[1]  # the same on every rank, so shapes agree
     assert budgets[0] == [-(-1024 // (n + exact)) for n in (16, 64, 144)]
@@ -269,7 +269,7 @@ def llava_like(tmp_path_factory):
 def packing_figures(loader, n, count):
     out = [loader.next_batch(n)["stats"] for _ in range(count)]
     pad = sum(s["pad_tokens"] for s in out) / sum(s["pad_tokens"] + s["real_tokens"] for s in out)
-    dummy = 1 - sum(s["num_images"] for s in out) / sum(s["max_images"] for s in out)
+    dummy = 1 - sum(s["num_tiles"] for s in out) / sum(s["tile_budget"] for s in out)
     assert out[-1]["total_samples_packed"] == sum(s["num_samples"] for s in out)
     return pad, dummy, out[-1]["total_dropped"]
 

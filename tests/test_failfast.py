@@ -161,8 +161,18 @@ def test_seq_len_without_room_for_text_at_the_largest_n_fails_at_start(
     stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
     error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "tokens.counts={16: 1, 144: 1}",
                            "data.seq_len=200", f"data.text_tokens_per_image={text}")
-    assert "data.seq_len=200 leaves no room for text at N=144" in error
-    assert f"max(tokens.counts) + {named} = 144 + 64 = 208" in error
+    assert "data.seq_len=200 can't hold the largest image with its text at N=144" in error
+    assert f"data.max_tiles=1 tiles at max(tokens.counts) + {named} = 144 + 64 = 208" in error
+
+
+def test_seq_len_without_room_for_the_largest_tiled_image_fails_at_start(tiny_models, synthetic_shards, tmp_path, capsys):
+    """With data.max_tiles 6 the largest image is a 6 x 1 grid and its thumbnail: 7 tiles x N
+    slots plus a row end per grid row, 7 x 64 + 6 = 454 at N=64; 470 tokens hold it, not its text."""
+    stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
+    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "tokens.counts={16: 1, 64: 1}",
+                           "data.seq_len=470", "data.max_tiles=6", "data.text_tokens_per_image=20")
+    assert "data.seq_len=470 can't hold the largest image with its text at N=64" in error
+    assert "data.max_tiles=6 tiles at max(tokens.counts) + data.text_tokens_per_image = 454 + 20 = 474" in error
 
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])

@@ -113,7 +113,7 @@ def test_the_model_normalizes_8_bit_pixels_as_the_processor_does(tiny_models):
     processor = AutoImageProcessor.from_pretrained(tiny_models / "vision")
     with Image.open(io.BytesIO(photograph())) as photo:
         image = photo.resize((64, 64))  # the tiny tower's input size: the processor's resize changes nothing
-    pixels = model.pixel_values([image])
+    pixels = model.prepared_images([image])["pixel_values"]
     assert pixels.dtype == torch.uint8
     with torch.no_grad():
         reference = tower_features(model.vision_tower, processor(images=[image], return_tensors="pt")["pixel_values"],

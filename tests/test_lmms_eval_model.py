@@ -102,11 +102,11 @@ def training_forward(model, question, reply, image):
     """(summed loss, whether every token is the argmax) of the training forward over a
     conversation's reply and its end token: the user turn answered by reply, tokenized as
     training tokenizes it."""
-    user = question if image is None else f"{IMAGE_TOKEN}\n{question}"
+    images = [] if image is None else image if isinstance(image, list) else [image]
+    user = f"{IMAGE_TOKEN}\n" * len(images) + question
     record = {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": reply}]}
-    ids, labels = tokenize_record(record, model.tokenizer, int(image is not None))
-    pixel_values = None if image is None else model.pixel_values([image])
-    batch = model.labelled_batch([{"input_ids": ids, "labels": labels, "pixel_values": pixel_values}], N)
+    ids, labels = tokenize_record(record, model.tokenizer, len(images))
+    batch = model.labelled_batch([{"input_ids": ids, "labels": labels, **model.prepared_images(images)}], N)
     output = model(batch, N, return_logits=True)
     supervised = batch["labels"][0, 1:] != IGNORE_INDEX
     greedy = bool((output.logits[0, :-1][supervised].argmax(-1) == batch["labels"][0, 1:][supervised]).all())
@@ -145,6 +145,50 @@ def test_generate_until_runs_each_batch_through_the_lm_once(model, batch_size):
     if batch_size == 1:
         assert answers == [model.generate([doc["image"]], [doc["question"]], N, 4)[0].split("\n\n")[0].strip()
                            for doc in DOCUMENTS]
+
+
+def test_multi_image_documents_are_scored_and_answered_with_every_image(model):
+    """A document with two images (lmms-eval's doc_to_visual gives a list): both go into the
+    prompt, in order, for loglikelihood and generate_until; a video (a path) is refused."""
+    two = {"question": "Which image is red?", "choices": ["first", "second"],
+           "image": [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (128, 64), "blue")]}
+    harness = TokenFlexLMMs(model, N, batch_size=2)
+    harness.task_dict = {TASK: {SPLIT: [two]}}
+
+    def visuals(document):
+        return document["image"]
+    requests = [Instance("loglikelihood", (two["question"], f" {c}", visuals, 0, TASK, SPLIT), idx=i,
+                         metadata={"task": TASK, "doc_id": 0, "repeats": 1}) for i, c in enumerate(two["choices"])]
+    with ForwardCounter(model.vision_tower) as vision:
+        results = harness.loglikelihood(requests)
+    assert vision.calls == [2]  # both images, encoded once for both choices
+    expected = [training_forward(model, two["question"], c, two["image"]) for c in two["choices"]]
+    assert [r.text[0] for r in results] == pytest.approx([loss for loss, _ in expected], rel=1e-4)
+    swapped = training_forward(model, two["question"], "first", two["image"][::-1])[0]
+    assert swapped != pytest.approx(expected[0][0], rel=1e-4)  # the order of the images matters
+    answer = harness.generate_until([Instance("generate_until", (two["question"], {"max_new_tokens": 3}, visuals, 0,
+                                                                 TASK, SPLIT), idx=0,
+                                              metadata={"task": TASK, "doc_id": 0, "repeats": 1})])
+    assert answer == [model.generate([two["image"]], [two["question"]], N, 3)[0].strip()]
+    harness.task_dict = {TASK: {SPLIT: [dict(two, image=["clip.mp4"])]}}
+    with pytest.raises(ValueError, match="tokenflex takes images only"):
+        harness.generate_until([Instance("generate_until", (two["question"], {}, visuals, 0, TASK, SPLIT), idx=0,
+                                         metadata={"task": TASK, "doc_id": 0, "repeats": 1})])
+
+
+def test_num_tiles_cuts_each_image_into_that_many_tiles_at_most(model):
+    """num_tiles (model_args) overrides the folder's tile limit: a wide image becomes 4 tiles and
+    a thumbnail, and the prompt its slots (5 x N + a row end)."""
+    wide = {"question": "What colour?", "choices": ["red"], "image": Image.new("RGB", (256, 64), "red")}
+    harness = TokenFlexLMMs(model, N, num_tiles=4)
+    harness.task_dict = {TASK: {SPLIT: [wide]}}
+    request = Instance("loglikelihood", (wide["question"], " red", doc_to_visual, 0, TASK, SPLIT), idx=0,
+                       metadata={"task": TASK, "doc_id": 0, "repeats": 1})
+    with ForwardCounter(model.vision_tower) as vision:
+        harness.loglikelihood([request])
+    assert vision.calls == [5]
+    with pytest.raises(ValueError, match="num_tiles=0 must be >= 1"):
+        TokenFlexLMMs(model, N, num_tiles=0)
 
 
 @pytest.mark.parametrize("tokens", [0, "0", -4, 15])

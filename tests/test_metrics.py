@@ -114,7 +114,7 @@ def test_work_agrees_with_the_packers_own_counts(tiny_models, synthetic_shards):
     for batch in batches:
         stats, work = batch["stats"], Work.of(batch, tokenizer.pad_token_id)
         assert (work.tokens, work.positions - work.tokens) == (stats["real_tokens"], stats["pad_tokens"])
-        assert (work.real_images, work.images) == (stats["num_images"], stats["max_images"])
+        assert (work.real_images, work.images) == (stats["num_tiles"], stats["tile_budget"])
         assert work.sample_scores < work.row_scores
 
 

@@ -56,23 +56,25 @@ def sample(model, messages, num_tokens):
     return expand_image_markers(encoded["input_ids"], labels, model.config.image_token_id, num_tokens)
 
 
-def make_batch(model, rows, pixel_values, image_mask):
+def make_batch(model, rows, pixel_values, image_mask, image_grids=None):
     width = max(len(ids) for ids, _ in rows)
     pad = model.tokenizer.pad_token_id
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
     labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows])
     batch = dict(input_ids=input_ids, labels=labels, position_ids=torch.arange(width).expand(len(rows), width).clone(),
                  pixel_values=pixel_values, image_mask=image_mask)
+    if image_grids is not None:
+        batch["image_grids"] = image_grids
     return {name: tensor.to(model.device) for name, tensor in batch.items()}
 
 
 def image_batch(model, images, num_tokens=N):
     row = sample(model, CONVERSATION, num_tokens)
-    return make_batch(model, [row], model.pixel_values(images[:1]), torch.tensor([True]))
+    return make_batch(model, [row], model.prepared_images(images[:1])["pixel_values"], torch.tensor([True]))
 
 
 def text_only_batch(model):
-    return make_batch(model, [sample(model, TEXT_ONLY, N)], *model.image_inputs([]))
+    return make_batch(model, [sample(model, TEXT_ONLY, N)], **model.image_inputs([]))
 
 
 # ---- image slots ----
@@ -96,7 +98,7 @@ def test_embed_fills_exactly_n_slots_with_projected_features(model, images, num_
     input_ids = torch.tensor([ids])
     slots = input_ids == model.config.image_token_id
     assert int(slots.sum()) == num_tokens
-    pixel_values = model.pixel_values(images[:1])
+    pixel_values = model.prepared_images(images[:1])["pixel_values"]
     with torch.no_grad():
         embeds = model.embed(input_ids, pixel_values, torch.tensor([True]), num_tokens)
         features = model.encode_images(pixel_values, num_tokens)
@@ -110,7 +112,7 @@ def test_embed_two_images_fill_their_slots_in_order(model, images):
     ids, _ = sample(model, CONVERSATION, N)
     second, _ = sample(model, CONVERSATION, N)
     input_ids = torch.tensor([ids, second])
-    pixel_values = model.pixel_values(images)
+    pixel_values = model.prepared_images(images)["pixel_values"]
     with torch.no_grad():
         embeds = model.embed(input_ids, pixel_values, torch.tensor([True, True]), N)
         features = model.encode_images(pixel_values, N)
@@ -126,7 +128,7 @@ def test_embed_rejects_wrong_slot_count(model, images, slot_count):
     image = model.config.image_token_id
     input_ids = torch.tensor([ids[:1] + [image] * slot_count + ids[1:]])
     with pytest.raises(ValueError, match=rf"batch has {slot_count} image slots"):
-        model.embed(input_ids, model.pixel_values(images[:1]), torch.tensor([True]), N)
+        model.embed(input_ids, model.prepared_images(images[:1])["pixel_values"], torch.tensor([True]), N)
 
 
 def test_forward_rejects_markers_expanded_to_a_different_n(model, images):
@@ -241,7 +243,7 @@ def packed_rows(model, images, restart_positions=True):
     both orders), with their alone-forward logits; position ids restart per sample, or run on
     across the row (then nothing stops the second sample from attending to the first)."""
     first, second = sample(model, CONVERSATION, N), sample(model, TEXT_ONLY, N)
-    image = model.pixel_values(images[:1])
+    image = model.prepared_images(images[:1])["pixel_values"]
     packed = make_batch(model, [(first[0] + second[0], first[1] + second[1]),
                                 (second[0] + first[0], second[1] + first[1])],
                         torch.cat([image, image]), torch.tensor([True, True]))
@@ -252,7 +254,7 @@ def packed_rows(model, images, restart_positions=True):
     with torch.no_grad():
         logits = model(packed, N, return_logits=True).logits
         alone = [model(make_batch(model, [first], image, torch.tensor([True])), N, return_logits=True).logits[0],
-                 model(make_batch(model, [second], *model.image_inputs([])), N, return_logits=True).logits[0]]
+                 model(make_batch(model, [second], **model.image_inputs([])), N, return_logits=True).logits[0]]
     split = len(first[0])
     return [(logits[0, :split], alone[0]), (logits[0, split:], alone[1]),
             (logits[1, :-split], alone[1]), (logits[1, -split:], alone[0])]
@@ -437,13 +439,13 @@ def test_bf16_model_batches_and_loss(saved_model, images):
     matches fp32's to bf16 precision."""
     fp32 = TokenFlexVLM.from_pretrained(saved_model).eval()
     bf16 = TokenFlexVLM.from_pretrained(saved_model, "cpu", "bf16").eval()
-    samples = [dict(zip(("input_ids", "labels"), sample(bf16, CONVERSATION, 1)), pixel_values=fp32.pixel_values(images[:1])),
-               dict(zip(("input_ids", "labels"), sample(bf16, TEXT_ONLY, 1)), pixel_values=None)]
+    samples = [dict(zip(("input_ids", "labels"), sample(bf16, CONVERSATION, 1)), **fp32.prepared_images(images[0])),
+               dict(zip(("input_ids", "labels"), sample(bf16, TEXT_ONLY, 1)), **fp32.prepared_images(None))]
     batch = bf16.labelled_batch(samples, N)
     assert all(t.device == bf16.device for t in batch.values())
     assert batch["pixel_values"].dtype == torch.uint8 and batch["image_mask"].tolist() == [True]
-    assert bf16.pixel_values(images).dtype == torch.uint8
-    assert bf16.image_inputs([])[0].dtype == torch.uint8
+    assert bf16.prepared_images(images)["pixel_values"].dtype == torch.uint8
+    assert bf16.image_inputs([])["pixel_values"].dtype == torch.uint8
     with torch.no_grad():
         out = bf16(batch, N, return_logits=True)
         reference = fp32(fp32.labelled_batch(samples, N), N, return_logits=True)
@@ -511,3 +513,56 @@ def test_vision_tower_loads_from_a_full_siglip_folder(tmp_path):
     patch = tower.get_input_embeddings().weight
     assert torch.equal(patch, full.vision_model.get_input_embeddings().weight)
     assert not torch.equal(patch, SiglipVisionModel(config.vision_config).get_input_embeddings().weight)
+
+
+# ---- several images per prompt, tiles ----
+
+def test_two_images_and_a_tiled_one_fill_their_slots_in_order(model):
+    """One prompt with a wide image cut into 1 x 4 tiles and a square one: the slots hold the
+    first image's tiles with row ends and thumbnail (TileLayout), then the second image's tile."""
+    wide, square = Image.new("RGB", (256, 64), "green"), Image.new("RGB", (64, 64), "red")
+    model.image_processor.multi_image_max_tiles = 4  # let both images of the prompt take tiles
+    try:
+        prepared = model.prepared_images([wide, square], max_tiles=4)
+    finally:
+        del model.image_processor.multi_image_max_tiles
+    assert prepared["image_grids"] == [(1, 4), (1, 1)] and len(prepared["pixel_values"]) == 6
+    prompt = model.prompt_ids("which is wider?", 2)
+    inputs = model.image_inputs([prepared])
+    with torch.no_grad():
+        embeds, _ = model.prompt_embeddings([prompt], inputs, 16)
+        tiles = model.encode_images(inputs["pixel_values"], 16)
+        expected = model.tile_layout(tiles, [(1, 4), (1, 1)])
+    ids = expand_image_markers(prompt, prompt, model.config.image_token_id, [5 * 16 + 1, 16])[0]
+    assert ids.count(model.config.image_token_id) == len(expected) == 5 * 16 + 1 + 16
+    torch.testing.assert_close(embeds[0][torch.tensor(ids) == model.config.image_token_id], expected)
+
+
+def test_generation_with_two_images_reads_both_in_order(talkative_model, images):
+    prompt = "are the two shapes the same colour?"
+    both = talkative_model.generate([[images[0], images[1]]], [prompt], 16, max_new_tokens=6)
+    assert both == talkative_model.generate([[images[0], images[1]], None], [prompt, "hi"], 16, max_new_tokens=6)[:1]
+    with torch.no_grad():
+        forward, _ = talkative_model.inference_inputs([[images[0], images[1]]], [prompt], 16)
+        backward, _ = talkative_model.inference_inputs([[images[1], images[0]]], [prompt], 16)
+        one, _ = talkative_model.inference_inputs([images[0]], [prompt], 16)
+    assert forward.shape == backward.shape and one.shape[1] == forward.shape[1] - 16 - 1  # a marker+newline less
+    assert not torch.allclose(forward, backward)  # the images' order is kept
+
+
+def test_a_folder_written_before_tiles_loads_with_a_warning(tiny_models, tmp_path):
+    """Its weights lack the row-end embedding, which one tile per image never uses: the folder
+    loads, gives the logits it gave, and says so."""
+    from safetensors.torch import load_file, save_file
+
+    model = build_model(tiny_models, seed=4).eval()
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["tile_layout.row_end"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="no tile_layout.row_end"):
+        loaded = TokenFlexVLM.from_pretrained(tmp_path).eval()
+    image = Image.new("RGB", (64, 64), "red")
+    with torch.no_grad():
+        expected = model.inference_inputs([image], ["what colour?"], 16)[0]
+        torch.testing.assert_close(loaded.inference_inputs([image], ["what colour?"], 16)[0], expected)

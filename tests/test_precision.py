@@ -33,7 +33,8 @@ def bf16_runs(tiny_models, synthetic_shards, tmp_path_factory):
     return {name: root / name for name in stages}
 
 
-@pytest.mark.parametrize("stage, trained", [("stage1", {"projector"}), ("stage2", {"projector", "language_model"})])
+@pytest.mark.parametrize("stage, trained", [("stage1", {"projector", "tile_layout"}),
+                                            ("stage2", {"projector", "tile_layout", "language_model"})])
 def test_engine_holds_every_parameter_in_bf16_with_fp32_masters_and_accumulation(bf16_runs, stage, trained):
     for rank in (0, 1):
         record = json.loads((bf16_runs[stage] / "engine_dtypes" / f"rank-{rank}.json").read_text())

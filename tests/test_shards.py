@@ -66,6 +66,33 @@ def test_bad_records_are_counted_by_reason(synth, tmp_path):
     assert manifest["total_samples"] == 5 and manifest["skipped"]["malformed_conversation"] == 1
 
 
+def test_multi_image_records_are_kept_with_their_images_in_order(synth, tmp_path):
+    """LLaVA-OneVision's multi-image records: "image" is a list, one path per <image> tag; a list
+    whose length disagrees with the tags is skipped with its reason and id, as is a bad list."""
+    good = [r for r in json.loads((synth / "data.json").read_text()) if "image" in r][:3]
+    paths = [r["image"] for r in good]
+
+    def rec(i, images, tags):
+        return {"id": f"multi-{i}", "image": images,
+                "conversations": [{"from": "human", "value": "<image>\n" * tags + "Same colour?"},
+                                  {"from": "gpt", "value": "no"}]}
+    records = [rec(0, paths[:2], 2), rec(1, [paths[2], paths[0], paths[1]], 3), rec(2, paths[:1], 1),
+               rec(3, paths[:2], 1), rec(4, paths[:1], 2),                            # tag mismatch x2
+               rec(5, [], 0), rec(6, [paths[0], 7], 2),                               # malformed x2
+               rec(7, [paths[0], "images/nope.png"], 2)]                              # missing_image
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    manifest = build_shards.build(str(tmp_path / "data.json"), str(synth), str(tmp_path / "out"))
+    assert manifest["total_samples"] == 3
+    assert manifest["skipped"] == {"missing_image": 1, "malformed_conversation": 2, "image_tag_mismatch": 2}
+    assert manifest["skipped_examples"]["image_tag_mismatch"] == ["multi-3", "multi-4"]
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False))
+    for sample, record in zip(samples, records[:3]):
+        images = [k for k in sample if k[0].isdigit()]
+        assert images == [f"{i}.png" for i in range(len(record["image"]))]
+        for i, path in enumerate(record["image"]):
+            assert sample[f"{i}.png"] == (synth / path).read_bytes()  # in the record's order
+
+
 def test_records_with_repeated_ids_are_kept_and_counted(synth, tmp_path, capsys):
     """LLaVA-1.5's mix gives one COCO image id several records (LLaVA-Instruct, VQAv2, OK-VQA, ...),
     each with its own conversation: all of them are training data."""

@@ -159,7 +159,8 @@ def per_token_losses(tiny_models, row_indices):
 
 
 def assert_same_gradients(grads, reference, name):
-    assert reference and all(g.abs().sum() > 0 for g in reference.values())
+    # every trained parameter gets a gradient, but the tiles' row end: these images are one tile each
+    assert reference and all(g.abs().sum() > 0 for p, g in reference.items() if p != "tile_layout.row_end")
     assert grads.keys() == reference.keys()
     for param in reference:
         torch.testing.assert_close(grads[param], reference[param], rtol=1e-4, atol=1e-7, msg=f"{name}: {param}")

@@ -2,11 +2,14 @@ r"""Score model folders on lmms-eval tasks at several vision-token counts N.
 
     python -m tools.benchmark runs/flex/final runs/fixed256/final --names flex,fixed256 \
         --tasks mme,pope,gqa,textvqa_val --tokens 16,64,144,256 --batch-size 8 --out results/bench
+    python -m tools.benchmark runs/tiled/final --tasks mme --tokens 64,144 --tiles 1,6 --out results/bench-tiles
 
-Runs lmms-eval (install it with requirements-eval.txt; see the README) once per model, N and task,
-with the `tokenflex` model at that N, then times the prefill (vision encoding + prompt forward,
-the part N changes) of one probe batch: --batch-size prompts with an image each, --timing-repeats
-times after a warm-up. Writes, and rewrites as each (model, N) finishes, OUT/results.json
+Runs lmms-eval (install it with requirements-eval.txt; see the README) once per model, tile limit
+(--tiles; default: the folder's own), N and task, with the `tokenflex` model at those, then times
+the prefill (vision encoding + prompt forward, the part N and tiles change) of one probe batch:
+--batch-size prompts with an image each (as many tower inputs wide as the tile limit),
+--timing-repeats times after a warm-up. With several tile limits, each row's model name says its
+limit ("name tiles=T"). Writes, and rewrites as each (model, N) finishes, OUT/results.json
 (lmms-eval's results per task, every response, every timing), OUT/results.md (one table: a row per
 model and N, a column per task metric, the prefill's median and quartiles) and
 OUT/scores_vs_tokens.png (each metric and the prefill latency against N, one line per model);
@@ -25,7 +28,15 @@ import traceback
 from pathlib import Path
 
 from pipeline.model_card import set_evaluation
-from tools.options import add_model_options, add_placement_options, model_names, parse_token_counts, placement
+from tools.options import (
+    add_model_options,
+    add_placement_options,
+    add_tiles_option,
+    model_names,
+    parse_tile_counts,
+    parse_token_counts,
+    placement,
+)
 from tools.report import benchmark_table, plot_benchmark
 
 FAILED = 1
@@ -36,6 +47,7 @@ def main(argv=None):
     add_model_options(parser)
     parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names, e.g. mme,pope")
     parser.add_argument("--tokens", default="16,64,144,256", help="comma-separated N values (default: 16,64,144,256)")
+    add_tiles_option(parser)
     parser.add_argument("--limit", type=int, help="only the first K documents of each task (for trying things out)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per forward (default: 1)")
     parser.add_argument("--timing-repeats", type=int, default=5,
@@ -58,9 +70,9 @@ def main(argv=None):
     report = {"tasks": tasks, "limit": args.limit, "batch_size": args.batch_size,
               "timing_repeats": args.timing_repeats, "results": []}
     try:
-        report["token_counts"] = parse_token_counts(args.tokens)
+        report["token_counts"], report["tile_counts"] = parse_token_counts(args.tokens), parse_tile_counts(args.tiles)
         results = sweep(args.model_dirs, names, tasks, report["token_counts"], args.limit, args.batch_size, device,
-                        dtype, args.include_path, args.timing_repeats)
+                        dtype, args.include_path, args.timing_repeats, report["tile_counts"])
         for result in results:
             report["results"].append(result)
             write(report, out, names, args.model_dirs, args.model_card)

@@ -1,11 +1,15 @@
 """Turn LLaVA conversation JSON (or JSON Lines) plus an image folder into webdataset shards.
 
-Each sample is the original image bytes (key.png, key.jpg, ...) and the record (key.json).
+Each sample is the original image bytes (key.png, key.jpg, ...) and the record (key.json). A
+record's "image" is one path or, as in LLaVA-OneVision's multi-image data, a list of paths, one
+per <image> tag in the order of the tags; image i of a list is stored as key.<i>.<ext>.
 Bad records are skipped, counted by reason, and the build goes on:
-  missing_image           image file missing, unreadable or undecodable
+  missing_image           an image file missing, unreadable or undecodable
   malformed_conversation  not a dict, no id, conversations not a non-empty list of
-                          human/gpt turns alternating from human, or an empty value
-  image_tag_mismatch      number of <image> tags != number of images (1 with "image", else 0)
+                          human/gpt turns alternating from human, or an empty value; an
+                          "image" that is neither a path nor a non-empty list of paths
+  image_tag_mismatch      number of <image> tags != number of images (1 for a path, the
+                          list's length for a list, else 0)
 Records that repeat an earlier record's id are kept: LLaVA-1.5's mix reuses COCO image ids
 across its subsets (LLaVA-Instruct, VQAv2, OK-VQA, A-OKVQA, RefCOCO), each with another
 conversation. Shard keys are positions, not ids; the manifest counts repeated ids as information.
@@ -75,13 +79,30 @@ def conversation_problem(record):
             return "malformed_conversation"
         if not isinstance(turn.get("value"), str) or not turn["value"].strip():
             return "malformed_conversation"
-    has_image = "image" in record
-    if has_image and not isinstance(record["image"], str):
+    images = record.get("image", [])
+    if isinstance(images, list):
+        if "image" in record and (not images or not all(isinstance(path, str) and path for path in images)):
+            return "malformed_conversation"
+    elif not isinstance(images, str):
         return "malformed_conversation"
     tags = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
-    if tags != int(has_image):
+    if tags != len(image_paths(record)):
         return "image_tag_mismatch"
     return None
+
+
+def image_paths(record):
+    """The record's image paths, in order (a validated record)."""
+    images = record.get("image", [])
+    return [images] if isinstance(images, str) else images
+
+
+def image_member(record, index):
+    """The tar extension of the record's image `index`: its file's own for a single path
+    (key.jpg), numbered for a list (key.0.jpg, key.1.png) as pipeline/data/decode.py reads them."""
+    path = image_paths(record)[index]
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "img"
+    return ext if isinstance(record["image"], str) else f"{index}.{ext}"
 
 
 def read_image(path, max_side=None):
@@ -189,18 +210,17 @@ def build_records(records, source, image_root, out_dir, samples_per_shard=1000, 
                     skip(problem, record["id"])
                 else:
                     candidates.append(record)
-            paths = [os.path.join(image_root, r["image"]) for r in candidates if "image" in r]
+            paths = [os.path.join(image_root, path) for r in candidates for path in image_paths(r)]
             read = functools.partial(read_image, max_side=max_image_side)
             images = iter(pool.map(read, paths, chunksize=16) if pool else map(read, paths))
             for record in candidates:
                 sample = {"json": json.dumps(record, sort_keys=True, ensure_ascii=False).encode()}
-                if "image" in record:
-                    data, problem = next(images)
-                    if problem:
-                        skip(problem, record["id"])
-                        continue
-                    ext = os.path.splitext(record["image"])[1].lstrip(".").lower() or "img"
-                    sample[ext] = data
+                read = [next(images) for _ in image_paths(record)]
+                if any(problem for _, problem in read):
+                    skip("missing_image", record["id"])
+                    continue
+                for index, (data, _) in enumerate(read):
+                    sample[image_member(record, index)] = data
                 # Keys are running numbers: ids repeat, and may hold dots or slashes that tar keys can't.
                 sample["__key__"] = f"{writer.total:09d}"
                 writer.write(sample)
@@ -246,7 +266,7 @@ def check_build_options(parser, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="LLaVA conversation JSON list, or .jsonl")
-    parser.add_argument("--image-root", required=True, help="folder the records' 'image' paths are relative to")
+    parser.add_argument("--image-root", required=True, help="folder the records' 'image' paths (one or a list) are relative to")
     parser.add_argument("--out", required=True, help="output folder for shard-*.tar and manifest.json")
     add_build_options(parser)
     args = parser.parse_args(argv)

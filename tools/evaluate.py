@@ -2,11 +2,14 @@ r"""Evaluate model folders on held-out shards at several vision-token counts N.
 
     python -m tools.evaluate runs/flex/final runs/fixed64/final --names flex,fixed64 \
         --shards data/shards/val --tokens 16,36,64,100,144,196,256 --out results/flex-vs-fixed
+    python -m tools.evaluate runs/tiled/final --shards data/shards/val --tokens 16,64,144 --tiles 1,4 --out results/tiles
 
-Per model and N: exact-match accuracy (overall and per question_type), loss of the reference
-answer, median prefill latency and vision tokens per second. Multi-turn records are scored on
-their last question, with the earlier turns in the prompt. Writes OUT/results.json (with every
-prediction), OUT/results.md (one table, a row per model and N) and OUT/accuracy_vs_tokens.png.
+Per model, tile limit and N: exact-match accuracy (overall and per question_type), loss of the
+reference answer, vision tokens per image (tiles x N plus row ends), median prefill latency and
+vision tokens per second. Multi-turn records are scored on their last question, with the earlier
+turns in the prompt. Writes OUT/results.json (with every prediction), OUT/results.md (one table,
+a row per model, tile limit and N), OUT/accuracy_vs_tokens.png and OUT/accuracy_vs_tiles.png
+(accuracy against vision tokens per image, one curve per model and tile limit).
 
 --tokens adaptive answers each image question at the smallest N of a ladder (--ladder, default
 16,64,144,256) whose answer's probability reaches a threshold (pipeline/adaptive.py): --threshold
@@ -30,8 +33,16 @@ from pathlib import Path
 
 from pipeline.adaptive import DEFAULT_LADDER, evaluate_adaptive
 from pipeline.evaluate import evaluate
-from tools.options import add_model_options, add_placement_options, model_names, parse_token_counts, placement
-from tools.report import adaptive_table, markdown_table, plot, plot_adaptive
+from tools.options import (
+    add_model_options,
+    add_placement_options,
+    add_tiles_option,
+    model_names,
+    parse_tile_counts,
+    parse_token_counts,
+    placement,
+)
+from tools.report import adaptive_table, markdown_table, plot, plot_adaptive, plot_tiles
 
 
 def main(argv=None):
@@ -40,6 +51,7 @@ def main(argv=None):
     parser.add_argument("--shards", required=True, help="held-out shards: folder with manifest.json or brace pattern")
     parser.add_argument("--tokens", default="16,36,64,100,144,196,256",
                         help="comma-separated N values, or adaptive (see above)")
+    add_tiles_option(parser)
     parser.add_argument("--ladder", default=",".join(map(str, DEFAULT_LADDER)),
                         help="--tokens adaptive: the counts tried, in increasing order (default: %(default)s)")
     parser.add_argument("--threshold", type=float, help="--tokens adaptive: the answer probability that stops")
@@ -60,25 +72,28 @@ def main(argv=None):
         parser.error("--threshold and --calibrate go with --tokens adaptive")
     if adaptive and (args.threshold is None) == (args.calibrate is None):
         parser.error("--tokens adaptive needs --threshold or --calibrate VALIDATION_SHARDS (one of them)")
+    if adaptive and args.tiles is not None:
+        parser.error("--tiles goes with fixed --tokens; --tokens adaptive uses each folder's own tiling")
     try:
         if adaptive:
             report = evaluate_adaptive(args.model_dirs, args.shards, parse_token_counts(args.ladder), args.threshold,
                                        args.calibrate, args.max_drop / 100, names, args.limit, args.batch_size,
                                        args.max_new_tokens, device, dtype)
         else:
-            report = evaluate(args.model_dirs, args.shards, parse_token_counts(args.tokens), names, args.limit,
-                              args.batch_size, args.max_new_tokens, device, dtype)
+            counts, tiles = parse_token_counts(args.tokens), parse_tile_counts(args.tiles)
+            report = evaluate(args.model_dirs, args.shards, counts, names, args.limit, args.batch_size,
+                              args.max_new_tokens, device, dtype, tiles)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     (write_adaptive if adaptive else write)(report, Path(args.out))
     print((Path(args.out) / "results.md").read_text().rstrip())
-    plot_name = "accuracy_vs_mean_tokens.png" if adaptive else "accuracy_vs_tokens.png"
-    print(f"wrote {args.out}/results.json, results.md, {plot_name}")
+    plots = "accuracy_vs_mean_tokens.png" if adaptive else "accuracy_vs_tokens.png, accuracy_vs_tiles.png"
+    print(f"wrote {args.out}/results.json, results.md, {plots}")
     return 0
 
 
 def write(report, out_dir):
-    """results.json (with every prediction), results.md and accuracy_vs_tokens.png."""
+    """results.json (with every prediction), results.md, accuracy_vs_tokens.png and accuracy_vs_tiles.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2))
     results = report["results"]
@@ -87,6 +102,7 @@ def write(report, out_dir):
                f"{results[0]['dtype']}.\n\n")
     (out_dir / "results.md").write_text(caption + markdown_table(results))
     plot(results, out_dir / "accuracy_vs_tokens.png")
+    plot_tiles(results, out_dir / "accuracy_vs_tiles.png")
 
 
 def write_adaptive(report, out_dir):

@@ -12,6 +12,15 @@ Answers are one word or number, for exact-match scoring. Same seed, same files.
 text questions (split_of: a stable hash of a scene's drawing or of a question's text picks the
 split that owns it), so whatever their seeds no image and no text question is in two splits.
 Record ids and image names start with the split ("test-000042").
+Where resolution and several images matter (for data.max_tiles > 1 and multi-image training):
+  --wide-fraction F   image records whose scene is 4x as wide as high, or as high as wide
+                      (half each), objects at the sizes of a square scene's: one tile of the
+                      tower's size shrinks the whole scene 4x (the 10 px dot to 2.5 px), while
+                      a 1 x 4 (or 4 x 1) grid of tiles sees it at full size. Their question_type
+                      is prefixed wide_ or tall_ (wide_fine: the dot's colour in a wide scene).
+  --multi-image-fraction F
+                      image records with two scenes ("image": [two paths], two <image> tags)
+                      asking about one of them; question_type multi_<type>.
 
 --llava-like instead writes records with LLaVA-Instruct-like lengths (random words, text
 lengths lognormal around ~120 tokens, 2% long ones, 10% text-only) that all share one scene
@@ -91,19 +100,26 @@ def draw_shape(draw, kind, box, colour):
         draw.polygon([(x + s / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=colour)
 
 
-def draw_scene(rng, size):
-    """One random scene's description: the colours (its facts), the large shape's kind and the boxes."""
+def draw_scene(rng, size, layout="square"):
+    """One random scene's description: the colours (its facts), the large shape's kind and the
+    boxes. layout wide or tall: a canvas 4 sizes long, the objects as large as in a square scene,
+    in one square section of it at a random place along it."""
     facts = {"background": rng.choice(list(BACKGROUNDS)), "large": rng.choice(list(LARGE_COLOURS)),
              "small": rng.choice(list(SMALL_COLOURS)), "dot": rng.choice(list(DOT_COLOURS))}
-    boxes = place_boxes(rng, size, [rng.randrange(size * 3 // 8, size // 2 + 1),
-                                    rng.randrange(size * 7 // 32, size * 9 // 32 + 1), size * 5 // 32])
-    return {"facts": facts, "shape": rng.choice(SHAPES), "boxes": boxes, "size": size}
+    offset = 0 if layout == "square" else rng.randrange(0, 3 * size + 1)
+    sides = [rng.randrange(size * 3 // 8, size // 2 + 1), rng.randrange(size * 7 // 32, size * 9 // 32 + 1), size * 5 // 32]
+    boxes = [(x + offset * (layout == "wide"), y + offset * (layout == "tall"), side)
+             for x, y, side in place_boxes(rng, size, sides)]
+    scene = {"facts": facts, "shape": rng.choice(SHAPES), "boxes": boxes, "size": size}
+    # (a square scene's description, and so the split its hash picks, is what it was before layouts)
+    return scene if layout == "square" else scene | {"layout": layout}
 
 
 def render(scene):
     """The scene's PIL image: background, large shape, small square, dot."""
-    facts, (large, small, dot) = scene["facts"], scene["boxes"]
-    image = Image.new("RGB", (scene["size"], scene["size"]), BACKGROUNDS[facts["background"]])
+    facts, (large, small, dot), size = scene["facts"], scene["boxes"], scene["size"]
+    canvas = {"square": (size, size), "wide": (4 * size, size), "tall": (size, 4 * size)}[scene.get("layout", "square")]
+    image = Image.new("RGB", canvas, BACKGROUNDS[facts["background"]])
     draw = ImageDraw.Draw(image)
     draw_shape(draw, scene["shape"], large, LARGE_COLOURS[facts["large"]])
     draw_shape(draw, "square", small, SMALL_COLOURS[facts["small"]])
@@ -140,10 +156,10 @@ def split_of(description):
     return next(split for split, buckets in SPLIT_BUCKETS.items() if bucket in buckets)
 
 
-def scene_in_split(rng, size, split):
+def scene_in_split(rng, size, split, layout="square"):
     """A random scene that `split` owns: scenes are drawn until one belongs to it."""
     while True:
-        scene = draw_scene(rng, size)
+        scene = draw_scene(rng, size, layout)
         if split_of(json.dumps(scene, sort_keys=True)) == split:
             return scene
 
@@ -165,13 +181,18 @@ def text_question(rng):
     return rng.choice(WORD_FACTS)
 
 
-def make_record(rng, split, index, out_dir, image_size, text_only_fraction, multi_turn_fraction):
+def make_record(rng, split, index, out_dir, image_size, text_only_fraction, multi_turn_fraction, wide_fraction=0.0,
+                multi_image_fraction=0.0):
     record_id = f"{split}-{index:06d}"
     if rng.random() < text_only_fraction:
         question, answer = text_question_in_split(rng, split)
         return {"id": record_id, "question_type": "text", "conversations": [
             {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
-    scene = scene_in_split(rng, image_size, split)
+    # (no draws for a fraction of 0: the default data stay what they were before these options)
+    if multi_image_fraction and rng.random() < multi_image_fraction:
+        return multi_image_record(rng, split, record_id, out_dir, image_size)
+    layout = rng.choice(["wide", "tall"]) if wide_fraction and rng.random() < wide_fraction else "square"
+    scene = scene_in_split(rng, image_size, split, layout)
     facts = scene["facts"]
     rel_path = f"images/{record_id}.png"
     render(scene).save(os.path.join(out_dir, rel_path))
@@ -190,7 +211,26 @@ def make_record(rng, split, index, out_dir, image_size, text_only_fraction, mult
         prompt = f"{IMAGE_TOKEN}\n{question} {instruction}" if turn == 0 else question
         conversations += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
     # A record's type is that of its last question, the one evaluation scores.
-    return {"id": record_id, "image": rel_path, "question_type": questions[-1][0], "conversations": conversations}
+    question_type = questions[-1][0] if layout == "square" else f"{layout}_{questions[-1][0]}"
+    return {"id": record_id, "image": rel_path, "question_type": question_type, "conversations": conversations}
+
+
+def multi_image_record(rng, split, record_id, out_dir, image_size):
+    """Two scenes, one question about one of them, as LLaVA-OneVision's multi-image records:
+    "image" a list, one <image> tag per image in the same order."""
+    paths, scenes = [], []
+    for i in range(2):
+        scene = scene_in_split(rng, image_size, split)
+        paths.append(f"images/{record_id}-{i}.png")
+        render(scene).save(os.path.join(out_dir, paths[-1]))
+        scenes.append(scene["facts"])
+    which = rng.randrange(2)
+    question_type, question, answer = rng.choice(image_questions(scenes[which]))
+    ordinal = ("first", "second")[which]
+    prompt = (f"Image 1: {IMAGE_TOKEN}\nImage 2: {IMAGE_TOKEN}\nIn the {ordinal} image: {question} "
+              f"{rng.choice(INSTRUCTIONS)}")
+    return {"id": record_id, "image": paths, "question_type": f"multi_{question_type}",
+            "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}
 
 
 def llava_like_record(rng, index, text_only_fraction, word_list):
@@ -218,6 +258,10 @@ def main(argv=None):
     parser.add_argument("--text-only-fraction", type=float, default=0.1)
     parser.add_argument("--multi-turn-fraction", type=float, default=0.2,
                         help="image records that ask every question of their scene, not one (default: 0.2)")
+    parser.add_argument("--wide-fraction", type=float, default=0.0,
+                        help="image records with a wide or tall scene, where tiles matter (see above; default: 0)")
+    parser.add_argument("--multi-image-fraction", type=float, default=0.0,
+                        help="image records with two scenes (see above; default: 0)")
     parser.add_argument("--llava-like", action="store_true", help="LLaVA-like lengths of random words (see above)")
     args = parser.parse_args(argv)
     if args.n < 1 or args.image_size < 32:
@@ -231,8 +275,8 @@ def main(argv=None):
         records = [llava_like_record(rng, i, args.text_only_fraction, word_list) for i in range(args.n)]
     else:
         records = [make_record(rng, args.split, i, args.out, args.image_size, args.text_only_fraction,
-                               args.multi_turn_fraction) for i in tqdm(range(args.n), desc=f"rendering {args.split}",
-                                                                       unit="rec")]
+                               args.multi_turn_fraction, args.wide_fraction, args.multi_image_fraction)
+                   for i in tqdm(range(args.n), desc=f"rendering {args.split}", unit="rec")]
     with open(os.path.join(args.out, "data.json"), "w") as f:
         json.dump(records, f, indent=1)
     print(f"wrote {len(records)} records to {args.out}/data.json")

@@ -1,5 +1,5 @@
-"""Command-line options shared by the model tools: model folders and names, token counts, device
-and dtype."""
+"""Command-line options shared by the model tools: model folders and names, token and tile counts,
+device and dtype."""
 
 from pipeline.evaluate import default_names
 from pipeline.inference import DTYPES, inference_placement
@@ -29,6 +29,24 @@ def parse_token_counts(text):
         raise ValueError(f"token counts must be comma-separated integers, got {text!r}") from None
     if not counts:
         raise ValueError("no token counts given")
+    return counts
+
+
+def add_tiles_option(parser):
+    parser.add_argument("--tiles", help="comma-separated tile limits per image, e.g. 1,4 (pipeline/tiles.py; "
+                                        "default: what each model folder records, its data.max_tiles)")
+
+
+def parse_tile_counts(text):
+    """--tiles: '1,4' -> [1, 4]; None -> [None] (each folder's own); ValueError on anything else."""
+    if text is None:
+        return [None]
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--tiles must be comma-separated integers, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--tiles must name tile limits >= 1, got {text!r}")
     return counts
 
 

@@ -1,7 +1,8 @@
 """Tables and plots of tools.evaluate's results (pipeline.evaluate's result dicts; with --tokens
 adaptive, pipeline.adaptive's policy rows) and of tools.benchmark's (pipeline.lmms_eval_model.sweep's):
-one row per model and N, several models side by side. Both give each row's prefill latency as prefill_ms (the median) with its spread,
-prefill_ms_q1 to prefill_ms_q3."""
+one row per model (and tile limit) and N, several models side by side; tools.evaluate's accuracy
+against vision tokens per image, one curve per tile limit (plot_tiles). Both give each row's
+prefill latency as prefill_ms (the median) with its spread, prefill_ms_q1 to prefill_ms_q3."""
 
 import math
 
@@ -51,11 +52,13 @@ def latency_title(results):
 def markdown_table(results):
     types = sorted({t for r in results for t in r["accuracy_by_type"]})
     counts = {t: max(r["samples_by_type"].get(t, 0) for r in results) for t in types}
-    header = ["model", "N", "accuracy", *(f"{t} (n={counts[t]})" for t in types), "loss", "prefill ms",
-              "prefill q1–q3", "vision tokens/s"]
+    header = ["model", "N", "tiles", "vision tokens per image", "accuracy", *(f"{t} (n={counts[t]})" for t in types),
+              "loss", "prefill ms", "prefill q1–q3", "vision tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        cells = [r["model"], str(r["num_vision_tokens"]), f"{r['accuracy']:.3f}",
+        per_image = r.get("vision_tokens_per_image")
+        cells = [r["model"], str(r["num_vision_tokens"]), str(r.get("num_tiles", 1)),
+                 "-" if per_image is None else f"{per_image:.1f}", f"{r['accuracy']:.3f}",
                  *(f"{r['accuracy_by_type'][t]:.3f}" if t in r["accuracy_by_type"] else "-" for t in types),
                  "-" if r["loss"] is None else f"{r['loss']:.4f}", f"{r['prefill_ms']:.2f}", spread_cell(r),
                  f"{r['vision_tokens_per_s']:.0f}"]
@@ -98,6 +101,36 @@ def plot(results, path):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     accuracy_ax.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_tiles(results, path):
+    """Accuracy against the vision tokens per image (tiles x N plus row ends), one curve per model
+    and tile limit, each point one N: where a model trades resolution (tiles) against tokens per
+    tile (N), the curve to pick an operating point from."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in dict.fromkeys(r["model"] for r in results):
+        rows = sorted((r for r in results if r["model"] == model and r["vision_tokens_per_image"]),
+                      key=lambda r: r["vision_tokens_per_image"])
+        if rows:
+            ax.plot([r["vision_tokens_per_image"] for r in rows], [r["accuracy"] for r in rows], marker="o",
+                    label=f"{model}" if "tiles=" in model else f"{model} tiles={rows[0]['num_tiles']}")
+            for r in rows:
+                ax.annotate(f"N={r['num_vision_tokens']}", (r["vision_tokens_per_image"], r["accuracy"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("vision tokens per image (tiles x N + row ends, mean over images)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,8 +1,9 @@
 """Packed training batches for one rank, resumable at any world size and worker count.
 
-The main process expands each sample's image markers to the step's N slots and packs whole
-samples (pipeline/packing.py) into `rows_per_batch` rows of exactly `seq_len` tokens and a fixed
-image budget, so that for a given N every rank's batch has the same shapes (ZeRO-3 ranks must run
+The main process expands each sample's image markers to their slots at the step's N (N per tile
+plus row ends, pipeline/tiles.py) and packs whole samples (pipeline/packing.py) into
+`rows_per_batch` rows of exactly `seq_len` tokens and a fixed tile budget, so that for a given N
+every rank's batch has the same shapes (ZeRO-3 ranks must run
 the same collective sequence). Samples come from pipeline/data/stream.py; the resume state is
 pipeline/data/state.py's.
 """
@@ -12,10 +13,9 @@ import logging
 import os
 
 import torch
-from PIL import Image
 
 from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers
-from pipeline.data.decode import Decoder, measure_text_tokens_per_image
+from pipeline.data.decode import Decoder, measure_text_tokens_per_tile
 from pipeline.data.mixture import load_mixture
 from pipeline.data.plan import count
 from pipeline.data.state import (
@@ -27,8 +27,9 @@ from pipeline.data.state import (
     summed_counters,
 )
 from pipeline.data.stream import RankStream
-from pipeline.images import image_pixel_values
-from pipeline.packing import choose_row, image_budget, image_slots_fit, sample_length
+from pipeline.images import tower_size
+from pipeline.packing import choose_row, image_slots_fit, sample_length, tile_budget
+from pipeline.tiles import image_slots
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,9 @@ class TrainBatches:
     """Endless packed training batches for one rank.
 
     next_batch(N) returns tensors input_ids, labels, position_ids and source_ids (the mixture
-    source of each token, -1 for padding) of shape (rows_per_batch, seq_len), pixel_values (image
-    budget, 3, H, W) uint8 with image_mask (real images first, in slot order; zero dummies after), and a
-    stats dict: counts and running totals, "samples" ((source, shard, key, epoch) of each packed
+    source of each token, -1 for padding) of shape (rows_per_batch, seq_len), pixel_values (tile
+    budget, 3, H, W) uint8 with image_mask (real tiles first, in slot order; zero dummies after),
+    image_grids ((images, 2): each real image's (rows, cols), in order), and a stats dict: counts and running totals, "samples" ((source, shard, key, epoch) of each packed
     sample, to trace a batch back to its data) and "epoch" (the oldest epoch a worker of this rank
     is still reading).
 
@@ -60,14 +61,14 @@ class TrainBatches:
             raise ValueError(f"data.shards={cfg.shards} gives {self.length} samples an epoch, fewer than {world_size} "
                              f"ranks x {self.num_workers} workers: every worker reads its own slice of each epoch. "
                              f"Lower data.num_workers or add data")
+        self.pixel_shape = (3, *tower_size(image_processor))  # every tile's, dummies' too
         if cfg.text_tokens_per_image == "auto":
-            self.text_tokens_per_image = measure_text_tokens_per_image(self.mixture, tokenizer)
-            log.info("data.text_tokens_per_image: auto, measured %.1f text tokens per image", self.text_tokens_per_image)
+            tiling = (cfg.max_tiles, cfg.multi_image_max_tiles, self.pixel_shape[2])
+            self.text_tokens_per_tile = measure_text_tokens_per_tile(self.mixture, tokenizer, tiling)
+            log.info("data.text_tokens_per_image: auto, measured %.1f text tokens per tile", self.text_tokens_per_tile)
         else:
-            self.text_tokens_per_image = cfg.text_tokens_per_image
+            self.text_tokens_per_tile = cfg.text_tokens_per_image
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        # Dummy pixel shape: what the processor makes of any image (fixed-size processors only).
-        self.pixel_shape = image_pixel_values([Image.new("RGB", (8, 8))], image_processor, cfg.image_aspect).shape[1:]
         self.counters = {**dict.fromkeys(self.COUNTERS, 0), "samples_by_source": {s.name: 0 for s in self.mixture.sources}}
         for state in states or []:
             check_compatible(state, self._identity())
@@ -79,9 +80,10 @@ class TrainBatches:
         else:
             self._continue(states)
 
-    def image_budget(self, num_vision_tokens: int) -> int:
-        """Images per batch at N: a pure function of the config and the data, the same on every rank."""
-        return image_budget(self.cfg.rows_per_batch * self.cfg.seq_len, num_vision_tokens, self.text_tokens_per_image)
+    def tile_budget(self, num_vision_tokens: int) -> int:
+        """Tiles per batch at N (images when max_tiles is 1): a pure function of the config and the
+        data, the same on every rank."""
+        return tile_budget(self.cfg.rows_per_batch * self.cfg.seq_len, num_vision_tokens, self.text_tokens_per_tile)
 
     def _identity(self) -> dict:
         """What must match for a saved position in the data to mean the same samples."""
@@ -111,7 +113,8 @@ class TrainBatches:
     def _open(self, first_epoch: int = 0, open_epochs: dict | None = None, replay: dict | None = None) -> None:
         """Start the workers, afresh from first_epoch or replaying a state of this same layout up to
         its saved position: consumed positions come back as placeholders, pending ones decoded."""
-        decoder = Decoder(self.tokenizer, self.image_processor, self.cfg.image_aspect)
+        decoder = Decoder(self.tokenizer, self.image_processor, self.cfg.image_aspect,
+                          max_tiles=self.cfg.max_tiles, multi_image_max_tiles=self.cfg.multi_image_max_tiles)
         self.stream = RankStream(self.mixture, decoder, self.cfg, self.rank, self.world_size, first_epoch,
                                  open_epochs_of(replay) if replay else open_epochs,
                                  replay_plan(replay) if replay else None)
@@ -143,12 +146,14 @@ class TrainBatches:
                 self.counters["skipped_" + item["reason"]] += 1
 
     def _drop_unfit(self, n: int) -> None:
-        """Drop window samples whose image slots would end past seq_len at this N (can't truncate);
-        an error naming data.seq_len and N when sample after sample can't fit."""
-        dropped = 0
+        """Drop window samples whose image slots would end past seq_len at this N (can't truncate),
+        or with more tiles than a batch holds at this N; an error naming data.seq_len and N when
+        sample after sample can't fit."""
+        dropped, budget = 0, self.tile_budget(n)
         while True:
             self._fill_window()
-            fit = [s for s in self.window if image_slots_fit(s["markers"], n, self.cfg.seq_len)]
+            fit = [s for s in self.window
+                   if image_slots_fit(s["markers"], slots_of(s, n), self.cfg.seq_len) and tiles_of(s) <= budget]
             if len(fit) == len(self.window):
                 return
             dropped += len(self.window) - len(fit)
@@ -156,30 +161,33 @@ class TrainBatches:
             self.window = fit
             if dropped > UNFIT_LIMIT:
                 raise ValueError(f"{dropped} samples in a row don't fit data.seq_len={self.cfg.seq_len} at N={n}: "
-                                 f"their image slots end past the row. Raise data.seq_len or take {n} out of "
+                                 f"their image slots end past the row, or their tiles outnumber a batch's "
+                                 f"{budget}. Raise data.seq_len, lower data.max_tiles or take {n} out of "
                                  f"tokens.counts")
 
     def next_batch(self, num_vision_tokens: int) -> dict:
         cfg, n = self.cfg, num_vision_tokens
-        max_images = self.image_budget(n)
+        max_tiles = self.tile_budget(n)
         shape = (cfg.rows_per_batch, cfg.seq_len)
         input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
         source_ids = torch.full(shape, -1, dtype=torch.long)
-        pixels = torch.zeros((max_images, *self.pixel_shape), dtype=torch.uint8)
-        image_mask = torch.zeros(max_images, dtype=torch.bool)
-        num_images = real_tokens = 0
+        pixels = torch.zeros((max_tiles, *self.pixel_shape), dtype=torch.uint8)
+        image_mask = torch.zeros(max_tiles, dtype=torch.bool)
+        grids = []
+        num_tiles = real_tokens = 0
         packed = []  # (source, shard, key, epoch) of each sample, for the stats
         names = [s.name for s in self.mixture.sources]
         for row in range(cfg.rows_per_batch):
             self._drop_unfit(n)
-            picks = choose_row([sample_length(len(s["input_ids"]), len(s["markers"]), n, cfg.seq_len) for s in self.window],
-                               [len(s["markers"]) for s in self.window], cfg.seq_len, max_images - num_images,
-                               (max_images - num_images) / (cfg.rows_per_batch - row))
+            picks = choose_row([sample_length(len(s["input_ids"]), slots_of(s, n), cfg.seq_len) for s in self.window],
+                               [tiles_of(s) for s in self.window], cfg.seq_len, max_tiles - num_tiles,
+                               (max_tiles - num_tiles) / (cfg.rows_per_batch - row))
             used = 0
             for sample in [self.window[i] for i in picks]:
-                ids, labs = expand_image_markers(sample["input_ids"], sample["labels"], self.image_token_id, n)
+                ids, labs = expand_image_markers(sample["input_ids"], sample["labels"], self.image_token_id,
+                                                 slots_of(sample, n))
                 if len(ids) > cfg.seq_len:
                     ids, labs = ids[:cfg.seq_len], labs[:cfg.seq_len]
                     self.counters["truncated"] += 1
@@ -188,10 +196,12 @@ class TrainBatches:
                 labels[row, used:end] = torch.tensor(labs)
                 position_ids[row, used:end] = torch.arange(len(ids))
                 source_ids[row, used:end] = sample["source"]
-                for image in ([] if sample["pixel_values"] is None else sample["pixel_values"]):
-                    pixels[num_images] = image
-                    image_mask[num_images] = True
-                    num_images += 1
+                tiles = tiles_of(sample)
+                if tiles:
+                    pixels[num_tiles:num_tiles + tiles] = sample["pixel_values"]
+                    image_mask[num_tiles:num_tiles + tiles] = True
+                    num_tiles += tiles
+                    grids += sample["image_grids"]
                 packed.append((names[sample["source"]], os.path.basename(sample["shard"]), sample["key"], sample["epoch"]))
                 self.counters["samples_by_source"][names[sample["source"]]] += 1
                 used = end
@@ -201,12 +211,14 @@ class TrainBatches:
             position_ids[row, used:] = torch.arange(cfg.seq_len - used)
         num_samples = len(packed)
         self.counters["samples_packed"] += num_samples
-        stats = {"samples": packed, "num_samples": num_samples, "num_images": num_images, "max_images": max_images,
+        stats = {"samples": packed, "num_samples": num_samples, "num_images": len(grids), "num_tiles": num_tiles,
+                 "tile_budget": max_tiles,
                  "real_tokens": real_tokens, "pad_tokens": input_ids.numel() - real_tokens,
                  "epoch": self.stream.epoch,
                  **{"total_" + k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "source_ids": source_ids,
-                "pixel_values": pixels, "image_mask": image_mask, "stats": stats}
+                "pixel_values": pixels, "image_mask": image_mask,
+                "image_grids": torch.tensor(grids, dtype=torch.long).view(-1, 2), "stats": stats}
 
     def state_dict(self) -> dict:
         """Small and layout-independent (see pipeline/data/state.py): the stream's position, the
@@ -215,3 +227,13 @@ class TrainBatches:
                 **self.stream.state(self.window),
                 "window": [[s["worker"], s["epoch"], s["position"], s["index"]] for s in self.window],
                 "counters": {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}
+
+
+def slots_of(sample: dict, num_vision_tokens: int) -> list[int]:
+    """Each of the sample's images' slots at N (pipeline/tiles.py)."""
+    return [image_slots(grid, num_vision_tokens) for grid in sample["image_grids"]]
+
+
+def tiles_of(sample: dict) -> int:
+    """Tiles the vision tower encodes for the sample."""
+    return 0 if sample["pixel_values"] is None else len(sample["pixel_values"])

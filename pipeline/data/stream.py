@@ -204,17 +204,18 @@ class RankStream:
                 "workers": [{**p.as_dict(), "restart": list(r)} for p, r in zip(self.progress, restart)]}
 
 
-def iter_samples(shards, tokenizer, image_processor, rank=0, world_size=1, num_workers=0, with_record=True):
+def iter_samples(shards, tokenizer, image_processor, rank=0, world_size=1, num_workers=0, with_record=True,
+                 max_tiles=None):
     """Each sample of data.shards (a mixture's sources in turn) once, this rank's equal share, in a
     fixed order (for evaluation).
 
-    Yields dicts with input_ids, labels, pixel_values ((1, 3, H, W) uint8 or None; images prepared the
-    way the image processor records, see set_image_aspect), key, shard and, with_record, the
-    record itself, prompt_ids (for generation) and answer (the last reply). Unusable samples are
-    logged and left out.
+    Yields dicts with input_ids, labels, pixel_values ((tiles, 3, H, W) uint8 or None) and image_grids
+    (images prepared the way the image processor records, see set_image_aspect and set_tiling;
+    max_tiles overrides its tile limit), key, shard and, with_record, the record itself,
+    prompt_ids (for generation) and answer (the last reply). Unusable samples are logged and left out.
     """
-    stream = SampleStream(load_mixture(str(shards)), Decoder(tokenizer, image_processor, with_record=with_record),
-                          rank, world_size, endless=False)
+    decoder = Decoder(tokenizer, image_processor, with_record=with_record, max_tiles=max_tiles)
+    stream = SampleStream(load_mixture(str(shards)), decoder, rank, world_size, endless=False)
     for item in DataLoader(stream, batch_size=None, num_workers=num_workers):
         if item["kind"] == "sample":
             yield item
