@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from pipeline.adaptive import (
     adaptive_generate,
@@ -47,7 +48,9 @@ def samples(model, synthetic_shards):
 
 def test_answer_probability_is_the_product_of_its_greedy_tokens_probabilities(model, samples):
     """scored_generate's probability against a plain greedy loop over the LM, one prompt at a time
-    without a cache; the batch (left-padded) gives the same answers and probabilities."""
+    without a cache; the batch (left-padded) gives the same answers and probabilities. The tiny
+    model's answers are six unlikely tokens (probabilities near 1e-15), so they are compared as
+    logarithms: compared as probabilities, pytest.approx's absolute tolerance would pass any two."""
     batch = [s for s in samples if s["pixel_values"] is not None][:3]
     answers, _, probabilities = model.scored_generate(
         lambda: model.prompt_embeddings([s["prompt_ids"] for s in batch],
@@ -66,8 +69,21 @@ def test_answer_probability_is_the_product_of_its_greedy_tokens_probabilities(mo
                     break
                 embeds = torch.cat([embeds, model.language_model.get_input_embeddings()(torch.tensor([[token]]))], 1)
         assert answer == model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        assert probability == pytest.approx(math.exp(log_probability), rel=1e-4)
-    assert len(set(round(p, 6) for p in probabilities)) > 1  # the check above compares varied numbers
+        assert math.log(probability) == pytest.approx(log_probability, abs=1e-3)
+    logs = sorted(math.log(p) for p in probabilities)
+    assert logs[-1] - logs[0] > 0.1  # the check above tells these answers' probabilities apart
+
+
+def test_answer_probability_stops_at_the_first_end_token(model):
+    """What generation pads after an answer's end token counts nothing; the end token counts."""
+    end = model.generation_config().eos_token_id[0]
+    word, pad = end - 1, model.tokenizer.pad_token_id  # word: any token other than the end
+    logits = torch.randn(2, 4, model.language_model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    sequences = torch.tensor([[word, end, pad, pad], [word, word, word, word]])
+    log_probs = logits.log_softmax(-1).gather(-1, sequences[..., None])[..., 0]
+    output = GenerateDecoderOnlyOutput(sequences=sequences, logits=tuple(logits.unbind(1)))
+    assert np.log(model.answer_probabilities(output)) == pytest.approx(
+        [float(log_probs[0, :2].sum()), float(log_probs[1].sum())], abs=1e-4)
 
 
 def test_policy_encodes_each_image_once_and_stops_at_the_first_confident_count(model, samples):
