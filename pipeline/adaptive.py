@@ -119,11 +119,15 @@ def evaluate_adaptive_model(model: TokenFlexVLM, samples, ladder: Sequence[int],
     progress.close()
     if not seen:
         raise ValueError("no usable samples to evaluate")
-    imaged = [p for p in seen if p["image"]]
     return policy_result(seen, "adaptive", name, model) | {
-        "threshold": threshold, "ladder": list(ladder),
-        "tries_per_image": sum(p["tries"] for p in imaged) / len(imaged) if imaged else None,
+        "threshold": threshold, "ladder": list(ladder), "tries_per_image": mean_over_images(seen, "tries"),
         **prefill_summary(seconds), "prefill_total_s": sum(seconds)}
+
+
+def mean_over_images(results: Sequence[dict], key: str) -> float | None:
+    """The mean of key over adaptive_generate's results for prompts with an image (None without any)."""
+    values = [r[key] for r in results if r["chosen_tokens"] is not None]
+    return sum(values) / len(values) if values else None
 
 
 def question(sample: dict) -> dict:
