@@ -11,6 +11,8 @@ import pytest
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from bench import adaptive as bench_adaptive
+from bench.adaptive import verdict
 from pipeline.adaptive import (
     adaptive_generate,
     calibrate,
@@ -202,3 +204,33 @@ def test_evaluate_tokens_adaptive_needs_one_threshold_source(synthetic_shards, s
         evaluate_tool.main([str(stage1_run / "final"), "--shards", str(synthetic_shards), "--tokens", "adaptive",
                             "--ladder", "64,16", "--threshold", "0.5", "--out", str(tmp_path)])
     assert "increasing" in capsys.readouterr().err
+
+
+def test_bench_verdict_needs_both_the_accuracy_and_the_tokens():
+    def report(adaptive_accuracy, adaptive_tokens):
+        rows = [{"model": "m", "policy": "fixed", "num_vision_tokens": n, "accuracy": a, "mean_vision_tokens": n}
+                for n, a in ((16, 0.70), (64, 0.80), (144, 0.80))]  # best: 64, the smaller of the two at 0.80
+        return {"results": rows + [{"model": "m", "policy": "adaptive", "accuracy": adaptive_accuracy,
+                                    "mean_vision_tokens": adaptive_tokens}]}
+
+    assert "Goal reached**: adaptive N is -1.0 points from the best fixed N (N=64) at 60%" in verdict(
+        report(0.79, 38.4), "m")
+    assert "Goal NOT reached**: adaptive N is -1.5 points" in verdict(report(0.785, 30), "m")
+    assert "Goal NOT reached**: adaptive N is +0.0 points from the best fixed N (N=64) at 61%" in verdict(
+        report(0.80, 39), "m")
+
+
+def test_bench_adaptive_writes_its_command_and_verdict(chatty, synthetic_shards, tmp_path):
+    """bench.adaptive on a tools.demo-shaped folder (the chatty model, the test fixtures' shards as
+    both splits), a few records: the results name the command, the commit and the verdict."""
+    demo = tmp_path / "demo"
+    (demo / "shards").mkdir(parents=True)
+    (demo / "model").symlink_to(chatty)
+    for split in ("validation", "test"):
+        (demo / "shards" / split).symlink_to(synthetic_shards)
+    out = tmp_path / "out"
+    assert bench_adaptive.main(["--demo", str(demo), "--out", str(out), "--ladder", "16,64", "--limit", "8"]) == 0
+    markdown = (out / "results.md").read_text()
+    assert f"Command: `python -m bench.adaptive --demo {demo} --out {out} --ladder 16,64 --limit 8`" in markdown
+    assert "at commit " in markdown and "Goal " in markdown and "| demo | adaptive |" in markdown
+    assert "8 records" in markdown and (out / "accuracy_vs_mean_tokens.png").exists()
