@@ -47,6 +47,26 @@ def verdict(report, model):
             f"than {GOAL_POINTS:.0f} point, at no more than {100 * GOAL_FRACTION:.0f}%).")
 
 
+def against_each_fixed_n(report, model):
+    """Where the adaptive row stands against each fixed N, and what the validation split gave."""
+    rows = [r for r in report["results"] if r["model"] == model]
+    adaptive = next(r for r in rows if r["policy"] == "adaptive")
+    fixed = [r for r in rows if r["policy"] == "fixed"]
+    lines = [f"- against N={r['num_vision_tokens']}: {100 * (adaptive['accuracy'] - r['accuracy']):+.1f} points, "
+             f"{100 * adaptive['mean_vision_tokens'] / r['mean_vision_tokens']:.0f}% of its mean vision tokens, "
+             f"{adaptive['prefill_total_s'] / r['prefill_total_s']:.2f}x its prefill total" for r in fixed]
+    calibration = report["calibration"][model]
+    lines.append(f"- on the validation split ({calibration['samples']} records) the best fixed N was "
+                 f"N={calibration['best_fixed_tokens']} at {calibration['best_fixed_accuracy']:.3f}; the threshold "
+                 f"chosen there ({calibration['threshold']:.4g}) gave {calibration['accuracy']:.3f} at "
+                 f"{calibration['mean_vision_tokens']:.1f} mean vision tokens")
+    best = goal_check(report["results"], model)[2]
+    if best == report["ladder"][0]:
+        lines.append(f"- the most accurate fixed N on the test split is the ladder's smallest (N={best}): no policy "
+                     f"over this ladder can spend fewer tokens than it, so the goal cannot be reached with it")
+    return "\n".join(lines) + "\n"
+
+
 def header(report, args, commit, load, wall_s):
     result = next(r for r in report["results"] if r["policy"] == "adaptive")
     samples = result["samples"]
@@ -65,6 +85,7 @@ def header(report, args, commit, load, wall_s):
         f"carries a sampling error of up to ±{100 * (0.25 / samples) ** 0.5:.1f} points (more per question type), "
         f"so a difference of a point or two is below it.\n",
         verdict(report, result["model"]) + "\n",
+        against_each_fixed_n(report, result["model"]),
         "Prefill total: the seconds of every batch's prefill (vision encoding and the prompt's forward), every "
         "try included for adaptive; the oracle is read off the fixed-N answers and has none.\n",
         "## Tables\n",
