@@ -75,19 +75,19 @@ def header(report, args, commit, load, wall_s):
     argv = " ".join(args.argv)
     return "\n".join([
         "# Adaptive N on the demo's task (tiny CPU models)\n",
-        f"Command: `python -m bench.adaptive{' ' + argv if argv else ''}`, at commit {commit}, on {machine}, "
-        f"{datetime.date.today().isoformat()}; {wall_s / 60:.0f} min for the evaluation (the model was trained "
-        f"by tools.demo in {args.demo}, run in {result['dtype']}).\n",
-        f"The model: tools.demo's (configs/tiny_cpu_stage1.yaml then tiny_cpu_stage2.yaml, trained at N drawn from "
-        f"{load_config(REPO / 'configs' / 'tiny_cpu_stage2.yaml').tokens.counts} (count: weight)). The "
-        f"threshold is calibrated on the demo's validation split only; the figures below are on its test split "
-        f"({samples} records, no scene or text question shared with training or validation). One accuracy "
-        f"carries a sampling error of up to ±{100 * (0.25 / samples) ** 0.5:.1f} points (more per question type), "
-        f"so a difference of a point or two is below it.\n",
+        (f"Command: `python -m bench.adaptive{' ' + argv if argv else ''}`, at commit {commit}, on {machine}, "
+         f"{datetime.date.today().isoformat()}; {wall_s / 60:.0f} min for the evaluation (the model was trained "
+         f"by tools.demo in {args.demo}, run in {result['dtype']}).\n"),
+        (f"The model: tools.demo's (configs/tiny_cpu_stage1.yaml then tiny_cpu_stage2.yaml, trained at N drawn "
+         f"from {load_config(REPO / 'configs' / 'tiny_cpu_stage2.yaml').tokens.counts} (count: weight)). The "
+         f"threshold is calibrated on the demo's validation split only; the figures below are on its test split "
+         f"({samples} records, no scene or text question shared with training or validation). One accuracy "
+         f"carries a sampling error of up to ±{100 * (0.25 / samples) ** 0.5:.1f} points (more per question type), "
+         f"so a difference of a point or two is below it.\n"),
         verdict(report, result["model"]) + "\n",
         against_each_fixed_n(report, result["model"]),
-        "Prefill total: the seconds of every batch's prefill (vision encoding and the prompt's forward), every "
-        "try included for adaptive; the oracle is read off the fixed-N answers and has none.\n",
+        ("Prefill total: the seconds of every batch's prefill (vision encoding and the prompt's forward), every "
+         "try included for adaptive; the oracle is read off the fixed-N answers and has none.\n"),
         "## Tables\n",
     ])
 

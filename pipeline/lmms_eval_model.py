@@ -48,6 +48,9 @@ from pipeline.inference import chunks_by_rows, inference_placement, prefill_summ
 from pipeline.model import TokenFlexVLM, read_vlm_config
 
 
+DEFAULT_LADDER_ARG = "-".join(map(str, DEFAULT_LADDER))  # model_args' spelling: 16-64-144-256
+
+
 def default_device():
     # under `accelerate launch`, each process evaluates its share of the requests on its own GPU
     return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -67,7 +70,7 @@ class TokenFlexLMMs(lmms):
     model), batch_size (from --batch_size)."""
 
     def __init__(self, pretrained, num_vision_tokens=64, device=None, dtype=None, batch_size=1, threshold=None,
-                 ladder="-".join(map(str, DEFAULT_LADDER)),
+                 ladder=DEFAULT_LADDER_ARG,
                  max_batch_size=None):  # lmms-eval passes its --max_batch_size; batches here have a fixed size
         super().__init__()
         loaded = isinstance(pretrained, TokenFlexVLM)
