@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from pipeline.data import iter_samples
 from pipeline.data.mixture import resolve_source
-from pipeline.evaluate import batches_of, evaluate_model, normalise, score
+from pipeline.evaluate import batches_of, default_names, evaluate_model, normalise, score
 from pipeline.inference import prefill_summary, synchronize
 from pipeline.model import TokenFlexVLM, read_vlm_config
 
@@ -123,11 +123,15 @@ def evaluate_adaptive_model(model: TokenFlexVLM, samples, ladder: Sequence[int],
     progress.close()
     if not seen:
         raise ValueError("no usable samples to evaluate")
-    imaged = [p for p in seen if p["image"]]
     return policy_result(seen, "adaptive", name, model) | {
-        "threshold": threshold, "ladder": list(ladder),
-        "tries_per_image": sum(p["tries"] for p in imaged) / len(imaged) if imaged else None,
+        "threshold": threshold, "ladder": list(ladder), "tries_per_image": mean_over_images(seen, "tries"),
         **prefill_summary(seconds), "prefill_total_s": sum(seconds)}
+
+
+def mean_over_images(results: Sequence[dict], key: str) -> float | None:
+    """The mean of key over adaptive_generate's results for prompts with an image (None without any)."""
+    values = [r[key] for r in results if r["chosen_tokens"] is not None]
+    return sum(values) / len(values) if values else None
 
 
 def question(sample: dict) -> dict:
@@ -218,14 +222,18 @@ def oracle_result(fixed_results: Sequence[dict], ladder: Sequence[int], name: st
 
 # ---- model folders on shards ----
 
-def evaluate_adaptive(model_dirs, shards, ladder=DEFAULT_LADDER, threshold=None, calibration_shards=None,
-                      max_drop=0.005, names=None, limit=None, batch_size=8, max_new_tokens=16, device="cpu",
-                      dtype="fp32") -> dict:
+def first_samples(model: TokenFlexVLM, shards, limit: int | None):
+    """The first limit samples of shards (all of them when limit is None), streamed."""
+    return itertools.islice(iter_samples(shards, model.tokenizer, model.image_processor), limit)
+
+
+def evaluate_adaptive(model_dirs: Sequence, shards, ladder: Sequence[int] = DEFAULT_LADDER,
+                      threshold: float | None = None, calibration_shards=None, max_drop: float = 0.005,
+                      names: Sequence[str] | None = None, limit: int | None = None, batch_size: int = 8,
+                      max_new_tokens: int = 16, device: str = "cpu", dtype: str = "fp32") -> dict:
     """Per model: each count of the ladder as a fixed N, the policy (its threshold given, or
     calibrated on calibration_shards), and the oracle, on the shards. {"shards", "ladder",
     "calibration" (per model, when calibrated), "results": policy rows (fixed, adaptive, oracle)}."""
-    from pipeline.evaluate import default_names
-
     if (threshold is None) == (calibration_shards is None):
         raise ValueError("give either a threshold or validation shards to calibrate one on, not both")
     names = names or default_names(model_dirs)
@@ -236,19 +244,16 @@ def evaluate_adaptive(model_dirs, shards, ladder=DEFAULT_LADDER, threshold=None,
     results, calibration = [], {}
     for name, path in zip(names, model_dirs, strict=True):
         model = TokenFlexVLM.from_pretrained(path, device, dtype)
-
-        def samples(folder, cap):
-            return itertools.islice(iter_samples(folder, model.tokenizer, model.image_processor), cap)
-
         model_threshold = threshold
         if calibration_shards is not None:
-            validation = evaluate_model(model, samples(calibration_shards, limit), list(ladder), batch_size,
-                                        max_new_tokens, f"{name} (validation)", total=limit)
+            validation = evaluate_model(model, first_samples(model, calibration_shards, limit), list(ladder),
+                                        batch_size, max_new_tokens, f"{name} (validation)", total=limit)
             calibration[name] = calibrate(validation, ladder, max_drop)
             model_threshold = calibration[name]["threshold"]
-        fixed = evaluate_model(model, samples(shards, limit), list(ladder), batch_size, max_new_tokens, name, limit)
-        adaptive = evaluate_adaptive_model(model, samples(shards, limit), ladder, model_threshold, batch_size,
-                                           max_new_tokens, name, limit)
+        fixed = evaluate_model(model, first_samples(model, shards, limit), list(ladder), batch_size, max_new_tokens,
+                               name, limit)
+        adaptive = evaluate_adaptive_model(model, first_samples(model, shards, limit), ladder, model_threshold,
+                                           batch_size, max_new_tokens, name, limit)
         rows = [*(fixed_result(r) for r in fixed), adaptive, oracle_result(fixed, ladder, name)]
         results += [dict(r, path=str(path)) for r in rows]
         del model

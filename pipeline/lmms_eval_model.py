@@ -17,6 +17,17 @@ throughput metrics as `prefill_ms` (median over batches) with its quartiles. log
 each continuation as the assistant's reply, as training tokenizes it, in batches, encoding a
 document's image once for all of its choices.
 
+num_vision_tokens=adaptive (with threshold=, and ladder=, default 16-64-144-256: lmms-eval splits
+model_args at commas) answers each generate_until request at the smallest N of the ladder whose
+answer's probability reaches the threshold (pipeline/adaptive.py: each batch's images encoded
+once, re-pooled per try); take the threshold from `python -m tools.evaluate --tokens adaptive
+--calibrate VALIDATION_SHARDS`. The probability is the whole generated answer's, before the
+task's `until` cuts it, so a threshold calibrated on short answers suits tasks with short answers.
+The throughput metrics add mean_vision_tokens (over the requests with an image), tries_per_image
+and the threshold. Log-likelihood requests are refused at num_vision_tokens=adaptive: the policy
+stops on a generated answer's probability, and scoring given choices generates none; score them at
+a fixed N.
+
 sweep() runs lmms-eval's simple_evaluate for every model folder, tile count, N and task, and
 times the prefill of a probe batch (tools/benchmark).
 """
@@ -34,10 +45,14 @@ from PIL import Image
 from tenacity import RetryError
 from tqdm import tqdm
 
+from pipeline.adaptive import DEFAULT_LADDER, adaptive_generate, check_ladder, mean_over_images
 from pipeline.chat import IMAGE_TOKEN
 from pipeline.inference import chunks_by_rows, inference_placement, prefill_summary
 from pipeline.model import TokenFlexVLM, read_vlm_config
 from pipeline.tiles import recorded_tiling
+
+
+DEFAULT_LADDER_ARG = "-".join(map(str, DEFAULT_LADDER))  # model_args' spelling: 16-64-144-256
 
 
 def default_device():
@@ -53,26 +68,42 @@ def load_model(path, device=None, dtype=None):
 
 
 class TokenFlexLMMs(lmms):
-    """model_args: pretrained (a model folder, or a loaded TokenFlexVLM), num_vision_tokens,
-    num_tiles (at most this many tiles per image; default: the folder's recorded data.max_tiles),
-    device (default: this process's GPU, else cpu), dtype (default: bfloat16 on GPU, float32 on
-    CPU; ignored for a loaded model), batch_size (from --batch_size)."""
+    """model_args: pretrained (a model folder, or a loaded TokenFlexVLM), num_vision_tokens (a
+    count, or adaptive with threshold and ladder: see the module docstring), num_tiles (at most
+    this many tiles per image; default: the folder's recorded data.max_tiles), device (default:
+    this process's GPU, else cpu), dtype (default: bfloat16 on GPU, float32 on CPU; ignored for a
+    loaded model), batch_size (from --batch_size)."""
 
-    def __init__(self, pretrained, num_vision_tokens=64, device=None, dtype=None, batch_size=1,
-                 max_batch_size=None, num_tiles=None):  # lmms-eval passes its --max_batch_size; batches here have a fixed size
+    def __init__(self, pretrained, num_vision_tokens=64, device=None, dtype=None, batch_size=1, threshold=None,
+                 ladder=DEFAULT_LADDER_ARG, num_tiles=None,
+                 max_batch_size=None):  # lmms-eval passes its --max_batch_size; batches here have a fixed size
         super().__init__()
         loaded = isinstance(pretrained, TokenFlexVLM)
-        self.num_vision_tokens = int(num_vision_tokens)
+        self.adaptive = num_vision_tokens == "adaptive"
+        if self.adaptive != (threshold is not None):
+            raise ValueError("num_vision_tokens=adaptive needs threshold= (the answer probability that stops; "
+                             "python -m tools.evaluate --tokens adaptive --calibrate picks one), and threshold= "
+                             f"needs num_vision_tokens=adaptive (got num_vision_tokens={num_vision_tokens}, "
+                             f"threshold={threshold})")
+        self.num_vision_tokens = "adaptive" if self.adaptive else int(num_vision_tokens)
+        self.threshold = None if threshold is None else float(threshold)
+        self.ladder = parse_ladder(ladder) if self.adaptive else None
         self.num_tiles = None if num_tiles is None else int(num_tiles)
         if self.num_tiles is not None and self.num_tiles < 1:
             raise ValueError(f"num_tiles={num_tiles} must be >= 1")
         if not loaded:  # checked before the weights load
-            read_vlm_config(pretrained).check_token_count(self.num_vision_tokens)
+            self.check_token_counts(read_vlm_config(pretrained))
         self.model = pretrained.eval() if loaded else load_model(pretrained, device, dtype)
-        self.model.config.check_token_count(self.num_vision_tokens)
+        self.check_token_counts(self.model.config)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+
+    def check_token_counts(self, config):
+        if self.adaptive:
+            check_ladder(self.ladder, config)
+        else:
+            config.check_token_count(self.num_vision_tokens)
 
     @property
     def device(self):
@@ -80,19 +111,27 @@ class TokenFlexLMMs(lmms):
 
     def generate_until(self, requests):
         """Greedy answers, cut at the task's `until` strings; at most max_new_tokens (default 128).
-        Each batch's prompts run through the LM once; that prefill is timed (the first batch's
-        time only warms up when there are others)."""
+        Each batch's prompts run through the LM once (at num_vision_tokens=adaptive, once per try);
+        that prefill is timed (the first batch's time only warms up when there are others)."""
         collator = utils.Collator([r.args for r in requests], lambda args: (-len(args[0]), args[0]), grouping=True)
-        answers, prefill_seconds, started = [], [], time.perf_counter()
+        answers, prefill_seconds, adaptive_results, started = [], [], [], time.perf_counter()
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc=f"tokenflex N={self.num_vision_tokens}")
         for chunk in collator.get_batched(n=self.batch_size):
             contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
             gen_kwargs = greedy_options(all_gen_kwargs[0], tasks[0])
             images = [self.request_images(*request) for request in zip(doc_to_visual, tasks, splits, doc_ids)]
             prompts = [without_image_markers(c) for c in contexts]
-            batch_answers, seconds = self.model.timed_generate(
-                lambda: self.model.inference_inputs(images, prompts, self.num_vision_tokens, self.num_tiles),
-                gen_kwargs["max_new_tokens"])
+            if self.adaptive:
+                samples = [self.model.prepared_images(image, self.num_tiles) | {
+                    "prompt_ids": self.model.prompt_ids(prompt, len(image))} for image, prompt in zip(images, prompts)]
+                results, seconds = adaptive_generate(self.model, samples, self.ladder, self.threshold,
+                                                     gen_kwargs["max_new_tokens"])
+                batch_answers = [r["prediction"] for r in results]
+                adaptive_results += results
+            else:
+                batch_answers, seconds = self.model.timed_generate(
+                    lambda: self.model.inference_inputs(images, prompts, self.num_vision_tokens, self.num_tiles),
+                    gen_kwargs["max_new_tokens"])
             answers += [cut_at(answer, gen_kwargs["until"]) for answer in batch_answers]
             prefill_seconds.append(seconds)
             progress.update(len(chunk))
@@ -100,9 +139,13 @@ class TokenFlexLMMs(lmms):
         if prefill_seconds:
             elapsed = time.perf_counter() - started
             tokens = sum(len(self.model.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+            adaptive = {"ladder": "-".join(map(str, self.ladder)), "threshold": self.threshold,
+                        "mean_vision_tokens": mean_over_images(adaptive_results, "chosen_tokens"),
+                        "tries_per_image": mean_over_images(adaptive_results, "tries")} if self.adaptive else {}
             log_metrics(total_elapsed_time=elapsed, total_gen_tokens=tokens, avg_speed=tokens / elapsed,
                         additional_metrics={"num_vision_tokens": self.num_vision_tokens, "num_tiles": self.num_tiles,
-                                            **prefill_summary(prefill_seconds[1:] or prefill_seconds)})
+                                            **adaptive, **prefill_summary(prefill_seconds[1:] or prefill_seconds),
+                                            "prefill_total_s": sum(prefill_seconds)})
         return collator.get_original(answers)
 
     def loglikelihood(self, requests):
@@ -112,7 +155,13 @@ class TokenFlexLMMs(lmms):
         dropped, split as the chat format splits it after the assistant header, its end token
         included. Negative because lmms-eval ranks choices by the smallest value (it expects a
         loss: api/task.py, multiple_choice). A document's requests (its choices) share one image
-        encoding; batch_size replies go through the LM per forward."""
+        encoding; batch_size replies go through the LM per forward. Refused at
+        num_vision_tokens=adaptive (see the module docstring)."""
+        if self.adaptive:
+            raise NotImplementedError("tokenflex at num_vision_tokens=adaptive answers generate_until requests only: "
+                                      "its policy stops on a generated answer's probability, and log-likelihood "
+                                      "requests score given choices; run log-likelihood tasks at a fixed N "
+                                      "(num_vision_tokens=64, ...)")
         documents = {}  # (task, split, doc_id, context) -> indices of its requests, one per choice
         for index, (context, _, _, doc_id, task, split) in enumerate(r.args for r in requests):
             documents.setdefault((task, split, doc_id, context), []).append(index)
@@ -156,6 +205,14 @@ class TokenFlexLMMs(lmms):
             kinds = ", ".join(type(v).__name__ for v in visuals)
             raise ValueError(f"task {task}, doc {doc_id}: tokenflex takes images only (no video), got {kinds}")
         return [v.convert("RGB") for v in visuals]
+
+
+def parse_ladder(ladder):
+    """'16-64-144-256' (model_args' spelling: lmms-eval splits them at commas) -> [16, 64, 144, 256]."""
+    try:
+        return [int(n) for n in str(ladder).split("-")]
+    except ValueError:
+        raise ValueError(f"ladder={ladder}: give token counts joined by '-', e.g. ladder=16-64-144-256") from None
 
 
 def greedy_options(gen_kwargs, task):

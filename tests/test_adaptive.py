@@ -9,7 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from bench import adaptive as bench_adaptive
+from bench.adaptive import verdict
 from pipeline.adaptive import (
     adaptive_generate,
     calibrate,
@@ -47,7 +50,9 @@ def samples(model, synthetic_shards):
 
 def test_answer_probability_is_the_product_of_its_greedy_tokens_probabilities(model, samples):
     """scored_generate's probability against a plain greedy loop over the LM, one prompt at a time
-    without a cache; the batch (left-padded) gives the same answers and probabilities."""
+    without a cache; the batch (left-padded) gives the same answers and probabilities. The tiny
+    model's answers are six unlikely tokens (probabilities near 1e-15), so they are compared as
+    logarithms: compared as probabilities, pytest.approx's absolute tolerance would pass any two."""
     batch = [s for s in samples if s["pixel_values"] is not None][:3]
     answers, _, probabilities = model.scored_generate(
         lambda: model.prompt_embeddings([s["prompt_ids"] for s in batch],
@@ -66,8 +71,21 @@ def test_answer_probability_is_the_product_of_its_greedy_tokens_probabilities(mo
                     break
                 embeds = torch.cat([embeds, model.language_model.get_input_embeddings()(torch.tensor([[token]]))], 1)
         assert answer == model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        assert probability == pytest.approx(math.exp(log_probability), rel=1e-4)
-    assert len(set(round(p, 6) for p in probabilities)) > 1  # the check above compares varied numbers
+        assert math.log(probability) == pytest.approx(log_probability, abs=1e-3)
+    logs = sorted(math.log(p) for p in probabilities)
+    assert logs[-1] - logs[0] > 0.1  # the check above tells these answers' probabilities apart
+
+
+def test_answer_probability_stops_at_the_first_end_token(model):
+    """What generation pads after an answer's end token counts nothing; the end token counts."""
+    end = model.generation_config().eos_token_id[0]
+    word, pad = end - 1, model.tokenizer.pad_token_id  # word: any token other than the end
+    logits = torch.randn(2, 4, model.language_model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    sequences = torch.tensor([[word, end, pad, pad], [word, word, word, word]])
+    log_probs = logits.log_softmax(-1).gather(-1, sequences[..., None])[..., 0]
+    output = GenerateDecoderOnlyOutput(sequences=sequences, logits=tuple(logits.unbind(1)))
+    assert np.log(model.answer_probabilities(output)) == pytest.approx(
+        [float(log_probs[0, :2].sum()), float(log_probs[1].sum())], abs=1e-4)
 
 
 def test_policy_encodes_each_image_once_and_stops_at_the_first_confident_count(model, samples):
@@ -185,3 +203,33 @@ def test_evaluate_tokens_adaptive_needs_one_threshold_source(synthetic_shards, s
         evaluate_tool.main([str(stage1_run / "final"), "--shards", str(synthetic_shards), "--tokens", "adaptive",
                             "--ladder", "64,16", "--threshold", "0.5", "--out", str(tmp_path)])
     assert "increasing" in capsys.readouterr().err
+
+
+def test_bench_verdict_needs_both_the_accuracy_and_the_tokens():
+    def report(adaptive_accuracy, adaptive_tokens):
+        rows = [{"model": "m", "policy": "fixed", "num_vision_tokens": n, "accuracy": a, "mean_vision_tokens": n}
+                for n, a in ((16, 0.70), (64, 0.80), (144, 0.80))]  # best: 64, the smaller of the two at 0.80
+        return {"results": rows + [{"model": "m", "policy": "adaptive", "accuracy": adaptive_accuracy,
+                                    "mean_vision_tokens": adaptive_tokens}]}
+
+    assert "Goal reached**: adaptive N is -1.0 points from the best fixed N (N=64) at 60%" in verdict(
+        report(0.79, 38.4), "m")
+    assert "Goal NOT reached**: adaptive N is -1.5 points" in verdict(report(0.785, 30), "m")
+    assert "Goal NOT reached**: adaptive N is +0.0 points from the best fixed N (N=64) at 61%" in verdict(
+        report(0.80, 39), "m")
+
+
+def test_bench_adaptive_writes_its_command_and_verdict(chatty, synthetic_shards, tmp_path):
+    """bench.adaptive on a tools.demo-shaped folder (the chatty model, the test fixtures' shards as
+    both splits), a few records: the results name the command, the commit and the verdict."""
+    demo = tmp_path / "demo"
+    (demo / "shards").mkdir(parents=True)
+    (demo / "model").symlink_to(chatty)
+    for split in ("validation", "test"):
+        (demo / "shards" / split).symlink_to(synthetic_shards)
+    out = tmp_path / "out"
+    assert bench_adaptive.main(["--demo", str(demo), "--out", str(out), "--ladder", "16,64", "--limit", "8"]) == 0
+    markdown = (out / "results.md").read_text()
+    assert f"Command: `python -m bench.adaptive --demo {demo} --out {out} --ladder 16,64 --limit 8`" in markdown
+    assert "at commit " in markdown and "Goal " in markdown and "| demo | adaptive |" in markdown
+    assert "8 records" in markdown and (out / "accuracy_vs_mean_tokens.png").exists()

@@ -8,18 +8,22 @@ Outside CI these tests skip when lmms-eval is not installed (requirements-eval.t
 """
 
 import argparse
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
 
 from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
 from pipeline.model import TokenFlexVLM
+from tests.conftest import save_chatty_copy
 from tools.options import add_placement_options
 
 try:
     from lmms_eval.api.instance import Instance
+    from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history, reset_logged_metrics
 
     from pipeline.lmms_eval_model import TokenFlexLMMs
 except ModuleNotFoundError as error:
@@ -95,6 +99,13 @@ def model_dir(model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lmms_model") / "model"
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def chatty(model_dir, tmp_path_factory):
+    """The model made to answer visibly (conftest.save_chatty_copy): the random-init LM answers only
+    newlines or special tokens, which are empty once stripped."""
+    return TokenFlexVLM.from_pretrained(save_chatty_copy(model_dir, tmp_path_factory.mktemp("lmms_chatty"))).eval()
 
 
 @torch.no_grad()
@@ -189,6 +200,54 @@ def test_num_tiles_cuts_each_image_into_that_many_tiles_at_most(model):
     assert vision.calls == [5]
     with pytest.raises(ValueError, match="num_tiles=0 must be >= 1"):
         TokenFlexLMMs(model, N, num_tiles=0)
+
+
+@pytest.fixture(scope="module")
+def noise_documents():
+    """Four noise images (a plain colour looks the same at every N) and a text-only question."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    return [{"question": "What is in the image?", "image": image} for image in images] + [DOCUMENTS[1]]
+
+
+def noise_answers(model, documents, num_vision_tokens, **model_args):
+    """generate_until's answers to the documents in one batch, and the throughput metrics it logged."""
+    harness = TokenFlexLMMs(model, num_vision_tokens, batch_size=len(documents), **model_args)
+    harness.task_dict = {TASK: {SPLIT: documents}}
+    requests = [Instance("generate_until", (doc["question"], {"max_new_tokens": 4, "until": ["\n\n"]}, doc_to_visual,
+                                            doc_id, TASK, SPLIT), idx=0,
+                         metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
+                for doc_id, doc in enumerate(documents)]
+    reset_logged_metrics()
+    return harness.generate_until(requests), get_logged_metrics_history()[0]
+
+
+def test_adaptive_answers_as_the_fixed_count_it_stops_at(chatty, noise_documents):
+    """Threshold 0 stops every image at the ladder's first count, infinity at its last; either way
+    the batch's four images are encoded once, and the throughput metrics say where it stopped."""
+    fixed = {n: noise_answers(chatty, noise_documents, n)[0] for n in (16, 64)}
+    assert fixed[16] != fixed[64]  # the answers tell the two counts apart
+    for threshold, stop, tries in ((0.0, 16, 1), (math.inf, 64, 2)):
+        with ForwardCounter(chatty.vision_tower) as vision:
+            answers, metrics = noise_answers(chatty, noise_documents, "adaptive", threshold=threshold, ladder="16-64")
+        assert vision.calls == [4]
+        assert answers == fixed[stop]
+        assert metrics["num_vision_tokens"] == "adaptive" and metrics["threshold"] == threshold
+        assert metrics["mean_vision_tokens"] == stop and metrics["tries_per_image"] == tries
+        assert metrics["prefill_total_s"] > 0
+
+
+def test_adaptive_refuses_log_likelihood_requests_and_needs_a_threshold(model):
+    with pytest.raises(NotImplementedError, match="generate_until requests only"):
+        TokenFlexLMMs(model, "adaptive", threshold=0.5).loglikelihood(choice_requests())
+    with pytest.raises(ValueError, match="num_vision_tokens=adaptive needs threshold="):
+        TokenFlexLMMs(model, "adaptive")
+    with pytest.raises(ValueError, match="threshold= needs num_vision_tokens=adaptive"):
+        TokenFlexLMMs(model, 64, threshold=0.5)
+    with pytest.raises(ValueError, match="joined by '-'"):
+        TokenFlexLMMs(model, "adaptive", threshold=0.5, ladder="16,64")
+    with pytest.raises(ValueError, match="increasing"):
+        TokenFlexLMMs(model, "adaptive", threshold=0.5, ladder="64-16")
 
 
 @pytest.mark.parametrize("tokens", [0, "0", -4, 15])

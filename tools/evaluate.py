@@ -58,7 +58,7 @@ def main(argv=None):
     parser.add_argument("--calibrate", help="--tokens adaptive: validation shards to pick the threshold on")
     parser.add_argument("--max-drop", type=float, default=0.5,
                         help="--calibrate: accuracy points below the best fixed N allowed (default: %(default)s)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first K samples")
+    parser.add_argument("--limit", type=int, help="evaluate only the first K samples (of each split, with --calibrate)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="longest answer, in tokens (default: 16)")
     add_placement_options(parser)
