@@ -63,8 +63,9 @@ FLEX = {16: 1, 64: 1, 144: 1}
 EVAL_COUNTS = [16, 36, 64, 100, 144, 196, 256]  # the main study's; 36, 100, 196 and 256 are seen by no model
 ABLATION_COUNTS = [16, 64, 144, 256]  # the ablations': evaluation is most of a study's time
 EVAL_BATCH_SIZE = 32
-# The flex model's stage-2 steps: a third of configs/tiny_cpu_stage2.yaml's 900, so that all the
-# studies (24 trainings, 132,000 answers) fit in about 1.5 hours on 2 shared CPU cores
+# The flex model's stage-2 steps: a third of configs/tiny_cpu_stage2.yaml's 900, to shorten the
+# studies (24 trainings, 132,000 answers): about an hour on 2 free CPU cores by an estimate from a
+# short timed piece, several hours on shared ones (README)
 STAGE2_STEPS = 300
 
 
