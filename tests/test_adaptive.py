@@ -55,11 +55,10 @@ def test_answer_probability_is_the_product_of_its_greedy_tokens_probabilities(mo
     logarithms: compared as probabilities, pytest.approx's absolute tolerance would pass any two."""
     batch = [s for s in samples if s["pixel_values"] is not None][:3]
     answers, _, probabilities = model.scored_generate(
-        lambda: model.prompt_embeddings([s["prompt_ids"] for s in batch],
-                                        *model.image_inputs([s["pixel_values"] for s in batch]), 16), 6)
+        lambda: model.prompt_embeddings([s["prompt_ids"] for s in batch], model.image_inputs(batch), 16), 6)
     end = set(model.generation_config().eos_token_id)
     for sample, answer, probability in zip(batch, answers, probabilities):
-        embeds, _ = model.prompt_embeddings([sample["prompt_ids"]], *model.image_inputs([sample["pixel_values"]]), 16)
+        embeds, _ = model.prompt_embeddings([sample["prompt_ids"]], model.image_inputs([sample]), 16)
         tokens, log_probability = [], 0.0
         with torch.no_grad():
             for _ in range(6):
