@@ -8,7 +8,8 @@ recipe (configs/tiny_cpu_stage{1,2}.yaml, both stages, 2 ranks, N drawn from {16
   tiles4  data.max_tiles 4, data.multi_image_max_tiles 2
 with the same seeds (train, data and tokens seed = the run's seed) and the same step counts
 (a tiles4 step packs fewer samples: each image brings more slots; the report gives the samples
-each saw). Every model is then evaluated (pipeline.evaluate) on held-out shards of the same kind
+each saw). Every model is then evaluated (pipeline.evaluate) on held-out records of the same kind,
+drawn from make_synthetic's test split (scenes and text questions no training record has),
 with 1 and with 4 tiles at N = 16, 36, 64, 100 and 144, and the results are summarised as mean and
 spread (half the range) over seeds: accuracy against vision tokens per image, one curve per
 model and tile limit, overall and on the wide and tall scenes' fine question.
@@ -49,9 +50,10 @@ def make_data(out, train_samples, heldout_samples, env):
     """OUT/tiny (models), OUT/synthetic/{train,heldout} (wide, tall and two-scene records), OUT/shards/{train,heldout}."""
     py = sys.executable
     run("tiny random-init models", [py, "-m", "tools.make_tiny_models", out / "tiny"], env, out / "tiny_models.log")
-    for split, count, seed in (("train", train_samples, 0), ("heldout", heldout_samples, 1)):
+    # held-out records are the test split's: scenes and text questions no training record has
+    for split, count, source in (("train", train_samples, "train"), ("heldout", heldout_samples, "test")):
         run(f"synthetic {split} data", [py, "-m", "tools.make_synthetic", "--out", out / "synthetic" / split, "--n", count,
-                                        "--seed", seed, "--wide-fraction", "0.5", "--multi-image-fraction", "0.2"],
+                                        "--split", source, "--wide-fraction", "0.5", "--multi-image-fraction", "0.2"],
             env, out / f"synthetic_{split}.log")
         run(f"{split} shards", [py, "-m", "tools.build_shards", "--json", out / "synthetic" / split / "data.json",
                                 "--image-root", out / "synthetic" / split, "--out", out / "shards" / split,
@@ -137,7 +139,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("runs/tiles_study"), help="work folder (default: %(default)s)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: %(default)s)")
     parser.add_argument("--train-samples", type=int, default=10000, help="synthetic training records")
-    parser.add_argument("--heldout-samples", type=int, default=300, help="synthetic held-out records")
+    parser.add_argument("--heldout-samples", type=int, default=600,
+                        help="synthetic held-out records (default: %(default)s; about 35 per wide or tall fine question)")
     parser.add_argument("--ranks", type=int, default=2, help="training processes per run (default: 2)")
     parser.add_argument("--quick", action="store_true",
                         help="seed 0, 2+4 steps, 240 training and 24 held-out records: checks that the study runs, "
