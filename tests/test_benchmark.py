@@ -9,7 +9,6 @@ Outside CI these tests skip when lmms-eval is not installed (requirements-eval.t
 
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ from pipeline.data.mixture import resolve_source
 from pipeline.evaluate import normalise
 from pipeline.model import TokenFlexVLM
 from pipeline.model_card import EVALUATION_HEADING
-from tests.conftest import save_chatty_copy
+from tests.conftest import require_lmms_eval, save_chatty_copy
 from tests.distributed import REPO
 from tools import benchmark as benchmark_tool
 from tools import build_shards
@@ -35,14 +34,8 @@ from tools import local_tasks
 from tools.demo import cpu_training_env, torchrun
 from tools.report import benchmark_table, latency_noise
 
-try:
-    import datasets
-    import lmms_eval  # noqa: F401
-except ModuleNotFoundError as error:
-    if os.environ.get("CI"):
-        raise
-    pytest.skip(f"lmms-eval is not installed ({error}): pip install --no-deps -r requirements-eval.txt",
-                allow_module_level=True)
+require_lmms_eval()
+import datasets  # installed with lmms-eval: imported after the check
 
 pytestmark = pytest.mark.timeout(900)
 TASK = "synthetic_heldout"

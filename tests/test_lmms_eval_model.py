@@ -9,7 +9,6 @@ Outside CI these tests skip when lmms-eval is not installed (requirements-eval.t
 
 import argparse
 import math
-import os
 
 import numpy as np
 import pytest
@@ -18,19 +17,15 @@ from PIL import Image, ImageFile
 
 from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
 from pipeline.model import TokenFlexVLM
-from tests.conftest import save_chatty_copy
+from tests.conftest import require_lmms_eval, save_chatty_copy
 from tools.options import add_placement_options
 
-try:
-    from lmms_eval.api.instance import Instance
-    from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history, reset_logged_metrics
+require_lmms_eval()
+# after the check: these need lmms-eval
+from lmms_eval.api.instance import Instance
+from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history, reset_logged_metrics
 
-    from pipeline.lmms_eval_model import TokenFlexLMMs
-except ModuleNotFoundError as error:
-    if os.environ.get("CI"):
-        raise
-    pytest.skip(f"lmms-eval is not installed ({error}): pip install --no-deps -r requirements-eval.txt",
-                allow_module_level=True)
+from pipeline.lmms_eval_model import TokenFlexLMMs
 
 N = 16
 TASK, SPLIT = "colours", "test"
