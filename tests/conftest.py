@@ -63,6 +63,19 @@ def synthetic_shards(tmp_path_factory):
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def tiled(tmp_path_factory):
+    """120 synthetic records (raw/) for tiles, in shards of 20 (shards/): half of the image ones wide
+    or tall, a third of them two-image."""
+    from tools import build_shards, make_synthetic
+
+    root = tmp_path_factory.mktemp("tiled")
+    make_synthetic.main(["--out", str(root / "raw"), "--n", "120", "--seed", "5", "--wide-fraction", "0.5",
+                         "--multi-image-fraction", "0.3"])
+    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=20)
+    return root
+
+
 LONG_PROMPT_WORDS = 600  # a prompt of these alone fills a 512-token row (data.seq_len in the stage-1 runs)
 
 

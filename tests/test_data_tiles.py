@@ -13,19 +13,8 @@ from pipeline.data import TrainBatches, iter_samples
 from pipeline.data.decode import measure_text_tokens_per_tile
 from pipeline.data.mixture import load_mixture
 from pipeline.tiles import choose_grid, image_slots, set_tiling, tile_count, tiles_allowed
-from tools import build_shards, make_synthetic
 
 NS = [16, 64, 16, 144, 64, 16]
-
-
-@pytest.fixture(scope="module")
-def tiled(tmp_path_factory):
-    """120 synthetic records: half of the image ones wide or tall, a third of them two-image."""
-    root = tmp_path_factory.mktemp("tiled")
-    make_synthetic.main(["--out", str(root / "raw"), "--n", "120", "--seed", "5", "--wide-fraction", "0.5",
-                         "--multi-image-fraction", "0.3"])
-    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=20)
-    return root
 
 
 def test_multi_image_samples_decode_to_one_marker_and_grid_per_image_in_order(tiled, models):

@@ -9,28 +9,18 @@ import pytest
 
 from pipeline.model import TokenFlexVLM
 from tests.distributed import metrics, run_training
-from tools import build_shards, make_synthetic
 
 pytestmark = pytest.mark.timeout(600)
 TILED = ["data.max_tiles=4", "data.multi_image_max_tiles=2", "data.seq_len=1024", "tokens.counts={16: 1, 64: 1}"]
 
 
 @pytest.fixture(scope="module")
-def tiled_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiled_train")
-    make_synthetic.main(["--out", str(root / "raw"), "--n", "120", "--seed", "9", "--wide-fraction", "0.5",
-                         "--multi-image-fraction", "0.3"])
-    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=20)
-    return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def tiled_stage1(tiny_models, tiled_shards, tmp_path_factory):
+def tiled_stage1(tiny_models, tiled, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiled_stage1") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RECORD_BATCH_SHAPES", str(out.parent / "shapes"))
         result = run_training("tiny_cpu_stage1.yaml", out, f"model.vision_path={tiny_models / 'vision'}",
-                              f"model.lm_path={tiny_models / 'qwen2'}", f"data.shards={tiled_shards}",
+                              f"model.lm_path={tiny_models / 'qwen2'}", f"data.shards={tiled / 'shards'}",
                               "train.max_steps=6", "train.save_every=6", *TILED, module="tests.record_batch_shapes")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -50,7 +40,7 @@ def test_every_rank_runs_the_same_shapes_on_different_tiles(tiled_stage1):
     assert any(record["images"] > 1 and record["tiles"] > record["images"] for record in ranks[0] + ranks[1])
 
 
-def test_tiled_training_learns_and_its_folder_records_the_tiling(tiled_stage1, tiny_models, tiled_shards,
+def test_tiled_training_learns_and_its_folder_records_the_tiling(tiled_stage1, tiny_models, tiled,
                                                                  tmp_path_factory):
     steps = metrics(tiled_stage1)
     assert len(steps) == 6 and all(m["dummy_image_fraction"] < 0.5 for m in steps)
@@ -59,17 +49,17 @@ def test_tiled_training_learns_and_its_folder_records_the_tiling(tiled_stage1, t
     row_end = model.tile_layout.row_end.detach().clone()
     out = tmp_path_factory.mktemp("tiled_stage2") / "run"
     result = run_training("tiny_cpu_stage2.yaml", out, f"model.init_from={tiled_stage1 / 'final'}",
-                          f"data.shards={tiled_shards}", "train.max_steps=3", "train.save_every=3", *TILED)
+                          f"data.shards={tiled / 'shards'}", "train.max_steps=3", "train.save_every=3", *TILED)
     assert result.returncode == 0, result.stderr[-3000:]
     tuned = TokenFlexVLM.from_pretrained(out / "final")
     assert not row_end.equal(tuned.tile_layout.row_end.detach())  # row ends train with the projector
 
 
-def test_evaluate_sweeps_tiles_and_n_and_plots_accuracy_against_vision_tokens(tiled_stage1, tiled_shards, tmp_path):
+def test_evaluate_sweeps_tiles_and_n_and_plots_accuracy_against_vision_tokens(tiled_stage1, tiled, tmp_path):
     from tools import evaluate
 
     out = tmp_path / "eval"
-    assert evaluate.main([str(tiled_stage1 / "final"), "--shards", str(tiled_shards), "--tokens", "16,64",
+    assert evaluate.main([str(tiled_stage1 / "final"), "--shards", str(tiled / "shards"), "--tokens", "16,64",
                           "--tiles", "1,4", "--limit", "12", "--batch-size", "4", "--max-new-tokens", "2",
                           "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())["results"]
@@ -82,10 +72,10 @@ def test_evaluate_sweeps_tiles_and_n_and_plots_accuracy_against_vision_tokens(ti
     assert "| final tiles=4 | 64 | 4 |" in (out / "results.md").read_text()
 
 
-def test_generate_answers_a_prompt_with_two_images_at_a_tile_limit(tiled_stage1, tiled_shards, capsys):
+def test_generate_answers_a_prompt_with_two_images_at_a_tile_limit(tiled_stage1, tiled, capsys):
     from tools import generate
 
-    raw = tiled_shards.parent / "raw"
+    raw = tiled / "raw"
     record = next(r for r in json.loads((raw / "data.json").read_text()) if isinstance(r.get("image"), list))
     images = [str(raw / path) for path in record["image"]]
     assert generate.main([str(tiled_stage1 / "final"), "--image", images[0], "--image", images[1],
