@@ -58,6 +58,7 @@ from pipeline.metrics import Work, step_flops
 from pipeline.model import TokenFlexVLM
 from stages import STAGES
 from tools.demo import REPO, cpu_training_env, make_models_and_data, run, stage_command
+from tools.report import plot_accuracy_panels
 
 FLEX = {16: 1, 64: 1, 144: 1}
 EVAL_COUNTS = [16, 36, 64, 100, 144, 196, 256]  # the main study's; 36, 100, 196 and 256 are seen by no model
@@ -309,28 +310,11 @@ def markdown_tables(table):
 
 def plot(table, path):
     """Accuracy against N, one line per model (standard deviation as error bars), a panel per question type."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    kinds = [k for k in TYPES if k != "text"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 4), sharey=True)
-    for ax, kind in zip(axes, kinds):
-        for model, data in table.items():
-            ns = [n for n in EVAL_COUNTS if n in data[kind]]
-            ax.errorbar(ns, [data[kind][n][0] for n in ns], yerr=[data[kind][n][1] for n in ns], marker="o",
-                        capsize=3, label=model, linestyle="-" if len(MODELS[model].counts) == 1 else "--")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(EVAL_COUNTS, [str(n) for n in EVAL_COUNTS])
-        ax.set_title(kind)
-        ax.set_xlabel("vision tokens N at evaluation")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("exact-match accuracy")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = {kind: [(model, ns, [data[kind][n][0] for n in ns], [data[kind][n][1] for n in ns],
+                      len(MODELS[model].counts) > 1)
+                     for model, data in table.items() for ns in [[n for n in EVAL_COUNTS if n in data[kind]]]]
+              for kind in TYPES if kind != "text"}
+    plot_accuracy_panels(panels, path, "vision tokens N at evaluation", EVAL_COUNTS)
 
 
 # ---- the report ----

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from pipeline.evaluate import evaluate
 from tools.demo import REPO, cpu_training_env, run, torchrun
+from tools.report import plot_accuracy_panels
 
 MODELS = {"tiles1": ["data.max_tiles=1"], "tiles4": ["data.max_tiles=4", "data.multi_image_max_tiles=2"]}
 TRAIN_COUNTS = "{16: 1, 64: 1, 144: 1}"
@@ -112,26 +113,11 @@ def markdown_tables(table):
 
 def plot(table, path):
     """Accuracy against vision tokens per image, one line per model and eval tile limit, a panel per kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, axes = plt.subplots(1, len(KINDS), figsize=(4 * len(KINDS), 4), sharey=True)
-    for ax, kind in zip(axes, KINDS):
-        for (model, tiles), kinds in table.items():
-            points = [kinds[kind][n] for n in EVAL_COUNTS]
-            ax.errorbar([t for *_, t in points], [m for m, *_ in points], yerr=[s for _, s, *_ in points], marker="o",
-                        capsize=3, label=f"{model}, {tiles} tile(s)", linestyle="-" if tiles > 1 else "--")
-        ax.set_xscale("log", base=2)
-        ax.set_title(kind)
-        ax.set_xlabel("vision tokens per image")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("exact-match accuracy")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = {kind: [(f"{model}, {tiles} tile(s)", [t for *_, t in points], [m for m, *_ in points],
+                      [s for _, s, *_ in points], tiles == 1)
+                     for (model, tiles), kinds in table.items() for points in [[kinds[kind][n] for n in EVAL_COUNTS]]]
+              for kind in KINDS}
+    plot_accuracy_panels(panels, path, "vision tokens per image")
 
 
 def main(argv=None):

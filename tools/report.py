@@ -136,6 +136,34 @@ def plot_tiles(results, path):
     plt.close(fig)
 
 
+# ---- the bench studies: accuracy over seeds, a panel per question kind ----
+
+def plot_accuracy_panels(panels: dict, path, xlabel: str, xticks: list | None = None) -> None:
+    """{panel title: [(label, xs, means, error bars, dashed), ...]}: one panel per question kind,
+    accuracy against a log2 x axis, the error bars the spread over seeds (bench/flex_vs_fixed,
+    bench/tiles_study)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), sharey=True)
+    for ax, (title, curves) in zip(axes, panels.items()):
+        for label, xs, means, errors, dashed in curves:
+            ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=label, linestyle="--" if dashed else "-")
+        ax.set_xscale("log", base=2)
+        if xticks:
+            ax.set_xticks(xticks, [str(x) for x in xticks])
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("exact-match accuracy")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---- tools.benchmark: lmms-eval scores and prefill latency per model and N ----
 
 def metric_names(results):
