@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from pipeline.adaptive import DEFAULT_LADDER, adaptive_generate, check_ladder, mean_over_images
 from pipeline.chat import IMAGE_TOKEN
+from pipeline.distributed import task_gpu
 from pipeline.inference import chunks_by_rows, inference_placement, prefill_summary
 from pipeline.model import TokenFlexVLM, read_vlm_config
 from pipeline.tiles import recorded_tiling
@@ -55,9 +56,13 @@ from pipeline.tiles import recorded_tiling
 DEFAULT_LADDER_ARG = "-".join(map(str, DEFAULT_LADDER))  # model_args' spelling: 16-64-144-256
 
 
-def default_device():
-    # under `accelerate launch`, each process evaluates its share of the requests on its own GPU
-    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+def default_device() -> str:
+    """This process's GPU, else cpu. Under `accelerate launch` each process evaluates its share of
+    the requests on its own GPU: its local rank's, or the one GPU it sees when Slurm binds a GPU
+    per task (pipeline.distributed.task_gpu)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{task_gpu(int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count())}"
 
 
 def load_model(path, device=None, dtype=None):

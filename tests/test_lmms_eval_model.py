@@ -25,7 +25,7 @@ require_lmms_eval()
 from lmms_eval.api.instance import Instance
 from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history, reset_logged_metrics
 
-from pipeline.lmms_eval_model import TokenFlexLMMs
+from pipeline.lmms_eval_model import TokenFlexLMMs, default_device
 
 N = 16
 TASK, SPLIT = "colours", "test"
@@ -261,3 +261,14 @@ def test_model_args_take_every_dtype_spelling_the_tools_take(model_dir, dtype, e
     add_placement_options(parser)
     assert parser.parse_args(["--dtype", dtype]).dtype == dtype  # the tools' --dtype takes it too
     assert TokenFlexLMMs(str(model_dir), N, device="cpu", dtype=dtype).model.dtype == expected
+
+
+@pytest.mark.parametrize("local_rank, visible, expected", [(3, 1, "cuda:0"), (3, 8, "cuda:3"), (0, 2, "cuda:0")])
+def test_default_device_is_the_gpu_this_task_sees(monkeypatch, local_rank, visible, expected):
+    """Under Slurm's per-task GPU binding every task sees its one GPU as cuda:0, whatever its local
+    rank; with all of a node's GPUs visible, each process takes its local rank's. (The GPU count is
+    patched: these machines have none.)"""
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert default_device() == expected
