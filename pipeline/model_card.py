@@ -28,6 +28,7 @@ def write_model_card(folder, config, run_config=None, step=None, mixture=None):
         weights = ":".join(f"{w:g}" for w in counts.values())
         rows += [("stage", " ".join(STAGES[run_config.train.stage].__doc__.split("\n\n")[0].split())),
                  ("trained at N", f"{', '.join(map(str, counts))} (drawn per step, weights {weights})"),
+                 ("images", images_row(run_config.data, vision["image_size"])),
                  ("steps", f"{step} of `{run_config.train.output_dir}`")]
     rows.append(("serves", f"any N = n² with n ≤ {side} (e.g. 16, 64, 144, 256)"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
@@ -69,6 +70,16 @@ With the TokenFLEX training pipeline checked out: `TokenFlexVLM.from_pretrained(
 
 None yet: `python -m tools.benchmark {folder} --tasks ... --model-card` writes it here.
 """)
+
+
+def images_row(data, side):
+    """How the run prepared images (data.image_aspect, data.max_tiles): what serving does by default."""
+    prepared = f"`{data.image_aspect}` to {side}×{side} px"
+    if data.max_tiles == 1:
+        return f"{prepared}, one tile each"
+    return (f"tiles of {side}×{side} px: up to {data.max_tiles} per image ({data.multi_image_max_tiles} in samples "
+            f"of several images) and a thumbnail ({prepared}), each pooled to N; serve with other limits through "
+            f"`--tiles` or `num_tiles=`")
 
 
 def data_table(mixture):

@@ -91,6 +91,7 @@ def test_model_card_says_what_the_model_is_and_how_to_load_it(folder, tiny_model
     assert f"| language model | Qwen2ForCausalLM from `{tiny_models / 'qwen2'}` |" in card
     assert "| stage | Stage 1, align: train the projector only; the vision tower and the LM stay frozen. |" in card
     assert "| trained at N | 16, 64, 144 (drawn per step, weights 1:1:1) |" in card
+    assert "| images | `pad` to 64×64 px, one tile each |" in card
     assert f"| steps | 16 of `{folder.parent}` |" in card
     assert "| serves | any N = n² with n ≤ 16" in card
     # the data: the checkpoint's mixture.json (the stage-1 run trains on conftest's two-source mixture)

@@ -46,6 +46,8 @@ def test_tiled_training_learns_and_its_folder_records_the_tiling(tiled_stage1, t
     assert len(steps) == 6 and all(m["dummy_image_fraction"] < 0.5 for m in steps)
     model = TokenFlexVLM.from_pretrained(tiled_stage1 / "final")
     assert (model.image_processor.max_tiles, model.image_processor.multi_image_max_tiles) == (4, 2)
+    card = (tiled_stage1 / "final" / "README.md").read_text()
+    assert "| images | tiles of 64×64 px: up to 4 per image (2 in samples of several images) and a thumbnail" in card
     row_end = model.tile_layout.row_end.detach().clone()
     out = tmp_path_factory.mktemp("tiled_stage2") / "run"
     result = run_training("tiny_cpu_stage2.yaml", out, f"model.init_from={tiled_stage1 / 'final'}",
