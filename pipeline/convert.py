@@ -17,11 +17,12 @@ import math
 import pickle
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from PIL import Image, ImageDraw
-from transformers import AutoImageProcessor, ImageProcessingMixin, PreTrainedTokenizerBase
+from transformers import AutoImageProcessor, PreTrainedTokenizerBase
 
 from pipeline.chat import IMAGE_TOKEN, load_tokenizer, tokenize_record
 from pipeline.checkpoint import checkpoint_tags, latest_tag
@@ -30,6 +31,9 @@ from pipeline.inference import as_dtype
 from pipeline.model import MODEL_TYPE, TokenFlexVLM, read_vlm_config, write_model_folder
 from pipeline.model_card import write_model_card
 from pipeline.tiles import prepare_images
+
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
 
 class ConversionError(Exception):
     """A checkpoint that can't be converted; the message says what is wrong and what to do."""
@@ -153,7 +157,7 @@ def check_complete(tag_dir: Path) -> None:
 
 # ---- verification ----
 
-def probe_samples(tokenizer: PreTrainedTokenizerBase, image_processor: ImageProcessingMixin) -> list[dict]:
+def probe_samples(tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor") -> list[dict]:
     """A fixed image question and a text-only one, tokenized as training tokenizes records."""
     size = image_processor.size
     image = Image.new("RGB", (size["width"], size["height"]), (40, 90, 200))

@@ -14,6 +14,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import load_torch_model, save_torch_state_dict
@@ -26,7 +27,6 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     GenerationConfig,
-    ImageProcessingMixin,
     PreTrainedTokenizerBase,
 )
 from transformers.dynamic_module_utils import get_relative_import_files
@@ -40,6 +40,9 @@ from .inference import InferenceMixin, as_dtype
 from .projector import build_projector, pooled_side
 from .tiles import TileLayout
 from .vision import load_vision_tower, tower_attn_implementation, tower_features
+
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
 
 MODEL_TYPE = "tokenflex_vlm"
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -141,7 +144,7 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         return cls(config, vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision_path))
 
     @classmethod
-    def from_config(cls, config: VLMConfig, tokenizer: PreTrainedTokenizerBase, image_processor: ImageProcessingMixin,
+    def from_config(cls, config: VLMConfig, tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor",
                     attn_implementation: str = "sdpa", dtype: str | torch.dtype = torch.float32) -> "TokenFlexVLM":
         """Random-init modules of the recorded shapes, in dtype (not the dtype the original
         checkpoints recorded); weights are loaded afterwards."""
@@ -343,7 +346,7 @@ def generation_config(tokenizer: PreTrainedTokenizerBase, **options: object) -> 
 
 
 def write_model_folder(path: str | Path, config: VLMConfig, tokenizer: PreTrainedTokenizerBase,
-                       image_processor: ImageProcessingMixin, state_dict: dict[str, torch.Tensor] | None = None,
+                       image_processor: "BaseImageProcessor", state_dict: dict[str, torch.Tensor] | None = None,
                        max_shard_size: int | str = "5GB") -> None:
     """A model folder: config.json, tokenizer, image processor, generation config, the remote
     code through which plain transformers loads it (see modeling_tokenflex.py) and, when

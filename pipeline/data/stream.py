@@ -21,10 +21,11 @@ import signal
 import sys
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from transformers import ImageProcessingMixin, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from pipeline.data.decode import Decoder, SampleError
 from pipeline.data.mixture import load_mixture
@@ -40,6 +41,9 @@ from pipeline.data.plan import (
 )
 from pipeline.data.shards import ReadingBoard, ShardError, read_shard
 from pipeline.data.state import Progress
+
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
 
 # Workers are forked after the tokenizer is built; its thread pool must not be in use then.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -209,7 +213,7 @@ class RankStream:
                 "workers": [{**p.as_dict(), "restart": list(r)} for p, r in zip(self.progress, restart)]}
 
 
-def iter_samples(shards: str | Path, tokenizer: PreTrainedTokenizerBase, image_processor: ImageProcessingMixin,
+def iter_samples(shards: str | Path, tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor",
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, with_record: bool = True,
                  max_tiles: int | None = None) -> Iterator[dict]:
     """Each sample of data.shards (a mixture's sources in turn) once, this rank's equal share, in a
