@@ -22,7 +22,8 @@ Mean vision tokens are over the questions with an image; accuracy is over all of
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,12 +33,12 @@ from pipeline.data import iter_samples
 from pipeline.data.mixture import resolve_source
 from pipeline.evaluate import batches_of, default_names, evaluate_model, normalise, score
 from pipeline.inference import prefill_summary, synchronize
-from pipeline.model import TokenFlexVLM, read_vlm_config
+from pipeline.model import TokenFlexVLM, VLMConfig, read_vlm_config
 
 DEFAULT_LADDER = (16, 64, 144, 256)
 
 
-def check_ladder(ladder: Sequence[int], config) -> None:
+def check_ladder(ladder: Sequence[int], config: VLMConfig) -> None:
     """ValueError unless the ladder is at least two increasing counts the model can serve."""
     if len(ladder) < 2 or list(ladder) != sorted(set(ladder)):
         raise ValueError(f"ladder {list(ladder)}: give at least two increasing token counts")
@@ -78,7 +79,7 @@ def adaptive_generate(model: TokenFlexVLM, samples: Sequence[dict], ladder: Sequ
         seconds += time.perf_counter() - started
     results, pending = [None] * len(samples), list(range(len(samples)))
     for attempt, n in enumerate(ladder, start=1):
-        def make_inputs(asked=tuple(pending), n=n):
+        def make_inputs(asked: tuple[int, ...] = tuple(pending), n: int = n) -> tuple[torch.Tensor, torch.Tensor]:
             grids = [grid for i in asked for grid in samples[i]["image_grids"]]
             input_ids, attention_mask = model.left_padded_prompts(
                 [samples[i]["prompt_ids"] for i in asked], torch.tensor(grids, dtype=torch.long).view(-1, 2), n)
@@ -103,7 +104,7 @@ def adaptive_generate(model: TokenFlexVLM, samples: Sequence[dict], ladder: Sequ
     return results, seconds
 
 
-def evaluate_adaptive_model(model: TokenFlexVLM, samples, ladder: Sequence[int], threshold: float,
+def evaluate_adaptive_model(model: TokenFlexVLM, samples: Iterable[dict], ladder: Sequence[int], threshold: float,
                             batch_size: int = 8, max_new_tokens: int = 16, name: str = "model",
                             total: int | None = None) -> dict:
     """The policy on every sample: score() plus mean vision tokens (overall and per question
@@ -222,15 +223,16 @@ def oracle_result(fixed_results: Sequence[dict], ladder: Sequence[int], name: st
 
 # ---- model folders on shards ----
 
-def first_samples(model: TokenFlexVLM, shards, limit: int | None):
+def first_samples(model: TokenFlexVLM, shards: str | Path, limit: int | None) -> Iterator[dict]:
     """The first limit samples of shards (all of them when limit is None), streamed."""
     return itertools.islice(iter_samples(shards, model.tokenizer, model.image_processor), limit)
 
 
-def evaluate_adaptive(model_dirs: Sequence, shards, ladder: Sequence[int] = DEFAULT_LADDER,
-                      threshold: float | None = None, calibration_shards=None, max_drop: float = 0.005,
-                      names: Sequence[str] | None = None, limit: int | None = None, batch_size: int = 8,
-                      max_new_tokens: int = 16, device: str = "cpu", dtype: str = "fp32") -> dict:
+def evaluate_adaptive(model_dirs: Sequence[str | Path], shards: str | Path, ladder: Sequence[int] = DEFAULT_LADDER,
+                      threshold: float | None = None, calibration_shards: str | Path | None = None,
+                      max_drop: float = 0.005, names: Sequence[str] | None = None, limit: int | None = None,
+                      batch_size: int = 8, max_new_tokens: int = 16, device: str | torch.device = "cpu",
+                      dtype: str | torch.dtype = "fp32") -> dict:
     """Per model: each count of the ladder as a fixed N, the policy (its threshold given, or
     calibrated on calibration_shards), and the oracle, on the shards. {"shards", "ladder",
     "calibration" (per model, when calibrated), "results": policy rows (fixed, adaptive, oracle)}."""

@@ -18,8 +18,10 @@ ever added to a vocabulary is IMAGE_TOKEN. The format is stored as the tokenizer
 """
 
 import re
+from collections.abc import Sequence
+from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
@@ -67,14 +69,14 @@ CHAT_FORMATS = ("auto", *FORMATS)
 TAG = "{#- tokenflex chat format: %s #}"
 
 
-def saved_chat_format(tokenizer):
+def saved_chat_format(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The format named on the first line of the tokenizer's chat template, or None if it is not ours."""
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     match = re.match(re.escape(TAG).replace("%s", r"(\w+)"), template)
     return match.group(1) if match else None
 
 
-def detect_chat_format(tokenizer):
+def detect_chat_format(tokenizer: PreTrainedTokenizerBase) -> str:
     """The format of the LM family this tokenizer belongs to (see the module docstring)."""
     if tokenizer.chat_template is None:
         return "plain"
@@ -86,11 +88,11 @@ def detect_chat_format(tokenizer):
                      f"set model.chat_format to one of {list(FORMATS)} (plain works with any tokenizer)")
 
 
-def adds_bos(tokenizer):
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
-def prepare_tokenizer(tokenizer, chat_format="auto"):
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_format: str = "auto") -> None:
     """Give an HF tokenizer the image marker, a chat format and a pad token.
 
     chat_format "auto" keeps a format the tokenizer was saved with, else detects the LM's own.
@@ -115,14 +117,14 @@ def prepare_tokenizer(tokenizer, chat_format="auto"):
         tokenizer.pad_token = end or tokenizer.eos_token
 
 
-def end_token_ids(tokenizer):
+def end_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids that end a reply: the format's end token, and EOS when that differs."""
     end = FORMATS[saved_chat_format(tokenizer)][2]
     ids = [tokenizer.convert_tokens_to_ids(end)] if end else []
     return ids + [i for i in [tokenizer.eos_token_id] if i is not None and i not in ids]
 
 
-def load_tokenizer(path, chat_format="auto"):
+def load_tokenizer(path: str | Path, chat_format: str = "auto") -> PreTrainedTokenizerFast:
     """Load a tokenizer from its tokenizer.json, whatever model folder it sits in, and prepare it.
 
     AutoTokenizer picks the class from the folder's model_type, which would re-tokenize a
@@ -133,7 +135,8 @@ def load_tokenizer(path, chat_format="auto"):
     return tokenizer
 
 
-def expand_image_markers(input_ids, labels, image_token_id, slots_per_image):
+def expand_image_markers(input_ids: list[int], labels: list[int], image_token_id: int,
+                         slots_per_image: int | Sequence[int]) -> tuple[list[int], list[int]]:
     """Replace the k-th image marker with slots_per_image[k] copies (pipeline/tiles.py:
     image_slots; an int: every image's); image slots never train."""
     markers = input_ids.count(image_token_id)
@@ -152,11 +155,12 @@ def expand_image_markers(input_ids, labels, image_token_id, slots_per_image):
     return out_ids, out_labels
 
 
-def messages(record, turns=None):
+def messages(record: dict, turns: int | None = None) -> list[dict[str, str]]:
     return [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"][:turns]]
 
 
-def tokenize_record(record, tokenizer, num_images, key="record"):
+def tokenize_record(record: dict, tokenizer: PreTrainedTokenizerBase, num_images: int,
+                    key: str = "record") -> tuple[list[int], list[int]]:
     """input_ids and labels (the replies and their end tokens only) of a LLaVA record, one marker per image.
 
     Raises ValueError naming `key` when the number of markers doesn't match num_images.
@@ -171,7 +175,7 @@ def tokenize_record(record, tokenizer, num_images, key="record"):
     return input_ids, labels
 
 
-def prompt_ids(record, tokenizer):
+def prompt_ids(record: dict, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids up to and including the generation prompt of the record's last reply."""
     return list(tokenizer.apply_chat_template(messages(record, -1), tokenize=True, add_generation_prompt=True,
                                               return_dict=True)["input_ids"])

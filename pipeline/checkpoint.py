@@ -20,7 +20,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -38,36 +40,36 @@ class StopRequest:
     requested = False
 
     @classmethod
-    def install(cls):
+    def install(cls) -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, cls.handle)
 
     @classmethod
-    def handle(cls, signum, frame):
+    def handle(cls, signum: int, frame: FrameType | None) -> None:
         log.warning("received %s: will save a checkpoint and stop after this step", signal.Signals(signum).name)
         cls.requested = True
 
 
-def request_stop():
+def request_stop() -> None:
     StopRequest.requested = True
 
 
-def checkpoint_dir(output_dir):
+def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def checkpoint_tags(ckpt_dir):
+def checkpoint_tags(ckpt_dir: str | Path) -> list[str]:
     """Tags of the checkpoints in ckpt_dir, oldest first: step-000100, not step-000100-universal
     (a resume's conversion for another world size)."""
     return sorted(p.name for p in Path(ckpt_dir).glob("step-*") if p.name.removeprefix("step-").isdigit())
 
 
-def latest_tag(ckpt_dir):
+def latest_tag(ckpt_dir: str | Path) -> str | None:
     pointer = Path(ckpt_dir) / "latest"
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def latest_trainer_state(ckpt_dir):
+def latest_trainer_state(ckpt_dir: str | Path) -> tuple[str, dict] | tuple[None, None]:
     """(tag, trainer_state) of the checkpoint `latest` names, or (None, None) when there is none."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
@@ -78,15 +80,15 @@ def latest_trainer_state(ckpt_dir):
     return tag, json.loads(state_file.read_text())
 
 
-def universal_dir(checkpoint):
+def universal_dir(checkpoint: str | Path) -> Path:
     return Path(f"{checkpoint}-universal")
 
 
-def conversion_failure_file(checkpoint):
+def conversion_failure_file(checkpoint: str | Path) -> Path:
     return Path(f"{checkpoint}-universal.failed")
 
 
-def prepare_universal(ckpt_dir, rank, world_size):
+def prepare_universal(ckpt_dir: str | Path, rank: int, world_size: int) -> bool:
     """Run before the process group exists. True when `latest` was written by a different number
     of ranks than this run has: rank 0 has then converted it once (reused if already there) to
     <tag>-universal with DeepSpeed's ds_to_universal, and the engine must be built with load_universal.
@@ -112,7 +114,7 @@ def prepare_universal(ckpt_dir, rank, world_size):
     return True
 
 
-def convert_to_universal(source, saved_world_size, world_size):
+def convert_to_universal(source: Path, saved_world_size: int, world_size: int) -> None:
     """Write <source>-universal via a temporary folder, renamed when complete (a crash leaves no
     half folder behind); on failure, write the error, naming the checkpoint and what to do, to
     conversion_failure_file(source) instead."""
@@ -135,12 +137,12 @@ def convert_to_universal(source, saved_world_size, world_size):
     os.replace(temporary, target)
 
 
-def rng_state():
+def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -148,7 +150,8 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, ckpt_dir, step, trainer_state, data_state, keep_last, mixture=None):
+def save(engine: deepspeed.DeepSpeedEngine, ckpt_dir: str | Path, step: int, trainer_state: dict, data_state: dict,
+         keep_last: int, mixture: dict | None = None) -> str:
     """Collective: every rank writes its shard, then rank 0 moves `latest` and prunes old ones.
     mixture: the data's manifest (Mixture.manifest()), written by rank 0 as mixture.json.
 
@@ -176,7 +179,7 @@ def save(engine, ckpt_dir, step, trainer_state, data_state, keep_last, mixture=N
     return tag
 
 
-def load(engine, ckpt_dir):
+def load(engine: deepspeed.DeepSpeedEngine, ckpt_dir: str | Path) -> tuple[dict, list[dict]] | None:
     """Resume from `latest` if there is one: returns (trainer_state, data_states) or None, where
     data_states holds every saved rank's data state, in rank order (pipeline.data.TrainBatches
     replays its own at the same layout and splits the job's remaining data at another).

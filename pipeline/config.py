@@ -7,6 +7,7 @@ error that names the key instead of a silently ignored setting.
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import yaml
 from pipeline.chat import CHAT_FORMATS
 from pipeline.model import ATTN_IMPLEMENTATIONS
 from pipeline.projector import square_side
+
+T = typing.TypeVar("T")
 
 
 @dataclass
@@ -210,7 +213,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-def build(cls, values, prefix=""):
+def build(cls: type[T], values: object, prefix: str = "") -> T:
     """Make dataclass `cls` from a dict, naming the dotted key of anything unknown or mistyped."""
     if not isinstance(values, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
@@ -232,7 +235,7 @@ def build(cls, values, prefix=""):
         raise ValueError(f"bad config value: {error}") from None
 
 
-def check_type(value, kind, key):
+def check_type(value: object, kind: type | types.UnionType, key: str) -> object:
     if kind is float and not isinstance(value, bool):
         try:  # YAML reads 1e-3 (no dot) as a string
             return float(value)
@@ -244,7 +247,7 @@ def check_type(value, kind, key):
     raise ValueError(f"config key {key} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
 
 
-def set_dotted(values, key, value):
+def set_dotted(values: dict, key: str, value: object) -> None:
     node = values
     *parents, leaf = key.split(".")
     for part in parents:
@@ -254,7 +257,7 @@ def set_dotted(values, key, value):
     node[leaf] = value
 
 
-def load_config(path, overrides=()):
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """YAML file, then `section.key=value` overrides (values parsed as YAML: 3, 1e-4, true, {64: 1})."""
     path = Path(path)
     if not path.is_file():
@@ -268,7 +271,7 @@ def load_config(path, overrides=()):
     return build(Config, values)
 
 
-def describe_options(cls=Config, prefix=""):
+def describe_options(cls: type = Config, prefix: str = "") -> list[str]:
     """Lines 'section.key (default: value)' for --help."""
     lines = []
     for f in dataclasses.fields(cls):
@@ -280,5 +283,5 @@ def describe_options(cls=Config, prefix=""):
     return lines
 
 
-def to_dict(config):
+def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)

@@ -17,25 +17,31 @@ import math
 import pickle
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from PIL import Image, ImageDraw
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, PreTrainedTokenizerBase
 
 from pipeline.chat import IMAGE_TOKEN, load_tokenizer, tokenize_record
 from pipeline.checkpoint import checkpoint_tags, latest_tag
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.inference import as_dtype
 from pipeline.model import MODEL_TYPE, TokenFlexVLM, read_vlm_config, write_model_folder
 from pipeline.model_card import write_model_card
 from pipeline.tiles import prepare_images
 
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
+
 class ConversionError(Exception):
     """A checkpoint that can't be converted; the message says what is wrong and what to do."""
 
 
-def convert_checkpoint(ckpt_dir, out_dir, tag=None, dtype="fp32", max_shard_size="5GB", verify=False):
+def convert_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = None,
+                       dtype: str | torch.dtype = "fp32", max_shard_size: int | str = "5GB",
+                       verify: bool = False) -> dict[str, torch.Tensor]:
     """Gather every rank's fp32 shards (frozen weights included) into one state dict and write
     it with the structure recorded in <ckpt_dir>/model. Returns the fp32 state dict.
 
@@ -65,7 +71,7 @@ def convert_checkpoint(ckpt_dir, out_dir, tag=None, dtype="fp32", max_shard_size
     return state_dict
 
 
-def run_record(ckpt_dir, tag):
+def run_record(ckpt_dir: Path, tag: str) -> tuple[Config | None, int, dict | None]:
     """(the run's Config, the checkpoint's step, its data mixture's manifest) for the model card;
     the Config is None when the run's config.yaml is not beside its checkpoints folder, the
     manifest when the checkpoint has no mixture.json (written before it was recorded)."""
@@ -77,7 +83,7 @@ def run_record(ckpt_dir, tag):
 
 # ---- finding and checking the checkpoint ----
 
-def resolve_checkpoint(path, tag=None):
+def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
     """(checkpoints folder, tag) for a run dir, its checkpoints/ or a step folder; ConversionError
     naming the problem when the checkpoint is foreign, missing or incomplete."""
     path = Path(path)
@@ -100,7 +106,7 @@ def resolve_checkpoint(path, tag=None):
     return path, tag
 
 
-def check_structure(ckpt_dir):
+def check_structure(ckpt_dir: Path) -> None:
     """The model structure every TokenFLEX checkpoints folder holds in model/config.json."""
     config = ckpt_dir / "model" / "config.json"
     if not config.is_file():
@@ -114,12 +120,12 @@ def check_structure(ckpt_dir):
                               f"{MODEL_TYPE} checkpoints written by pipeline.train") from exn
 
 
-def available_tags(ckpt_dir):
+def available_tags(ckpt_dir: str | Path) -> str:
     """'available: step-000004, step-000008' for error messages."""
     return f"available: {', '.join(checkpoint_tags(ckpt_dir)) or 'none'}"
 
 
-def check_complete(tag_dir):
+def check_complete(tag_dir: Path) -> None:
     """Every rank's files present (DeepSpeed expects one optimizer shard per rank, and under
     ZeRO-3 one model-state file per rank) and readable as torch zip archives."""
     state_file = tag_dir / "trainer_state.json"
@@ -151,7 +157,7 @@ def check_complete(tag_dir):
 
 # ---- verification ----
 
-def probe_samples(tokenizer, image_processor):
+def probe_samples(tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor") -> list[dict]:
     """A fixed image question and a text-only one, tokenized as training tokenizes records."""
     size = image_processor.size
     image = Image.new("RGB", (size["width"], size["height"]), (40, 90, 200))
@@ -171,7 +177,7 @@ def probe_samples(tokenizer, image_processor):
 
 
 @torch.no_grad()
-def probe_logits(model):
+def probe_logits(model: TokenFlexVLM) -> torch.Tensor:
     """Logits on the probe batch at the full patch grid's N, which every projector accepts."""
     model.eval()
     n = model.config.grid_side() ** 2
@@ -179,7 +185,8 @@ def probe_logits(model):
     return model(batch, n, return_logits=True).logits
 
 
-def verify_folder(out_dir, structure, state_dict, dtype="fp32"):
+def verify_folder(out_dir: str | Path, structure: Path, state_dict: dict[str, torch.Tensor],
+                  dtype: str | torch.dtype = "fp32") -> None:
     """ConversionError unless the written folder's probe logits equal those of a model built
     from the consolidated fp32 state dict (fp32: bitwise; bf16 and fp16: within one bf16 step)."""
     reference = TokenFlexVLM.from_config(read_vlm_config(structure), load_tokenizer(structure),
@@ -200,7 +207,7 @@ def verify_folder(out_dir, structure, state_dict, dtype="fp32"):
                               f"checkpoint's: {exn}")
 
 
-def bf16_tolerance(reference):
+def bf16_tolerance(reference: torch.Tensor) -> dict[str, float]:
     """torch's bf16 rtol, and an atol of one bf16 step at the logits' largest magnitude (logits
     near zero carry rounding errors of that absolute size, not of their own)."""
     largest = float(reference.abs().max())

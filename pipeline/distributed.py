@@ -10,6 +10,7 @@ import datetime
 import logging
 import os
 import socket
+from typing import TypeVar
 
 import deepspeed
 import psutil
@@ -17,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("tokenflex")
+T = TypeVar("T")
 
 
-def distributed_env():
+def distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's variables, else from srun's SLURM_* ones."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
@@ -33,7 +35,7 @@ def distributed_env():
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 
 
-def process_group_backend(device_type, gpu_backend="nccl"):
+def process_group_backend(device_type: str, gpu_backend: str = "nccl") -> str:
     """torch's backend string: gloo on CPU; on GPU, gpu_backend for CUDA tensors and gloo for CPU
     ones. The tests pass gpu_backend="gloo" to build a GPU run's process group without a GPU."""
     return "gloo" if device_type == "cpu" else f"cpu:gloo,{device_type}:{gpu_backend}"
@@ -77,7 +79,7 @@ def socket_interfaces(backend: str) -> dict[str, str]:
     return interfaces
 
 
-def resolved_interface():
+def resolved_interface() -> str:
     """The interface holding the address this host's name resolves to."""
     host = socket.gethostname()
     try:
@@ -89,7 +91,7 @@ def resolved_interface():
     return f"{interface} ({address}, what host name {host} resolves to)"
 
 
-def init_process_group(timeout_minutes, backend=None):
+def init_process_group(timeout_minutes: float, backend: str | None = None) -> None:
     """The process group for this rank (see the module docstring), through DeepSpeed so that
     deepspeed.initialize uses it. A rank waiting longer than timeout_minutes in any collective fails."""
     _, world_size, local_rank = distributed_env()
@@ -107,21 +109,21 @@ def init_process_group(timeout_minutes, backend=None):
         log.info("%s network interface: %s", name, interface)
 
 
-def sum_over_ranks(values):
+def sum_over_ranks(values: list[float]) -> list[float]:
     """Each value summed over all ranks (float64)."""
     totals = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(totals)
     return totals.tolist()
 
 
-def max_over_ranks(values):
+def max_over_ranks(values: list[int]) -> list[int]:
     """Each integer's maximum over all ranks."""
     highest = torch.tensor(values, dtype=torch.int64)
     dist.all_reduce(highest, op=dist.ReduceOp.MAX)
     return highest.tolist()
 
 
-def broadcast_from_rank0(value):
+def broadcast_from_rank0(value: T) -> T:
     """Rank 0's value (any picklable object) on every rank."""
     holder = [value]
     dist.broadcast_object_list(holder)

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator
 
 import deepspeed
 import torch
@@ -14,6 +15,8 @@ from transformers.integrations.deepspeed import (
     set_hf_deepspeed_config,
     unset_hf_deepspeed_config,
 )
+
+from pipeline.config import Config
 
 log = logging.getLogger("tokenflex")
 
@@ -27,7 +30,7 @@ def training_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if use_bf16(precision) else torch.float32
 
 
-def deepspeed_config(cfg, load_universal=False):
+def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON named by train.deepspeed, with its "auto" values filled from our config.
 
     load_universal: the checkpoint to resume is a universal one (written for another world size)."""
@@ -53,7 +56,7 @@ def deepspeed_config(cfg, load_universal=False):
 
 
 @contextlib.contextmanager
-def zero3_loading(cfg):
+def zero3_loading(cfg: Config) -> Iterator[None]:
     """Under ZeRO-3, make transformers' from_pretrained partition weights as it loads them
     (its HfDeepSpeedConfig hook), so no rank ever holds a whole HF checkpoint. They are created
     in the run's dtype; modules built outside (the projector) are cast by build_engine."""
@@ -70,11 +73,11 @@ def zero3_loading(cfg):
         unset_hf_deepspeed_config()
 
 
-def warmup_cosine(max_steps, warmup_ratio, min_lr_ratio):
+def warmup_cosine(max_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
     """LR multiplier per optimizer step: linear warmup, then cosine decay to min_lr_ratio."""
     warmup = math.ceil(max_steps * warmup_ratio)
 
-    def multiplier(step):
+    def multiplier(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, max_steps - warmup)
@@ -116,11 +119,12 @@ def log_dtypes(engine: deepspeed.DeepSpeedEngine, precision: str) -> None:
              dtype_names(m.dtype for m in master_weights(engine)), dtype_names([engine.get_data_types()[1]]))
 
 
-def dtype_names(dtypes) -> str:
+def dtype_names(dtypes: Iterable[torch.dtype]) -> str:
     return ", ".join(sorted({str(dtype).removeprefix("torch.") for dtype in dtypes}))
 
 
-def build_engine(model, param_groups, cfg, load_universal=False):
+def build_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config,
+                 load_universal: bool = False) -> deepspeed.DeepSpeedEngine:
     """ZeRO-3 (or 2) engine with a plain torch AdamW: no fused-kernel compile on first use."""
     cast_parameters(model, training_dtype(cfg.train.precision))
     optimizer = torch.optim.AdamW(param_groups, betas=tuple(cfg.optim.betas))
@@ -133,7 +137,7 @@ def build_engine(model, param_groups, cfg, load_universal=False):
     return engine
 
 
-def numel(parameter):
+def numel(parameter: torch.nn.Parameter) -> int:
     """Full size of a parameter, also when ZeRO-3 has partitioned it away (numel() is then 0)."""
     return getattr(parameter, "ds_numel", parameter.numel())
 

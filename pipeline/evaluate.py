@@ -18,6 +18,7 @@ Scoring only: tools/evaluate.py writes the results, tools/report.py makes tables
 """
 
 import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -33,13 +34,13 @@ from pipeline.tiles import image_slots, recorded_tiling
 TRAILING_PUNCTUATION = ".,;:!?"
 
 
-def normalise(answer):
+def normalise(answer: str) -> str:
     return answer.strip().lower().rstrip(TRAILING_PUNCTUATION).strip()
 
 
 # ---- batches ----
 
-def last_reply_labels(sample):
+def last_reply_labels(sample: dict) -> list[int]:
     """The sample's labels with everything before its last reply masked: only the answer is scored."""
     prompt = sample["prompt_ids"]
     if sample["input_ids"][:len(prompt)] != prompt:
@@ -47,13 +48,15 @@ def last_reply_labels(sample):
     return [IGNORE_INDEX] * len(prompt) + sample["labels"][len(prompt):]
 
 
-def prompt_inputs(model, samples, num_vision_tokens):
+def prompt_inputs(model: TokenFlexVLM, samples: Sequence[dict], num_vision_tokens: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt embeddings and attention mask of samples whose prompts hold earlier turns."""
     return model.prompt_embeddings([s["prompt_ids"] for s in samples], model.image_inputs(samples), num_vision_tokens)
 
 
 @torch.no_grad()
-def evaluate_batch(model, samples, num_vision_tokens, max_new_tokens):
+def evaluate_batch(model: TokenFlexVLM, samples: Sequence[dict], num_vision_tokens: int, max_new_tokens: int
+                   ) -> tuple[list[str], list[float], float, float, int]:
     """(answers, their probabilities, prefill seconds, loss summed over answer tokens, answer
     tokens) for one batch."""
     answers, seconds, probabilities = model.scored_generate(lambda: prompt_inputs(model, samples, num_vision_tokens),
@@ -68,13 +71,15 @@ def evaluate_batch(model, samples, num_vision_tokens, max_new_tokens):
 
 # ---- evaluation ----
 
-def batches_of(samples, batch_size):
+def batches_of(samples: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
     samples = iter(samples)
     while batch := list(itertools.islice(samples, batch_size)):
         yield batch
 
 
-def evaluate_model(model, samples, counts, batch_size=8, max_new_tokens=16, name="model", total=None, num_tiles=None):
+def evaluate_model(model: TokenFlexVLM, samples: Iterable[dict], counts: Sequence[int], batch_size: int = 8,
+                   max_new_tokens: int = 16, name: str = "model", total: int | None = None,
+                   num_tiles: int | None = None) -> list[dict]:
     """One result dict per N (see the module docstring) with the per-sample predictions.
 
     samples: an iterable of iter_samples items, streamed: only one batch of images is held at
@@ -119,7 +124,7 @@ def evaluate_model(model, samples, counts, batch_size=8, max_new_tokens=16, name
     } for n, run in runs.items()]
 
 
-def score(samples, answers):
+def score(samples: Sequence[dict], answers: Sequence[str]) -> dict:
     """Exact-match accuracy of answers against samples' reference answers, overall and per question_type."""
     hits = [normalise(a) == normalise(s["answer"]) for s, a in zip(samples, answers, strict=True)]
     by_type = {}
@@ -130,8 +135,10 @@ def score(samples, answers):
             "samples_by_type": {t: len(h) for t, h in sorted(by_type.items())}}
 
 
-def evaluate(model_dirs, shards, counts, names=None, limit=None, batch_size=8, max_new_tokens=16, device="cpu",
-             dtype="fp32", tiles=(None,)):
+def evaluate(model_dirs: Sequence[str | Path], shards: str | Path, counts: Sequence[int],
+             names: Sequence[str] | None = None, limit: int | None = None, batch_size: int = 8,
+             max_new_tokens: int = 16, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
+             tiles: Sequence[int | None] = (None,)) -> dict:
     """Every model at every tile limit (None: the folder's own) and N: {"shards", "limit",
     "batch_size", "token_counts", "tile_counts", "results"}, with one result per model, tile
     limit and N (evaluate_model's, plus the folder's path; with several tile limits the model's
@@ -157,6 +164,6 @@ def evaluate(model_dirs, shards, counts, names=None, limit=None, batch_size=8, m
             "tile_counts": list(tiles), "results": results}
 
 
-def default_names(model_dirs):
+def default_names(model_dirs: Sequence[str | Path]) -> list[str]:
     names = [Path(p).name for p in model_dirs]
     return names if len(set(names)) == len(names) else [str(p) for p in model_dirs]

@@ -20,28 +20,33 @@ values (tests/test_images.py holds that tolerance).
 """
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch.nn import functional as F
 
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
+
 RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}  # PIL's BILINEAR and BICUBIC: torch has both antialiased
 
 
-def set_image_aspect(image_processor, aspect: str) -> None:
+def set_image_aspect(image_processor: "BaseImageProcessor", aspect: str) -> None:
     """Record data.image_aspect on the image processor: model folders save it with the processor
     (preprocessor_config.json), so evaluation and generation prepare images as training did."""
     image_processor.image_aspect = aspect
 
 
-def image_pixel_values(images: Sequence[Image.Image], image_processor, aspect: str | None = None) -> torch.Tensor:
+def image_pixel_values(images: Sequence[Image.Image], image_processor: "BaseImageProcessor",
+                       aspect: str | None = None) -> torch.Tensor:
     """(len(images), 3, H, W) uint8 for PIL images, ready for the model (which normalizes them).
     aspect: pad (to a square in the processor's mean colour, as LLaVA-1.5 does) or resize; None:
     the processor's recorded one (folders written before it was recorded were trained with resize)."""
     return torch.stack([tower_pixels(rgb_pixels(image), image_processor, aspect) for image in images])
 
 
-def tower_pixels(rgb: torch.Tensor, image_processor, aspect: str | None = None) -> torch.Tensor:
+def tower_pixels(rgb: torch.Tensor, image_processor: "BaseImageProcessor", aspect: str | None = None) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, height, width) uint8 at the tower's input size."""
     if (aspect or getattr(image_processor, "image_aspect", "resize")) == "pad":
         rgb = pad_to_square(rgb, [int(255 * m) for m in image_processor.image_mean])
@@ -74,7 +79,7 @@ def pad_to_square(rgb: torch.Tensor, background: Sequence[int]) -> torch.Tensor:
     return square
 
 
-def tower_size(image_processor) -> tuple[int, int]:
+def tower_size(image_processor: "BaseImageProcessor") -> tuple[int, int]:
     """(height, width) of the tower's input; ValueError unless the processor resizes to a fixed size without a crop."""
     size = dict(image_processor.size)  # transformers' SizeDict lists only the fields it has
     if set(size) != {"height", "width"} or getattr(image_processor, "do_center_crop", False):
@@ -84,13 +89,13 @@ def tower_size(image_processor) -> tuple[int, int]:
     return size["height"], size["width"]
 
 
-def resize_to_tower(rgb: torch.Tensor, image_processor) -> torch.Tensor:
+def resize_to_tower(rgb: torch.Tensor, image_processor: "BaseImageProcessor") -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, height, width) uint8: the processor's size and resample filter,
     antialiased as PIL resamples."""
     return resize_rgb(rgb, *tower_size(image_processor), image_processor)
 
 
-def resize_rgb(rgb: torch.Tensor, height: int, width: int, image_processor) -> torch.Tensor:
+def resize_rgb(rgb: torch.Tensor, height: int, width: int, image_processor: "BaseImageProcessor") -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, height, width) uint8 with the processor's resample filter (tiles
     resize a whole image to their grid's size with it)."""
     mode = RESAMPLE_MODES.get(int(image_processor.resample))
@@ -107,7 +112,7 @@ def resize_rgb(rgb: torch.Tensor, height: int, width: int, image_processor) -> t
     return F.interpolate(batch, size=(height, width), mode=mode, antialias=True)[0]
 
 
-def pixel_table(image_processor) -> torch.Tensor:
+def pixel_table(image_processor: "BaseImageProcessor") -> torch.Tensor:
     """(3, 256) float32: what the image processor makes of each 8-bit value in each channel (its
     rescale and normalize), computed by the processor itself on an image of all 256 values."""
     ramp = Image.frombytes("RGB", (256, 1), bytes(value for value in range(256) for _ in range(3)))

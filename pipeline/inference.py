@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation import GenerateDecoderOnlyOutput
 
 from .chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers, tokenize_record
 from .images import tower_size
@@ -66,7 +68,7 @@ class InferenceMixin:
                                     {"from": "gpt", "value": reply}]}
         return tokenize_record(record, self.tokenizer, num_images, key=f"reply {reply!r}")
 
-    def prepared_images(self, images, max_tiles: int | None = None) -> dict:
+    def prepared_images(self, images: Image.Image | Sequence[Image.Image] | None, max_tiles: int | None = None) -> dict:
         """One prompt's images (see the class docstring) -> {"pixel_values": (tiles, 3, H, W) uint8
         or None, "image_grids": each image's (rows, cols)}, as the data loader decodes a sample."""
         pixels, grids = prepare_images(image_list(images), self.image_processor, max_tiles)
@@ -169,7 +171,7 @@ class InferenceMixin:
         answers = [a.strip() for a in self.tokenizer.batch_decode(output.sequences, skip_special_tokens=True)]
         return answers, clock.seconds, self.answer_probabilities(output) if probabilities else None
 
-    def answer_probabilities(self, output) -> list[float]:
+    def answer_probabilities(self, output: GenerateDecoderOnlyOutput) -> list[float]:
         """Per generated sequence, the product of its tokens' probabilities (from the raw logits)
         up to and including its first end token; the padding generation adds after it counts nothing."""
         logits = torch.stack(output.logits, dim=1).float()  # (batch, steps, vocab)
@@ -272,7 +274,7 @@ def user_turn(prompt: str, num_images: int) -> str:
     return f"{IMAGE_TOKEN}\n" * num_images + prompt
 
 
-def image_list(images) -> list:
+def image_list(images: Image.Image | Sequence[Image.Image] | None) -> list[Image.Image]:
     """A prompt's images as a list: None is none, one image is a list of one."""
     if images is None:
         return []

@@ -35,10 +35,13 @@ times the prefill of a probe batch (tools/benchmark).
 import itertools
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 from lmms_eval import utils
-from lmms_eval.api.instance import GenerationResult
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from PIL import Image
@@ -49,7 +52,7 @@ from pipeline.adaptive import DEFAULT_LADDER, adaptive_generate, check_ladder, m
 from pipeline.chat import IMAGE_TOKEN
 from pipeline.distributed import task_gpu
 from pipeline.inference import chunks_by_rows, inference_placement, prefill_summary
-from pipeline.model import TokenFlexVLM, read_vlm_config
+from pipeline.model import TokenFlexVLM, VLMConfig, read_vlm_config
 from pipeline.tiles import recorded_tiling
 
 
@@ -65,7 +68,8 @@ def default_device() -> str:
     return f"cuda:{task_gpu(int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count())}"
 
 
-def load_model(path, device=None, dtype=None):
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> TokenFlexVLM:
     """A model folder on `device` (default: this process's GPU, else cpu) in `dtype` (default:
     bfloat16 on GPU, float32 on CPU), in eval mode."""
     device, dtype = inference_placement(device or default_device(), dtype)
@@ -104,17 +108,17 @@ class TokenFlexLMMs(lmms):
         if self.batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
 
-    def check_token_counts(self, config):
+    def check_token_counts(self, config: VLMConfig) -> None:
         if self.adaptive:
             check_ladder(self.ladder, config)
         else:
             config.check_token_count(self.num_vision_tokens)
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate_until(self, requests):
+    def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy answers, cut at the task's `until` strings; at most max_new_tokens (default 128).
         Each batch's prompts run through the LM once (at num_vision_tokens=adaptive, once per try);
         that prefill is timed (the first batch's time only warms up when there are others)."""
@@ -153,7 +157,7 @@ class TokenFlexLMMs(lmms):
                                             "prefill_total_s": sum(prefill_seconds)})
         return collator.get_original(answers)
 
-    def loglikelihood(self, requests):
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         """(negative log-likelihood of the continuation, whether greedy decoding gives exactly it)
         per request. The continuation is scored as the assistant's reply to the context, as
         training tokenizes it (TokenFlexVLM.reply_log_likelihoods): lmms-eval's leading delimiter
@@ -192,17 +196,18 @@ class TokenFlexLMMs(lmms):
         progress.close()
         return results
 
-    def continuation(self, args):
+    def continuation(self, args: tuple) -> str:
         """A loglikelihood request's continuation as a reply: lmms-eval's leading delimiter (a space) dropped."""
         context, continuation, _, doc_id, task, split = args
         if not isinstance(continuation, str):  # loglikelihood tasks give doc_to_target itself
             continuation = continuation(self.task_dict[task][split][doc_id])
         return continuation.strip()
 
-    def generate_until_multi_round(self, requests):
+    def generate_until_multi_round(self, requests: list[Instance]) -> NoReturn:
         raise NotImplementedError("tokenflex does not implement multi-round generation")
 
-    def request_images(self, doc_to_visual, task, split, doc_id):
+    def request_images(self, doc_to_visual: Callable[[dict], list | None], task: str, split: str,
+                       doc_id: int) -> list[Image.Image]:
         """The request's images as RGB, in the document's order (none: text-only); ValueError for a
         visual that is not an image (a video's path, say)."""
         visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) or [] if v is not None]
@@ -212,7 +217,7 @@ class TokenFlexLMMs(lmms):
         return [v.convert("RGB") for v in visuals]
 
 
-def parse_ladder(ladder):
+def parse_ladder(ladder: str | int) -> list[int]:
     """'16-64-144-256' (model_args' spelling: lmms-eval splits them at commas) -> [16, 64, 144, 256]."""
     try:
         return [int(n) for n in str(ladder).split("-")]
@@ -220,7 +225,7 @@ def parse_ladder(ladder):
         raise ValueError(f"ladder={ladder}: give token counts joined by '-', e.g. ladder=16-64-144-256") from None
 
 
-def greedy_options(gen_kwargs, task):
+def greedy_options(gen_kwargs: dict, task: str) -> dict:
     """until (a list) and max_new_tokens from a task's generation_kwargs; ValueError for sampling or beams."""
     if gen_kwargs.get("do_sample") or gen_kwargs.get("num_beams", 1) > 1:
         raise ValueError(f"task {task} asks for sampling or beam search ({gen_kwargs}); tokenflex decodes greedily")
@@ -229,12 +234,12 @@ def greedy_options(gen_kwargs, task):
             "max_new_tokens": int(gen_kwargs.get("max_new_tokens", 128))}
 
 
-def without_image_markers(context):
+def without_image_markers(context: str) -> str:
     """The task's text without literal image markers: prompt_ids places the images itself."""
     return context.replace(IMAGE_TOKEN, "").strip() if IMAGE_TOKEN in context else context
 
 
-def cut_at(answer, until):
+def cut_at(answer: str, until: Sequence[str]) -> str:
     for stop in filter(None, until):
         answer = answer.split(stop, 1)[0]
     return answer.strip()
@@ -252,7 +257,8 @@ class SweepError(Exception):
                          f"{type(self.error).__name__}: {self.error}")
 
 
-def probe_batch(model, batch_size, num_tiles=None):
+def probe_batch(model: TokenFlexVLM, batch_size: int, num_tiles: int | None = None
+                ) -> tuple[list[Image.Image], list[str]]:
     """batch_size prompts, each with a plain image and a short question: the fixed batch whose
     prefill the sweep times at every N. The image is num_tiles (default: the folder's recorded
     max_tiles) tower inputs wide, so that it is cut into that many tiles (and a thumbnail)."""
@@ -262,8 +268,10 @@ def probe_batch(model, batch_size, num_tiles=None):
     return [image] * batch_size, ["What colour is the background?"] * batch_size
 
 
-def sweep(model_dirs, names, tasks, counts, limit=None, batch_size=1, device=None, dtype=None, include_path=None,
-          timing_repeats=5, tiles=(None,)):
+def sweep(model_dirs: Sequence[str | Path], names: Sequence[str], tasks: Sequence[str], counts: Sequence[int],
+          limit: int | None = None, batch_size: int = 1, device: str | torch.device | None = None,
+          dtype: str | torch.dtype | None = None, include_path: str | None = None, timing_repeats: int = 5,
+          tiles: Sequence[int | None] = (None,)) -> Iterator[dict]:
     """One result per model, tile count and N, yielded as it finishes: lmms-eval's per-task
     results, its scores flattened to {"task metric": value}, every document's prompt and
     responses (an answer, or a (negative log-likelihood, is-greedy) pair per choice) and the
@@ -310,7 +318,7 @@ def sweep(model_dirs, names, tasks, counts, limit=None, batch_size=1, device=Non
         yield result
 
 
-def flat_scores(task_results):
+def flat_scores(task_results: dict[str, dict]) -> dict[str, float]:
     """{"task metric": value} from lmms-eval's {task: {"metric,filter": value}}, without the
     stderrs; the filter joins the name when it is not "none"."""
     scores = {}

@@ -7,5 +7,5 @@ registry, which loads the entry points, so an entry point there would be read ha
 from lmms_eval.models.registry_v2 import ModelManifest
 
 
-def manifest():
+def manifest() -> ModelManifest:
     return ModelManifest(model_id="tokenflex", simple_class_path="pipeline.lmms_eval_model.TokenFlexLMMs")

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.engine import numel
-from pipeline.model import supervised_targets
+from pipeline.model import TokenFlexVLM, supervised_targets
 
 log = logging.getLogger("tokenflex")
 
@@ -38,7 +38,7 @@ class Work:
     real_images: int = 0
 
     @classmethod
-    def of(cls, batch, pad_token_id):
+    def of(cls, batch: dict[str, torch.Tensor], pad_token_id: int | None) -> "Work":
         """pad_token_id None: the batch has no padding."""
         input_ids = batch["input_ids"]
         rows, length = input_ids.shape
@@ -55,17 +55,17 @@ class Work:
         return Work(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
-def matmul_weights(module):
+def matmul_weights(module: nn.Module) -> int:
     """Weights that multiply activations: Linear and Conv layers. Embedding lookups, norms and
     biases are not matmuls (torch's FlopCounterMode leaves them out too)."""
     return sum(numel(m.weight) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-def trains(module):
+def trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def step_flops(model, num_vision_tokens, work):
+def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple[int, int]:
     """(useful, executed) FLOPs of a training step over `work`: matmuls and attention scores.
 
     Useful work follows PaLM's MFU convention (appendix B), counting only what training needs.
@@ -115,7 +115,7 @@ def step_flops(model, num_vision_tokens, work):
             if pooling_head is not None else 0)
     pooled = 2 * matmul_weights(projector) * num_vision_tokens
 
-    def flops(executed):
+    def flops(executed: bool) -> int:
         positions, scores, images = ((work.positions, work.row_scores, work.images) if executed
                                      else (work.tokens, work.sample_scores, work.real_images))
         score_backward = 2.5 if executed else 2
@@ -151,7 +151,7 @@ class MetricsLog:
                         dynamic_ncols=True, mininterval=1.0)
 
     @property
-    def wandb_id(self):
+    def wandb_id(self) -> str | None:
         return self.run.id if self.run else None
 
     def _drop_steps_after(self, step):
@@ -160,7 +160,7 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
-    def log(self, metrics):
+    def log(self, metrics: dict) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(metrics) + "\n")
         if metrics["update_skipped"]:
@@ -180,7 +180,7 @@ class MetricsLog:
                          metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"], 100 * metrics["padding_fraction"],
                          mfu)
 
-    def log_skipped(self, metrics):
+    def log_skipped(self, metrics: dict) -> None:
         """A step without a supervised token on any rank: no loss, no update (train_step)."""
         if self.run:
             self.run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["step"])
@@ -189,7 +189,7 @@ class MetricsLog:
             log.warning("step %d/%d  N=%d  skipped: no rank had a supervised token (no optimizer update, "
                         "LR schedule unchanged)", metrics["step"], self.max_steps, metrics["num_vision_tokens"])
 
-    def close(self):
+    def close(self) -> None:
         self.bar.close()
         if self.run:
             self.run.finish()

@@ -14,6 +14,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import load_torch_model, save_torch_state_dict
@@ -26,6 +27,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     GenerationConfig,
+    PreTrainedTokenizerBase,
 )
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import ModelOutput, is_flash_attn_2_available
@@ -38,6 +40,9 @@ from .inference import InferenceMixin, as_dtype
 from .projector import build_projector, pooled_side
 from .tiles import TileLayout
 from .vision import load_vision_tower, tower_attn_implementation, tower_features
+
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
 
 MODEL_TYPE = "tokenflex_vlm"
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -59,14 +64,14 @@ class VLMConfig:
     image_token_id: int = -1
     model_type: str = MODEL_TYPE
 
-    def grid_side(self):
+    def grid_side(self) -> int:
         """Side of the vision tower's square patch grid."""
         vision = self.vision_config
         if "image_size" not in vision or "patch_size" not in vision:
             raise ValueError("the model's vision_config has no image_size/patch_size: can't tell its patch grid")
         return vision["image_size"] // vision["patch_size"]
 
-    def check_token_count(self, num_vision_tokens):
+    def check_token_count(self, num_vision_tokens: int) -> None:
         """ValueError unless N is a perfect square n*n, n >= 1, whose side fits the encoder's patch grid."""
         pooled_side(num_vision_tokens, self.grid_side())
 
@@ -80,7 +85,7 @@ class VLMOutput(ModelOutput):
     token_losses: torch.Tensor | None = None  # each supervised token's loss, detached, in supervised_targets order
 
 
-def check_attn_implementation(attn_implementation):
+def check_attn_implementation(attn_implementation: str) -> None:
     """ValueError unless the LM can run attn_implementation on this machine."""
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation {attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
@@ -114,8 +119,9 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
     # ---- construction and persistence ----
 
     @classmethod
-    def from_components(cls, vision_path, lm_path, projector="adaptive_pool_swiglu", projector_options=None,
-                        vision_feature_layer=-2, attn_implementation="sdpa", chat_format="auto"):
+    def from_components(cls, vision_path: str | Path, lm_path: str | Path, projector: str = "adaptive_pool_swiglu",
+                        projector_options: dict | None = None, vision_feature_layer: int = -2,
+                        attn_implementation: str = "sdpa", chat_format: str = "auto") -> "TokenFlexVLM":
         """How users start: a vision checkpoint folder plus an LM checkpoint folder, in fp32
         whatever dtype the checkpoints were saved in. Under ZeRO-3 loading (stages/align.py) the
         tower and the LM are created by zero.Init instead, partitioned and in the run's dtype,
@@ -138,8 +144,8 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         return cls(config, vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision_path))
 
     @classmethod
-    def from_config(cls, config: VLMConfig, tokenizer, image_processor, attn_implementation="sdpa",
-                    dtype=torch.float32):
+    def from_config(cls, config: VLMConfig, tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor",
+                    attn_implementation: str = "sdpa", dtype: str | torch.dtype = torch.float32) -> "TokenFlexVLM":
         """Random-init modules of the recorded shapes, in dtype (not the dtype the original
         checkpoints recorded); weights are loaded afterwards."""
         check_attn_implementation(attn_implementation)
@@ -159,7 +165,8 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, attn_implementation="sdpa"):
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> "TokenFlexVLM":
         """The model folder at path, on device in dtype (a name in DTYPES or a torch dtype).
         inference_placement() gives inference's defaults (a GPU in bf16 when there is one)."""
         path = Path(path)
@@ -170,7 +177,7 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         model.load_weights(path)
         return model
 
-    def load_weights(self, path):
+    def load_weights(self, path: str | Path) -> None:
         # strict=False because tied embeddings are stored once; anything else missing is an error
         result = load_torch_model(self, path, strict=False)
         tied = {name for name in result.missing_keys if self._is_tied(name)}
@@ -188,23 +195,23 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
     def _is_tied(self, name):
         return self.language_model.config.tie_word_embeddings and name.endswith("lm_head.weight")
 
-    def save_pretrained(self, path, max_shard_size="5GB"):
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
         write_model_folder(path, self.config, self.tokenizer, self.image_processor, self.state_dict(), max_shard_size)
 
-    def generation_config(self, **options):
+    def generation_config(self, **options: object) -> GenerationConfig:
         return generation_config(self.tokenizer, **options)
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return next(self.parameters()).device
 
     @property
-    def dtype(self):
+    def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
     # ---- forward ----
 
-    def image_features(self, pixel_values):
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(tiles, 3, H, W) uint8 pixels (pipeline.tiles.prepare_images) -> the tower's
         (tiles, patches, vision_dim) features, which every N shares. Normalized here, on the
         model's device, as the image processor normalizes."""
@@ -212,11 +219,12 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         pixels = normalize_pixels(pixel_values, self.pixel_table).to(dtype)
         return tower_features(self.vision_tower, pixels, self.config.vision_feature_layer)
 
-    def encode_images(self, pixel_values, num_vision_tokens):
+    def encode_images(self, pixel_values: torch.Tensor, num_vision_tokens: int) -> torch.Tensor:
         """(tiles, 3, H, W) uint8 -> (tiles, N, lm_dim)."""
         return self.projector(self.image_features(pixel_values), num_vision_tokens)
 
-    def embed(self, input_ids, pixel_values, image_mask, num_vision_tokens, image_grids=None):
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_mask: torch.Tensor,
+              num_vision_tokens: int, image_grids: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with each image's slots (pipeline/tiles.py: its tiles' N projected
         features each, and row ends) written into its markers' slots.
 
@@ -232,7 +240,7 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         # dummy tiles contribute with zero weight, so their parameters still join backward
         return embeds + 0.0 * features[~image_mask].sum().to(embeds.dtype)
 
-    def splice_images(self, input_ids, image_slots):
+    def splice_images(self, input_ids: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:
         """Token embeddings with (slots, lm_dim) image_slots written, in order, into the image slots."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         slots = input_ids == self.config.image_token_id
@@ -243,7 +251,8 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
             )
         return embeds.masked_scatter(slots.unsqueeze(-1), image_slots.to(embeds.dtype))
 
-    def forward(self, batch, num_vision_tokens, return_logits=False, num_items_in_batch=None, loss_reduction="token"):
+    def forward(self, batch: dict[str, torch.Tensor], num_vision_tokens: int, return_logits: bool = False,
+                num_items_in_batch: float | None = None, loss_reduction: str = "token") -> VLMOutput:
         """batch: input_ids, labels, position_ids (rows, L); pixel_values (M, 3, H, W) uint8 tiles;
         image_mask (M,); image_grids (images, 2), each real image's (rows, cols), optional (see embed).
 
@@ -263,7 +272,8 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         logits = self.language_model.lm_head(hidden) if return_logits else None
         return VLMOutput(loss=loss, logits=logits, token_losses=token_losses)
 
-    def lm_hidden_states(self, embeds, position_ids, attention_mask):
+    def lm_hidden_states(self, embeds: torch.Tensor, position_ids: torch.Tensor | None,
+                         attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The LM's last hidden states over rows of packed samples (position ids restarting at 0
         per sample) or padded ones (attention_mask).
 
@@ -280,7 +290,8 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
                                            attention_mask=attention_mask, use_cache=False).last_hidden_state
         return hidden.reshape(rows, length, width)
 
-    def supervised_loss(self, hidden, labels, weights, num_items_in_batch=None):
+    def supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                        num_items_in_batch: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token cross-entropy computed only where a label exists, weighted, summed, then divided as
         forward describes (a batch without supervised tokens gives a zero that still backpropagates);
         and each supervised token's loss, detached (for losses per data source).
@@ -297,7 +308,7 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         total = float(weights.sum()) if num_items_in_batch is None else num_items_in_batch
         return (token_losses * weights).sum() / (total or 1.0), token_losses.detach()
 
-def supervised_targets(labels):
+def supervised_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets, supervised): each position's next-token label and where one exists. The one
     definition of a supervised token, for the loss and for counting them."""
     targets = labels[:, 1:]
@@ -329,12 +340,14 @@ def supervised_weights(labels: torch.Tensor, position_ids: torch.Tensor | None, 
     return counts[sample].float().rsqrt()
 
 
-def generation_config(tokenizer, **options):
+def generation_config(tokenizer: PreTrainedTokenizerBase, **options: object) -> GenerationConfig:
     return GenerationConfig(do_sample=False, eos_token_id=end_token_ids(tokenizer),
                             pad_token_id=tokenizer.pad_token_id, **options)
 
 
-def write_model_folder(path, config, tokenizer, image_processor, state_dict=None, max_shard_size="5GB"):
+def write_model_folder(path: str | Path, config: VLMConfig, tokenizer: PreTrainedTokenizerBase,
+                       image_processor: "BaseImageProcessor", state_dict: dict[str, torch.Tensor] | None = None,
+                       max_shard_size: int | str = "5GB") -> None:
     """A model folder: config.json, tokenizer, image processor, generation config, the remote
     code through which plain transformers loads it (see modeling_tokenflex.py) and, when
     given, the weights as sharded safetensors. Without weights it records what a ZeRO
@@ -353,7 +366,7 @@ def write_model_folder(path, config, tokenizer, image_processor, state_dict=None
         save_torch_state_dict(weights, path, max_shard_size=max_shard_size)
 
 
-def read_vlm_config(path):
+def read_vlm_config(path: str | Path) -> VLMConfig:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a saved TokenFLEX model folder")

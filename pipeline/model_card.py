@@ -9,12 +9,15 @@ in the vision and text configs, carried unchanged from stage 1 into stage 2.
 
 from pathlib import Path
 
+from pipeline.config import Config, DataConfig
+from pipeline.model import VLMConfig
 from stages import STAGES
 
 EVALUATION_HEADING = "## Evaluation"
 
 
-def write_model_card(folder, config, run_config=None, step=None, mixture=None):
+def write_model_card(folder: str | Path, config: VLMConfig, run_config: Config | None = None, step: int | None = None,
+                     mixture: dict | None = None) -> None:
     """README.md in `folder` for a VLMConfig; run_config (a pipeline.config.Config), step and
     mixture (the checkpoint's mixture.json: pipeline.data.mixture.Mixture.manifest()) say how and
     on what it was trained when the folder comes from a training run."""
@@ -72,7 +75,7 @@ None yet: `python -m tools.benchmark {folder} --tasks ... --model-card` writes i
 """)
 
 
-def images_row(data, side):
+def images_row(data: DataConfig, side: int) -> str:
     """How the run prepared images (data.image_aspect, data.max_tiles): what serving does by default."""
     prepared = f"`{data.image_aspect}` to {side}×{side} px"
     if data.max_tiles == 1:
@@ -82,7 +85,7 @@ def images_row(data, side):
             f"`--tiles` or `num_tiles=`")
 
 
-def data_table(mixture):
+def data_table(mixture: dict) -> str:
     """The training data: each source's name, size and share of an epoch."""
     share = mixture["mode"]
     rows = "\n".join(f"| {s['name']} | {s['samples']} | {s[share]:g} | {s['samples_per_epoch']} |"
@@ -92,14 +95,14 @@ def data_table(mixture):
             f"| source | samples | {share} | samples per epoch |\n|---|---|---|---|\n{rows}\n")
 
 
-def base_model(sub_config):
+def base_model(sub_config: dict) -> str:
     """'Qwen2ForCausalLM from `Qwen/Qwen2-1.5B`' from a config dict transformers wrote."""
     architecture = ", ".join(sub_config.get("architectures") or [sub_config.get("model_type", "?")])
     source = sub_config.get("_name_or_path")
     return f"{architecture} from `{source}`" if source else architecture
 
 
-def set_evaluation(folder, table):
+def set_evaluation(folder: str | Path, table: str) -> None:
     """Replace the card's evaluation section with `table` (markdown); a folder without a card gets one with just it."""
     path = Path(folder) / "README.md"
     card = path.read_text() if path.exists() else f"# {Path(folder).name}\n"

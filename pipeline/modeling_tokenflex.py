@@ -32,7 +32,9 @@ class TokenFlexConfig(PreTrainedConfig):
 
 class TokenFlexModel(TokenFlexVLM):
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device_map=None, **options):
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
+                        torch_dtype: torch.dtype | str | None = None, device_map: str | torch.device | None = None,
+                        **options: object) -> "TokenFlexModel":
         """TokenFlexVLM.from_pretrained of a folder (or a hub repository's snapshot), in eval
         mode, built on `device_map` (one device: "cuda:0", "cpu"; default cpu) in `dtype` (a torch
         dtype or its name; default float32)."""
@@ -49,5 +51,5 @@ class TokenFlexModel(TokenFlexVLM):
         return super().from_pretrained(path, device=device_map or "cpu", dtype=dtype or torch.float32).eval()
 
     @classmethod
-    def register_for_auto_class(cls, auto_class="AutoModel"):
+    def register_for_auto_class(cls, auto_class: str | type = "AutoModel") -> None:
         """Called by the Auto classes on remote models; config.json's auto_map already names this class."""

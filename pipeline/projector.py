@@ -7,35 +7,37 @@ and returns (images, N, lm_dim).
 """
 
 import math
+from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
 PROJECTORS = {}
 
 
-def register_projector(name):
-    def add(cls):
+def register_projector(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
         PROJECTORS[name] = cls
         return cls
 
     return add
 
 
-def build_projector(name, vision_dim, lm_dim, **options):
+def build_projector(name: str, vision_dim: int, lm_dim: int, **options: object) -> nn.Module:
     if name not in PROJECTORS:
         raise ValueError(f"unknown projector {name!r}; registered: {sorted(PROJECTORS)}")
     return PROJECTORS[name](vision_dim, lm_dim, **options)
 
 
-def square_side(count, what):
+def square_side(count: int, what: str) -> int:
     side = math.isqrt(count) if count > 0 else 0
     if side < 1 or side * side != count:
         raise ValueError(f"{what}={count} is not a perfect square n*n with n >= 1 (e.g. 64, 144, 256)")
     return side
 
 
-def pooled_side(num_tokens, grid):
+def pooled_side(num_tokens: int, grid: int) -> int:
     """n for N = n*n tokens pooled from a grid x grid patch map; ValueError naming N otherwise."""
     side = square_side(num_tokens, "num_vision_tokens")
     if side > grid:
@@ -46,13 +48,13 @@ def pooled_side(num_tokens, grid):
     return side
 
 
-def adaptive_average(grid_map, side):
+def adaptive_average(grid_map: torch.Tensor, side: int) -> torch.Tensor:
     """torch's adaptive average pooling: output cell i averages input rows floor(i*g/n) to
     ceil((i+1)*g/n), so when n does not divide the grid g, neighbouring cells overlap."""
     return F.adaptive_avg_pool2d(grid_map, side)
 
 
-def resize_then_average(grid_map, side):
+def resize_then_average(grid_map: torch.Tensor, side: int) -> torch.Tensor:
     """Bilinear resize of the grid up to the next multiple of n, then n x n equal blocks
     averaged: the pooling of the TokenFLEX authors' public code (Ristretto's projector)."""
     grid = grid_map.shape[-1]
@@ -84,7 +86,7 @@ class AdaptivePoolSwiGLUProjector(nn.Module):
         self.up = nn.Linear(vision_dim, hidden_dim, bias=False)
         self.down = nn.Linear(hidden_dim, lm_dim, bias=False)
 
-    def forward(self, features, num_tokens):
+    def forward(self, features: torch.Tensor, num_tokens: int) -> torch.Tensor:
         images, patches, dim = features.shape
         grid = square_side(patches, "vision patch count")
         side = pooled_side(num_tokens, grid)
@@ -102,7 +104,7 @@ class MLPProjector(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
 
-    def forward(self, features, num_tokens):
+    def forward(self, features: torch.Tensor, num_tokens: int) -> torch.Tensor:
         if num_tokens != features.shape[1]:
             raise ValueError(
                 f"the mlp2x_gelu projector has a fixed token count of {features.shape[1]} "

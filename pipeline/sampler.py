@@ -5,6 +5,7 @@ communication; `check_same_across_ranks` is the cheap collective that proves it 
 """
 
 import random
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -21,10 +22,10 @@ class TokenCountSampler:
         # a fresh generator per step: resuming at any step needs no sampler state
         return random.Random(self.seed * 1_000_003 + step).choices(self.counts, self.weights)[0]
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         return {"counts": dict(zip(self.counts, self.weights)), "seed": self.seed}
 
-    def check_resumes(self, saved, where):
+    def check_resumes(self, saved: dict, where: str | Path) -> None:
         """ValueError naming tokens.counts or tokens.seed when `saved` (the state_dict of the run a
         checkpoint in `where` comes from) differs: resuming would draw other token counts from then on."""
         saved_counts = {int(count): float(weight) for count, weight in saved["counts"].items()}  # JSON keys are str
@@ -36,7 +37,7 @@ class TokenCountSampler:
                              f"tokens.allow_change_on_resume=true to resume with the new ones")
 
 
-def check_same_across_ranks(num_vision_tokens, stop_requested):
+def check_same_across_ranks(num_vision_tokens: int, stop_requested: bool) -> bool:
     """One all-reduce per step: fails if ranks disagree on N; returns whether any rank must stop.
 
     Folding the stop flag in here means a signal that reached one rank first stops all of

@@ -19,12 +19,16 @@ slots, nothing more.
 """
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
 
 from .images import resize_rgb, rgb_pixels, tower_pixels, tower_size
+
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
 
 
 def candidate_grids(max_tiles: int) -> list[tuple[int, int]]:
@@ -71,7 +75,7 @@ def tiles_allowed(max_tiles: int, multi_image_max_tiles: int, num_images: int) -
     return max_tiles if num_images <= 1 else min(max_tiles, multi_image_max_tiles)
 
 
-def image_tiles(rgb: torch.Tensor, image_processor, max_tiles: int, aspect: str | None = None
+def image_tiles(rgb: torch.Tensor, image_processor: "BaseImageProcessor", max_tiles: int, aspect: str | None = None
                 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """(H, W, 3) uint8 RGB -> ((tiles, 3, height, width) uint8 at the tower's input size, grid (rows, cols))."""
     height, width = tower_size(image_processor)
@@ -85,23 +89,24 @@ def image_tiles(rgb: torch.Tensor, image_processor, max_tiles: int, aspect: str 
     return torch.cat([tiles, thumbnail]), grid
 
 
-def set_tiling(image_processor, max_tiles: int, multi_image_max_tiles: int) -> None:
+def set_tiling(image_processor: "BaseImageProcessor", max_tiles: int, multi_image_max_tiles: int) -> None:
     """Record data.max_tiles and data.multi_image_max_tiles on the image processor: model folders
     save them with it (preprocessor_config.json), so evaluation, generation and remote code cut
     images into tiles as training did."""
     image_processor.max_tiles, image_processor.multi_image_max_tiles = max_tiles, multi_image_max_tiles
 
 
-def recorded_tiling(image_processor, max_tiles: int | None = None, multi_image_max_tiles: int | None = None
-                    ) -> tuple[int, int]:
+def recorded_tiling(image_processor: "BaseImageProcessor", max_tiles: int | None = None,
+                    multi_image_max_tiles: int | None = None) -> tuple[int, int]:
     """(max_tiles, multi_image_max_tiles): the given ones, else the processor's recorded ones
     (1 for folders written before tiles: one tile per image)."""
     return (max_tiles or getattr(image_processor, "max_tiles", 1),
             multi_image_max_tiles or getattr(image_processor, "multi_image_max_tiles", 1))
 
 
-def sample_tiles(rgbs: Sequence[torch.Tensor], image_processor, max_tiles: int, multi_image_max_tiles: int,
-                 aspect: str | None = None) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+def sample_tiles(rgbs: Sequence[torch.Tensor], image_processor: "BaseImageProcessor", max_tiles: int,
+                 multi_image_max_tiles: int, aspect: str | None = None
+                 ) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
     """One sample's images ((H, W, 3) uint8 RGB each, in order) -> ((tiles, 3, H, W) uint8, every
     image's tiles in order, or None without images; each image's grid (rows, cols))."""
     limit = tiles_allowed(max_tiles, multi_image_max_tiles, len(rgbs))
@@ -109,7 +114,7 @@ def sample_tiles(rgbs: Sequence[torch.Tensor], image_processor, max_tiles: int, 
     return (torch.cat([tiles for tiles, _ in tiled]) if tiled else None), [grid for _, grid in tiled]
 
 
-def prepare_images(images: Sequence[Image.Image], image_processor, max_tiles: int | None = None
+def prepare_images(images: Sequence[Image.Image], image_processor: "BaseImageProcessor", max_tiles: int | None = None
                    ) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
     """One prompt's PIL images -> sample_tiles, with the processor's recorded tiling; max_tiles
     (inference's --tiles) overrides its max_tiles (several images still take at most the

@@ -12,22 +12,24 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 
 from pipeline import checkpoint
-from pipeline.config import describe_options, load_config, to_dict
+from pipeline.config import Config, describe_options, load_config, to_dict
 from pipeline.convert import convert_checkpoint
 from pipeline.data import TrainBatches
 from pipeline.data.mixture import load_mixture
 from pipeline.distributed import broadcast_from_rank0, distributed_env, init_process_group, sum_over_ranks
 from pipeline.engine import build_engine, use_bf16
 from pipeline.metrics import MetricsLog, Work, step_flops
-from pipeline.model import supervised_targets, supervised_weights, write_model_folder
+from pipeline.model import TokenFlexVLM, supervised_targets, supervised_weights, write_model_folder
 from pipeline.projector import pooled_side
 from pipeline.sampler import TokenCountSampler, check_same_across_ranks
 from pipeline.tiles import largest_image_slots
@@ -37,7 +39,8 @@ log = logging.getLogger("tokenflex")
 MIN_TEXT_TOKENS = 64  # room for a prompt and an answer beside an image, when text_tokens_per_image is auto
 
 
-def train_step(engine, data, num_vision_tokens, grad_accum, loss_reduction="token"):
+def train_step(engine: deepspeed.DeepSpeedEngine, data: TrainBatches, num_vision_tokens: int, grad_accum: int,
+               loss_reduction: str = "token") -> tuple[float | None, list[dict]]:
     """One optimizer step: every micro-batch of it uses the same N, on every rank.
 
     The step's loss is the weighted sum of its token losses over every rank and micro-batch
@@ -77,7 +80,8 @@ def train_step(engine, data, num_vision_tokens, grad_accum, loss_reduction="toke
     return loss_share, stats
 
 
-def losses_by_source(token_losses, labels, source_ids, num_sources):
+def losses_by_source(token_losses: torch.Tensor, labels: torch.Tensor, source_ids: torch.Tensor,
+                     num_sources: int) -> list[float]:
     """A micro-batch's summed token losses per mixture source, then its supervised tokens per source."""
     _, supervised = supervised_targets(labels)
     sources = source_ids[:, 1:][supervised].cpu()  # a target token's source: the sample it belongs to
@@ -85,7 +89,8 @@ def losses_by_source(token_losses, labels, source_ids, num_sources):
     return sums.tolist() + torch.bincount(sources, minlength=num_sources).tolist()
 
 
-def step_metrics(cfg, engine, step, n, loss, stats, seconds):
+def step_metrics(cfg: Config, engine: deepspeed.DeepSpeedEngine, step: int, n: int, loss: float | None,
+                 stats: list[dict], seconds: float) -> dict:
     """The step's metrics over all ranks (one all-reduce); the *_total counters run since the start.
 
     useful_flops and executed_flops: pipeline.metrics.step_flops, summed over ranks; on GPU,
@@ -123,7 +128,7 @@ def step_metrics(cfg, engine, step, n, loss, stats, seconds):
     return metrics
 
 
-def enable_gradient_checkpointing(model):
+def enable_gradient_checkpointing(model: TokenFlexVLM) -> None:
     """Recompute activations in backward wherever gradients flow: always the LM (the projector's
     gradient passes through it even when frozen), the tower only when it trains. Reentrant
     checkpointing, because the non-reentrant kind trips over ZeRO-3's parameter gathering."""
@@ -134,7 +139,7 @@ def enable_gradient_checkpointing(model):
     log.info("gradient checkpointing on: %s", ", ".join(type(part).__name__ for part in parts))
 
 
-def train_loop(cfg, rank, world_size, load_universal):
+def train_loop(cfg: Config, rank: int, world_size: int, load_universal: bool) -> int:
     """This rank's part of the training loop: 0 when max_steps is reached, PREEMPTED_EXIT_CODE when
     a stop signal ended it after a checkpoint. An exception leaves with its traceback."""
     for seeded in (random.seed, np.random.seed, torch.manual_seed):
@@ -159,7 +164,7 @@ def train_loop(cfg, rank, world_size, load_universal):
     wandb_id = broadcast_from_rank0(metrics.wandb_id if metrics else None)
     data = TrainBatches(cfg.data, model.tokenizer, model.image_processor, rank, world_size, states=data_states)
 
-    def save(step):
+    def save(step: int) -> str:
         state = {"wandb_id": wandb_id, "sampler": sampler.state_dict(), "stage": cfg.train.stage}
         return checkpoint.save(engine, ckpt_dir, step, state, data.state_dict(), cfg.train.keep_last,
                                data.mixture.manifest(cfg.data.seed))
@@ -188,7 +193,7 @@ def train_loop(cfg, rank, world_size, load_universal):
     return code
 
 
-def run(cfg):
+def run(cfg: Config) -> int:
     """Train on this rank, then, on rank 0, export <output_dir>/final. Returns the exit code."""
     rank, world_size, _ = distributed_env()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -214,7 +219,7 @@ def run(cfg):
     return code
 
 
-def check_inputs(cfg):
+def check_inputs(cfg: Config) -> None:
     """Fail in seconds, naming the key, instead of after DeepSpeed and model start-up, or hours
     later when a bad token count is first drawn."""
     stage = STAGES[cfg.train.stage]
@@ -251,7 +256,7 @@ def check_inputs(cfg):
         TokenCountSampler(cfg.tokens.counts, cfg.tokens.seed).check_resumes(trainer_state["sampler"], ckpt_dir / tag)
 
 
-def parse_args(argv):
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="options (override any with section.key=value):\n" + "\n".join(describe_options()),
@@ -261,7 +266,7 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

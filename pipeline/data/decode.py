@@ -14,8 +14,10 @@ import logging
 import tarfile
 
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 
 from pipeline.chat import prompt_ids, tokenize_record
+from pipeline.data.mixture import Mixture
 from pipeline.images import rgb_pixels
 from pipeline.tiles import choose_grid, image_slots, recorded_tiling, sample_tiles, tile_count, tiles_allowed
 
@@ -112,8 +114,9 @@ def first_samples(url: str, count: int, with_images: bool) -> list[dict]:
     return samples
 
 
-def count_text_and_tiles(urls: list[str], tokenizer, max_shards: int, tiling: tuple[int, int, int] = (1, 1, 1),
-                         samples_per_shard: int = 64) -> tuple[int, int, int]:
+def count_text_and_tiles(urls: list[str], tokenizer: PreTrainedTokenizerBase, max_shards: int,
+                         tiling: tuple[int, int, int] = (1, 1, 1), samples_per_shard: int = 64
+                         ) -> tuple[int, int, int]:
     """(text tokens, tiles, samples) in the first samples of up to max_shards evenly spread shards,
     tokenized as training does (text-only samples' text included; an image's row ends count as
     text). tiling: (max_tiles, multi_image_max_tiles, tile side); with more than one tile the
@@ -143,8 +146,8 @@ def count_text_and_tiles(urls: list[str], tokenizer, max_shards: int, tiling: tu
     return text, tiles, samples
 
 
-def measure_text_tokens_per_tile(mixture, tokenizer, tiling: tuple[int, int, int] = (1, 1, 1),
-                                 max_shards: int = 16) -> float:
+def measure_text_tokens_per_tile(mixture: Mixture, tokenizer: PreTrainedTokenizerBase,
+                                 tiling: tuple[int, int, int] = (1, 1, 1), max_shards: int = 16) -> float:
     """Text tokens per tile of a mixture as training reads it (one tile per image when max_tiles
     is 1): each source's measured tokens and tiles per sample (count_text_and_tiles over its share
     of max_shards), weighted by the samples it gives an epoch."""

@@ -19,13 +19,18 @@ import os
 import random
 import signal
 import sys
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import PreTrainedTokenizerBase
 
 from pipeline.data.decode import Decoder, SampleError
 from pipeline.data.mixture import load_mixture
 from pipeline.data.plan import (
+    Intervals,
     Sequence,
     count,
     epoch_sequence,
@@ -36,6 +41,9 @@ from pipeline.data.plan import (
 )
 from pipeline.data.shards import ReadingBoard, ShardError, read_shard
 from pipeline.data.state import Progress
+
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
 
 # Workers are forked after the tokenizer is built; its thread pool must not be in use then.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -85,12 +93,13 @@ class SampleStream(IterableDataset):
                                                worker, num_workers, replay)
             epoch += 1
 
-    def read_epoch(self, sequence, epoch, task, start, worker, num_workers, replay=None):
+    def read_epoch(self, sequence: Sequence, epoch: int, task: Intervals, start: int, worker: int, num_workers: int,
+                   replay: dict | None = None) -> Generator[dict, None, int]:
         """Yield one worker's items of one epoch; return its count after them."""
         wanted = pending_positions(replay, epoch, task)
         read = 0
 
-        def raw_samples():
+        def raw_samples() -> Iterator[dict]:
             nonlocal read
             for first, piece in sequence.runs(task):
                 url = self.mixture.sources[piece.source].urls[piece.shard]
@@ -129,7 +138,7 @@ class SampleStream(IterableDataset):
         return count
 
 
-def pending_positions(replay, epoch, task):
+def pending_positions(replay: dict | None, epoch: int, task: Intervals) -> Callable[[int], bool]:
     """Whether a position of this epoch must be read: always, except when replaying after a
     resume, where only the positions not consumed before it are (the others become placeholders)."""
     if replay is None or epoch > replay["epoch"]:
@@ -204,8 +213,9 @@ class RankStream:
                 "workers": [{**p.as_dict(), "restart": list(r)} for p, r in zip(self.progress, restart)]}
 
 
-def iter_samples(shards, tokenizer, image_processor, rank=0, world_size=1, num_workers=0, with_record=True,
-                 max_tiles=None):
+def iter_samples(shards: str | Path, tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor",
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, with_record: bool = True,
+                 max_tiles: int | None = None) -> Iterator[dict]:
     """Each sample of data.shards (a mixture's sources in turn) once, this rank's equal share, in a
     fixed order (for evaluation).
 
@@ -228,7 +238,7 @@ _exiting = multiprocessing.RawValue(ctypes.c_bool, False)
 atexit.register(setattr, _exiting, "value", True)
 
 
-def loader_worker_setup(exiting, worker_id):
+def loader_worker_setup(exiting: ctypes.c_bool, worker_id: int) -> None:
     """Runs in each training loader worker; `exiting` is _exiting (passed on, for any start method).
 
     Slurm signals every process of a job step: USR1 before the time limit, TERM on preemption.
