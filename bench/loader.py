@@ -11,7 +11,10 @@
    pipeline's preparation (pipeline/images.py) and of decode + transformers' image processor,
    in this process; the loader workers' CPU time per sample (all a worker does: tar reading,
    decoding, preparing, tokenizing, handing items over) and its ratio to the bare decode of the
-   same files; and the streaming loader's wall-clock samples/s with 1 and 2 workers;
+   same files; the streaming loader's wall-clock samples/s with 1 and 2 workers; where a
+   worker's time goes, each step timed alone; and the same photographs stored by
+   tools.build_shards --max-image-side 384: a worker's time, and how far the tower's pixels move
+   from those of the original files;
 3. the training stream over one epoch of a mixture of three sources (the synthetic shards,
    LLaVA-like ones at repeat 0.5, 128 px synthetic ones at repeat 2: epochs cut into equal
    slices that start inside shards, shuffled through the default 256-sample buffer), samples/s
@@ -27,7 +30,8 @@
    ~120 tokens, 2% long ones of 600-1500 tokens, 10% text-only): padding fraction, dummy-image
    fraction (image slots the vision tower encodes without a real image), samples per batch,
    truncated and dropped samples; and, for comparison, the old fixed text_tokens_per_image 64;
-6. the packer with tiles (data.max_tiles 6) at N in {64, 144, 256}, the stage configs' rows, on
+6. the packer with tiles (data.max_tiles 6) at N in {64, 144, 256}, with the stage configs' rows
+   and window and with longer rows and a 256-sample window, on
    the LLaVA-like lengths with a realistic aspect-ratio mix (COCO-like 4:3 45% and 3:4 25%,
    square 10%, letter-size documents 10%, 8:3 wide charts 10%; image sides a sixth of real ones,
    640x480 as 107x80, so that the tiny 64 px tower picks the grids SigLIP's 384 px would):
@@ -43,6 +47,7 @@ sharing the machine delay a pass far more than they change the work it does.
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import random
@@ -63,15 +68,16 @@ from bench.train_step import gpu_samples_per_second
 from pipeline.chat import load_tokenizer, tokenize_record
 from pipeline.config import DataConfig, load_config
 from pipeline.data import TrainBatches
-from pipeline.data.decode import Decoder
+from pipeline.data.decode import Decoder, first_samples
 from pipeline.data.mixture import Mixture, load_mixture
 from pipeline.data.stream import SampleStream
-from pipeline.images import image_pixel_values
+from pipeline.images import image_pixel_values, pad_to_square, resize_to_tower, rgb_pixels
 from tools import build_shards, make_synthetic, make_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["stage1_align", "stage2_finetune"]
 PHOTOS = {"coco": "COCO-size", "large": "large (>= 1,500 px)"}
+MAX_IMAGE_SIDE = 384  # the tower's side: the shards a single-tile run needs
 
 
 class LlavaMapDataset(Dataset):
@@ -148,6 +154,49 @@ def processor_path(processor):
         square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
         return processor(images=[square], return_tensors="pt")["pixel_values"]
     return prepare
+
+
+def worker_steps(files, shards, models, repeats):
+    """{step: CPU ms per sample} of the steps one loader worker takes for a photograph, each timed
+    alone in this process on the same files: the bare decode, the decoded image to an RGB tensor,
+    the pad to a square, the resize to the tower, the chat template's tokenization."""
+    tokenizer, processor = models
+    decoded = []
+    for path in files:
+        with Image.open(path) as image:
+            image.load()
+            decoded.append(image.copy())
+    rgbs = [rgb_pixels(image) for image in decoded]
+    background = [int(255 * m) for m in processor.image_mean]
+    squares = [pad_to_square(rgb, background) for rgb in rgbs]
+    records = [json.loads(sample["json"]) for sample in shard_samples(shards, with_images=False)]
+    return {"JPEG decode": best_cpu_ms_per_item(bare_decode, files, repeats),
+            "to an RGB tensor": best_cpu_ms_per_item(rgb_pixels, decoded, repeats),
+            "pad to a square": best_cpu_ms_per_item(lambda rgb: pad_to_square(rgb, background), rgbs, repeats),
+            "resize to 384 px": best_cpu_ms_per_item(lambda sq: resize_to_tower(sq, processor), squares, repeats),
+            "tokenize (chat template)": best_cpu_ms_per_item(lambda r: tokenize_record(r, tokenizer, 1), records,
+                                                             repeats)}
+
+
+def shard_samples(shards, with_images):
+    """Every sample of the shards, in order: its json member, and its images when with_images."""
+    return [sample for url in sorted(str(p) for p in Path(shards).glob("*.tar"))
+            for sample in first_samples(url, 10**9, with_images)]
+
+
+def pixel_change(files, shrunk_shards, processor):
+    """(mean, max) absolute difference in 8-bit levels between the tower's pixels from the original
+    files and from the shards' stored (shrunk) images, both through pipeline/images.py."""
+    stored = {}
+    for sample in shard_samples(shrunk_shards, with_images=True):
+        stored[json.loads(sample["json"])["image"]] = sample["jpg"]
+    diffs = []
+    for path in files:
+        with Image.open(path) as original, Image.open(io.BytesIO(stored[f"images/{path.name}"])) as small:
+            a, b = (image_pixel_values([im], processor, "pad").int() for im in (original, small))
+        diffs.append((a - b).abs())
+    every = torch.cat([d.flatten() for d in diffs]).float()
+    return every.mean().item(), every.max().item()
 
 
 def photo_shards(work, kind, n):
@@ -253,7 +302,8 @@ def aspect_mix_shards(work, llava):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=3000, help="synthetic records to stream")
-    parser.add_argument("--batches", type=int, default=60, help="packed batches per packing measurement")
+    parser.add_argument("--batches", type=int, default=200,
+                        help="packed batches per packing measurement (enough for the window's mix to settle)")
     parser.add_argument("--photos", type=int, default=600,
                         help="COCO-size photographs to stream (0, with --large-photos 0: skip the photograph and "
                              "GPU sections)")
@@ -310,7 +360,7 @@ def photographs(args, work, models):
     print("| photos | files | median file | bare JPEG decode | decode + pipeline's preparation | "
           "decode + transformers' processor | loader worker per sample | vs bare decode | "
           "loader, 1 worker | loader, 2 workers |\n|---|---|---|---|---|---|---|---|---|---|")
-    per_worker = {}
+    per_worker, measured = {}, {}
     for kind, n in [("coco", args.photos), ("large", args.large_photos)]:
         files, shards = photo_shards(work, kind, n)
         sizes = [Image.open(f).size for f in files]
@@ -321,9 +371,33 @@ def photographs(args, work, models):
         (rate, worker_ms), (rate_2, _) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
                                           for workers in [1, 2])
         per_worker[kind] = 1000 / worker_ms
+        measured[kind] = files, shards, decode, worker_ms
         print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
               f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
               f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
+
+    print("\n### Where a worker's time goes: CPU ms per sample, each step timed alone in this process")
+    print("| step | COCO-size | large |\n|---|---|---|")
+    steps = {kind: worker_steps(files, shards, so400m, args.repeats) for kind, (files, shards, *_) in measured.items()}
+    for step in steps["coco"]:
+        print(f"| {step} | {steps['coco'][step]:.2f} | {steps['large'][step]:.2f} |")
+    rest = {kind: measured[kind][3] - sum(s.values()) for kind, s in steps.items()}
+    print(f"| the rest: tar reading, memory, handing the sample to the trainer (a worker's time less the steps) | "
+          f"{rest['coco']:.2f} | {rest['large']:.2f} |\n"
+          f"| **a loader worker, all of it** | **{measured['coco'][3]:.2f}** | **{measured['large'][3]:.2f}** |")
+
+    print(f"\n### Shards built with tools.build_shards --max-image-side {MAX_IMAGE_SIDE}")
+    print("| photos | median stored file | loader worker per sample | vs bare decode of the original file | "
+          "tower pixels against the original file's: mean / max difference (8-bit levels) |\n|---|---|---|---|---|")
+    for kind, (files, _, decode, _) in measured.items():
+        shrunk = work / f"{kind}_shards_{MAX_IMAGE_SIDE}"
+        build_shards.build(str(work / kind / "data.json"), str(work / kind), str(shrunk),
+                           samples_per_shard=max(1, len(files) // 6), max_image_side=MAX_IMAGE_SIDE)
+        stored_kb = statistics.median(len(s["jpg"]) for s in shard_samples(shrunk, with_images=True)) / 1000
+        worker_ms = stream_rate(shrunk, so400m, 1, len(files), args.repeats, "pad")[1]
+        mean, most = pixel_change(files, shrunk, so400m[1])
+        print(f"| {PHOTOS[kind]} | {stored_kb:.0f} KB | {worker_ms:.2f} ms | {worker_ms / decode:.2f}x | "
+              f"{mean:.2f} / {most:.0f} |", flush=True)
 
     print("\n## What one GPU consumes (H100 SXM, MFU 0.4, SigLIP-so400m, 128 text tokens per sample), "
           "and the loader workers per GPU that takes (one worker: 1000 / its CPU ms per sample above)")
@@ -395,10 +469,11 @@ def tiles_section(args, work, models, llava):
           f"{args.batches} batches per N")
     print("| rows x seq_len | pack window | text tokens per tile | N | padding | dummy tiles | tiles per image | "
           "tile budget | samples/batch | truncated | dropped |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    for stage, window in [(STAGES[0], 64), (STAGES[1], 64), (STAGES[1], 256)]:
-        shipped = load_config(REPO / "configs" / f"{stage}.yaml").data
-        cfg = DataConfig(shards=str(shards), seq_len=shipped.seq_len, rows_per_batch=shipped.rows_per_batch,
-                         num_workers=1, max_tiles=6, pack_window=window)
+    shipped = [load_config(REPO / "configs" / f"{stage}.yaml").data for stage in STAGES]
+    rows = [(c.rows_per_batch, c.seq_len, 64) for c in shipped] + [(2, 4096, 256), (1, 8192, 256), (1, 16384, 256)]
+    for rows_per_batch, seq_len, window in rows:
+        cfg = DataConfig(shards=str(shards), seq_len=seq_len, rows_per_batch=rows_per_batch, num_workers=1,
+                         max_tiles=6, pack_window=window)
         for n in [64, 144, 256]:
             measured, pad, dummy, budget, per_batch, truncated, dropped, per_image = packing_row(cfg, models, n,
                                                                                                 args.batches)
