@@ -237,7 +237,8 @@ def evaluate_adaptive(model_dirs: Sequence[str | Path], shards: str | Path, ladd
     calibrated on calibration_shards), and the oracle, on the shards. {"shards", "ladder",
     "calibration" (per model, when calibrated), "results": policy rows (fixed, adaptive, oracle)}."""
     if (threshold is None) == (calibration_shards is None):
-        raise ValueError("give either a threshold or validation shards to calibrate one on, not both")
+        raise ValueError(f"give a threshold or validation shards to calibrate one on: exactly one of them, "
+                         f"got {'neither' if threshold is None else 'both'}")
     names = names or default_names(model_dirs)
     for path in model_dirs:
         check_ladder(ladder, read_vlm_config(path))

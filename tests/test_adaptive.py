@@ -16,6 +16,7 @@ from bench.adaptive import verdict
 from pipeline.adaptive import (
     adaptive_generate,
     calibrate,
+    evaluate_adaptive,
     evaluate_adaptive_model,
     first_confident,
     ladder_arrays,
@@ -202,6 +203,12 @@ def test_evaluate_tokens_adaptive_needs_one_threshold_source(synthetic_shards, s
         evaluate_tool.main([str(stage1_run / "final"), "--shards", str(synthetic_shards), "--tokens", "adaptive",
                             "--ladder", "64,16", "--threshold", "0.5", "--out", str(tmp_path)])
     assert "increasing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threshold, calibration, got", [(None, None, "neither"), (0.5, "shards", "both")])
+def test_evaluate_adaptive_takes_exactly_one_threshold_source(threshold, calibration, got):
+    with pytest.raises(ValueError, match=f"exactly one of them, got {got}"):
+        evaluate_adaptive(["no model read"], "shards", threshold=threshold, calibration_shards=calibration)
 
 
 def test_bench_verdict_needs_both_the_accuracy_and_the_tokens():
