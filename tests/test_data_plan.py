@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.data.mixture import Mixture, Source
 from pipeline.data.plan import (
-    Sequence,
+    EpochPieces,
     count,
     epoch_pieces,
     merge,
@@ -91,7 +91,7 @@ def test_sequence_runs_find_each_positions_sample():
     mixture = Mixture((source("a", UNEVEN, repeat=1), source("b", (9, 4), repeat=1)))
     pieces = epoch_pieces(mixture, 3, 2)
     flat = [(p.source, p.shard, k) for p in pieces for k in range(p.start, p.stop)]
-    sequence = Sequence(pieces)
+    sequence = EpochPieces(pieces)
     intervals = [(0, 5), (37, 90), (140, len(flat))]
     found = [(piece.source, piece.shard, k) for first, piece in sequence.runs(intervals) for k in range(piece.start, piece.stop)]
     assert found == [flat[p] for a, b in intervals for p in range(a, b)]

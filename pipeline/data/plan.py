@@ -105,7 +105,7 @@ def merge(positions: list[int], intervals: Intervals = ()) -> Intervals:
     return out
 
 
-class Sequence:
+class EpochPieces:
     """An epoch's pieces, looked up by position."""
 
     def __init__(self, pieces: list[Piece]):
@@ -129,5 +129,5 @@ class Sequence:
 
 
 @functools.lru_cache(maxsize=4)
-def epoch_sequence(mixture: Mixture, seed: int, epoch: int) -> Sequence:
-    return Sequence(epoch_pieces(mixture, seed, epoch))
+def epoch_sequence(mixture: Mixture, seed: int, epoch: int) -> EpochPieces:
+    return EpochPieces(epoch_pieces(mixture, seed, epoch))

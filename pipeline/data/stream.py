@@ -30,8 +30,8 @@ from transformers import PreTrainedTokenizerBase
 from pipeline.data.decode import Decoder, SampleError
 from pipeline.data.mixture import load_mixture
 from pipeline.data.plan import (
+    EpochPieces,
     Intervals,
-    Sequence,
     count,
     epoch_sequence,
     in_order_pieces,
@@ -75,7 +75,7 @@ class SampleStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         if not self.endless:
-            sequence = Sequence(in_order_pieces(self.mixture))
+            sequence = EpochPieces(in_order_pieces(self.mixture))
             task = take_share([(0, len(sequence))], self.world_size * num_workers, self.rank * num_workers + worker)
             yield from self.read_epoch(sequence, 0, task, 0, worker, num_workers)
             return
@@ -93,7 +93,7 @@ class SampleStream(IterableDataset):
                                                worker, num_workers, replay)
             epoch += 1
 
-    def read_epoch(self, sequence: Sequence, epoch: int, task: Intervals, start: int, worker: int, num_workers: int,
+    def read_epoch(self, sequence: EpochPieces, epoch: int, task: Intervals, start: int, worker: int, num_workers: int,
                    replay: dict | None = None) -> Generator[dict, None, int]:
         """Yield one worker's items of one epoch; return its count after them."""
         wanted = pending_positions(replay, epoch, task)
