@@ -4,6 +4,8 @@ The tower's output does not depend on the token count N (only the projector's po
 an image's features can be computed once and projected at several N.
 """
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import MODEL_MAPPING, AutoConfig
@@ -16,7 +18,7 @@ def tower_attn_implementation(tower_class: type, requested: str) -> str | None:
     return requested if supported[requested] else None
 
 
-def load_vision_tower(path: str, attn_implementation: str = "sdpa") -> nn.Module:
+def load_vision_tower(path: str | Path, attn_implementation: str = "sdpa") -> nn.Module:
     """Any HF vision encoder with a square patch grid, in fp32; a full SigLIP (text+vision)
     folder works too."""
     config = AutoConfig.from_pretrained(path)
