@@ -14,7 +14,8 @@
    same files; the streaming loader's wall-clock samples/s with 1 and 2 workers; where a
    worker's time goes, each step timed alone; and the same photographs stored by
    tools.build_shards --max-image-side 384: a worker's time, and how far the tower's pixels move
-   from those of the original files;
+   from those of the original files; and a worker's time with data.max_tiles 6 (7 tiles for a
+   4:3 photograph);
 3. the training stream over one epoch of a mixture of three sources (the synthetic shards,
    LLaVA-like ones at repeat 0.5, 128 px synthetic ones at repeat 2: epochs cut into equal
    slices that start inside shards, shuffled through the default 256-sample buffer), samples/s
@@ -72,12 +73,14 @@ from pipeline.data.decode import Decoder, first_samples
 from pipeline.data.mixture import Mixture, load_mixture
 from pipeline.data.stream import SampleStream
 from pipeline.images import image_pixel_values, pad_to_square, resize_to_tower, rgb_pixels
+from pipeline.tiles import choose_grid, tile_count
 from tools import build_shards, make_synthetic, make_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["stage1_align", "stage2_finetune"]
 PHOTOS = {"coco": "COCO-size", "large": "large (>= 1,500 px)"}
 MAX_IMAGE_SIDE = 384  # the tower's side: the shards a single-tile run needs
+PHOTO_TILES = 6  # Ristretto's and InternVL's default tile limit
 
 
 class LlavaMapDataset(Dataset):
@@ -212,24 +215,24 @@ def photo_shards(work, kind, n):
     return [folder / "images" / name for name in names], work / f"{kind}_shards"
 
 
-def workers_cpu_seconds(mixture, models, workers, total, image_aspect):
+def workers_cpu_seconds(mixture, models, workers, total, image_aspect, max_tiles=1):
     """(samples/s, CPU seconds of the workers) of one pass of the streaming loader over a mixture.
     The workers' CPU time is read once the pass has ended and they have exited."""
-    stream = SampleStream(mixture, Decoder(*models, image_aspect), endless=False)
+    stream = SampleStream(mixture, Decoder(*models, image_aspect, max_tiles=max_tiles), endless=False)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     rate = samples_per_second(DataLoader(stream, batch_size=None, num_workers=workers), total)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return rate, after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
 
 
-def stream_rate(shards, models, workers, total, repeats, image_aspect=None):
+def stream_rate(shards, models, workers, total, repeats, image_aspect=None, max_tiles=1):
     """(samples/s, workers' CPU ms per sample) of the streaming loader over the shards, each the
     best of `repeats` passes. The CPU time counts all a worker does per sample (tar reading,
     decoding, preparing, tokenizing, handing items over), less its start-up (an empty pass's)."""
     best_rate, best_cpu = 0.0, math.inf
     for _ in range(repeats):
-        start_up = workers_cpu_seconds(Mixture(()), models, workers, 0, image_aspect)[1]
-        rate, cpu = workers_cpu_seconds(load_mixture(str(shards)), models, workers, total, image_aspect)
+        start_up = workers_cpu_seconds(Mixture(()), models, workers, 0, image_aspect, max_tiles)[1]
+        rate, cpu = workers_cpu_seconds(load_mixture(str(shards)), models, workers, total, image_aspect, max_tiles)
         best_rate, best_cpu = max(best_rate, rate), min(best_cpu, 1000 * (cpu - start_up) / total)
     return best_rate, best_cpu
 
@@ -398,6 +401,15 @@ def photographs(args, work, models):
         mean, most = pixel_change(files, shrunk, so400m[1])
         print(f"| {PHOTOS[kind]} | {stored_kb:.0f} KB | {worker_ms:.2f} ms | {worker_ms / decode:.2f}x | "
               f"{mean:.2f} / {most:.0f} |", flush=True)
+
+    print(f"\n### With tiles (data.max_tiles {PHOTO_TILES}): each image cut into its grid of 384 px tiles and a thumbnail")
+    print("| photos | tiles per image | loader worker per sample | per tile | vs bare decode | loader, 1 worker |\n"
+          "|---|---|---|---|---|---|")
+    for kind, (files, shards, decode, _) in measured.items():
+        tiles = statistics.mean(tile_count(choose_grid(*Image.open(f).size, PHOTO_TILES, 384)) for f in files)
+        rate, worker_ms = stream_rate(shards, so400m, 1, len(files), args.repeats, "pad", PHOTO_TILES)
+        print(f"| {PHOTOS[kind]} | {tiles:.1f} | {worker_ms:.2f} ms | {worker_ms / tiles:.2f} ms | "
+              f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s |", flush=True)
 
     print("\n## What one GPU consumes (H100 SXM, MFU 0.4, SigLIP-so400m, 128 text tokens per sample), "
           "and the loader workers per GPU that takes (one worker: 1000 / its CPU ms per sample above)")
