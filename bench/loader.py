@@ -12,7 +12,8 @@
    in this process; the loader workers' CPU time per sample (all a worker does: tar reading,
    decoding, preparing, tokenizing, handing items over) and its ratio to the bare decode of the
    same files; the streaming loader's wall-clock samples/s with 1 and 2 workers; where a
-   worker's time goes, each step timed alone; and the same photographs stored by
+   worker's time goes (each step timed alone, then the steps in turn, the stream without workers,
+   a worker, and the trainer's process receiving its samples); and the same photographs stored by
    tools.build_shards --max-image-side 384: a worker's time, and how far the tower's pixels move
    from those of the original files; and a worker's time with data.max_tiles 6 (7 tiles for a
    4:3 photograph);
@@ -70,6 +71,7 @@ from pipeline.chat import load_tokenizer, tokenize_record
 from pipeline.config import DataConfig, load_config
 from pipeline.data import TrainBatches
 from pipeline.data.decode import Decoder, first_samples
+from pipeline.data.handover import loader_items
 from pipeline.data.mixture import Mixture, load_mixture
 from pipeline.data.stream import SampleStream
 from pipeline.images import image_pixel_values, pad_to_square, resize_to_tower, rgb_pixels
@@ -161,8 +163,10 @@ def processor_path(processor):
 
 def worker_steps(files, shards, models, repeats):
     """{step: CPU ms per sample} of the steps one loader worker takes for a photograph, each timed
-    alone in this process on the same files: the bare decode, the decoded image to an RGB tensor,
-    the pad to a square, the resize to the tower, the chat template's tokenization."""
+    alone in this process on the same files (the bare decode, the decoded image to an RGB tensor,
+    the pad to a square, the resize to the tower, the chat template's tokenization), then all of
+    them one sample after another, then the stream in this process. Timed alone, a step runs with
+    its code and data warm in the caches: the steps in turn cost more than their sum."""
     tokenizer, processor = models
     decoded = []
     for path in files:
@@ -178,7 +182,11 @@ def worker_steps(files, shards, models, repeats):
             "pad to a square": best_cpu_ms_per_item(lambda rgb: pad_to_square(rgb, background), rgbs, repeats),
             "resize to 384 px": best_cpu_ms_per_item(lambda sq: resize_to_tower(sq, processor), squares, repeats),
             "tokenize (chat template)": best_cpu_ms_per_item(lambda r: tokenize_record(r, tokenizer, 1), records,
-                                                             repeats)}
+                                                             repeats),
+            "the same steps one sample after another (the pipeline's decoder on the shards' samples in memory)":
+                best_cpu_ms_per_item(Decoder(*models, "pad"), shard_samples(shards, with_images=True), repeats),
+            "the stream in this process, no workers (adds reading the tars)":
+                stream_rate(shards, models, 0, len(files), repeats, "pad")[2]}
 
 
 def shard_samples(shards, with_images):
@@ -215,33 +223,41 @@ def photo_shards(work, kind, n):
     return [folder / "images" / name for name in names], work / f"{kind}_shards"
 
 
-def workers_cpu_seconds(mixture, models, workers, total, image_aspect, max_tiles=1):
-    """(samples/s, CPU seconds of the workers) of one pass of the streaming loader over a mixture.
-    The workers' CPU time is read once the pass has ended and they have exited."""
+def cpu_seconds(who):
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def loader_cpu_seconds(mixture, models, workers, total, image_aspect, max_tiles=1):
+    """(samples/s, CPU seconds of the workers, of this process) of one pass of the streaming loader
+    over a mixture. The workers' CPU time is read once the pass has ended and they have exited."""
     stream = SampleStream(mixture, Decoder(*models, image_aspect, max_tiles=max_tiles), endless=False)
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rate = samples_per_second(DataLoader(stream, batch_size=None, num_workers=workers), total)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return rate, after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    workers_before, own_before = cpu_seconds(resource.RUSAGE_CHILDREN), cpu_seconds(resource.RUSAGE_SELF)
+    rate = samples_per_second(loader_items(stream, workers), total)
+    return (rate, cpu_seconds(resource.RUSAGE_CHILDREN) - workers_before,
+            cpu_seconds(resource.RUSAGE_SELF) - own_before)
 
 
 def stream_rate(shards, models, workers, total, repeats, image_aspect=None, max_tiles=1):
-    """(samples/s, workers' CPU ms per sample) of the streaming loader over the shards, each the
-    best of `repeats` passes. The CPU time counts all a worker does per sample (tar reading,
-    decoding, preparing, tokenizing, handing items over), less its start-up (an empty pass's)."""
-    best_rate, best_cpu = 0.0, math.inf
+    """(samples/s, workers' CPU ms per sample, this process's CPU ms per sample) of the streaming
+    loader over the shards, each the best of `repeats` passes. The workers' time counts all a
+    worker does per sample (tar reading, decoding, preparing, tokenizing, handing items over),
+    less its start-up (an empty pass's); this process's is what the trainer spends receiving them
+    (with 0 workers: all of it)."""
+    best = (0.0, math.inf, math.inf)
     for _ in range(repeats):
-        start_up = workers_cpu_seconds(Mixture(()), models, workers, 0, image_aspect, max_tiles)[1]
-        rate, cpu = workers_cpu_seconds(load_mixture(str(shards)), models, workers, total, image_aspect, max_tiles)
-        best_rate, best_cpu = max(best_rate, rate), min(best_cpu, 1000 * (cpu - start_up) / total)
-    return best_rate, best_cpu
+        _, start_up, _ = loader_cpu_seconds(Mixture(()), models, workers, 0, image_aspect, max_tiles)
+        rate, cpu, own = loader_cpu_seconds(load_mixture(str(shards)), models, workers, total, image_aspect,
+                                            max_tiles)
+        best = (max(best[0], rate), min(best[1], 1000 * (cpu - start_up) / total), min(best[2], 1000 * own / total))
+    return best
 
 
 def epoch_rate(mixture, models, workers, shuffle_buffer=256):
     """Wall-clock items/s of the training stream over one epoch of the mixture."""
     stream = SampleStream(mixture, Decoder(*models), shuffle_buffer=shuffle_buffer)
     start, length = time.perf_counter(), mixture.epoch_length()
-    for count, _ in enumerate(DataLoader(stream, batch_size=None, num_workers=workers), 1):
+    for count, _ in enumerate(loader_items(stream, workers), 1):
         if count == length:
             return length / (time.perf_counter() - start)
 
@@ -371,33 +387,32 @@ def photographs(args, work, models):
         decode = best_cpu_ms_per_item(bare_decode, files, args.repeats)
         pipeline = best_cpu_ms_per_item(pipeline_path(so400m[1]), files, args.repeats)
         processor = best_cpu_ms_per_item(processor_path(so400m[1]), files[:max(10, n // 10)], args.repeats)
-        (rate, worker_ms), (rate_2, _) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
-                                          for workers in [1, 2])
+        (rate, worker_ms, trainer_ms), (rate_2, *_) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
+                                                       for workers in [1, 2])
         per_worker[kind] = 1000 / worker_ms
-        measured[kind] = files, shards, decode, worker_ms
+        measured[kind] = files, shards, decode, worker_ms, trainer_ms
         print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
               f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
               f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
 
-    print("\n### Where a worker's time goes: CPU ms per sample, each step timed alone in this process")
+    print("\n### Where a worker's time goes: CPU ms per sample")
     print("| step | COCO-size | large |\n|---|---|---|")
-    steps = {kind: worker_steps(files, shards, so400m, args.repeats) for kind, (files, shards, *_) in measured.items()}
+    steps = {kind: worker_steps(files, shards, so400m, args.repeats) | {
+        "**a loader worker, all of it** (adds handing the samples over)": worker_ms,
+        "the trainer's process, receiving a worker's samples": trainer_ms}
+        for kind, (files, shards, _, worker_ms, trainer_ms) in measured.items()}
     for step in steps["coco"]:
         print(f"| {step} | {steps['coco'][step]:.2f} | {steps['large'][step]:.2f} |")
-    rest = {kind: measured[kind][3] - sum(s.values()) for kind, s in steps.items()}
-    print(f"| the rest: tar reading, memory, handing the sample to the trainer (a worker's time less the steps) | "
-          f"{rest['coco']:.2f} | {rest['large']:.2f} |\n"
-          f"| **a loader worker, all of it** | **{measured['coco'][3]:.2f}** | **{measured['large'][3]:.2f}** |")
 
     print(f"\n### Shards built with tools.build_shards --max-image-side {MAX_IMAGE_SIDE}")
     print("| photos | median stored file | loader worker per sample | vs bare decode of the original file | "
           "tower pixels against the original file's: mean / max difference (8-bit levels) |\n|---|---|---|---|---|")
-    for kind, (files, _, decode, _) in measured.items():
+    for kind, (files, _, decode, *_) in measured.items():
         shrunk = work / f"{kind}_shards_{MAX_IMAGE_SIDE}"
         build_shards.build(str(work / kind / "data.json"), str(work / kind), str(shrunk),
                            samples_per_shard=max(1, len(files) // 6), max_image_side=MAX_IMAGE_SIDE)
         stored_kb = statistics.median(len(s["jpg"]) for s in shard_samples(shrunk, with_images=True)) / 1000
-        worker_ms = stream_rate(shrunk, so400m, 1, len(files), args.repeats, "pad")[1]
+        _, worker_ms, _ = stream_rate(shrunk, so400m, 1, len(files), args.repeats, "pad")
         mean, most = pixel_change(files, shrunk, so400m[1])
         print(f"| {PHOTOS[kind]} | {stored_kb:.0f} KB | {worker_ms:.2f} ms | {worker_ms / decode:.2f}x | "
               f"{mean:.2f} / {most:.0f} |", flush=True)
@@ -405,9 +420,9 @@ def photographs(args, work, models):
     print(f"\n### With tiles (data.max_tiles {PHOTO_TILES}): each image cut into its grid of 384 px tiles and a thumbnail")
     print("| photos | tiles per image | loader worker per sample | per tile | vs bare decode | loader, 1 worker |\n"
           "|---|---|---|---|---|---|")
-    for kind, (files, shards, decode, _) in measured.items():
+    for kind, (files, shards, decode, *_) in measured.items():
         tiles = statistics.mean(tile_count(choose_grid(*Image.open(f).size, PHOTO_TILES, 384)) for f in files)
-        rate, worker_ms = stream_rate(shards, so400m, 1, len(files), args.repeats, "pad", PHOTO_TILES)
+        rate, worker_ms, _ = stream_rate(shards, so400m, 1, len(files), args.repeats, "pad", PHOTO_TILES)
         print(f"| {PHOTOS[kind]} | {tiles:.1f} | {worker_ms:.2f} ms | {worker_ms / tiles:.2f} ms | "
               f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s |", flush=True)
 

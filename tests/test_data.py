@@ -17,6 +17,7 @@ from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
 from pipeline.config import DataConfig, load_config
 from pipeline.data import TrainBatches, iter_samples
 from pipeline.data.decode import Decoder, measure_text_tokens_per_tile
+from pipeline.data.handover import SAMPLES_PER_HANDOVER, loader_items
 from pipeline.data.mixture import load_mixture
 from pipeline.data.stream import SampleStream
 from pipeline.images import image_pixel_values, set_image_aspect
@@ -107,7 +108,7 @@ def test_corrupt_shards_are_skipped_counted_and_the_stream_goes_on(synth, models
     pattern, bad_keys = write_corrupt_shards(synth, tmp_path / "corrupt")
     mixture = load_mixture(pattern)
     assert "shard-000002.tar holds no readable sample; left out" in caplog.text  # not a tar: named, not read
-    items = list(SampleStream(mixture, Decoder(*models), endless=False))
+    items = list(SampleStream(mixture, Decoder(*models), endless=False).items())
     samples = [i for i in items if i["kind"] == "sample"]
     skips = [i for i in items if i["kind"] == "skip"]
     assert all(s["reason"] == "corrupt" for s in skips)
@@ -217,6 +218,40 @@ def test_resume_gives_identical_batches(synth, models):
     assert [b["stats"] for b in resumed] == [b["stats"] for b in tail]
     with pytest.raises(ValueError, match="different seed"):
         TrainBatches(DataConfig(**{**cfg.__dict__, "seed": 1}), *models, states=[state])
+
+
+def test_resume_mid_handover_gives_identical_batches(synth, models):
+    # Workers hand items over in groups (pipeline/data/handover.py). Each worker reads 50 samples
+    # an epoch, so epoch 1 begins at count 50, inside a group: a state taken when every worker
+    # restarts there must replay the loader's turns from that group's start.
+    cfg = DataConfig(shards=str(synth / "shards" / "shard-{000005..000007}.tar"), seq_len=512, num_workers=2,
+                     shuffle_buffer=16)
+    ns = N_SEQUENCE * 5
+    loader = TrainBatches(cfg, *models)
+    for cut, n in enumerate(ns, 1):
+        loader.next_batch(n)
+        state = json.loads(json.dumps(loader.state_dict()))
+        if min(w["restart"][1] for w in state["workers"]) % SAMPLES_PER_HANDOVER:
+            break
+    assert cut < len(ns) - 5, "no step left every worker restarting inside a handover"
+    tail = [loader.next_batch(n) for n in ns[cut:]]
+    _, resumed = batches(cfg, models, ns[cut:], states=[state])
+    assert_same_batches(tail, resumed)
+
+
+def test_handovers_carry_each_items_own_pixels(synth, models):
+    items = list(SampleStream(load_mixture(str(synth / "shards" / "shard-000005.tar")), Decoder(*models),
+                              endless=False).items())
+    arrived = list(loader_items(SampleStream(load_mixture(str(synth / "shards" / "shard-000005.tar")),
+                                             Decoder(*models), endless=False), num_workers=1))
+    assert [i["key"] for i in arrived] == [i["key"] for i in items]
+    assert any(i.get("pixel_values") is None for i in items if i["kind"] == "sample")  # text-only ones too
+    for before, after in zip(items, arrived):
+        if before.get("pixel_values") is None:
+            assert after.get("pixel_values") is None
+        else:
+            assert torch.equal(before["pixel_values"], after["pixel_values"])
+            assert after["pixel_values"].untyped_storage().nbytes() == after["pixel_values"].nbytes  # its own copy
 
 
 def test_a_sample_that_never_fits_is_an_error_not_a_hang(models, tmp_path):

@@ -6,6 +6,7 @@ them, packing them into batches, and resuming at any world size.
     shards.py   reading samples out of tar shards by index
     decode.py   sample bytes -> token ids, labels, pixel values
     stream.py   the DataLoader workers' stream of items; evaluation's one pass (iter_samples)
+    handover.py how items cross from the workers, in groups with one pixel tensor, and their order
     state.py    the small resume state, replayed at the same layout, split at another
     batches.py  packed batches for one rank (TrainBatches)
 """

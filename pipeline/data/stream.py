@@ -5,9 +5,10 @@ through a shuffle buffer that empties at the epoch's end, and yields one item pe
 "sample" (decoded), "skip" (unusable: its reason is corrupt or invalid) or "placeholder" (a
 position consumed before a resume, replayed without reading its bytes). Every item carries its
 index in the DataLoader's combined stream (the loader round-robins over workers, so index =
-per-worker count x num_workers + worker), its epoch and position, where its worker's epoch began
+handover.stream_index), its epoch and position, where its worker's epoch began
 (epoch, count) and how many of the epoch's positions the worker had read when it yielded it
-(the rest of what it read waits in its shuffle buffer or the loader's queue).
+(the rest of what it read waits in its shuffle buffer or the loader's queue). Items cross to the
+main process in handovers of several (pipeline/data/handover.py), which sets the combined order.
 """
 
 import atexit
@@ -24,10 +25,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data.decode import Decoder, SampleError
+from pipeline.data.handover import (
+    SAMPLES_PER_HANDOVER,
+    group_start,
+    handing_worker,
+    handovers,
+    loader_items,
+    stream_index,
+)
 from pipeline.data.mixture import load_mixture
 from pipeline.data.plan import (
     EpochPieces,
@@ -71,7 +80,12 @@ class SampleStream(IterableDataset):
         self.endless, self.seed, self.shuffle_buffer = endless, seed, shuffle_buffer
         self.first_epoch, self.open_epochs, self.replay, self.board = first_epoch, open_epochs or {}, replay, board
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict]:
+        """What a DataLoader worker runs: its items, in handovers."""
+        return handovers(self.items())
+
+    def items(self) -> Iterator[dict]:
+        """This worker's items, one per position (fillers and placeholders included)."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         if not self.endless:
@@ -81,11 +95,12 @@ class SampleStream(IterableDataset):
             return
         replay = self.replay[worker] if self.replay else None
         epoch, start = replay["restart"] if replay else (self.first_epoch, 0)
-        # Every worker starts at the same count, so the loader's round-robin replays the saved
-        # order; a worker whose restart point lies further on fills the gap without reading.
-        for filler in range(min(w["restart"][1] for w in self.replay) if replay else 0, start):
-            yield {"kind": "placeholder", "index": filler * num_workers + worker, "worker": worker, "epoch": epoch,
-                   "epoch_start": (epoch, start), "position": None, "read": 0}
+        # Every worker starts at the same count, the start of a handover, so the loader's turns
+        # replay the saved order; a worker whose restart point lies further on fills the gap
+        # without reading.
+        for filler in range(group_start(min(w["restart"][1] for w in self.replay)) if replay else 0, start):
+            yield {"kind": "placeholder", "index": stream_index(filler, worker, num_workers), "worker": worker,
+                   "epoch": epoch, "epoch_start": (epoch, start), "position": None, "read": 0}
         length = self.mixture.epoch_length()
         while True:
             task = worker_task(length, self.open_epochs, epoch, self.world_size, num_workers, self.rank, worker)
@@ -117,8 +132,9 @@ class SampleStream(IterableDataset):
         count, logged = start, None
         for entry in raw:
             sample = entry["sample"]
-            item = {"index": count * num_workers + worker, "worker": worker, "epoch": epoch, "epoch_start": (epoch, start),
-                    "position": entry["position"], "read": read, "source": entry["source"], "shard": entry["url"],
+            item = {"index": stream_index(count, worker, num_workers), "worker": worker, "epoch": epoch,
+                    "epoch_start": (epoch, start), "position": entry["position"], "read": read,
+                    "source": entry["source"], "shard": entry["url"],
                     "key": sample.get("__key__") if isinstance(sample, dict) else None}
             count += 1
             if sample is None:
@@ -163,16 +179,17 @@ class RankStream:
         restarts = [w["restart"] for w in replay] if replay else [(first_epoch, 0)] * self.num_workers
         self.latest = list(restarts)  # per worker: epoch_start of its newest item
         self.progress = [Progress(epoch) for epoch, _ in restarts]
-        self.pulled = min(start for _, start in restarts) * self.num_workers
+        self.pulled = group_start(min(start for _, start in restarts)) * self.num_workers
         self.board = ReadingBoard(self.num_workers)
         stream = SampleStream(mixture, decoder, rank, world_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                               first_epoch=first_epoch, open_epochs=open_epochs, replay=replay, board=self.board)
         # Workers keep about a packing window of samples ready while the trainer steps; with
-        # DataLoader's default (2 per worker) they idle, and the next batch waits on them.
-        prefetch = max(2, -(-cfg.pack_window // self.num_workers)) if cfg.num_workers else None
-        self.items = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=prefetch,
-                                     timeout=self.timeout if cfg.num_workers else 0,
-                                     worker_init_fn=functools.partial(loader_worker_setup, _exiting)))
+        # DataLoader's default (2 handovers per worker) they idle, and the next batch waits on them.
+        per_worker = -(-cfg.pack_window // (self.num_workers * SAMPLES_PER_HANDOVER))
+        prefetch = max(2, per_worker) if cfg.num_workers else None
+        self.items = loader_items(stream, cfg.num_workers, prefetch_factor=prefetch,
+                                  timeout=self.timeout if cfg.num_workers else 0,
+                                  worker_init_fn=functools.partial(loader_worker_setup, _exiting))
 
     @property
     def epoch(self) -> int:
@@ -185,7 +202,7 @@ class RankStream:
         except RuntimeError as exn:
             if "timed out" not in str(exn):
                 raise
-            worker = self.pulled % self.num_workers  # the loader takes items from its workers in turn
+            worker = handing_worker(self.pulled, self.num_workers)
             raise TimeoutError(f"rank {self.rank}: data loader worker {worker} delivered nothing for "
                                f"{self.timeout:g} s (data.read_timeout_s); it was reading "
                                f"{self.board.get(worker) or 'no shard yet'}") from None
@@ -226,7 +243,7 @@ def iter_samples(shards: str | Path, tokenizer: PreTrainedTokenizerBase, image_p
     """
     decoder = Decoder(tokenizer, image_processor, with_record=with_record, max_tiles=max_tiles)
     stream = SampleStream(load_mixture(str(shards)), decoder, rank, world_size, endless=False)
-    for item in DataLoader(stream, batch_size=None, num_workers=num_workers):
+    for item in loader_items(stream, num_workers):
         if item["kind"] == "sample":
             yield item
 
