@@ -3,7 +3,7 @@
 A worker hands its items over in groups of SAMPLES_PER_HANDOVER consecutive ones, the group's
 pixels in one tensor. torch's DataLoader passes every tensor through a shared-memory segment of
 its own and a file descriptor sent over a fresh, authenticated socket: per tensor about 1 ms of
-the worker's CPU and 0.4 ms of the training process's on the dev machine (bench/loader_results.md).
+the worker's CPU and as much of the training process's on the dev machine (bench/loader_results.md).
 One tensor per group pays that once for all its samples.
 
 The loader takes one handover from each worker in turn, so the combined stream is worker 0's first
