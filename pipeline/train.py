@@ -29,7 +29,13 @@ from pipeline.data.mixture import load_mixture
 from pipeline.distributed import broadcast_from_rank0, distributed_env, init_process_group, sum_over_ranks
 from pipeline.engine import build_engine, use_bf16
 from pipeline.metrics import MetricsLog, Work, step_flops
-from pipeline.model import TokenFlexVLM, supervised_targets, supervised_weights, write_model_folder
+from pipeline.model import (
+    TokenFlexVLM,
+    check_attn_implementation,
+    supervised_targets,
+    supervised_weights,
+    write_model_folder,
+)
 from pipeline.projector import pooled_side
 from pipeline.sampler import TokenCountSampler, check_same_across_ranks
 from pipeline.tiles import largest_image_slots
@@ -232,6 +238,10 @@ def check_inputs(cfg: Config) -> None:
         raise ValueError(f"model.attn_implementation=flash_attention_2 needs bf16 weights (flash-attn has no fp32 "
                          f"kernels), but train.precision={cfg.train.precision} trains in fp32 here (auto: bf16 on a "
                          f"GPU, fp32 without one); set train.precision=bf16, or model.attn_implementation=sdpa")
+    try:
+        check_attn_implementation(cfg.model.attn_implementation)
+    except ValueError as error:
+        raise ValueError(f"model.attn_implementation: {error}") from None
     vision = stage.vision_config(cfg)
     grid = vision["image_size"] // vision["patch_size"]
     for count in cfg.tokens.counts:

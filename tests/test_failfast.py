@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from transformers.utils import is_flash_attn_2_available
 
 from tests.distributed import REPO, stage1_overrides
 from tools.demo import cpu_training_env, free_port
@@ -183,6 +184,15 @@ def test_flash_attention_with_fp32_weights_fails_at_start(tiny_models, synthetic
                            f"train.precision={precision}")
     assert "model.attn_implementation=flash_attention_2 needs bf16 weights" in error
     assert f"train.precision={precision} trains in fp32 here" in error
+
+
+@pytest.mark.skipif(is_flash_attn_2_available(), reason="flash-attn and a GPU are here, so flash_attention_2 runs")
+def test_flash_attention_without_flash_attn_or_gpu_fails_at_start(tiny_models, synthetic_shards, tmp_path, capsys):
+    """Before the process group and DeepSpeed start, not when the model is built."""
+    stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
+    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "model.attn_implementation=flash_attention_2",
+                           "train.precision=bf16")
+    assert "model.attn_implementation: attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn" in error
 
 
 @pytest.fixture
