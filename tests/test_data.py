@@ -193,20 +193,31 @@ def test_overlong_samples_are_truncated_or_dropped(synth, models):
     assert batch["stats"]["total_truncated"] > truncated_before
 
 
+def resume_config(synth):
+    """Three shards (40, 40, 20), 100 samples, over two workers: they read 50 each per epoch."""
+    return DataConfig(shards=str(synth / "shards" / "shard-{000005..000007}.tar"), seq_len=512, num_workers=2,
+                      shuffle_buffer=16)
+
+
+def first_state_where(loader, ns, wanted):
+    """(steps taken, state): the loader's state after the first step of ns at which it is `wanted`,
+    through JSON as a checkpoint keeps it."""
+    for cut, n in enumerate(ns, 1):
+        loader.next_batch(n)
+        state = json.loads(json.dumps(loader.state_dict()))
+        if wanted(state):
+            return cut, state
+    raise AssertionError("no step gave the wanted state")
+
+
 def test_resume_gives_identical_batches(synth, models):
-    # Three shards (40, 40, 20), 100 samples, over two workers: they read 50 each per epoch.
     # The state is taken at the first step where a sample of an older epoch still waits in the
     # window while a worker reads a newer one: the replay then restarts the workers at different
     # epochs, the hard case.
-    cfg = DataConfig(shards=str(synth / "shards" / "shard-{000005..000007}.tar"), seq_len=512, num_workers=2,
-                     shuffle_buffer=16)
+    cfg = resume_config(synth)
     ns = N_SEQUENCE * 5
     loader = TrainBatches(cfg, *models)
-    for cut, n in enumerate(ns, 1):
-        loader.next_batch(n)
-        state = json.loads(json.dumps(loader.state_dict()))  # must survive a JSON checkpoint
-        if len({w["restart"][0] for w in state["workers"]}) > 1:
-            break
+    cut, state = first_state_where(loader, ns, lambda state: len({w["restart"][0] for w in state["workers"]}) > 1)
     assert cut < len(ns) - 10, "no step left the workers restarting at different epochs"
     assert state["window"] and state["pulled"] > len(state["window"])
     tail = [loader.next_batch(n) for n in ns[cut:]]
@@ -224,15 +235,11 @@ def test_resume_mid_handover_gives_identical_batches(synth, models):
     # Workers hand items over in groups (pipeline/data/handover.py). Each worker reads 50 samples
     # an epoch, so epoch 1 begins at count 50, inside a group: a state taken when every worker
     # restarts there must replay the loader's turns from that group's start.
-    cfg = DataConfig(shards=str(synth / "shards" / "shard-{000005..000007}.tar"), seq_len=512, num_workers=2,
-                     shuffle_buffer=16)
+    cfg = resume_config(synth)
     ns = N_SEQUENCE * 5
     loader = TrainBatches(cfg, *models)
-    for cut, n in enumerate(ns, 1):
-        loader.next_batch(n)
-        state = json.loads(json.dumps(loader.state_dict()))
-        if min(w["restart"][1] for w in state["workers"]) % SAMPLES_PER_HANDOVER:
-            break
+    cut, state = first_state_where(loader, ns,
+                                   lambda state: min(w["restart"][1] for w in state["workers"]) % SAMPLES_PER_HANDOVER)
     assert cut < len(ns) - 5, "no step left every worker restarting inside a handover"
     tail = [loader.next_batch(n) for n in ns[cut:]]
     _, resumed = batches(cfg, models, ns[cut:], states=[state])
