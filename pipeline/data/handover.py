@@ -49,9 +49,10 @@ def handovers(items: Iterable[dict]) -> Iterator[dict]:
 
 def pack(items: list[dict]) -> dict:
     """One handover: the items, each pixel tensor replaced by its tile count, and all of them in one tensor."""
-    pixels = [item["pixel_values"] for item in items if isinstance(item.get("pixel_values"), torch.Tensor)]
+    pixels = []
     for item in items:
         if isinstance(item.get("pixel_values"), torch.Tensor):
+            pixels.append(item["pixel_values"])
             item["pixel_values"] = len(item["pixel_values"])
     return {"items": items, "pixels": torch.cat(pixels) if pixels else None}
 
