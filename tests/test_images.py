@@ -1,6 +1,7 @@
 """pipeline/images: the pixels the tower sees are the image processor's, within a stated
 tolerance, on a real photograph and on grayscale and transparent images, for pad and resize, by
 the loader workers' route and by generation's alike; the model normalizes them as the processor.
+The loader's JPEG decode (simplejpeg) gives PIL's pixels exactly.
 
 Tolerance: the resize is torch's uint8 kernel, not PIL's, so values may differ from the
 processor's by at most 2 levels of 255 (after its rescale and normalize), on at most 1% of them.
@@ -17,8 +18,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, SiglipImageProcessor
 
 from pipeline.chat import IMAGE_TOKEN, load_tokenizer
-from pipeline.data.decode import Decoder
-from pipeline.images import image_pixel_values, normalize_pixels, pixel_table
+from pipeline.data.decode import Decoder, SampleError, decode_rgb
+from pipeline.images import image_pixel_values, normalize_pixels, pixel_table, rgb_pixels
 from pipeline.model import TokenFlexVLM
 from pipeline.vision import tower_features
 
@@ -52,6 +53,18 @@ def transparent():
     return encoded(Image.fromarray(rgba), "PNG")
 
 
+def progressive():
+    """The photograph as a progressive JPEG with full-resolution colour (no chroma subsampling)."""
+    with Image.open(io.BytesIO(photograph())) as photo:
+        return encoded(photo, "JPEG", quality=90, progressive=True, subsampling=0)
+
+
+def cmyk():
+    """The photograph as a CMYK JPEG, as print workflows save them: PIL converts those its own way."""
+    with Image.open(io.BytesIO(photograph())) as photo:
+        return encoded(photo.convert("CMYK"), "JPEG", quality=90)
+
+
 IMAGES = {"photograph": (photograph, "jpg"), "grayscale": (grayscale, "jpg"), "transparent": (transparent, "png")}
 
 
@@ -80,6 +93,21 @@ def worker_pixels(data, extension, processor, aspect, tokenizer):
                                                            {"from": "gpt", "value": "a person"}]}
     sample = {"__key__": "000000000", "__url__": "shard-000000.tar", "json": json.dumps(record).encode(), extension: data}
     return Decoder(tokenizer, processor, aspect)(sample)["pixel_values"]
+
+
+@pytest.mark.parametrize("make", [photograph, grayscale, progressive, cmyk, transparent])
+def test_the_loaders_decode_gives_pils_pixels(make):
+    """The loader decodes JPEGs with simplejpeg where PIL would give the same pixels, and with PIL elsewhere."""
+    data = make()
+    with Image.open(io.BytesIO(data)) as image:
+        assert torch.equal(decode_rgb(data), rgb_pixels(image))
+
+
+def test_a_damaged_jpeg_is_a_corrupt_sample(processor, tiny_models):
+    """libjpeg-turbo would fill the missing part with grey; the loader refuses it, as PIL does."""
+    with pytest.raises(SampleError, match="sample 000000000 in shard shard-000000.tar: undecodable image 0") as error:
+        worker_pixels(photograph()[:20_000], "jpg", processor, "pad", load_tokenizer(tiny_models / "qwen2"))
+    assert error.value.reason == "corrupt"
 
 
 @pytest.mark.parametrize("aspect", ["pad", "resize"])
