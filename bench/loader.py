@@ -7,13 +7,14 @@
 2. real photographs at SigLIP-so400m's 384 px (its preprocessor config, written here: bicubic,
    rescale 1/255, mean and std 0.5; image_aspect pad, the shipped configs'): COCO-size JPEGs
    (about 640x480, median ~60 KB) and large ones (1,500-2,048 px), made by bench/photos.py from
-   matplotlib's sample photograph. CPU time per file of the bare JPEG decode, of decode + the
+   matplotlib's sample photograph. CPU time per file of the bare JPEG decode (PIL's, and
+   simplejpeg's, which the pipeline decodes JPEGs with: pipeline/data/decode.py), of decode + the
    pipeline's preparation (pipeline/images.py) and of decode + transformers' image processor,
    in this process; the loader workers' CPU time per sample (all a worker does: tar reading,
    decoding, preparing, tokenizing, handing items over) and its ratio to the bare decode of the
    same files; the streaming loader's wall-clock samples/s with 1 and 2 workers; where a
-   worker's time goes (each step timed alone, then the steps in turn, the stream without workers,
-   a worker, and the trainer's process receiving its samples); and the same photographs stored by
+   worker's time goes (each step timed alone and in its place, one sample after another, then
+   the stream without workers, a worker, and the trainer's process receiving its samples); and the same photographs stored by
    tools.build_shards --max-image-side 384: a worker's time, and how far the tower's pixels move
    from those of the original files; and a worker's time with data.max_tiles 6 (7 tiles for a
    4:3 photograph);
@@ -61,6 +62,7 @@ from pathlib import Path
 
 import torch
 import yaml
+import simplejpeg
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, SiglipImageProcessor
@@ -70,11 +72,11 @@ from bench.train_step import gpu_samples_per_second
 from pipeline.chat import load_tokenizer, tokenize_record
 from pipeline.config import DataConfig, load_config
 from pipeline.data import TrainBatches
-from pipeline.data.decode import Decoder, first_samples
+from pipeline.data.decode import Decoder, decode_rgb, first_samples
 from pipeline.data.handover import loader_items
 from pipeline.data.mixture import Mixture, load_mixture
 from pipeline.data.stream import SampleStream
-from pipeline.images import image_pixel_values, pad_to_square, resize_to_tower, rgb_pixels
+from pipeline.images import image_pixel_values, pad_to_square, resize_to_tower, tower_pixels
 from pipeline.tiles import choose_grid, tile_count
 from tools import build_shards, make_synthetic, make_tiny_models
 
@@ -139,11 +141,14 @@ def bare_decode(path):
         image.load()
 
 
+def bare_simplejpeg(data):
+    simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+
 def pipeline_path(processor):
     """Decode and the pipeline's preparation (pipeline/images.py), as a loader worker does it."""
-    def prepare(path):
-        with Image.open(path) as image:
-            return image_pixel_values([image], processor, "pad")
+    def prepare(data):
+        return tower_pixels(decode_rgb(data), processor, "pad")
     return prepare
 
 
@@ -161,32 +166,56 @@ def processor_path(processor):
     return prepare
 
 
+STEPS = ["JPEG decode to an RGB tensor (simplejpeg)", "pad to a square", "resize to 384 px", "tokenize (chat template)"]
+
+
 def worker_steps(files, shards, models, repeats):
-    """{step: CPU ms per sample} of the steps one loader worker takes for a photograph, each timed
-    alone in this process on the same files (the bare decode, the decoded image to an RGB tensor,
-    the pad to a square, the resize to the tower, the chat template's tokenization), then all of
-    them one sample after another, then the stream in this process. Timed alone, a step runs with
-    its code and data warm in the caches: the steps in turn cost more than their sum."""
+    """({step: CPU ms per sample} of the steps one loader worker takes for a photograph, each timed
+    alone in this process on the same files, the same with each step timed in its place as a
+    worker takes them one sample after another, {whole: CPU ms per sample} of the pipeline's
+    decoder on the same samples and of the stream in this process). Timed alone, a step runs with
+    its code and data warm in the caches: in their places the steps cost more."""
     tokenizer, processor = models
-    decoded = []
-    for path in files:
-        with Image.open(path) as image:
-            image.load()
-            decoded.append(image.copy())
-    rgbs = [rgb_pixels(image) for image in decoded]
+    datas = [path.read_bytes() for path in files]
+    rgbs = [decode_rgb(data) for data in datas]
     background = [int(255 * m) for m in processor.image_mean]
     squares = [pad_to_square(rgb, background) for rgb in rgbs]
     records = [json.loads(sample["json"]) for sample in shard_samples(shards, with_images=False)]
-    return {"JPEG decode": best_cpu_ms_per_item(bare_decode, files, repeats),
-            "to an RGB tensor": best_cpu_ms_per_item(rgb_pixels, decoded, repeats),
-            "pad to a square": best_cpu_ms_per_item(lambda rgb: pad_to_square(rgb, background), rgbs, repeats),
-            "resize to 384 px": best_cpu_ms_per_item(lambda sq: resize_to_tower(sq, processor), squares, repeats),
-            "tokenize (chat template)": best_cpu_ms_per_item(lambda r: tokenize_record(r, tokenizer, 1), records,
-                                                             repeats),
-            "the same steps one sample after another (the pipeline's decoder on the shards' samples in memory)":
-                best_cpu_ms_per_item(Decoder(*models, "pad"), shard_samples(shards, with_images=True), repeats),
-            "the stream in this process, no workers (adds reading the tars)":
-                stream_rate(shards, models, 0, len(files), repeats, "pad")[2]}
+    alone = dict(zip(STEPS, [
+        best_cpu_ms_per_item(decode_rgb, datas, repeats),
+        best_cpu_ms_per_item(lambda rgb: pad_to_square(rgb, background), rgbs, repeats),
+        best_cpu_ms_per_item(lambda square: resize_to_tower(square, processor), squares, repeats),
+        best_cpu_ms_per_item(lambda record: tokenize_record(record, tokenizer, 1), records, repeats)]))
+    samples = shard_samples(shards, with_images=True)
+    whole = {"the same steps one sample after another (the pipeline's decoder on the shards' samples in memory)":
+             best_cpu_ms_per_item(Decoder(*models, "pad"), samples, repeats),
+             "the stream in this process, no workers (adds reading the tars)":
+             stream_rate(shards, models, 0, len(files), repeats, "pad")[2]}
+    return alone, steps_in_place(samples, models, repeats), whole
+
+
+def steps_in_place(samples, models, repeats):
+    """{step: CPU ms per sample} of the worker's steps taken one sample after another, each timed
+    where it runs: the pass (of `repeats`) with the least time in all."""
+    tokenizer, processor = models
+    background = [int(255 * m) for m in processor.image_mean]
+    best = None
+    for _ in range(repeats):
+        spent = [0.0] * len(STEPS)
+        for sample in samples:
+            times = [time.process_time()]
+            rgb = decode_rgb(sample["jpg"])
+            times.append(time.process_time())
+            square = pad_to_square(rgb, background)
+            times.append(time.process_time())
+            resize_to_tower(square, processor)
+            times.append(time.process_time())
+            tokenize_record(json.loads(sample["json"]), tokenizer, 1)
+            times.append(time.process_time())
+            spent = [total + end - start for total, start, end in zip(spent, times, times[1:])]
+        if best is None or sum(spent) < sum(best):
+            best = spent
+    return {step: 1000 * seconds / len(samples) for step, seconds in zip(STEPS, best)}
 
 
 def shard_samples(shards, with_images):
@@ -376,33 +405,45 @@ def photographs(args, work, models):
     so400m = (models[0], so400m_processor(work / "so400m"))
     print("\n## Real photographs at 384 px: SigLIP-so400m's image processor, image_aspect pad")
     print("CPU milliseconds per file or sample; the loader's samples/s are wall-clock.\n")
-    print("| photos | files | median file | bare JPEG decode | decode + pipeline's preparation | "
-          "decode + transformers' processor | loader worker per sample | vs bare decode | "
-          "loader, 1 worker | loader, 2 workers |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("| photos | files | median file | bare JPEG decode, PIL | bare JPEG decode, simplejpeg | "
+          "decode + pipeline's preparation | decode + transformers' processor | loader worker per sample | "
+          "vs PIL's decode | vs simplejpeg's | loader, 1 worker | loader, 2 workers |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
     per_worker, measured = {}, {}
     for kind, n in [("coco", args.photos), ("large", args.large_photos)]:
         files, shards = photo_shards(work, kind, n)
         sizes = [Image.open(f).size for f in files]
         median_kb = statistics.median(f.stat().st_size for f in files) / 1000
+        datas = [path.read_bytes() for path in files]
         decode = best_cpu_ms_per_item(bare_decode, files, args.repeats)
-        pipeline = best_cpu_ms_per_item(pipeline_path(so400m[1]), files, args.repeats)
+        fast_decode = best_cpu_ms_per_item(bare_simplejpeg, datas, args.repeats)
+        pipeline = best_cpu_ms_per_item(pipeline_path(so400m[1]), datas, args.repeats)
         processor = best_cpu_ms_per_item(processor_path(so400m[1]), files[:max(10, n // 10)], args.repeats)
         (rate, worker_ms, trainer_ms), (rate_2, *_) = (stream_rate(shards, so400m, workers, n, args.repeats, "pad")
                                                        for workers in [1, 2])
         per_worker[kind] = 1000 / worker_ms
         measured[kind] = files, shards, decode, worker_ms, trainer_ms
         print(f"| {PHOTOS[kind]} | {n}, {min(sizes)[0]}-{max(max(s) for s in sizes)} px | {median_kb:.0f} KB | "
-              f"{decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
-              f"{worker_ms / decode:.2f}x | {rate:.0f} samples/s | {rate_2:.0f} samples/s |", flush=True)
+              f"{decode:.2f} ms | {fast_decode:.2f} ms | {pipeline:.2f} ms | {processor:.2f} ms | {worker_ms:.2f} ms | "
+              f"{worker_ms / decode:.2f}x | {worker_ms / fast_decode:.2f}x | {rate:.0f} samples/s | "
+              f"{rate_2:.0f} samples/s |", flush=True)
 
-    print("\n### Where a worker's time goes: CPU ms per sample")
-    print("| step | COCO-size | large |\n|---|---|---|")
-    steps = {kind: worker_steps(files, shards, so400m, args.repeats) | {
+    print("\n### Where a worker's time goes: CPU ms per sample, each step timed alone and in its place")
+    print("| step | COCO-size, alone | COCO-size, in its place | large, alone | large, in its place |\n"
+          "|---|---|---|---|---|")
+    steps = {kind: worker_steps(files, shards, so400m, args.repeats) for kind, (files, shards, *_) in measured.items()}
+    for step in STEPS:
+        print("| " + " | ".join([step] + [f"{steps[kind][part][step]:.2f}" for kind in PHOTOS for part in (0, 1)]) + " |")
+    print("| the steps in their places, added | - | "
+          + " | - | ".join(f"{sum(steps[kind][1].values()):.2f}" for kind in PHOTOS) + " |")
+    whole = {kind: steps[kind][2] | {
         "**a loader worker, all of it** (adds handing the samples over)": worker_ms,
         "the trainer's process, receiving a worker's samples": trainer_ms}
-        for kind, (files, shards, _, worker_ms, trainer_ms) in measured.items()}
-    for step in steps["coco"]:
-        print(f"| {step} | {steps['coco'][step]:.2f} | {steps['large'][step]:.2f} |")
+        for kind, (_, _, _, worker_ms, trainer_ms) in measured.items()}
+    for step in whole["coco"]:
+        print(f"| {step} | - | {whole['coco'][step]:.2f} | - | {whole['large'][step]:.2f} |")
+    print("| the target: 2.5x PIL's bare decode | - | "
+          + " | - | ".join(f"{2.5 * measured[kind][2]:.2f}" for kind in PHOTOS) + " |", flush=True)
 
     print(f"\n### Shards built with tools.build_shards --max-image-side {MAX_IMAGE_SIDE}")
     print("| photos | median stored file | loader worker per sample | vs bare decode of the original file | "
