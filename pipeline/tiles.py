@@ -111,7 +111,9 @@ def sample_tiles(rgbs: Sequence[torch.Tensor], image_processor: "BaseImageProces
     image's tiles in order, or None without images; each image's grid (rows, cols))."""
     limit = tiles_allowed(max_tiles, multi_image_max_tiles, len(rgbs))
     tiled = [image_tiles(rgb, image_processor, limit, aspect) for rgb in rgbs]
-    return (torch.cat([tiles for tiles, _ in tiled]) if tiled else None), [grid for _, grid in tiled]
+    if len(tiled) <= 1:  # no copy of a lone image's tiles (most samples): cat would make one
+        return (tiled[0][0] if tiled else None), [grid for _, grid in tiled]
+    return torch.cat([tiles for tiles, _ in tiled]), [grid for _, grid in tiled]
 
 
 def prepare_images(images: Sequence[Image.Image], image_processor: "BaseImageProcessor", max_tiles: int | None = None
