@@ -6,7 +6,8 @@ nothing beyond PIL, torch and the image processor.
 Two stages, split where the DataLoader's worker boundary lies:
 1. Wherever images are opened (loader workers, generation): an image becomes (3, H, W) uint8 at
    the tower's input size, one function per step: rgb_pixels (RGB as the image processor
-   converts: transparency over white), pad_to_square (data.image_aspect pad, LLaVA-1.5's square
+   converts: transparency over white; loader workers decode JPEGs to the same pixels with
+   simplejpeg, pipeline/data/decode.py), pad_to_square (data.image_aspect pad, LLaVA-1.5's square
    in the processor's mean colour; resize: none), resize_to_tower (the processor's size and
    resample filter). 8-bit pixels cross the worker boundary: a quarter of float32's bytes.
 2. In the model's forward, on its device: normalize_pixels, the processor's rescale and
