@@ -14,10 +14,10 @@
    decoding, preparing, tokenizing, handing items over) and its ratio to the bare decode of the
    same files; the streaming loader's wall-clock samples/s with 1 and 2 workers; where a
    worker's time goes (each step timed alone and in its place, one sample after another, then
-   the stream without workers, a worker, and the trainer's process receiving its samples); and the same photographs stored by
-   tools.build_shards --max-image-side 384: a worker's time, and how far the tower's pixels move
-   from those of the original files; and a worker's time with data.max_tiles 6 (7 tiles for a
-   4:3 photograph);
+   the stream without workers, a worker, and the trainer's process receiving its samples); and
+   the same photographs stored by tools.build_shards --max-image-side 384: a worker's time, and
+   how far the tower's pixels move from those of the original files; and a worker's time with
+   data.max_tiles 6 (7 tiles for a 4:3 photograph);
 3. the training stream over one epoch of a mixture of three sources (the synthetic shards,
    LLaVA-like ones at repeat 0.5, 128 px synthetic ones at repeat 2: epochs cut into equal
    slices that start inside shards, shuffled through the default 256-sample buffer), samples/s
@@ -60,9 +60,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import simplejpeg
 import torch
 import yaml
-import simplejpeg
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, SiglipImageProcessor
