@@ -169,28 +169,28 @@ def processor_path(processor):
 STEPS = ["JPEG decode to an RGB tensor (simplejpeg)", "pad to a square", "resize to 384 px", "tokenize (chat template)"]
 
 
-def worker_steps(files, shards, models, repeats):
+def worker_steps(shards, models, repeats):
     """({step: CPU ms per sample} of the steps one loader worker takes for a photograph, each timed
-    alone in this process on the same files, the same with each step timed in its place as a
+    alone in this process on the shards' samples, the same with each step timed in its place as a
     worker takes them one sample after another, {whole: CPU ms per sample} of the pipeline's
     decoder on the same samples and of the stream in this process). Timed alone, a step runs with
     its code and data warm in the caches: in their places the steps cost more."""
     tokenizer, processor = models
-    datas = [path.read_bytes() for path in files]
+    samples = shard_samples(shards, with_images=True)  # the shards hold the files' bytes as they are
+    datas = [sample["jpg"] for sample in samples]
     rgbs = [decode_rgb(data) for data in datas]
     background = [int(255 * m) for m in processor.image_mean]
     squares = [pad_to_square(rgb, background) for rgb in rgbs]
-    records = [json.loads(sample["json"]) for sample in shard_samples(shards, with_images=False)]
+    records = [json.loads(sample["json"]) for sample in samples]
     alone = dict(zip(STEPS, [
         best_cpu_ms_per_item(decode_rgb, datas, repeats),
         best_cpu_ms_per_item(lambda rgb: pad_to_square(rgb, background), rgbs, repeats),
         best_cpu_ms_per_item(lambda square: resize_to_tower(square, processor), squares, repeats),
         best_cpu_ms_per_item(lambda record: tokenize_record(record, tokenizer, 1), records, repeats)]))
-    samples = shard_samples(shards, with_images=True)
     whole = {"the same steps one sample after another (the pipeline's decoder on the shards' samples in memory)":
              best_cpu_ms_per_item(Decoder(*models, "pad"), samples, repeats),
              "the stream in this process, no workers (adds reading the tars)":
-             stream_rate(shards, models, 0, len(files), repeats, "pad")[2]}
+             stream_rate(shards, models, 0, len(samples), repeats, "pad")[2]}
     return alone, steps_in_place(samples, models, repeats), whole
 
 
@@ -435,7 +435,7 @@ def photographs(args, work, models):
     print("\n### Where a worker's time goes: CPU ms per sample, each step timed alone and in its place")
     print("| step | COCO-size, alone | COCO-size, in its place | large, alone | large, in its place |\n"
           "|---|---|---|---|---|")
-    steps = {kind: worker_steps(files, shards, so400m, args.repeats) for kind, (files, shards, *_) in measured.items()}
+    steps = {kind: worker_steps(shards, so400m, args.repeats) for kind, (_, shards, *_) in measured.items()}
     for step in STEPS:
         print("| " + " | ".join([step] + [f"{steps[kind][part][step]:.2f}" for kind in PHOTOS for part in (0, 1)]) + " |")
     print("| the steps in their places, added | - | "
