@@ -138,16 +138,22 @@ def convert_to_universal(source: Path, saved_world_size: int, world_size: int) -
 
 
 def rng_state() -> dict:
+    """This process's RNG states. On a GPU, only its own device's: a process may see one GPU or
+    all of its node's (srun --gpus-per-task=1, or torchrun), and a resume must not depend on which."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # written before 2026-12: every GPU the process saw; it trained on its current one
+        own = torch.cuda.current_device()
+        cuda = cuda[own] if own < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
 
 
 def save(engine: deepspeed.DeepSpeedEngine, ckpt_dir: str | Path, step: int, trainer_state: dict, data_state: dict,
