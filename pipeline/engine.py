@@ -6,17 +6,24 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero.utils import is_zero_param
-from transformers.integrations import HfDeepSpeedConfig
+from safetensors import safe_open
+from transformers import AutoImageProcessor
+from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 from transformers.integrations.deepspeed import (
     set_hf_deepspeed_config,
     unset_hf_deepspeed_config,
 )
 
+from pipeline.chat import load_tokenizer
 from pipeline.config import Config
+from pipeline.model import TokenFlexVLM, read_vlm_config, weight_files
 
 log = logging.getLogger("tokenflex")
 
@@ -73,6 +80,41 @@ def zero3_loading(cfg: Config) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
+def load_model_folder(path: str | Path, cfg: Config) -> TokenFlexVLM:
+    """The model folder at path, to train from. Under ZeRO-3 it loads as stage 1's checkpoints do:
+    transformers builds the vision tower and the LM straight into partitions (zero.Init) and
+    load_partitioned_weights fills them, so no rank ever holds the whole model; the projector and
+    tile layout, small, are built whole and partitioned by DeepSpeed. Otherwise the whole model, in fp32."""
+    with zero3_loading(cfg):
+        if not is_deepspeed_zero3_enabled():
+            return TokenFlexVLM.from_pretrained(path, attn_implementation=cfg.model.attn_implementation)
+        model = TokenFlexVLM.from_config(read_vlm_config(path), load_tokenizer(path),
+                                         AutoImageProcessor.from_pretrained(path), cfg.model.attn_implementation,
+                                         training_dtype(cfg.train.precision))
+    load_partitioned_weights(model, path)
+    return model
+
+
+def load_partitioned_weights(model: TokenFlexVLM, path: str | Path) -> None:
+    """The folder's weights into a model whose parameters ZeRO-3 partitions: rank 0 reads each
+    tensor (memory-mapped, one at a time) into its gathered parameter, which DeepSpeed then
+    partitions to every rank; every rank reads the tensors of what ZeRO does not hold (yet)."""
+    targets = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    loaded, unexpected = set(), set()
+    for file in weight_files(path):
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                target = targets.get(name)
+                if target is None:
+                    unexpected.add(name)
+                    continue
+                with torch.no_grad(), deepspeed.zero.GatheredParameters([target], modifier_rank=0):
+                    if dist.get_rank() == 0 or not is_zero_param(target):
+                        target.copy_(weights.get_tensor(name))
+                loaded.add(name)
+    model.check_loaded_keys(path, set(dict(model.named_parameters())) - loaded, unexpected)
+
+
 def warmup_cosine(max_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
     """LR multiplier per optimizer step: linear warmup, then cosine decay to min_lr_ratio."""
     warmup = math.ceil(max_steps * warmup_ratio)
@@ -94,6 +136,24 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for parameter in model.parameters():
         if not is_zero_param(parameter) and parameter.is_floating_point():
             parameter.data = parameter.data.to(dtype)
+
+
+def place_on_device(model: torch.nn.Module, device: torch.device) -> None:
+    """Every buffer, and every parameter ZeRO-3 does not hold yet, on device. DeepSpeed moves the
+    whole module itself, except when zero.Init built some of it (stage 1's tower and LM, stage 2's
+    whole model): it then leaves placement to zero.Init, which moves only the parameters it
+    partitions, so a buffer registered outside it (the pixel table) would stay on the CPU."""
+    for tensor in [*model.buffers(), *(p for p in model.parameters() if not is_zero_param(p))]:
+        tensor.data = tensor.data.to(device)
+
+
+def misplaced(engine: deepspeed.DeepSpeedEngine) -> list[str]:
+    """Names of the module's buffers and parameters (what this rank holds of them) off the engine's
+    device; ZeRO's parameter partitions are exempt when its config offloads them."""
+    tensors = list(engine.module.named_buffers())
+    if not engine.zero_offload_param():
+        tensors += [(name, held(p)) for name, p in engine.module.named_parameters()]
+    return [name for name, tensor in tensors if tensor.device != engine.device]
 
 
 def held(parameter: torch.nn.Parameter) -> torch.Tensor:
@@ -127,12 +187,16 @@ def build_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config,
                  load_universal: bool = False) -> deepspeed.DeepSpeedEngine:
     """ZeRO-3 (or 2) engine with a plain torch AdamW: no fused-kernel compile on first use."""
     cast_parameters(model, training_dtype(cfg.train.precision))
+    place_on_device(model, torch.device(get_accelerator().current_device_name()))
     optimizer = torch.optim.AdamW(param_groups, betas=tuple(cfg.optim.betas))
     schedule = warmup_cosine(cfg.train.max_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, load_universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+    elsewhere = misplaced(engine)
+    if elsewhere:
+        raise RuntimeError(f"{len(elsewhere)} tensors are not on the engine's device {engine.device}: {elsewhere[:5]}")
     log_dtypes(engine, cfg.train.precision)
     return engine
 

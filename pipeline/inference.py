@@ -75,24 +75,23 @@ class InferenceMixin:
         return {"pixel_values": pixels, "image_grids": grids}
 
     def image_inputs(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """pixel_values, image_mask and image_grids on the model's device for a forward: the
-        samples' tiles (dicts with pixel_values, (tiles, 3, H, W) uint8 or None, and image_grids),
-        or one masked-out dummy when there are none, since the vision path always runs (see embed)."""
+        """pixel_values on the model's device, image_mask and image_grids on the host (where embed
+        reads them) for a forward: the samples' tiles (dicts with pixel_values, (tiles, 3, H, W)
+        uint8 or None, and image_grids), or one masked-out dummy when there are none, since the
+        vision path always runs (see embed)."""
         present = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-        grids = torch.tensor([grid for s in samples for grid in s["image_grids"]], dtype=torch.long,
-                             device=self.device).view(-1, 2)
+        grids = torch.tensor([grid for s in samples for grid in s["image_grids"]], dtype=torch.long).view(-1, 2)
         if present:
             pixels = torch.cat(present).to(self.device)
-            return {"pixel_values": pixels, "image_mask": torch.ones(len(pixels), dtype=torch.bool, device=self.device),
-                    "image_grids": grids}
+            return {"pixel_values": pixels, "image_mask": torch.ones(len(pixels), dtype=torch.bool), "image_grids": grids}
         height, width = tower_size(self.image_processor)
         return {"pixel_values": torch.zeros(1, 3, height, width, device=self.device, dtype=torch.uint8),
-                "image_mask": torch.zeros(1, dtype=torch.bool, device=self.device), "image_grids": grids}
+                "image_mask": torch.zeros(1, dtype=torch.bool), "image_grids": grids}
 
     def labelled_batch(self, samples: Sequence[dict], num_vision_tokens: int) -> dict[str, torch.Tensor]:
         """A forward batch as training builds one (markers expanded to their slots, per-sequence
         position_ids, real tiles flagged in image_mask), one sample per right-padded row, on the
-        model's device.
+        host but for the pixels (forward copies what the device computes with).
 
         samples: dicts with input_ids, labels, pixel_values and image_grids (see image_inputs).
         Right padding needs no attention mask: under causal attention no real token sees a pad.
@@ -102,10 +101,9 @@ class InferenceMixin:
                 for s in samples]
         width = max(len(ids) for ids, _ in rows)
         pad = self.tokenizer.pad_token_id
-        return {"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows], device=self.device),
-                "labels": torch.tensor([labs + [IGNORE_INDEX] * (width - len(labs)) for _, labs in rows],
-                                       device=self.device),
-                "position_ids": torch.arange(width, device=self.device).expand(len(rows), -1),
+        return {"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
+                "labels": torch.tensor([labs + [IGNORE_INDEX] * (width - len(labs)) for _, labs in rows]),
+                "position_ids": torch.arange(width).expand(len(rows), -1),
                 **self.image_inputs(samples)}
 
     def prompt_embeddings(self, prompts_ids: Sequence[list[int]], images: dict[str, torch.Tensor],

@@ -14,10 +14,11 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from huggingface_hub import load_torch_model, save_torch_state_dict
+from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
 from torch import nn
 from torch.nn import functional as F
 from transformers import (
@@ -30,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.utils import ModelOutput, is_flash_attn_2_available
 
 # relative imports: model folders carry this module, and the ones it imports, as transformers
@@ -178,19 +180,22 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         return model
 
     def load_weights(self, path: str | Path) -> None:
-        # strict=False because tied embeddings are stored once; anything else missing is an error
+        # strict=False because tied embeddings are stored once; check_loaded_keys says what else may be missing
         result = load_torch_model(self, path, strict=False)
-        tied = {name for name in result.missing_keys if self._is_tied(name)}
-        # Folders written before tiles have no row end: it stays random-init, unused at one tile per image.
-        before_tiles = {"tile_layout.row_end"} & set(result.missing_keys)
+        self.check_loaded_keys(path, set(result.missing_keys), set(result.unexpected_keys))
+        self.language_model.tie_weights()
+
+    def check_loaded_keys(self, path: str | Path, missing: set[str], unexpected: set[str]) -> None:
+        """ValueError unless the folder's weights cover the model: a tied lm_head is stored once, and
+        folders written before tiles have no row end (it stays random-init, unused at one tile per image)."""
+        before_tiles = {"tile_layout.row_end"} & missing
         if before_tiles:
             warnings.warn(f"{path} has no tile_layout.row_end (written before tiles): serve it with one tile per "
-                          f"image, or train it with data.max_tiles > 1 first", stacklevel=2)
-        missing = sorted(set(result.missing_keys) - tied - before_tiles)
-        if missing or result.unexpected_keys:
+                          f"image, or train it with data.max_tiles > 1 first", stacklevel=3)
+        missing = sorted(name for name in missing - before_tiles if not self._is_tied(name))
+        if missing or unexpected:
             raise ValueError(f"{path}: weights do not match the model: missing {missing[:5]}, "
-                             f"unexpected {sorted(result.unexpected_keys)[:5]}")
-        self.language_model.tie_weights()
+                             f"unexpected {sorted(unexpected)[:5]}")
 
     def _is_tied(self, name):
         return self.language_model.config.tie_word_embeddings and name.endswith("lm_head.weight")
@@ -216,7 +221,7 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         (tiles, patches, vision_dim) features, which every N shares. Normalized here, on the
         model's device, as the image processor normalizes."""
         dtype = next(self.projector.parameters()).dtype
-        pixels = normalize_pixels(pixel_values, self.pixel_table).to(dtype)
+        pixels = normalize_pixels(on_device(pixel_values, self.device), self.pixel_table).to(dtype)
         return tower_features(self.vision_tower, pixels, self.config.vision_feature_layer)
 
     def encode_images(self, pixel_values: torch.Tensor, num_vision_tokens: int) -> torch.Tensor:
@@ -228,33 +233,40 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         """Token embeddings with each image's slots (pipeline/tiles.py: its tiles' N projected
         features each, and row ends) written into its markers' slots.
 
-        image_mask flags the real tiles; image_grids: each real image's (rows, cols), in order
-        (None: every image one tile). The vision path runs even when the batch has no real
-        image (all-dummy pixels): under ZeRO-3 every rank must run the same module forwards, or
-        the job hangs.
+        image_mask flags the real tiles, which come first; image_grids: each real image's (rows,
+        cols), in order (None: every image one tile). Both are read where they lie: training keeps
+        them on the host, so reading them costs no device sync. The vision path runs even when the
+        batch has no real image (all-dummy pixels): under ZeRO-3 every rank must run the same
+        module forwards, or the job hangs.
         """
         features = self.encode_images(pixel_values, num_vision_tokens)
-        real = features[image_mask]
-        grids = [(1, 1)] * len(real) if image_grids is None else image_grids.tolist()
-        embeds = self.splice_images(input_ids, self.tile_layout(real, grids))
+        real = real_tile_count(image_mask)
+        grids = [(1, 1)] * real if image_grids is None else image_grids.tolist()
+        embeds = self.splice_images(input_ids, self.tile_layout(features[:real], grids))
         # dummy tiles contribute with zero weight, so their parameters still join backward
-        return embeds + 0.0 * features[~image_mask].sum().to(embeds.dtype)
+        return embeds + 0.0 * features[real:].sum().to(embeds.dtype)
 
     def splice_images(self, input_ids: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with (slots, lm_dim) image_slots written, in order, into the image slots."""
-        embeds = self.language_model.get_input_embeddings()(input_ids)
+        """Token embeddings with (slots, lm_dim) image_slots written, in order, into the image slots.
+        The slots are counted where input_ids lie (the host, in training: no device sync)."""
         slots = input_ids == self.config.image_token_id
         if int(slots.sum()) != image_slots.shape[0]:
             raise ValueError(
                 f"batch has {int(slots.sum())} image slots but its images fill {image_slots.shape[0]}; each image "
                 f"marker must be expanded to its image's slots (pipeline/tiles.py: image_slots) and match one image"
             )
-        return embeds.masked_scatter(slots.unsqueeze(-1), image_slots.to(embeds.dtype))
+        embeds = self.language_model.get_input_embeddings()(on_device(input_ids, self.device))
+        return embeds.masked_scatter(on_device(slots, self.device).unsqueeze(-1), image_slots.to(embeds.dtype))
 
     def forward(self, batch: dict[str, torch.Tensor], num_vision_tokens: int, return_logits: bool = False,
                 num_items_in_batch: float | None = None, loss_reduction: str = "token") -> VLMOutput:
         """batch: input_ids, labels, position_ids (rows, L); pixel_values (M, 3, H, W) uint8 tiles;
         image_mask (M,); image_grids (images, 2), each real image's (rows, cols), optional (see embed).
+
+        The batch may lie on the host: what the device computes with is copied there (without
+        waiting, from pinned memory in training); what only says where things are (labels,
+        position ids, image_mask, image_grids) is read where it lies, so a batch built on the host
+        costs the step no device sync.
 
         loss: the cross-entropy of supervised tokens, each weighted as loss_reduction says
         (supervised_weights), summed, divided by num_items_in_batch when given (training passes
@@ -267,8 +279,8 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         hidden = self.lm_hidden_states(embeds, batch.get("position_ids"), batch.get("attention_mask"))
         loss = token_losses = None
         if "labels" in batch:
-            weights = supervised_weights(batch["labels"], batch.get("position_ids"), loss_reduction)
-            loss, token_losses = self.supervised_loss(hidden, batch["labels"], weights, num_items_in_batch)
+            targets = loss_targets(batch["labels"], batch.get("position_ids"), loss_reduction)
+            loss, token_losses = self.supervised_loss(hidden, targets, num_items_in_batch)
         logits = self.language_model.lm_head(hidden) if return_logits else None
         return VLMOutput(loss=loss, logits=logits, token_losses=token_losses)
 
@@ -280,17 +292,22 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         use_cache=False matters: with a cache, transformers ignores the packed position ids and
         lets packed samples attend to each other. sdpa and eager get a block-diagonal mask built
         from the position ids; flash-attention reads them only in a batch of one row, so packed
-        rows are laid end to end there: one variable-length kernel call, no L x L mask.
+        rows are laid end to end there: one variable-length kernel call, no L x L mask, with the
+        sequences' boundaries computed once here, where the position ids lie (transformers would
+        otherwise find them again, with a device sync, in every layer).
         """
         rows, length, width = embeds.shape
         flash = self.language_model.config._attn_implementation.startswith("flash_attention")
+        packed = {}
         if flash and attention_mask is None and position_ids is not None:
             embeds, position_ids = embeds.reshape(1, rows * length, width), position_ids.reshape(1, rows * length)
-        hidden = self.language_model.model(inputs_embeds=embeds, position_ids=position_ids,
-                                           attention_mask=attention_mask, use_cache=False).last_hidden_state
+            packed = packed_sequences(position_ids, self.device)
+        hidden = self.language_model.model(
+            inputs_embeds=embeds, position_ids=on_device(position_ids, self.device),
+            attention_mask=on_device(attention_mask, self.device), use_cache=False, **packed).last_hidden_state
         return hidden.reshape(rows, length, width)
 
-    def supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+    def supervised_loss(self, hidden: torch.Tensor, targets: "LossTargets",
                         num_items_in_batch: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token cross-entropy computed only where a label exists, weighted, summed, then divided as
         forward describes (a batch without supervised tokens gives a zero that still backpropagates);
@@ -301,12 +318,58 @@ class TokenFlexVLM(InferenceMixin, nn.Module):
         to the supervised rows. (A recomputed chunked loss does not survive ZeRO-3's
         parameter gathering inside backward, so this is the CPU/ZeRO-3 path.)
         """
-        targets, supervised = supervised_targets(labels)
+        positions, labels, weights = (on_device(t, hidden.device) for t in (targets.positions, targets.labels,
+                                                                            targets.weights))
         # lm_head runs even on zero rows: under ZeRO-3 every rank must run the same module forwards
-        logits = self.language_model.lm_head(hidden[:, :-1][supervised])
-        token_losses = F.cross_entropy(logits.float(), targets[supervised], reduction="none")
-        total = float(weights.sum()) if num_items_in_batch is None else num_items_in_batch
+        logits = self.language_model.lm_head(hidden.flatten(0, 1).index_select(0, positions))
+        token_losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        total = targets.total_weight if num_items_in_batch is None else num_items_in_batch
         return (token_losses * weights).sum() / (total or 1.0), token_losses.detach()
+
+
+def on_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """tensor on device, copied without waiting (from pinned memory the copy overlaps the device's work)."""
+    return None if tensor is None else tensor.to(device, non_blocking=True)
+
+
+def real_tile_count(image_mask: torch.Tensor) -> int:
+    """How many of the batch's tiles are real; ValueError unless they all come before the dummies."""
+    real = int(image_mask.sum())
+    if not bool(image_mask[:real].all()):
+        raise ValueError("image_mask: the real tiles must come first, the dummy tiles after them")
+    return real
+
+
+def packed_sequences(position_ids: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor | int]:
+    """flash-attention's variable-length arguments (transformers' FlashAttentionKwargs) for rows laid
+    end to end, (1, total) position ids restarting at 0 per sequence: the sequences' cumulative
+    lengths, on device, and the longest one's length, as an int."""
+    (starts, _), (longest, _) = prepare_fa_kwargs_from_position_ids(position_ids)
+    starts, longest = on_device(starts, device), int(longest)
+    return {"cu_seq_lens_q": starts, "cu_seq_lens_k": starts, "max_length_q": longest, "max_length_k": longest}
+
+
+class LossTargets(NamedTuple):
+    """A batch's supervised tokens, in supervised_targets order: where each is predicted (an index
+    into the batch's rows x length positions, flattened), its label, its weight in the loss, and
+    the weights' sum."""
+
+    positions: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    total_weight: float
+
+
+def loss_targets(labels: torch.Tensor, position_ids: torch.Tensor | None, reduction: str) -> LossTargets:
+    """The supervised tokens of (rows, L) labels, computed where the labels lie (on the host in
+    training: boolean indexing on a device would wait for it)."""
+    targets, supervised = supervised_targets(labels)
+    rows, length = labels.shape
+    positions = (torch.arange(rows, device=labels.device)[:, None] * length
+                 + torch.arange(length - 1, device=labels.device)).masked_select(supervised)
+    weights = supervised_weights(labels, position_ids, reduction)
+    return LossTargets(positions, targets.masked_select(supervised), weights, float(weights.sum()))
+
 
 def supervised_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets, supervised): each position's next-token label and where one exists. The one
@@ -364,6 +427,15 @@ def write_model_folder(path: str | Path, config: VLMConfig, tokenizer: PreTraine
         tied = config.text_config.get("tie_word_embeddings", False)
         weights = {k: v for k, v in state_dict.items() if not (tied and k.endswith("lm_head.weight"))}
         save_torch_state_dict(weights, path, max_shard_size=max_shard_size)
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files holding a model folder's weights (one, or the shards its index names)."""
+    path = Path(path)
+    index = path / SAFETENSORS_INDEX_FILE
+    if index.is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [path / SAFETENSORS_SINGLE_FILE]
 
 
 def read_vlm_config(path: str | Path) -> VLMConfig:

@@ -6,7 +6,8 @@ written by tools.convert_checkpoint."""
 
 from pipeline.chat import prepare_tokenizer
 from pipeline.images import set_image_aspect
-from pipeline.model import TokenFlexVLM, read_vlm_config
+from pipeline.engine import load_model_folder
+from pipeline.model import read_vlm_config
 from pipeline.tiles import set_tiling
 from stages.common import group, log, set_trainable
 
@@ -20,7 +21,7 @@ def vision_config(cfg):
 
 
 def build_model(cfg):
-    model = TokenFlexVLM.from_pretrained(cfg.model.init_from, attn_implementation=cfg.model.attn_implementation)
+    model = load_model_folder(cfg.model.init_from, cfg)
     prepare_tokenizer(model.tokenizer, cfg.model.chat_format)  # auto keeps the folder's format
     set_image_aspect(model.image_processor, cfg.data.image_aspect)
     set_tiling(model.image_processor, cfg.data.max_tiles, cfg.data.multi_image_max_tiles)

@@ -203,11 +203,19 @@ def test_loss_depends_on_which_positions_are_supervised(model, loss_and_logits):
 
 # ---- packed rows under each attention implementation ----
 
-def flash_attention_on_cpu(module, query, key, value, attention_mask, scaling=None, position_ids=None, **kwargs):
-    """flash-attention's treatment of packed rows, in plain torch: transformers' own test
-    (_is_packed_sequence) picks variable-length attention from the position ids, which it
-    does only for a batch of one row; each sequence then attends causally within itself."""
-    if _is_packed_sequence(position_ids, query.shape[0]):
+FLASH_CALLS = []  # the variable-length arguments each flash_attention_on_cpu call was given
+
+
+def flash_attention_on_cpu(module, query, key, value, attention_mask, scaling=None, position_ids=None,
+                           cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """flash-attention's treatment of packed rows, in plain torch, as transformers'
+    _flash_attention_forward decides: the sequences' boundaries when the caller gives them
+    (cu_seq_lens), else found from the position ids (_is_packed_sequence), which it does only for
+    a batch of one row; each sequence then attends causally within itself."""
+    FLASH_CALLS.append((cu_seq_lens_q, max_length_q))
+    if cu_seq_lens_q is not None:
+        spans = list(zip(cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q[1:].tolist()))
+    elif _is_packed_sequence(position_ids, query.shape[0]):
         (starts, _), _ = prepare_fa_kwargs_from_position_ids(position_ids)
         spans = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
     else:
@@ -291,6 +299,23 @@ def test_flash_attention_sees_packing_only_in_rows_laid_end_to_end(tiny_models, 
         alone = model.language_model.model(inputs_embeds=embeds[:1, len(first[0]):], use_cache=False).last_hidden_state
     torch.testing.assert_close(laid_out[0, len(first[0]):], alone[0], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(two_rows[0, len(first[0]):], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_flash_attention_is_handed_the_packed_sequences_boundaries(tiny_models, images):
+    """lm_hidden_states computes the packed sequences' boundaries once, where the position ids lie,
+    and hands them to every layer: flash-attention then has no need to find them itself (with a
+    device sync per layer)."""
+    model = model_with_attention(tiny_models, "flash_attention_on_cpu")
+    lengths = [5, 7, 3, 9]  # two rows of 12 tokens, two sequences each
+    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(3)) + list(range(9))])
+    embeds = torch.randn(2, 12, model.language_model.config.hidden_size)
+    FLASH_CALLS.clear()
+    with torch.no_grad():
+        model.lm_hidden_states(embeds, positions, None)
+    assert len(FLASH_CALLS) == model.language_model.config.num_hidden_layers
+    for starts, longest in FLASH_CALLS:
+        assert starts.tolist() == [0, 5, 12, 15, 24] and starts.dtype == torch.int32
+        assert longest == max(lengths) and isinstance(longest, int)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

@@ -43,8 +43,20 @@ def test_engine_holds_every_parameter_in_bf16_with_fp32_masters_and_accumulation
         assert any(not p["trains"] for p in parameters.values())
         elsewhere = {name: p for name, p in parameters.items() if (p["dtype"], p["device"]) != ("torch.bfloat16", "cpu")}
         assert elsewhere == {}, f"rank {rank}"
+        assert record["buffers"] and set(record["buffers"].values()) == {"cpu"}
         assert record["master_weights"] == ["torch.float32"]
         assert record["grad_accum"] == "torch.float32"  # DeepSpeed's default under bf16 is bf16
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_each_stage_loads_the_tower_and_the_lm_straight_into_zero3_partitions(bf16_runs, stage):
+    """Stage 1 from the HF checkpoints, stage 2 from stage 1's model folder: no rank ever holds the
+    whole tower or LM; the projector and the tile layout, small, are partitioned by DeepSpeed."""
+    for rank in (0, 1):
+        parameters = json.loads((bf16_runs[stage] / "engine_dtypes" / f"rank-{rank}.json").read_text())["parameters"]
+        partitioned = {name.split(".")[0] for name, p in parameters.items() if p["partitioned_at_build"]}
+        whole = {name.split(".")[0] for name, p in parameters.items() if not p["partitioned_at_build"]}
+        assert (partitioned, whole) == ({"vision_tower", "language_model"}, {"projector", "tile_layout"}), f"rank {rank}"
 
 
 @pytest.mark.parametrize("stage, window", [("stage1", 3), ("stage2", 2)])

@@ -169,11 +169,13 @@ class TrainBatches:
         cfg, n = self.cfg, num_vision_tokens
         max_tiles = self.tile_budget(n)
         shape = (cfg.rows_per_batch, cfg.seq_len)
-        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
+        # what the device computes with goes there from pinned memory, without waiting (TokenFlexVLM.forward)
+        pinned = torch.cuda.is_available()
+        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long, pin_memory=pinned)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long, pin_memory=pinned)
         source_ids = torch.full(shape, -1, dtype=torch.long)
-        pixels = torch.zeros((max_tiles, *self.pixel_shape), dtype=torch.uint8)
+        pixels = torch.zeros((max_tiles, *self.pixel_shape), dtype=torch.uint8, pin_memory=pinned)
         image_mask = torch.zeros(max_tiles, dtype=torch.bool)
         grids = []
         num_tiles = real_tokens = 0
