@@ -1,4 +1,9 @@
-"""Benchmark the training step: TokenFlexVLM forward + backward + AdamW step, at fixed N and the mix.
+"""Benchmark TokenFlexVLM's forward + backward + AdamW step, at fixed N and the mix, on one device.
+
+What it times is the model's own work, not pipeline.train's step: no DeepSpeed (no ZeRO-3
+partitioning, gathering or reduction), a plain torch AdamW, and on cuda bf16 autocast over fp32
+weights, where training keeps bf16 weights with fp32 masters. The training step itself is timed
+by every training run (step_time_s and mfu in its metrics.jsonl; bench/gpu_check.sh runs some).
 
 Models are random-init HF modules of real architectures (SigLIP vision tower, Qwen2 LM) wrapped
 in the pipeline's TokenFlexVLM; batches are built directly from token ids: each row is one
@@ -7,8 +12,8 @@ sample, N image slots followed by --text-len text tokens, of which all but the f
 subprocess, so its peak memory is its own and an out-of-memory error ends only that row.
 
   cuda (default when available): SigLIP-so400m-shaped tower (27x27 patches) and a Qwen2-0.5B or
-      1.5B-shaped LM, bf16 autocast with fp32 master weights (the 16 bytes/parameter of
-      DeepSpeed bf16), batch 16, text 512. MFU = useful FLOPs (pipeline.metrics.step_flops:
+      1.5B-shaped LM, bf16 autocast over fp32 weights (fp32 weights, gradients and AdamW
+      state: 16 bytes/parameter, as much as DeepSpeed's bf16 holds), batch 16, text 512. MFU = useful FLOPs (pipeline.metrics.step_flops:
       PaLM's convention, what the training run logs) / (step time x --peak-flops); peak memory
       = torch.cuda.max_memory_allocated.
   cpu: scaled-down shapes that keep the real 27x27 grid (so N up to 729) and a 32000-token
@@ -400,7 +405,7 @@ def main(argv=None):
         for n in args.n:
             results[(n, loss)] = run_in_subprocess(args, n, loss)
             print(f"N={n} loss={loss}: {json.dumps(results[(n, loss)])}", flush=True)
-    precision = "bf16 autocast, fp32 master weights" if args.device == "cuda" else "fp32"
+    precision = "bf16 autocast over fp32 weights, no DeepSpeed" if args.device == "cuda" else "fp32, no DeepSpeed"
     body = [f"Run {datetime.date.today()} on {machine()}: `python -m bench.train_step "
             f"{' '.join(a for a in (argv if argv is not None else sys.argv[1:]) if a != '--write-results')}`.",
             f"Shapes: {args.vision} tower ({VISION[args.vision]}), {args.lm} LM ({LM[args.lm]}), tied embeddings, "
