@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     lines += ["", "| what | whole | partitioned |", "|---|---|---|", *seven_b_rows()]
     print("\n".join(lines))
     if args.write_results:
-        RESULTS.write_text("# Stage 2's start-up: peak host memory per rank\n\n" + (__doc__ or "").split("\n\n")[0]
-                           + "\n\n" + "\n".join(lines) + "\n")
+        what = (__doc__ or "").split("\n\n    python -m")[0]
+        RESULTS.write_text("# Stage 2's start-up: peak host memory per rank\n\n" + what + "\n\n" + "\n".join(lines) + "\n")
     return 0
 
 
