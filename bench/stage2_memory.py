@@ -8,7 +8,7 @@ DeepSpeed ZeRO-3 engine, two ways (2 CPU ranks on gloo, bf16, results in bench/s
 
 Each rank reports its peak RSS above what it held before the model was built, once the model is
 built and once the engine is. The folder holds the tiny SigLIP tower and a Qwen2 LM of --lm-layers
-layers of width 768 (150M parameters at the default 12), so that the weights, not Python, show.
+layers of width 768 (101M parameters in all at the default 12), so that the weights, not Python, show.
 On CPU the engine's partitions, fp32 master weights and moments also live in host memory; on a
 GPU they do not, and what the whole way adds is the host copy; the "model built" column is the
 comparison. Rank 0's figure includes the pages of the weights file it maps. From the shapes, the
