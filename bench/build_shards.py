@@ -194,6 +194,7 @@ def main(argv=None):
         slurm = slurm_section(folder, inputs[2], args.samples_per_shard, args.n)
     slowest = min(per_process)
     hours = ONEVISION_ROWS / (slowest * NODE_PROCESSES) / 3600
+    bandwidth = slowest * NODE_PROCESSES * sum(map(len, jpegs)) / len(jpegs) / 1e6  # MB/s read, and as much written
     command = "python -m bench.build_shards " + " ".join(argv if argv is not None else os.sys.argv[1:])
     text = [
         "# Shard build benchmark", "",
@@ -210,7 +211,8 @@ def main(argv=None):
         "time (with 2 processes, the pool's, which includes opening the input in each).", "", *throughput, "",
         f"Slowest per process (from CPU ms/row): {slowest:.0f} rows/s, against the target of 300. At that rate "
         f"LLaVA-OneVision's single-image stage ({ONEVISION_ROWS:,} rows) takes {hours:.2f} h on one node of "
-        f"{NODE_PROCESSES} processes (target: under 3 h), file system permitting.", "",
+        f"{NODE_PROCESSES} processes (target: under 3 h) if the file system keeps up: {bandwidth:.0f} MB/s read "
+        f"and as much written at these files' mean size. The CPU is not what bounds a node's build; its storage is.", "",
         "## Local Slurm array", "",
     ]
     if slurm:
