@@ -262,7 +262,7 @@ class SliceBuilder:
         keep = {s["name"] for s in manifest["shards"]}
         leftovers = [p for p in glob.glob(os.path.join(out, "shard-*.tar")) if os.path.basename(p) not in keep]
         leftovers += [p for p in glob.glob(os.path.join(out, SLICES, "*.json"))
-                      if os.path.basename(p) >= f"{self.num_slices:06d}.json"]
+                      if int(os.path.basename(p).removesuffix(".json")) >= self.num_slices]
         leftovers += glob.glob(os.path.join(out, "shard-*.tmp")) + glob.glob(os.path.join(out, SLICES, "*.tmp"))
         for path in leftovers:
             try:
