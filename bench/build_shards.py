@@ -25,6 +25,7 @@ import platform
 import random
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -195,7 +196,7 @@ def main(argv=None):
     slowest = min(per_process)
     hours = ONEVISION_ROWS / (slowest * NODE_PROCESSES) / 3600
     bandwidth = slowest * NODE_PROCESSES * sum(map(len, jpegs)) / len(jpegs) / 1e6  # MB/s read, and as much written
-    command = "python -m bench.build_shards " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    command = "python -m bench.build_shards " + " ".join(argv if argv is not None else sys.argv[1:])
     text = [
         "# Shard build benchmark", "",
         f"`{command}` at commit {commit}, {datetime.date.today()}, on {machine()}; load average "

@@ -35,8 +35,8 @@ import json
 import multiprocessing
 import os
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import webdataset as wds
 from PIL import Image
