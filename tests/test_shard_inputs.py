@@ -22,8 +22,14 @@ from PIL import Image
 
 from tools import build_shards, make_synthetic
 
-os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")  # nothing here may download
 IMAGE = "<image>"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Nothing here may download: datasets and the hub client offline, here and in subprocesses."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
