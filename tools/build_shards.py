@@ -37,7 +37,7 @@ format, JPEG quality 95) and records S in the manifest: smaller shards and less 
 every epoch, at the cost of training on pixels one resampling away from what users pass.
 
     python -m tools.build_shards --input data/synth/data.json --image-root data/synth --out data/synth_shards
-    python -m tools.build_shards --input "LLaVA-OneVision-Data/sharegpt4o" --out data/sharegpt4o --workers 16
+    python -m tools.build_shards --input data/onevision/sharegpt4o --out data/shards/sharegpt4o --workers 16
 """
 
 import argparse
