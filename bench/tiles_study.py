@@ -56,7 +56,7 @@ def make_data(out, train_samples, heldout_samples, env):
         run(f"synthetic {split} data", [py, "-m", "tools.make_synthetic", "--out", out / "synthetic" / split, "--n", count,
                                         "--split", source, "--wide-fraction", "0.5", "--multi-image-fraction", "0.2"],
             env, out / f"synthetic_{split}.log")
-        run(f"{split} shards", [py, "-m", "tools.build_shards", "--json", out / "synthetic" / split / "data.json",
+        run(f"{split} shards", [py, "-m", "tools.build_shards", "--input", out / "synthetic" / split / "data.json",
                                 "--image-root", out / "synthetic" / split, "--out", out / "shards" / split,
                                 "--samples-per-shard", max(1, min(500, count // 8))], env, out / f"shards_{split}.log")
 

@@ -63,7 +63,7 @@ def make_models_and_data(out, split_sizes, env, log_dir=None):
     for split, count in split_sizes.items():
         run(f"synthetic {split} data", [py, "-m", "tools.make_synthetic", "--out", out / "synthetic" / split,
                                         "--n", count, "--split", split], env, log(f"synthetic_{split}"))
-        run(f"{split} shards", [py, "-m", "tools.build_shards", "--json", out / "synthetic" / split / "data.json",
+        run(f"{split} shards", [py, "-m", "tools.build_shards", "--input", out / "synthetic" / split / "data.json",
                                 "--image-root", out / "synthetic" / split, "--out", out / "shards" / split,
                                 "--samples-per-shard", max(1, min(500, count // 8))], env, log(f"shards_{split}"))
 

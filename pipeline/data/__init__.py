@@ -1,5 +1,10 @@
-"""The training data: what to train on, which samples each worker reads, reading and decoding
-them, packing them into batches, and resuming at any world size.
+"""The training data: building shards from data as it is published, what to train on, which
+samples each worker reads, reading and decoding them, packing them into batches, and resuming at
+any world size.
+
+    sources.py  an input's rows by index: LLaVA JSON/JSONL, parquet, save_to_disk, hub names
+    schemas.py  the conversation schemas (llava, cauldron, messages): a row -> LLaVA record + images
+    builder.py  shards built in slices (processes, Slurm array tasks), resumable; image validation
 
     mixture.py  sources (shard folders) with repeat counts or weights, from data.shards
     plan.py     which positions of each epoch every rank's workers read: pure functions
