@@ -75,7 +75,7 @@ limited 120 python -m tools.make_synthetic --out "$out/synthetic/train" --n 2000
     --multi-image-fraction 0.3
 limited 60 python -m tools.make_synthetic --out "$out/synthetic/heldout" --n 100 --split test
 for split in train heldout; do
-    limited 120 python -m tools.build_shards --json "$out/synthetic/$split/data.json" \
+    limited 120 python -m tools.build_shards --input "$out/synthetic/$split/data.json" \
         --image-root "$out/synthetic/$split" --out "$out/shards/$split" --samples-per-shard 250
 done
 
