@@ -6,7 +6,7 @@ Studies (--studies, comma-separated; each reuses the models an earlier one train
   weights   flex-235: the flex set weighted towards the larger counts, 2:3:5 (2 seeds)
   loss      flex-square: InternVL's "square" loss reduction (train.loss_reduction=square) (2 seeds)
   compute   fixed16/64/144-compute: specialists given the flex model's training FLOPs
-            (pipeline.metrics' useful count) instead of its samples (2 seeds)
+            (pipeline.train.metrics' useful count) instead of its samples (2 seeds)
   smallest  flex-64-144 {64: 1, 144: 1} against fixed64 and fixed144: does the smallest count
             cost the larger ones? (2 seeds)
   pooling   flex-resize: the projector's resize_avg pooling instead of adaptive average pooling (2 seeds)
@@ -51,11 +51,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pipeline.config import load_config
+
 from pipeline.data import TrainBatches
-from pipeline.evaluate import evaluate
-from pipeline.metrics import Work, step_flops
-from pipeline.model import TokenFlexVLM
+from pipeline.eval.heldout import evaluate
+from pipeline.model.vlm import TokenFlexVLM
+from pipeline.run.config import load_config
+from pipeline.train.flops import Work, step_flops
 from stages import STAGES
 from tools.demo import REPO, cpu_training_env, make_models_and_data, run, stage_command
 from tools.report import plot_accuracy_panels
@@ -143,8 +144,8 @@ def results_paths(study):
 
 def per_step_costs(data_root, counts, ranks, batches=PACKER_BATCHES):
     """{stage: {N: {"samples": mean samples one optimizer step packs (all ranks), "flops": its
-    useful training FLOPs (pipeline.metrics.step_flops, with the stage's trained parts)}}}, from
-    each stage's packer (pipeline.data.TrainBatches) on the training shards; nothing trains."""
+    useful training FLOPs (pipeline.train.flops.step_flops, with the stage's trained parts)}}}, from
+    each stage's packer (pipeline.data.batches.TrainBatches) on the training shards; nothing trains."""
     model = TokenFlexVLM.from_components(data_root / "tiny" / "vision", data_root / "tiny" / "qwen2")
     costs = {}
     for stage, name in ((1, "align"), (2, "finetune")):

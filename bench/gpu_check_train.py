@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import tests.record_dtypes  # noqa: F401  (wraps pipeline.train.build_engine)
-from pipeline import train
+import tests.record_dtypes  # noqa: F401  (wraps the loop's build_engine)
+from pipeline.run.config import load_config
+from pipeline.train import entry, loop
 
 SYNC_STEPS = 3
-real_train_step = train.train_step
+real_train_step = loop.train_step
 report = []
 
 
@@ -47,9 +48,9 @@ def reporting_train_step(engine, data, num_vision_tokens, grad_accum, loss_reduc
     return result
 
 
-train.train_step = reporting_train_step
+loop.train_step = reporting_train_step
 
 if __name__ == "__main__":
-    args = train.parse_args(sys.argv[1:])
-    report_file = Path(train.load_config(args.config, args.overrides).train.output_dir) / "sync_report.json"
-    sys.exit(train.main())
+    args = entry.parse_args(sys.argv[1:])
+    report_file = Path(load_config(args.config, args.overrides).train.output_dir) / "sync_report.json"
+    sys.exit(entry.main())

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.inference import latency_ms
-from pipeline.model import TokenFlexVLM
+from pipeline.model.runtime import latency_ms
+from pipeline.model.vlm import TokenFlexVLM
 from tools import make_tiny_models
 from tools.make_synthetic import render_scene
 from tools.synthetic_tasks import OBJECT_PALETTES

@@ -4,7 +4,7 @@ DeepSpeed ZeRO-3 engine, two ways (2 CPU ranks on gloo, bf16, results in bench/s
   whole        every rank loads the whole folder in fp32, then DeepSpeed partitions it (how stage 2
                started before 2026-12: TokenFlexVLM.from_pretrained)
   partitioned  the tower and the LM are built straight into ZeRO-3 partitions and rank 0 reads
-               each tensor into them (pipeline.engine.load_model_folder, what stage 2 does now)
+               each tensor into them (pipeline.engine.zero3.load_model_folder, what stage 2 does now)
 
 Each rank reports its peak RSS above what it held before the model was built, once the model is
 built and once the engine is. The folder holds the tiny SigLIP tower and a Qwen2 LM of --lm-layers
@@ -45,8 +45,8 @@ def make_folder(work: Path, lm_layers: int) -> Path:
     """A model folder: the tiny tower and tokenizer, a Qwen2 LM of lm_layers layers of width 768."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from pipeline.chat import load_tokenizer
-    from pipeline.model import TokenFlexVLM
+    from pipeline.model.chat import load_tokenizer
+    from pipeline.model.vlm import TokenFlexVLM
     from tools.make_tiny_models import make_tiny_models
 
     tiny = make_tiny_models(work / "tiny")
@@ -61,10 +61,11 @@ def make_folder(work: Path, lm_layers: int) -> Path:
 
 def rank_peaks(way: str, folder: Path) -> dict:
     """Run on one rank (under torchrun): build the model one way, then the engine; the peak RSS above the start."""
-    from pipeline.config import load_config
-    from pipeline.distributed import init_process_group
-    from pipeline.engine import build_engine, load_model_folder, numel
-    from pipeline.model import TokenFlexVLM
+    from pipeline.engine.engine import build_engine, numel
+    from pipeline.engine.zero3 import load_model_folder
+    from pipeline.model.vlm import TokenFlexVLM
+    from pipeline.run.config import load_config
+    from pipeline.train.distributed import init_process_group
     from stages import STAGES
 
     init_process_group(10)

@@ -8,7 +8,7 @@ recipe (configs/tiny_cpu_stage{1,2}.yaml, both stages, 2 ranks, N drawn from {16
   tiles4  data.max_tiles 4, data.multi_image_max_tiles 2
 with the same seeds (train, data and tokens seed = the run's seed) and the same step counts
 (a tiles4 step packs fewer samples: each image brings more slots; the report gives the samples
-each saw). Every model is then evaluated (pipeline.evaluate) on held-out records of the same kind,
+each saw). Every model is then evaluated (pipeline.eval.heldout) on held-out records of the same kind,
 drawn from make_synthetic's test split (scenes and text questions no training record has),
 with 1 and with 4 tiles at N = 16, 36, 64, 100 and 144, and the results are summarised as mean and
 spread (half the range) over seeds: accuracy against vision tokens per image, one curve per
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.evaluate import evaluate
+from pipeline.eval.heldout import evaluate
 from tools.demo import REPO, cpu_training_env, run, torchrun
 from tools.report import plot_accuracy_panels
 

@@ -13,7 +13,7 @@ subprocess, so its peak memory is its own and an out-of-memory error ends only t
 
   cuda (default when available): SigLIP-so400m-shaped tower (27x27 patches) and a Qwen2-0.5B or
       1.5B-shaped LM, bf16 autocast over fp32 weights (fp32 weights, gradients and AdamW
-      state: 16 bytes/parameter, as much as DeepSpeed's bf16 holds), batch 16, text 512. MFU = useful FLOPs (pipeline.metrics.step_flops:
+      state: 16 bytes/parameter, as much as DeepSpeed's bf16 holds), batch 16, text 512. MFU = useful FLOPs (pipeline.train.flops.step_flops:
       PaLM's convention, what the training run logs) / (step time x --peak-flops); peak memory
       = torch.cuda.max_memory_allocated.
   cpu: scaled-down shapes that keep the real 27x27 grid (so N up to 729) and a 32000-token
@@ -49,10 +49,11 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-from pipeline.chat import IGNORE_INDEX
-from pipeline.metrics import Work, step_flops
-from pipeline.model import TokenFlexVLM, VLMConfig
-from pipeline.sampler import TokenCountSampler
+from pipeline.model.chat import IGNORE_INDEX
+from pipeline.model.folder import VLMConfig
+from pipeline.model.vlm import TokenFlexVLM
+from pipeline.train.flops import Work, step_flops
+from pipeline.train.sampler import TokenCountSampler
 
 VISION = {
     "so400m": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -267,12 +268,12 @@ def run_in_subprocess(args, n, loss):
 # ---- packing ----
 
 def packing_rows(args, work):
-    """Padding fraction of pipeline.data.TrainBatches with stage 1's data shape (seq_len 2048, 4 rows)."""
+    """Padding fraction of pipeline.data.batches.TrainBatches with stage 1's data shape (seq_len 2048, 4 rows)."""
     from transformers import AutoImageProcessor
 
-    from pipeline.chat import load_tokenizer
-    from pipeline.config import DataConfig
     from pipeline.data import TrainBatches
+    from pipeline.model.chat import load_tokenizer
+    from pipeline.run.config import DataConfig
     from tools import build_shards, make_synthetic, make_tiny_models
 
     make_tiny_models.make_tiny_models(work / "models")
@@ -348,7 +349,7 @@ def parse_args(argv):
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n", nargs="+", default=["64", "144", "256", "729", "mix"],
                         help="vision-token counts to time; 'mix' draws 64/144/256 1:1:1 per step "
-                             "with pipeline.sampler.TokenCountSampler")
+                             "with pipeline.train.sampler.TokenCountSampler")
     parser.add_argument("--loss", nargs="+", default=None, choices=["supervised", "hf", "liger"],
                         help="default: supervised and hf")
     parser.add_argument("--vision", choices=sorted(VISION), help="tower shape (default: so400m on cuda, small on cpu)")
@@ -414,13 +415,13 @@ def main(argv=None):
             f"{args.steps} timed. Step s = median wall time per step (time.perf_counter); CPU s = median "
             f"process CPU time (steadier when other jobs share the machine); for the mix, each N's median "
             f"weighted equally (1:1:1; draws shown as 64/144/256). Spread = largest (max - min) / median "
-            f"over the run's N. TFLOP/s: useful work by pipeline.metrics.step_flops (PaLM's convention), "
+            f"over the run's N. TFLOP/s: useful work by pipeline.train.flops.step_flops (PaLM's convention), "
             f"the same for every loss variant.", ""]
     body += step_table(args, results)
     if args.packing:
         with tempfile.TemporaryDirectory() as tmp:
             rows = packing_rows(args, Path(tmp))
-        body += ["", f"Packer padding (pipeline.data.TrainBatches, seq_len 2048, 4 rows per batch, "
+        body += ["", f"Packer padding (pipeline.data.batches.TrainBatches, seq_len 2048, 4 rows per batch, "
                      f"{args.packing_batches} batches per N; the mix draws N per batch with TokenCountSampler):", ""]
         body += packing_table(rows)
     print("\n" + "\n".join(body))

@@ -4,11 +4,11 @@ optim.vision_lr > 0 (at that learning rate).
 Starts from model.init_from, a model folder: stage 1's <output_dir>/final, or any folder
 written by tools.convert_checkpoint."""
 
-from pipeline.chat import prepare_tokenizer
-from pipeline.images import set_image_aspect
-from pipeline.engine import load_model_folder
-from pipeline.model import read_vlm_config
-from pipeline.tiles import set_tiling
+from pipeline.engine.zero3 import load_model_folder
+from pipeline.model.chat import prepare_tokenizer
+from pipeline.model.folder import read_vlm_config
+from pipeline.model.images import set_image_aspect
+from pipeline.model.tiles import set_tiling
 from stages.common import group, log, set_trainable
 
 

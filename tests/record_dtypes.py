@@ -17,9 +17,11 @@ from pathlib import Path
 
 from deepspeed.runtime.zero.utils import is_zero_param
 
-from pipeline import engine, train
+from pipeline.engine import engine
+from pipeline.train import loop
+from pipeline.train.entry import main
 
-real_build_engine = train.build_engine
+real_build_engine = loop.build_engine
 
 
 def recording_build_engine(model, param_groups, cfg, load_universal=False):
@@ -39,7 +41,7 @@ def recording_build_engine(model, param_groups, cfg, load_universal=False):
     return built
 
 
-train.build_engine = recording_build_engine
+loop.build_engine = recording_build_engine
 
 if __name__ == "__main__":
-    sys.exit(train.main())
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Adaptive N (pipeline/adaptive.py, tools.evaluate --tokens adaptive): answer probabilities, the
+"""Adaptive N (pipeline/eval/adaptive.py, tools.evaluate --tokens adaptive): answer probabilities, the
 policy run on a model (one tower forward per image, the first confident count), calibration and
 the oracle on given answers, and the command end to end."""
 
@@ -13,19 +13,18 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from bench import adaptive as bench_adaptive
 from bench.adaptive import verdict
-from pipeline.adaptive import (
-    adaptive_generate,
+from pipeline.data import iter_samples
+from pipeline.eval.adaptive import adaptive_generate, first_confident
+from pipeline.eval.adaptive_study import (
     calibrate,
     evaluate_adaptive,
     evaluate_adaptive_model,
-    first_confident,
     ladder_arrays,
     oracle_result,
     simulate,
 )
-from pipeline.data import iter_samples
-from pipeline.evaluate import evaluate_model
-from pipeline.model import TokenFlexVLM
+from pipeline.eval.heldout import evaluate_model
+from pipeline.model.vlm import TokenFlexVLM
 from tests.conftest import save_chatty_copy
 from tools import evaluate as evaluate_tool
 
@@ -132,7 +131,7 @@ def test_thresholds_zero_and_infinite_give_the_smallest_and_the_largest_count(mo
 
 
 def fixed_rows(table):
-    """pipeline.evaluate-style results from {N: [(probability, right), ...]}: question i is an
+    """pipeline.eval.heldout-style results from {N: [(probability, right), ...]}: question i is an
     image question of type coarse, except the last, a text one."""
     rows = []
     for n, answers in table.items():

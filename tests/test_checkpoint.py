@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.checkpoint import conversion_failure_file, prepare_universal, rng_state, set_rng_state, universal_dir
+from pipeline.run.layout import conversion_failure_file, universal_dir
+from pipeline.train.checkpoint import prepare_universal, rng_state, set_rng_state
 
 pytestmark = pytest.mark.timeout(600)
 

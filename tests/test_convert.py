@@ -16,9 +16,10 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors import safe_open
 from transformers import AutoImageProcessor
 
-from pipeline.chat import load_tokenizer
-from pipeline.convert import ConversionError, bf16_tolerance, probe_logits, verify_folder
-from pipeline.model import TokenFlexVLM, read_vlm_config
+from pipeline.export.convert import ConversionError, bf16_tolerance, probe_logits, verify_folder
+from pipeline.model.chat import load_tokenizer
+from pipeline.model.folder import read_vlm_config
+from pipeline.model.vlm import TokenFlexVLM
 from tests.distributed import REPO, run_training
 from tools import convert_checkpoint as convert_tool
 from tools.demo import cpu_training_env

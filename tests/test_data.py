@@ -13,14 +13,14 @@ import webdataset as wds
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
-from pipeline.config import DataConfig, load_config
 from pipeline.data import TrainBatches, iter_samples
 from pipeline.data.decode import Decoder, measure_text_tokens_per_tile
 from pipeline.data.handover import SAMPLES_PER_HANDOVER, loader_items
 from pipeline.data.mixture import load_mixture
 from pipeline.data.stream import SampleStream
-from pipeline.images import image_pixel_values, set_image_aspect
+from pipeline.model.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
+from pipeline.model.images import image_pixel_values, set_image_aspect
+from pipeline.run.config import DataConfig, load_config
 from tests.distributed import REPO
 from tools import build_shards, make_synthetic
 

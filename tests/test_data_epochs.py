@@ -14,10 +14,10 @@ import tarfile
 import pytest
 import yaml
 
-from pipeline.config import DataConfig
 from pipeline.data import TrainBatches
 from pipeline.data.mixture import load_mixture
 from pipeline.data.plan import epoch_sequence
+from pipeline.run.config import DataConfig
 from tests.distributed import REPO
 from tools import build_shards, make_synthetic
 from tools.demo import cpu_training_env
@@ -155,8 +155,8 @@ def test_an_epoch_smaller_than_ranks_times_workers_is_an_error(models, tiny_sour
 STUCK_SCRIPT = """
 import sys
 from transformers import AutoImageProcessor
-from pipeline.chat import load_tokenizer
-from pipeline.config import DataConfig
+from pipeline.model.chat import load_tokenizer
+from pipeline.run.config import DataConfig
 from pipeline.data import TrainBatches
 
 models, shards = sys.argv[1:]

@@ -9,9 +9,9 @@ import pytest
 import webdataset as wds
 import yaml
 
-from pipeline.config import DataConfig
 from pipeline.data import TrainBatches
 from pipeline.data.mixture import load_mixture
+from pipeline.run.config import DataConfig
 from tools import build_mixture
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.chat import IGNORE_INDEX
-from pipeline.convert import convert_checkpoint
 from pipeline.data import iter_samples
-from pipeline.evaluate import evaluate_model, last_reply_labels, normalise, score
-from pipeline.model import TokenFlexVLM
+from pipeline.eval.heldout import evaluate_model, last_reply_labels, normalise, score
+from pipeline.export.convert import convert_checkpoint
+from pipeline.model.chat import IGNORE_INDEX
+from pipeline.model.vlm import TokenFlexVLM
 from tests.conftest import save_chatty_copy
 from tools import benchmark as benchmark_tool
 from tools import evaluate as evaluate_tool

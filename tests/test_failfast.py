@@ -47,8 +47,8 @@ def start_ranks(module, output_dir, overrides, env, ranks=2):
 LOADER_SCRIPT = """
 import sys, time
 from transformers import AutoImageProcessor
-from pipeline.chat import load_tokenizer
-from pipeline.config import DataConfig
+from pipeline.model.chat import load_tokenizer
+from pipeline.run.config import DataConfig
 from pipeline.data import TrainBatches
 
 models, shards, ending = sys.argv[1:]
@@ -136,8 +136,8 @@ def test_exception_on_one_rank_ends_every_process_within_a_minute(tiny_models, s
 # ---- config errors at start-up, before any process group or DeepSpeed start-up ----
 
 def start_up_error(capsys, *overrides, config="tiny_cpu_stage1.yaml"):
-    """pipeline.train.main's exit code 2 and its message, for a config that must fail its checks."""
-    from pipeline.train import main
+    """pipeline.train.entry.main's exit code 2 and its message, for a config that must fail its checks."""
+    from pipeline.train.entry import main
 
     assert main([str(REPO / "configs" / config), "wandb.mode=disabled", *overrides]) == 2
     return capsys.readouterr().err
@@ -148,7 +148,7 @@ def test_token_count_beyond_the_vision_grid_fails_at_start(tiny_models, syntheti
     error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "tokens.counts={64: 1, 324: 1}")
     assert "tokens.counts: num_vision_tokens=324 asks for a 18x18 grid, larger than the encoder's 16x16" in error
 
-    from pipeline.model import TokenFlexVLM  # stage 2 reads the grid from its model folder's config.json
+    from pipeline.model.vlm import TokenFlexVLM  # stage 2 reads the grid from its model folder's config.json
 
     TokenFlexVLM.from_components(tiny_models / "vision", tiny_models / "qwen2").save_pretrained(tmp_path / "folder")
     error = start_up_error(capsys, f"model.init_from={tmp_path / 'folder'}", f"data.shards={synthetic_shards}",
@@ -210,8 +210,8 @@ def checkpointed_run(stage1_run, tmp_path):
                                            ("tokens.seed=1", "tokens.seed is 1 but was 0")])
 def test_resume_with_other_token_counts_or_seed_fails_unless_allowed(
         checkpointed_run, tiny_models, synthetic_shards, capsys, change, named):
-    from pipeline.config import load_config
-    from pipeline.train import check_inputs
+    from pipeline.run.config import load_config
+    from pipeline.train.preflight import check_inputs
 
     stage1 = [*stage1_overrides(tiny_models, synthetic_shards)[:3], f"train.output_dir={checkpointed_run}"]
     error = start_up_error(capsys, *stage1, change)

@@ -17,11 +17,11 @@ from matplotlib import cbook
 from PIL import Image
 from transformers import AutoImageProcessor, SiglipImageProcessor
 
-from pipeline.chat import IMAGE_TOKEN, load_tokenizer
 from pipeline.data.decode import Decoder, SampleError, decode_rgb
-from pipeline.images import image_pixel_values, normalize_pixels, pixel_table, rgb_pixels
-from pipeline.model import TokenFlexVLM
-from pipeline.vision import tower_features
+from pipeline.model.chat import IMAGE_TOKEN, load_tokenizer
+from pipeline.model.images import image_pixel_values, normalize_pixels, pixel_table, rgb_pixels
+from pipeline.model.vision import tower_features
+from pipeline.model.vlm import TokenFlexVLM
 
 MAX_LEVELS, MAX_FRACTION = 2, 0.01
 

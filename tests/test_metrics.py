@@ -1,4 +1,4 @@
-"""A step's FLOPs (pipeline.metrics.step_flops) checked against torch's own counter.
+"""A step's FLOPs (pipeline.train.flops.step_flops) checked against torch's own counter.
 
 torch.utils.flop_counter.FlopCounterMode counts matmuls, convolutions and attention on a real
 forward + backward of the tiny models. Its table has no entry for the CPU flash-attention
@@ -13,13 +13,12 @@ from torch.ops import aten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import AutoConfig, AutoImageProcessor, SiglipVisionModel
 
-from pipeline.config import DataConfig
 from pipeline.data import TrainBatches
-from pipeline.metrics import Work, step_flops
-from pipeline.model import TokenFlexVLM
-from pipeline.chat import IGNORE_INDEX, load_tokenizer
-from pipeline.train import enable_gradient_checkpointing
-from stages.common import set_trainable
+from pipeline.model.chat import IGNORE_INDEX, load_tokenizer
+from pipeline.model.vlm import TokenFlexVLM
+from pipeline.run.config import DataConfig
+from pipeline.train.flops import Work, step_flops
+from stages.common import enable_gradient_checkpointing, set_trainable
 
 N = 16
 STAGE1 = {"projector"}
@@ -174,8 +173,8 @@ def test_a_skipped_step_is_logged_without_loss_and_said_so(tmp_path, caplog):
     import json
     import logging
 
-    from pipeline.config import load_config
-    from pipeline.metrics import MetricsLog
+    from pipeline.run.config import load_config
+    from pipeline.train.metrics import MetricsLog
     from tests.distributed import REPO
 
     cfg = load_config(REPO / "configs" / "tiny_cpu_stage1.yaml", [f"train.output_dir={tmp_path}", "wandb.mode=disabled"])

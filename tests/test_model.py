@@ -8,13 +8,12 @@ import pytest
 import torch
 from PIL import Image
 from torch.nn import functional as F
-
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 from transformers.utils import is_flash_attn_2_available
 
-from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers
-from pipeline.model import TokenFlexVLM
+from pipeline.model.chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers
+from pipeline.model.vlm import TokenFlexVLM
 
 N = 64
 
@@ -339,7 +338,7 @@ def test_flash_attention_2_without_flash_attn_or_gpu_is_a_clear_error(tiny_model
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_models, images):
-    from pipeline.train import enable_gradient_checkpointing
+    from stages.common import enable_gradient_checkpointing
 
     results = []
     for checkpointing in (False, True):
@@ -524,7 +523,7 @@ def test_vision_tower_loads_from_a_full_siglip_folder(tmp_path):
     """A text+vision SigLIP checkpoint (how google/siglip-* ship) gives its vision model."""
     from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
 
-    from pipeline.vision import load_vision_tower
+    from pipeline.model.vision import load_vision_tower
 
     config = SiglipConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -3,7 +3,7 @@
 Both stages train in bf16 on 2 ranks (DeepSpeed ZeRO-3 on gloo) through tests/record_dtypes.py,
 which records what each rank's engine holds; stage 2's checkpoint is converted to a bf16 model
 folder and evaluated in bf16. Stage 1 is the case that needs care: its vision tower and LM are
-created in bf16 by zero.Init, its projector outside it (pipeline/engine.py: cast_parameters).
+created in bf16 by zero.Init, its projector outside it (pipeline/engine/engine.py: cast_parameters).
 """
 
 import json

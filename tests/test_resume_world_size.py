@@ -12,8 +12,8 @@ import shutil
 
 import pytest
 
-from pipeline.convert import convert_checkpoint
-from pipeline.model import TokenFlexVLM
+from pipeline.export.convert import convert_checkpoint
+from pipeline.model.vlm import TokenFlexVLM
 from tests.distributed import STAGE1_STEPS, metrics, run_training, stage1_overrides
 
 RESUME_AT = 12

@@ -1,7 +1,7 @@
 """The training step leaves the batch's layout on the host: on a GPU, reading a tensor that lies on
 the device waits for the device, and a step that waits cannot queue the next kernels ahead.
 
-One stage-2 step through pipeline.train.train_step on a real DeepSpeed ZeRO-3 engine (gloo, one
+One stage-2 step through pipeline.train.step.train_step on a real DeepSpeed ZeRO-3 engine (gloo, one
 spawned rank), with a batch whose tensors record every copy made of them with .to(): the model
 copies what the device computes with (input_ids, pixel_values, position_ids), and reads labels,
 image_mask, image_grids and source_ids where the packer built them.
@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline.config import load_config
-from pipeline.engine import build_engine
-from pipeline.train import train_step
+from pipeline.engine.engine import build_engine
+from pipeline.run.config import load_config
+from pipeline.train.step import train_step
 from stages import STAGES
 from tests.distributed import REPO
-from tests.test_step_loss import N, Batches, batch, build_model, make_rows
+from tests.test_step_loss import Batches, N, batch, build_model, make_rows
 from tools.demo import free_port
 
 pytestmark = pytest.mark.timeout(600)

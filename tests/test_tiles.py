@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 from transformers import SiglipImageProcessor
 
-from pipeline.images import rgb_pixels, tower_pixels
-from pipeline.tiles import (
+from pipeline.model.images import rgb_pixels, tower_pixels
+from pipeline.model.tiles import (
     TileLayout,
     candidate_grids,
     choose_grid,

@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import PREEMPTED_EXIT_CODE
-from pipeline.sampler import TokenCountSampler, check_same_across_ranks
+from pipeline.train.checkpoint import PREEMPTED_EXIT_CODE
+from pipeline.train.sampler import TokenCountSampler, check_same_across_ranks
 from tests.distributed import REPO, STAGE1_STEPS, metrics, run_training, stage1_overrides, torchrun_command
 from tools.demo import cpu_training_env, free_port
 

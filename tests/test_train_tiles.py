@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.model import TokenFlexVLM
+from pipeline.model.vlm import TokenFlexVLM
 from tests.distributed import metrics, run_training
 
 pytestmark = pytest.mark.timeout(600)

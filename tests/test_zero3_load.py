@@ -16,8 +16,9 @@ import torch.multiprocessing as mp
 from deepspeed.runtime.zero.utils import is_zero_param
 from safetensors.torch import load_file
 
-from pipeline.config import load_config
-from pipeline.model import TokenFlexVLM, weight_files
+from pipeline.model.folder import weight_files
+from pipeline.model.vlm import TokenFlexVLM
+from pipeline.run.config import load_config
 from stages import STAGES
 from tests.distributed import REPO
 from tools.demo import free_port

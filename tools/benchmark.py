@@ -27,7 +27,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.model_card import set_evaluation
+from pipeline.export.model_card import set_evaluation
 from tools.options import (
     add_model_options,
     add_placement_options,
@@ -62,7 +62,7 @@ def main(argv=None):
     names = model_names(parser, args)
     device, dtype = placement(parser, args)
     try:
-        from pipeline.lmms_eval_model import SweepError, sweep
+        from pipeline.eval.lmms_eval_sweep import SweepError, sweep
     except ModuleNotFoundError as error:
         parser.error(f"{error}: install lmms-eval with `pip install --no-deps -r requirements-eval.txt`")
     tasks = [t for t in args.tasks.split(",") if t]

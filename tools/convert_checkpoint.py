@@ -14,8 +14,8 @@ that folder (model.init_from).
 import argparse
 import sys
 
-from pipeline.convert import ConversionError, convert_checkpoint
-from pipeline.inference import DTYPES
+from pipeline.export.convert import ConversionError, convert_checkpoint
+from pipeline.model.runtime import DTYPES
 
 USAGE_ERROR = 2
 

@@ -12,7 +12,7 @@ a row per model, tile limit and N), OUT/accuracy_vs_tokens.png and OUT/accuracy_
 (accuracy against vision tokens per image, one curve per model and tile limit).
 
 --tokens adaptive answers each image question at the smallest N of a ladder (--ladder, default
-16,64,144,256) whose answer's probability reaches a threshold (pipeline/adaptive.py): --threshold
+16,64,144,256) whose answer's probability reaches a threshold (pipeline/eval/adaptive.py): --threshold
 gives it, or --calibrate VALIDATION_SHARDS picks, on a validation split, the one with the fewest
 mean vision tokens within --max-drop points of the best fixed N's accuracy there. The image is
 encoded once and re-pooled for each try. Per model it reports each ladder N as a fixed N, the
@@ -31,8 +31,9 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.adaptive import DEFAULT_LADDER, evaluate_adaptive
-from pipeline.evaluate import evaluate
+from pipeline.eval.adaptive import DEFAULT_LADDER
+from pipeline.eval.adaptive_study import evaluate_adaptive
+from pipeline.eval.heldout import evaluate
 from tools.options import (
     add_model_options,
     add_placement_options,

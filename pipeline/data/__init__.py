@@ -11,9 +11,12 @@ any world size.
     shards.py   reading samples out of tar shards by index
     decode.py   sample bytes -> token ids, labels, pixel values
     stream.py   the DataLoader workers' stream of items; evaluation's one pass (iter_samples)
+    workers.py  the training loader's worker processes beside their training process (signals, exit)
     handover.py how items cross from the workers, in groups with one pixel tensor, and their order
     state.py    the small resume state, replayed at the same layout, split at another
-    batches.py  packed batches for one rank (TrainBatches)
+    packing.py  which samples fill each row: pure functions of lengths and tile counts
+    assemble.py a packed batch from the samples chosen for its rows (PackedBatch)
+    batches.py  packed batches for one rank, resumable (TrainBatches)
 """
 
 from pipeline.data.batches import TrainBatches

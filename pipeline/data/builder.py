@@ -43,8 +43,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data.decode import IMAGE_EXTENSIONS
-from pipeline.data.schemas import (ImageRef, SchemaError, Skip, check_schema, conversation_problem, detect_schema,
-                                   to_llava)
+from pipeline.data.schemas import (
+    ImageRef,
+    SchemaError,
+    Skip,
+    check_schema,
+    conversation_problem,
+    detect_schema,
+    to_llava,
+)
 from pipeline.data.sources import open_rows
 
 REASONS = ["missing_image", "image_outside_root", "malformed_conversation", "image_tag_mismatch", "video",

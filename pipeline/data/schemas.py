@@ -1,5 +1,5 @@
 """The conversation schemas data sets are published in, and a row of each as a LLaVA record (the
-form shards store and pipeline/chat.py reads) plus its images, in the order of their <image> tags.
+form shards store and pipeline/model/chat.py reads) plus its images, in the order of their <image> tags.
 
   llava     `conversations`: [{from: human|gpt, value}], images in `image` (one, or a list) or
             `images` (a list): LLaVA's JSON, LLaVA-OneVision-Data's parquet, LLaMA-Factory's
@@ -24,7 +24,7 @@ Rows without an `id` column get "row-<index>".
 
 from dataclasses import dataclass
 
-from pipeline.chat import IMAGE_TOKEN
+from pipeline.model.chat import IMAGE_TOKEN
 
 SCHEMAS = {"llava": "conversations", "cauldron": "texts", "messages": "messages"}  # name: the column that names it
 IMAGE_PART_KEYS = ("image", "path", "url")

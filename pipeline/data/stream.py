@@ -11,15 +11,8 @@ handover.stream_index), its epoch and position, where its worker's epoch began
 main process in handovers of several (pipeline/data/handover.py), which sets the combined order.
 """
 
-import atexit
-import ctypes
-import functools
 import logging
-import multiprocessing.util  # registers multiprocessing's exit handler before ours (see _exiting)
-import os
 import random
-import signal
-import sys
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,12 +43,10 @@ from pipeline.data.plan import (
 )
 from pipeline.data.shards import ReadingBoard, ShardError, read_shard
 from pipeline.data.state import Progress
+from pipeline.data.workers import worker_init
 
 if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
     from transformers.image_processing_utils import BaseImageProcessor
-
-# Workers are forked after the tokenizer is built; its thread pool must not be in use then.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +180,7 @@ class RankStream:
         prefetch = max(2, per_worker) if cfg.num_workers else None
         self.items = loader_items(stream, cfg.num_workers, prefetch_factor=prefetch,
                                   timeout=self.timeout if cfg.num_workers else 0,
-                                  worker_init_fn=functools.partial(loader_worker_setup, _exiting))
+                                  worker_init_fn=worker_init())
 
     @property
     def epoch(self) -> int:
@@ -246,24 +237,3 @@ def iter_samples(shards: str | Path, tokenizer: PreTrainedTokenizerBase, image_p
     for item in loader_items(stream, num_workers):
         if item["kind"] == "sample":
             yield item
-
-
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-# Set as this process exits. multiprocessing's own exit handler terminates (SIGTERM), then joins,
-# its child processes; atexit runs handlers last-registered first, so this one runs before it.
-_exiting = multiprocessing.RawValue(ctypes.c_bool, False)
-atexit.register(setattr, _exiting, "value", True)
-
-
-def loader_worker_setup(exiting: ctypes.c_bool, worker_id: int) -> None:
-    """Runs in each training loader worker; `exiting` is _exiting (passed on, for any start method).
-
-    Slurm signals every process of a job step: USR1 before the time limit, TERM on preemption.
-    A worker ignores both, so that its training process can finish the step and save, until
-    that process exits, on success or on an exception: then TERM ends the worker, or the exit
-    would wait for it forever. If the training process dies without exiting (SIGKILL), the
-    kernel kills the worker (PR_SET_PDEATHSIG, Linux only)."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if exiting.value else None)
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

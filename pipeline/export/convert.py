@@ -24,13 +24,14 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from PIL import Image, ImageDraw
 from transformers import AutoImageProcessor, PreTrainedTokenizerBase
 
-from pipeline.chat import IMAGE_TOKEN, load_tokenizer, tokenize_record
-from pipeline.checkpoint import checkpoint_tags, latest_tag
-from pipeline.config import Config, load_config
-from pipeline.inference import as_dtype
-from pipeline.model import MODEL_TYPE, TokenFlexVLM, read_vlm_config, write_model_folder
-from pipeline.model_card import write_model_card
-from pipeline.tiles import prepare_images
+from pipeline.export.model_card import write_model_card
+from pipeline.model.chat import IMAGE_TOKEN, load_tokenizer, tokenize_record
+from pipeline.model.folder import MODEL_TYPE, read_vlm_config, write_model_folder
+from pipeline.model.runtime import as_dtype
+from pipeline.model.tiles import prepare_images
+from pipeline.model.vlm import TokenFlexVLM
+from pipeline.run.config import Config, load_config
+from pipeline.run.layout import checkpoint_tags, latest_tag
 
 if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
     from transformers.image_processing_utils import BaseImageProcessor

@@ -1,6 +1,6 @@
 """How images become the vision tower's pixels, alike in training, evaluation and generation.
 
-Model folders carry this module as transformers remote code (see pipeline/model.py): it needs
+Model folders carry this module as transformers remote code (see pipeline/model/vlm.py): it needs
 nothing beyond PIL, torch and the image processor.
 
 Two stages, split where the DataLoader's worker boundary lies:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # for annotations only: transformers' image processor base is
     from transformers.image_processing_utils import BaseImageProcessor
 
 RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}  # PIL's BILINEAR and BICUBIC: torch has both antialiased
+IMAGE_ASPECTS = ("pad", "resize")  # data.image_aspect: see tower_pixels
 
 
 def set_image_aspect(image_processor: "BaseImageProcessor", aspect: str) -> None:
@@ -124,7 +125,7 @@ def pixel_table(image_processor: "BaseImageProcessor") -> torch.Tensor:
 def normalize_pixels(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """(tiles, 3, H, W) uint8 -> the processor's float values, on the pixels' device."""
     if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
-        raise ValueError(f"pixel values must be (tiles, 3, H, W) uint8 from pipeline.tiles.prepare_images, "
+        raise ValueError(f"pixel values must be (tiles, 3, H, W) uint8 from pipeline.model.tiles.prepare_images, "
                          f"got {tuple(pixels.shape)} {pixels.dtype}")
     channels = torch.arange(3, device=pixels.device).view(3, 1, 1)
     return table[channels, pixels.long()]

@@ -18,7 +18,8 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import PreTrainedConfig
 
-from .model import MODEL_TYPE, TokenFlexVLM
+from .folder import MODEL_TYPE
+from .vlm import TokenFlexVLM
 
 # what the Auto classes pass to a remote model's from_pretrained besides the caller's options
 AUTO_CLASS_OPTIONS = {"config", "trust_remote_code", "adapter_kwargs", "_from_auto", "revision"}

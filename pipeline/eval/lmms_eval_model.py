@@ -1,16 +1,16 @@
-"""TokenFLEX as an lmms-eval model, at one vision-token count N per run, and a sweep over N:
+"""TokenFLEX as an lmms-eval model, at one vision-token count N per run:
 
     python -m lmms_eval --model tokenflex --tasks mme,pope --batch_size 8 \
         --model_args pretrained=runs/stage2/final,num_vision_tokens=64,num_tiles=4,device=cuda,dtype=bfloat16
 
-lmms-eval finds it through its entry-point group `lmms_eval.models` (pipeline/lmms_eval_plugin.py,
+lmms-eval finds it through its entry-point group `lmms_eval.models` (pipeline/eval/lmms_eval_plugin.py,
 named in pyproject.toml; installed with requirements-eval.txt). Run it from the repository
 root, like the project's other commands, so that `pipeline` is importable.
 
 Each request is one prompt with any number of images (a document's visuals, in order; videos
 are refused), built as tools.generate builds it (TokenFlexVLM.prompt_ids: an image marker and a
 newline per image, then the task's text, in one user turn). num_tiles: at most this many tiles
-per image (pipeline/tiles.py; default: what the model folder records).
+per image (pipeline/model/tiles.py; default: what the model folder records).
 generate_until answers greedily; each batch's prompts run through the LM once, and that prefill
 (vision encoding + prompt forward, the part N changes) is timed and reported through lmms-eval's
 throughput metrics as `prefill_ms` (median over batches) with its quartiles. loglikelihood scores
@@ -19,23 +19,19 @@ document's image once for all of its choices.
 
 num_vision_tokens=adaptive (with threshold=, and ladder=, default 16-64-144-256: lmms-eval splits
 model_args at commas) answers each generate_until request at the smallest N of the ladder whose
-answer's probability reaches the threshold (pipeline/adaptive.py: each batch's images encoded
+answer's probability reaches the threshold (pipeline/eval/adaptive.py: each batch's images encoded
 once, re-pooled per try); take the threshold from `python -m tools.evaluate --tokens adaptive
 --calibrate VALIDATION_SHARDS`. The probability is the whole generated answer's, before the
 task's `until` cuts it, so a threshold calibrated on short answers suits tasks with short answers.
 The throughput metrics add mean_vision_tokens (over the requests with an image), tries_per_image
 and the threshold. Log-likelihood requests are refused at num_vision_tokens=adaptive: the policy
 stops on a generated answer's probability, and scoring given choices generates none; score them at
-a fixed N.
-
-sweep() runs lmms-eval's simple_evaluate for every model folder, tile count, N and task, and
-times the prefill of a probe batch (tools/benchmark).
+a fixed N. A sweep over N, tile counts and model folders: lmms_eval_sweep.py.
 """
 
-import itertools
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -45,16 +41,15 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from PIL import Image
-from tenacity import RetryError
 from tqdm import tqdm
 
-from pipeline.adaptive import DEFAULT_LADDER, adaptive_generate, check_ladder, mean_over_images
-from pipeline.chat import IMAGE_TOKEN
-from pipeline.distributed import task_gpu
-from pipeline.inference import chunks_by_rows, inference_placement, prefill_summary
-from pipeline.model import TokenFlexVLM, VLMConfig, read_vlm_config
-from pipeline.tiles import recorded_tiling
-
+from pipeline.eval.adaptive import DEFAULT_LADDER, adaptive_generate, check_ladder, mean_over_images
+from pipeline.model.chat import IMAGE_TOKEN
+from pipeline.model.folder import VLMConfig, read_vlm_config
+from pipeline.model.inference import chunks_by_rows
+from pipeline.model.runtime import inference_placement, prefill_summary
+from pipeline.model.vlm import TokenFlexVLM
+from pipeline.train.distributed import task_gpu
 
 DEFAULT_LADDER_ARG = "-".join(map(str, DEFAULT_LADDER))  # model_args' spelling: 16-64-144-256
 
@@ -62,7 +57,7 @@ DEFAULT_LADDER_ARG = "-".join(map(str, DEFAULT_LADDER))  # model_args' spelling:
 def default_device() -> str:
     """This process's GPU, else cpu. Under `accelerate launch` each process evaluates its share of
     the requests on its own GPU: its local rank's, or the one GPU it sees when Slurm binds a GPU
-    per task (pipeline.distributed.task_gpu)."""
+    per task (pipeline.train.distributed.task_gpu)."""
     if not torch.cuda.is_available():
         return "cpu"
     return f"cuda:{task_gpu(int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count())}"
@@ -243,88 +238,3 @@ def cut_at(answer: str, until: Sequence[str]) -> str:
     for stop in filter(None, until):
         answer = answer.split(stop, 1)[0]
     return answer.strip()
-
-
-# ---- the sweep over N ----
-
-class SweepError(Exception):
-    """A task that failed for one model at one N; `result` holds that (model, N)'s finished tasks."""
-
-    def __init__(self, result, task, error):
-        self.result, self.task = result, task
-        self.error = error.last_attempt.exception() if isinstance(error, RetryError) else error  # lmms-eval's retries
-        super().__init__(f"model {result['model']} at N={result['num_vision_tokens']}, task {task}: "
-                         f"{type(self.error).__name__}: {self.error}")
-
-
-def probe_batch(model: TokenFlexVLM, batch_size: int, num_tiles: int | None = None
-                ) -> tuple[list[Image.Image], list[str]]:
-    """batch_size prompts, each with a plain image and a short question: the fixed batch whose
-    prefill the sweep times at every N. The image is num_tiles (default: the folder's recorded
-    max_tiles) tower inputs wide, so that it is cut into that many tiles (and a thumbnail)."""
-    size = model.image_processor.size
-    tiles = num_tiles or recorded_tiling(model.image_processor)[0]
-    image = Image.new("RGB", (tiles * size["width"], size["height"]), (128, 128, 128))
-    return [image] * batch_size, ["What colour is the background?"] * batch_size
-
-
-def sweep(model_dirs: Sequence[str | Path], names: Sequence[str], tasks: Sequence[str], counts: Sequence[int],
-          limit: int | None = None, batch_size: int = 1, device: str | torch.device | None = None,
-          dtype: str | torch.dtype | None = None, include_path: str | None = None, timing_repeats: int = 5,
-          tiles: Sequence[int | None] = (None,)) -> Iterator[dict]:
-    """One result per model, tile count and N, yielded as it finishes: lmms-eval's per-task
-    results, its scores flattened to {"task metric": value}, every document's prompt and
-    responses (an answer, or a (negative log-likelihood, is-greedy) pair per choice) and the
-    prefill latency (prefill_summary of timing_repeats timed prefills of probe_batch after a
-    warm-up). tiles: the tile limits to run at (None: the folder's own); with several, each
-    result's model name says its tile count ("name tiles=T"). Each model is loaded once for all
-    tile counts and N, and every task runs on its own, so that a failure names it (SweepError).
-    One process (for data-parallel runs of one N, use lmms-eval's own CLI under `accelerate launch`)."""
-    from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
-
-    for path in model_dirs:
-        for n in counts:
-            read_vlm_config(path).check_token_count(n)
-    task_manager = TaskManager(include_path=include_path)
-    unknown = [t for t in tasks if t not in task_manager.all_tasks]
-    if unknown:
-        raise ValueError(f"lmms-eval knows no task {', '.join(unknown)} (include path: {include_path})")
-    model = model_path = None
-    for (name, path), num_tiles, n in itertools.product(zip(names, model_dirs, strict=True), tiles, counts):
-        if model_path != path:
-            model = None  # frees its memory before the next model loads
-            model, model_path = load_model(path, device, dtype), path
-        label = name if len(tiles) == 1 else f"{name} tiles={num_tiles}"
-        result = {"model": label, "path": str(path), "num_vision_tokens": n, "num_tiles": num_tiles, "scores": {},
-                  "samples": {}, "task_results": {}, "responses": {}, "prefill_ms": None, "prefill_ms_q1": None,
-                  "prefill_ms_q3": None}
-        for task in tasks:
-            try:
-                output = simple_evaluate(model=TokenFlexLMMs(model, n, batch_size=batch_size, num_tiles=num_tiles),
-                                         tasks=[task], task_manager=task_manager, limit=limit, log_samples=True)
-            except Exception as error:  # named, and handed on with the finished tasks
-                raise SweepError(result, task, error) from error
-            result["scores"] |= flat_scores(output["results"])
-            result["task_results"] |= output["results"]
-            for task_name, samples in output["samples"].items():
-                result["samples"][task_name] = len(samples)
-                # the prompt: the first argument of the document's requests, as lmms-eval logs it
-                result["responses"][task_name] = [{"doc_id": s["doc_id"], "input": s["arguments"][0],
-                                                   "target": s["target"], "responses": s["filtered_resps"]}
-                                                  for s in samples]
-        probe = probe_batch(model, batch_size, num_tiles)
-        result |= prefill_summary(model.prefill_repeats(*probe, n, timing_repeats, num_tiles))
-        yield result
-
-
-def flat_scores(task_results: dict[str, dict]) -> dict[str, float]:
-    """{"task metric": value} from lmms-eval's {task: {"metric,filter": value}}, without the
-    stderrs; the filter joins the name when it is not "none"."""
-    scores = {}
-    for task, metrics in task_results.items():
-        for key, value in metrics.items():
-            metric, _, filter_name = key.partition(",")
-            if filter_name and "_stderr" not in metric and isinstance(value, (int, float)):
-                scores[f"{task} {metric}" + ("" if filter_name == "none" else f" ({filter_name})")] = value
-    return scores

@@ -1,24 +1,15 @@
-"""What a training step is worth and rank 0's view of training.
-
-Work and step_flops: a step's FLOPs, useful (for MFU) and executed (for HFU), from what its
-batches held. MetricsLog: metrics.jsonl, wandb (offline unless configured), a progress bar, and
-a metrics line in the log every train.log_every steps (what a Slurm log file shows best).
+"""What a training step is worth: the work its micro-batches asked of the model (Work) and its
+FLOPs, useful (for MFU) and executed (for HFU).
 """
 
-import json
-import logging
 from dataclasses import astuple, dataclass
-from pathlib import Path
 
 import torch
-import wandb
 from torch import nn
-from tqdm import tqdm
 
-from pipeline.engine import numel
-from pipeline.model import TokenFlexVLM, supervised_targets
-
-log = logging.getLogger("tokenflex")
+from pipeline.engine.engine import numel
+from pipeline.model.loss import supervised_targets
+from pipeline.model.vlm import TokenFlexVLM
 
 
 @dataclass(frozen=True)
@@ -133,63 +124,3 @@ def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple
         return int(total)
 
     return flops(executed=False), flops(executed=True)
-
-
-class MetricsLog:
-    def __init__(self, cfg, config_dict, start_step, wandb_id):
-        self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
-        self.log_every, self.max_steps = cfg.train.log_every, cfg.train.max_steps
-        self._drop_steps_after(start_step)
-        self.run = None
-        if cfg.wandb.mode != "disabled":
-            self.run = wandb.init(
-                project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=cfg.wandb.name or None,
-                mode=cfg.wandb.mode, dir=cfg.train.output_dir, id=wandb_id, resume="allow", config=config_dict,
-            )
-        # at most one refresh a second: Slurm log files keep every refresh
-        self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc=cfg.train.stage, unit="step",
-                        dynamic_ncols=True, mininterval=1.0)
-
-    @property
-    def wandb_id(self) -> str | None:
-        return self.run.id if self.run else None
-
-    def _drop_steps_after(self, step):
-        """A resumed run repeats the steps after its checkpoint; keep one history in the file."""
-        if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-
-    def log(self, metrics: dict) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
-        if metrics["update_skipped"]:
-            self.log_skipped(metrics)
-            return
-        if self.run:
-            n = metrics["num_vision_tokens"]
-            self.run.log({**metrics, f"loss_by_n/{n}": metrics["loss"]}, step=metrics["step"])
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", N=metrics["num_vision_tokens"],
-                             tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if metrics["step"] % self.log_every == 0:
-            mfu = f"  MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""  # GPU only
-            with self.bar.external_write_mode():  # print above the bar, not glued to it
-                log.info("step %d/%d  N=%d  loss %.4f  lr %.3g  grad norm %.3g  %.0f tokens/s  padding %.1f%%%s",
-                         metrics["step"], self.max_steps, metrics["num_vision_tokens"], metrics["loss"],
-                         metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"], 100 * metrics["padding_fraction"],
-                         mfu)
-
-    def log_skipped(self, metrics: dict) -> None:
-        """A step without a supervised token on any rank: no loss, no update (train_step)."""
-        if self.run:
-            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["step"])
-        self.bar.update(1)
-        with self.bar.external_write_mode():
-            log.warning("step %d/%d  N=%d  skipped: no rank had a supervised token (no optimizer update, "
-                        "LR schedule unchanged)", metrics["step"], self.max_steps, metrics["num_vision_tokens"])
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.run:
-            self.run.finish()

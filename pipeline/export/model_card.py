@@ -9,8 +9,8 @@ in the vision and text configs, carried unchanged from stage 1 into stage 2.
 
 from pathlib import Path
 
-from pipeline.config import Config, DataConfig
-from pipeline.model import VLMConfig
+from pipeline.model.folder import VLMConfig
+from pipeline.run.config import Config, DataConfig
 from stages import STAGES
 
 EVALUATION_HEADING = "## Evaluation"
@@ -18,7 +18,7 @@ EVALUATION_HEADING = "## Evaluation"
 
 def write_model_card(folder: str | Path, config: VLMConfig, run_config: Config | None = None, step: int | None = None,
                      mixture: dict | None = None) -> None:
-    """README.md in `folder` for a VLMConfig; run_config (a pipeline.config.Config), step and
+    """README.md in `folder` for a VLMConfig; run_config (a pipeline.run.config.Config), step and
     mixture (the checkpoint's mixture.json: pipeline.data.mixture.Mixture.manifest()) say how and
     on what it was trained when the folder comes from a training run."""
     folder = Path(folder)

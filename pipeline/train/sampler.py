@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pipeline.distributed import max_over_ranks
+from pipeline.train.distributed import max_over_ranks
 
 
 class TokenCountSampler:

@@ -2,7 +2,7 @@
 
 A conversation carries one IMAGE_TOKEN per image, in the order of its images. Just before the LM
 sees it, each marker is expanded into its image's slots: N copies (the step's vision-token count)
-per tile, plus row ends (pipeline/tiles.py); the image's tiles, projected, fill those slots in order.
+per tile, plus row ends (pipeline/model/tiles.py); the image's tiles, projected, fill those slots in order.
 
 Each LM family gets its own conversation format (model.chat_format; `auto` picks it):
   chatml  tokenizers with a chat template and <|im_start|>/<|im_end|> in their vocabulary
@@ -137,7 +137,7 @@ def load_tokenizer(path: str | Path, chat_format: str = "auto") -> PreTrainedTok
 
 def expand_image_markers(input_ids: list[int], labels: list[int], image_token_id: int,
                          slots_per_image: int | Sequence[int]) -> tuple[list[int], list[int]]:
-    """Replace the k-th image marker with slots_per_image[k] copies (pipeline/tiles.py:
+    """Replace the k-th image marker with slots_per_image[k] copies (pipeline/model/tiles.py:
     image_slots; an int: every image's); image slots never train."""
     markers = input_ids.count(image_token_id)
     slots = [slots_per_image] * markers if isinstance(slots_per_image, int) else list(slots_per_image)

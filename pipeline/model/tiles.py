@@ -1,6 +1,6 @@
 """High-resolution images as tiles at the vision tower's input size, and where tiles sit in the text.
 
-Model folders carry this module as transformers remote code (see pipeline/model.py).
+Model folders carry this module as transformers remote code (see pipeline/model/vlm.py).
 
 The grid (InternVL's dynamic-resolution rule): among every grid of `cols x rows` tiles with
 1 <= cols x rows <= max_tiles, take the one whose aspect ratio cols / rows is closest to the

@@ -1,27 +1,15 @@
-"""Adaptive N at inference: each image and question answered at the smallest vision-token count
-of a ladder whose answer the model is confident in.
+"""Adaptive N measured: its threshold calibrated on a validation split, the policy evaluated on a
+test split beside every fixed N of its ladder and the oracle.
 
-The policy (first_confident): try the ladder's counts in increasing order (default 16, 64, 144,
-256); at each, answer greedily and read the answer's probability (the product of its tokens'
-probabilities, end token included: InferenceMixin.scored_generate); keep the first answer whose
-probability is at least the threshold, else the last count's. A text-only question has no N:
-it is answered once.
-
-The vision tower runs once per image (once per tile with tiles): every try re-pools the same
-tower features to its N (model.projector(features, N)), so a try costs the projector and the
-LM's prompt forward.
-
-The threshold is calibrated on a validation split (calibrate): from each count's answers and
-their probabilities there, the threshold with the fewest mean vision tokens whose accuracy is
-within max_drop of the best fixed count's. The oracle (oracle_result) answers each question at
-the smallest count that answers it right (at the smallest count when none does): no policy over
-the ladder can be more accurate, or cheaper at that accuracy.
-
-Mean vision tokens are over the questions with an image; accuracy is over all of them.
+The threshold (calibrate): from each count's answers and their probabilities on the validation
+split, the one with the fewest mean vision tokens whose accuracy is within max_drop of the best
+fixed count's. The oracle (oracle_result) answers each question at the smallest count that
+answers it right (at the smallest count when none does): no policy over the ladder can be more
+accurate, or cheaper at that accuracy. Mean vision tokens are over the questions with an image;
+accuracy is over all of them.
 """
 
 import itertools
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -31,77 +19,11 @@ from tqdm import tqdm
 
 from pipeline.data import iter_samples
 from pipeline.data.mixture import resolve_source
-from pipeline.evaluate import batches_of, default_names, evaluate_model, normalise, score
-from pipeline.inference import prefill_summary, synchronize
-from pipeline.model import TokenFlexVLM, VLMConfig, read_vlm_config
-
-DEFAULT_LADDER = (16, 64, 144, 256)
-
-
-def check_ladder(ladder: Sequence[int], config: VLMConfig) -> None:
-    """ValueError unless the ladder is at least two increasing counts the model can serve."""
-    if len(ladder) < 2 or list(ladder) != sorted(set(ladder)):
-        raise ValueError(f"ladder {list(ladder)}: give at least two increasing token counts")
-    for n in ladder:
-        config.check_token_count(n)
-
-
-def first_confident(probabilities: np.ndarray, threshold: float) -> np.ndarray:
-    """The policy on (questions, tries) answer probabilities: per question, the index of the
-    first try whose probability reaches threshold, the last try when none does."""
-    confident = probabilities >= threshold
-    confident[:, -1] = True
-    return confident.argmax(axis=1)
-
-
-# ---- the policy, run ----
-
-@torch.no_grad()
-def adaptive_generate(model: TokenFlexVLM, samples: Sequence[dict], ladder: Sequence[int], threshold: float,
-                      max_new_tokens: int) -> tuple[list[dict], float]:
-    """Per sample, {"prediction", "chosen_tokens" (None without an image), "probability",
-    "tries"}; and the prefill seconds: the tower once for the batch's tiles, plus every try's
-    prefill (re-pooling, tile layout, splicing and the prompt's forward).
-
-    samples: dicts with prompt_ids, pixel_values ((tiles, 3, H, W) uint8 or None: text-only) and
-    image_grids, as iter_samples gives them."""
-    tile_rows, first = {}, 0  # per sample with images: its tiles' rows in the tower's features
-    for i, sample in enumerate(samples):
-        if sample["pixel_values"] is not None:
-            tile_rows[i] = list(range(first, first + len(sample["pixel_values"])))
-            first += len(sample["pixel_values"])
-    seconds = 0.0
-    if tile_rows:
-        synchronize(model.device)
-        started = time.perf_counter()
-        features = model.image_features(model.image_inputs(samples)["pixel_values"])
-        synchronize(model.device)
-        seconds += time.perf_counter() - started
-    results, pending = [None] * len(samples), list(range(len(samples)))
-    for attempt, n in enumerate(ladder, start=1):
-        def make_inputs(asked: tuple[int, ...] = tuple(pending), n: int = n) -> tuple[torch.Tensor, torch.Tensor]:
-            grids = [grid for i in asked for grid in samples[i]["image_grids"]]
-            input_ids, attention_mask = model.left_padded_prompts(
-                [samples[i]["prompt_ids"] for i in asked], torch.tensor(grids, dtype=torch.long).view(-1, 2), n)
-            rows = [row for i in asked for row in tile_rows.get(i, [])]
-            tile_embeds = (model.projector(features[rows], n) if rows else
-                           torch.zeros(0, n, model.language_model.config.hidden_size, device=model.device))
-            return model.splice_images(input_ids, model.tile_layout(tile_embeds, grids)), attention_mask
-
-        answers, try_seconds, probabilities = model.scored_generate(make_inputs, max_new_tokens)
-        seconds += try_seconds
-        still = []
-        for i, answer, probability in zip(pending, answers, probabilities, strict=True):
-            has_image = i in tile_rows
-            if not has_image or probability >= threshold or attempt == len(ladder):
-                results[i] = {"prediction": answer, "chosen_tokens": n if has_image else None,
-                              "probability": probability, "tries": attempt}
-            else:
-                still.append(i)
-        pending = still
-        if not pending:
-            break
-    return results, seconds
+from pipeline.eval.adaptive import DEFAULT_LADDER, adaptive_generate, check_ladder, first_confident, mean_over_images
+from pipeline.eval.heldout import batches_of, default_names, evaluate_model, normalise, score
+from pipeline.model.folder import read_vlm_config
+from pipeline.model.runtime import prefill_summary
+from pipeline.model.vlm import TokenFlexVLM
 
 
 def evaluate_adaptive_model(model: TokenFlexVLM, samples: Iterable[dict], ladder: Sequence[int], threshold: float,
@@ -129,14 +51,8 @@ def evaluate_adaptive_model(model: TokenFlexVLM, samples: Iterable[dict], ladder
         **prefill_summary(seconds), "prefill_total_s": sum(seconds)}
 
 
-def mean_over_images(results: Sequence[dict], key: str) -> float | None:
-    """The mean of key over adaptive_generate's results for prompts with an image (None without any)."""
-    values = [r[key] for r in results if r["chosen_tokens"] is not None]
-    return sum(values) / len(values) if values else None
-
-
 def question(sample: dict) -> dict:
-    """What a prediction records of its sample (as pipeline.evaluate's predictions do)."""
+    """What a prediction records of its sample (as pipeline.eval.heldout's predictions do)."""
     return {"key": sample["key"], "answer": sample["answer"],
             "question_type": sample["record"].get("question_type", "all"), "image": sample["pixel_values"] is not None}
 
@@ -157,10 +73,8 @@ def policy_result(predictions: list[dict], policy: str, name: str, model: TokenF
                      "predictions": predictions}
 
 
-# ---- from every count's answers: fixed rows, the oracle, the policy simulated, calibration ----
-
 def fixed_result(result: dict) -> dict:
-    """pipeline.evaluate's result at one N as a policy row: every image question at N."""
+    """pipeline.eval.heldout's result at one N as a policy row: every image question at N."""
     n = result["num_vision_tokens"]
     by_type = {p["question_type"] for p in result["predictions"] if p["image"]}
     return result | {"policy": "fixed", "mean_vision_tokens": n if any(p["image"] for p in result["predictions"]) else None,
@@ -169,7 +83,7 @@ def fixed_result(result: dict) -> dict:
 
 def ladder_arrays(fixed_results: Sequence[dict], ladder: Sequence[int]) -> dict[str, np.ndarray]:
     """(questions, tries) probabilities and hits, and which questions have an image, from
-    pipeline.evaluate's results of one model at each count of the ladder (same samples, in order)."""
+    pipeline.eval.heldout's results of one model at each count of the ladder (same samples, in order)."""
     by_n = {r["num_vision_tokens"]: r["predictions"] for r in fixed_results}
     missing = [n for n in ladder if n not in by_n]
     if missing:
@@ -220,8 +134,6 @@ def oracle_result(fixed_results: Sequence[dict], ladder: Sequence[int], name: st
         predictions.append(p | {"chosen_tokens": ladder[c] if p["image"] else None})
     return policy_result(predictions, "oracle", name)
 
-
-# ---- model folders on shards ----
 
 def first_samples(model: TokenFlexVLM, shards: str | Path, limit: int | None) -> Iterator[dict]:
     """The first limit samples of shards (all of them when limit is None), streamed."""

@@ -7,12 +7,12 @@ only. The synthetic records' question_type is the type of that last question.
 
 Per model, tile limit and N: exact-match accuracy (answers normalised: stripped, lower-cased,
 trailing punctuation dropped) overall and per question type, mean loss per answer token, the
-vision tokens per image (its slots: N per tile plus row ends, pipeline/tiles.py, averaged over
+vision tokens per image (its slots: N per tile plus row ends, pipeline/model/tiles.py, averaged over
 the images), the prefill per batch (vision encoding + prompt forward, the part N changes: its
 median and quartiles over the batches, in ms) and vision-token throughput (image slots /
 prefill seconds, over all batches), and the prefill's total. Tile limits re-read the data:
 tiles are cut as samples are decoded. Each prediction carries its probability under the model
-(the product of its tokens' probabilities): what the adaptive policy (pipeline/adaptive.py) reads.
+(the product of its tokens' probabilities): what the adaptive policy (pipeline/eval/adaptive.py) reads.
 
 Scoring only: tools/evaluate.py writes the results, tools/report.py makes tables and plots.
 """
@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.chat import IGNORE_INDEX
 from pipeline.data import iter_samples
 from pipeline.data.mixture import load_mixture
-from pipeline.inference import prefill_summary
-from pipeline.model import TokenFlexVLM, read_vlm_config
-from pipeline.tiles import image_slots, recorded_tiling
+from pipeline.model.chat import IGNORE_INDEX
+from pipeline.model.folder import read_vlm_config
+from pipeline.model.runtime import prefill_summary
+from pipeline.model.tiles import image_slots, recorded_tiling
+from pipeline.model.vlm import TokenFlexVLM
 
 TRAILING_PUNCTUATION = ".,;:!?"
 
