@@ -81,26 +81,34 @@ def test_the_job_reads_every_sample_once_an_epoch_whatever_the_shard_sizes(synth
         assert off[-1] <= in_flight + drift, (off, in_flight, drift)
 
 
-def resume_elsewhere(cfg, models, before, after, steps_before, epoch_samples, n=64):
+def samples_past_epoch_0(packed):
+    """How many samples were packed after the last one of epoch 0."""
+    last = max((i for i, s in enumerate(packed) if s[-1] == 0), default=-1)
+    return len(packed) - 1 - last
+
+
+def resume_elsewhere(cfg, models, before, after, steps_before, past_the_end, n=64):
     """Run `steps_before` steps at layout `before` (ranks, workers), save every rank's state
-    (through JSON, as a checkpoint keeps it), resume at layout `after` and run until the job has
-    packed an epoch's worth of samples labelled epoch 0. Returns the samples packed over the run,
-    and every rank's counters at the save and right after the resume."""
+    (through JSON, as a checkpoint keeps it), resume at layout `after` and run until `past_the_end`
+    samples have been packed after the last one labelled epoch 0 (at most 100 steps). Returns the
+    samples packed before the save and after it, and every rank's counters at the save and right
+    after the resume."""
     (ranks, workers), (new_ranks, new_workers) = before, after
     loaders = [TrainBatches(DataConfig(**{**cfg.__dict__, "num_workers": workers}), *models, rank=r, world_size=ranks)
                for r in range(ranks)]
-    packed = [s for _ in range(steps_before) for samples in step(loaders, n) for s in samples]
+    before_save = [s for _ in range(steps_before) for samples in step(loaders, n) for s in samples]
     states = json.loads(json.dumps([loader.state_dict() for loader in loaders]))
     saved = [copy.deepcopy(loader.counters) for loader in loaders]
     del loaders
     resumed = [TrainBatches(DataConfig(**{**cfg.__dict__, "num_workers": new_workers}), *models, rank=r,
                             world_size=new_ranks, states=states) for r in range(new_ranks)]
     restored = [copy.deepcopy(loader.counters) for loader in resumed]
+    after_resume = []
     for _ in range(100):
-        packed += [s for samples in step(resumed, n) for s in samples]
-        if sum(s[-1] == 0 for s in packed) >= epoch_samples:
+        after_resume += [s for samples in step(resumed, n) for s in samples]
+        if samples_past_epoch_0(before_save + after_resume) >= past_the_end:
             break
-    return packed, saved, restored
+    return before_save, after_resume, saved, restored
 
 
 def summed(counters):
@@ -113,13 +121,20 @@ def summed(counters):
 
 @pytest.mark.parametrize("before, after", [((2, 2), (1, 3)), ((1, 1), (2, 2))])
 def test_a_resume_at_another_layout_continues_the_epoch(synth, models, before, after):
-    """Stopped mid-epoch and resumed with other ranks and workers: over the whole run, every
-    sample of epoch 0 is consumed exactly once, and the counters carry the job's totals on."""
+    """Stopped mid-epoch (some of epoch 0 consumed, none of epoch 1) and resumed with other ranks
+    and workers, then run on well past epoch 0's end (a third of an epoch more: beyond what the
+    pack windows and handover groups hold): over the whole run, every sample of epoch 0 is consumed
+    exactly once, none of them after that, and the counters carry the job's totals on."""
     keys = shard_keys(uneven(synth))
     cfg = DataConfig(shards=uneven(synth), seq_len=512, shuffle_buffer=8, pack_window=8)
-    packed, saved, restored = resume_elsewhere(cfg, models, before, after, 20 // before[0], len(keys))
+    past_the_end = len(keys) // 3
+    before_save, after_resume, saved, restored = resume_elsewhere(cfg, models, before, after, 20 // before[0],
+                                                                  past_the_end)
+    assert {s[-1] for s in before_save} == {0} and 0 < len(before_save) < len(keys)  # saved mid-epoch
+    packed = before_save + after_resume
     first_epoch = collections.Counter(sample_key(s) for s in packed if s[-1] == 0)
     assert set(first_epoch) == keys and set(first_epoch.values()) == {1}
+    assert samples_past_epoch_0(packed) >= past_the_end  # the run went on: no epoch-0 sample among its last ones
     assert summed(restored) == summed(saved) and summed(saved)["samples_packed"] > 0
 
 
