@@ -1,7 +1,8 @@
 """TokenFlexVLM end to end on the tiny real checkpoints: slots, labels, loss, gradients,
-attention implementations, save/load, dtypes, generation and timing."""
+attention implementations, save/load, dtypes, generation, multiple-choice scoring and timing."""
 
 import json
+import math
 from dataclasses import asdict
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 from transformers.utils import is_flash_attn_2_available
 
-from pipeline.model.chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers
+from pipeline.model.chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers, tokenize_record
 from pipeline.model.vlm import TokenFlexVLM
 
 N = 64
@@ -511,6 +512,45 @@ def test_generate_text_only_prompt(talkative_model):
     assert len(answers) == 1 and answers[0]
     # a text-only prompt has no image slots, so N does not change the answer
     assert talkative_model.generate([None], ["what is two plus three?"], 256, max_new_tokens=6) == answers
+
+
+TAUGHT = ("what is the colour of the shape?", "red circle")  # taught_model's question on the red image, and its reply
+
+
+@pytest.fixture(scope="module")
+def taught_model(tiny_models, images):
+    """A tiny model trained here (AdamW, one conversation: the red image, TAUGHT's question and
+    reply) until greedy generation gives TAUGHT's reply: a model that has learned something. The
+    random-init models' greedy replies are newlines or special tokens, so no choice is ever greedy."""
+    model = build_model(tiny_models)
+    question, reply = TAUGHT
+    record = {"conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": reply}]}
+    input_ids, labels = tokenize_record(record, model.tokenizer, 1)  # as the data loader tokenizes it
+    batch = model.labelled_batch([{"input_ids": input_ids, "labels": labels, **model.prepared_images(images[:1])}], 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(1, 101):
+        model.train()
+        loss = model(batch, 16).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 5 == 0 and model.eval().generate(images[:1], [question], 16, max_new_tokens=8) == [reply]:
+            return model
+    pytest.fail(f"the tiny model did not learn to answer {reply!r} in 100 steps")
+
+
+def test_the_greedy_reply_scored_as_a_choice_is_greedy_with_its_generations_log_probability(taught_model, images):
+    """Multiple choice (reply_log_likelihoods, what lmms-eval's loglikelihood requests get): the
+    model's own greedy reply (scored_generate) scored as a choice is greedy, and its log-likelihood
+    is the generation's log-probability (its tokens and end token); another choice is not greedy."""
+    question, _ = TAUGHT
+    answers, _, probabilities = taught_model.scored_generate(
+        lambda: taught_model.inference_inputs(images[:1], [question], 16), 8)
+    assert answers == [TAUGHT[1]]  # a non-empty reply, ended by the end token within 8 tokens
+    (own, other), = taught_model.reply_log_likelihoods(images[:1], [question], [[answers[0], "blue square"]], 16)
+    assert own[1] is True and other[1] is False
+    assert own[0] == pytest.approx(math.log(probabilities[0]), abs=1e-4)
+    assert other[0] < own[0]
 
 
 def test_prefill_seconds_is_positive_float(model, images):

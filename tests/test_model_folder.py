@@ -19,9 +19,10 @@ from pipeline.model.vlm import TokenFlexVLM
 from tests.distributed import REPO
 
 pytestmark = pytest.mark.timeout(600)
-FLAT_PIPELINE = "05675c3"  # the last commit whose pipeline/ was flat (remote code around pipeline/model.py)
+FLAT_PIPELINE = "05675c3"  # the last commit whose pipeline/ was flat (its remote code around model.py)
 
-# Runs in a checkout of FLAT_PIPELINE's pipeline/ and stages/: writes a folder with that code, and its logits on the probe batch.
+# Runs in a checkout of FLAT_PIPELINE's pipeline/ and stages/: writes a folder with that code, and its
+# logits on the probe batch.
 WRITE_WITH_THE_FLAT_PIPELINE = """
 import sys
 import torch
