@@ -40,7 +40,8 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
     }
     for key, value in filled.items():
         if ds.get(key, "auto") != "auto" and ds[key] != value:
-            raise ValueError(f"{cfg.train.deepspeed}: {key}={ds[key]} disagrees with the run config ({value}); use \"auto\"")
+            raise ValueError(f"{cfg.train.deepspeed}: {key}={ds[key]} disagrees with the run config ({value}); "
+                             f"use \"auto\"")
         ds[key] = value
     ds["bf16"] = {"enabled": use_bf16(cfg.train.precision)}
     # Without it DeepSpeed sums micro-batch gradients in the model dtype: bf16 under bf16.
@@ -136,6 +137,12 @@ def build_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config,
         raise RuntimeError(f"{len(elsewhere)} tensors are not on the engine's device {engine.device}: {elsewhere[:5]}")
     log_dtypes(engine, cfg.train.precision)
     return engine
+
+
+def scheduled_lr(engine: deepspeed.DeepSpeedEngine, lr: float) -> float:
+    """What the warmup-cosine schedule makes of a base learning rate at this step: every optimizer group
+    (each part at its own rate: stages/common.py) follows the same multiplier."""
+    return lr * engine.lr_scheduler.get_last_lr()[0] / engine.lr_scheduler.base_lrs[0]
 
 
 def numel(parameter: torch.nn.Parameter) -> int:
