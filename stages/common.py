@@ -39,16 +39,6 @@ def group(parameters: list[nn.Parameter], lr: float, weight_decay: float) -> lis
     return [{"params": ps, "lr": lr, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
 
 
-def groups_by_rate(parts: list[tuple[list[nn.Parameter], float]], weight_decay: float) -> list[dict]:
-    """Optimizer groups for (parameters, learning rate) parts. Parts at one rate share their groups, in the
-    order they first come: a run without per-part rates has the groups, and so the checkpoints, it had
-    before they existed."""
-    by_rate: dict[float, list[nn.Parameter]] = {}
-    for parameters, lr in parts:
-        by_rate.setdefault(lr, []).extend(parameters)
-    return [g for lr, parameters in by_rate.items() for g in group(parameters, lr, weight_decay)]
-
-
 def projector_lr(optim: OptimConfig) -> float:
     """The projector's and the tile layout's learning rate: optim.projector_lr, else optim.lr."""
     return optim.lr if optim.projector_lr is None else optim.projector_lr

@@ -9,7 +9,7 @@ from pipeline.model.chat import prepare_tokenizer
 from pipeline.model.folder import read_vlm_config
 from pipeline.model.images import set_image_aspect
 from pipeline.model.tiles import set_tiling
-from stages.common import groups_by_rate, log, projector_lr, set_trainable
+from stages.common import group, log, projector_lr, set_trainable
 from stages.lora import add_adapters
 
 
@@ -47,6 +47,11 @@ def freeze_backbones(model, cfg):
 def param_groups(model, cfg):
     """The projector and the tile layout at optim.projector_lr, the LM (or its adapters) at optim.lr, the
     tower (or its adapters) at optim.vision_lr; only what trains (group)."""
-    return groups_by_rate([([*model.projector.parameters(), *model.tile_layout.parameters()], projector_lr(cfg.optim)),
-                           (list(model.language_model.parameters()), cfg.optim.lr),
-                           (list(model.vision_tower.parameters()), cfg.optim.vision_lr)], cfg.optim.weight_decay)
+    optim = cfg.optim
+    image_side = [*model.projector.parameters(), *model.tile_layout.parameters()]
+    lm = list(model.language_model.parameters())
+    if projector_lr(optim) == optim.lr:  # one group, as before per-part rates: their checkpoints still load
+        groups = group(image_side + lm, optim.lr, optim.weight_decay)
+    else:
+        groups = group(image_side, projector_lr(optim), optim.weight_decay) + group(lm, optim.lr, optim.weight_decay)
+    return groups + group(list(model.vision_tower.parameters()), optim.vision_lr, optim.weight_decay)

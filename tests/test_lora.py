@@ -19,7 +19,13 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from pipeline.export.convert import ConversionError, convert_checkpoint, merge_tolerance, probe_logits
+from pipeline.export.convert import (
+    ConversionError,
+    convert_checkpoint,
+    merge_tolerance,
+    probe_logits,
+    verify_folder,
+)
 from pipeline.model.folder import read_vlm_config
 from pipeline.model.vlm import TokenFlexVLM
 from pipeline.run.config import load_config
@@ -251,6 +257,13 @@ def test_adapter_folder_loads_with_peft_onto_the_base_with_the_same_logits(lora_
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card
     assert f"kept apart: a peft adapter folder over `{config['base_model_name_or_path']}`" in card
+
+
+def test_verification_catches_a_merged_folder_without_the_training(lora_run, stage1_run):
+    """Stage 1's folder, the LoRA run's start, is not the adapted model: verify_folder refuses it."""
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(lora_run / "checkpoints"))
+    with pytest.raises(ConversionError, match="logits are further than fp32 rounding"):
+        verify_folder(stage1_run / "final", lora_run / "checkpoints" / "model", state_dict)
 
 
 def test_adapters_refused_for_a_run_without_them(stage1_run, tmp_path):

@@ -265,20 +265,20 @@ def verify_folder(out_dir: str | Path, structure: Path, state_dict: dict[str, to
     peft onto its base folder, which may hold the fp32 weights that a bf16 run trained on rounded)."""
     record = read_record(structure)
     expected = probe_logits(checkpoint_model(structure, state_dict))
-    if (Path(out_dir) / peft.utils.CONFIG_NAME).is_file():
+    adapter_folder = (Path(out_dir) / peft.utils.CONFIG_NAME).is_file()
+    if adapter_folder:
         actual = probe_logits(peft.PeftModel.from_pretrained(TokenFlexVLM.from_pretrained(record.base), out_dir))
-        tolerance, within = bf16_tolerance(expected), "one bf16 step"
     else:
         actual = probe_logits(TokenFlexVLM.from_pretrained(out_dir))
-        if as_dtype(dtype) != torch.float32:
-            tolerance, within = bf16_tolerance(expected), "one bf16 step"
-        elif record is not None:
-            tolerance, within = merge_tolerance(expected), "fp32 rounding"
-        elif not torch.equal(actual, expected):
+    if adapter_folder or as_dtype(dtype) != torch.float32:
+        tolerance, within = bf16_tolerance(expected), "one bf16 step"
+    elif record is not None:
+        tolerance, within = merge_tolerance(expected), "fp32 rounding"
+    else:  # the same fp32 weights through the same computation
+        if not torch.equal(actual, expected):
             raise ConversionError(f"{out_dir}: logits differ from the checkpoint's by up to "
                                   f"{(actual - expected).abs().max():.3g}; the folder does not hold its weights")
-        else:
-            return
+        return
     try:
         torch.testing.assert_close(actual, expected, **tolerance)
     except AssertionError as exn:
