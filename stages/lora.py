@@ -7,13 +7,15 @@ names in checkpoints (language_model...q_proj.lora_A.default.weight) are those o
 folder over the VLM (pipeline/export/convert.py writes one with --adapters).
 
 Order under ZeRO-3: stages/finetune.py loads the model folder straight into partitions first, then
-adds the adapters here. That is safe because peft (0.21, tuners/lora/layer.py) reads each target's
-sizes from nn.Linear's in_features and out_features, never from its weight's shape (which ZeRO-3 has
-emptied), and creates the adapter weights as ordinary tensors, moved to the device and dtype of the
-base weight, which ZeRO's placeholder keeps (the rank's GPU, the run's dtype). deepspeed.initialize
-then partitions them from rank 0's values, as it does the projector, and build_engine checks that
-every tensor lies on the engine's device. Adding them before the load would need peft inside
-zero.Init and the folder's weights renamed to peft's base_layer names: nothing gained.
+adds the adapters here. That is safe because peft 0.21 reads each target's sizes from nn.Linear's
+in_features and out_features (tuners_utils._get_in_out_features), never from its weight's shape,
+which ZeRO-3 has emptied; its default initialization does not read the base weight; and it creates
+the adapter weights as ordinary tensors, then moves them to the device and dtype of the base weight
+(_move_adapter_to_device_of_base_layer), which ZeRO's placeholder keeps: the rank's GPU and the
+run's dtype (bf16 on GPU). deepspeed.initialize then partitions them from rank 0's values, as it
+does the projector, keeping fp32 master copies, and build_engine checks that every tensor lies on
+the engine's device. Adding them before the load would need peft inside zero.Init and the folder's
+weights renamed to peft's base_layer names: nothing gained.
 """
 
 import json
