@@ -13,9 +13,9 @@ subprocess, so its peak memory is its own and an out-of-memory error ends only t
 
   cuda (default when available): SigLIP-so400m-shaped tower (27x27 patches) and a Qwen2-0.5B or
       1.5B-shaped LM, bf16 autocast over fp32 weights (fp32 weights, gradients and AdamW
-      state: 16 bytes/parameter, as much as DeepSpeed's bf16 holds), batch 16, text 512. MFU = useful FLOPs (pipeline.train.flops.step_flops:
-      PaLM's convention, what the training run logs) / (step time x --peak-flops); peak memory
-      = torch.cuda.max_memory_allocated.
+      state: 16 bytes/parameter, as much as DeepSpeed's bf16 holds), batch 16, text 512. MFU =
+      useful FLOPs (pipeline.train.flops.step_flops: PaLM's convention, what the training run
+      logs) / (step time x --peak-flops); peak memory = torch.cuda.max_memory_allocated.
   cpu: scaled-down shapes that keep the real 27x27 grid (so N up to 729) and a 32000-token
       vocabulary (so the logits' memory shows), fp32, batch 2, text 128. Peak memory = the
       process's peak RSS above what it held after building the model (grads, AdamW state,
@@ -313,22 +313,28 @@ def step_table(args, results):
                 ratio += f" (CPU {r['cpu_s'] / fixed_256[loss]['cpu_s']:.2f}x)"
         mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
         label = f"mix ({'/'.join(str(v) for v in r['draws'].values())})" if n == "mix" else n
-        lines.append(f"| {label} | {loss} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | {r['spread']:.0%} | "
-                     f"{r['samples_per_s']:.2f} | {r['tflops_per_s']:.3f} | {mfu} | {r['peak_mem_gib']:.2f} | {ratio} |")
+        lines.append(
+            f"| {label} | {loss} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | {r['spread']:.0%} | "
+            f"{r['samples_per_s']:.2f} | {r['tflops_per_s']:.3f} | {mfu} | {r['peak_mem_gib']:.2f} | {ratio} |"
+        )
     return lines
 
 
 def packing_table(rows):
     lines = ["| data | N | padding | samples/batch | dropped | truncated |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['data']} | {r['n']} | {r['padding']:.2%} | {r['samples']:.1f} | {r['dropped']} | {r['truncated']} |"
-              for r in rows]
+    lines += [
+        f"| {r['data']} | {r['n']} | {r['padding']:.2%} | {r['samples']:.1f} | {r['dropped']} | {r['truncated']} |"
+        for r in rows
+    ]
     return lines
 
 
 def machine():
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, torch {torch.__version__}"
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, torch {torch.__version__}"
+    )
 
 
 def write_results(heading, body):
@@ -430,7 +436,9 @@ def main(argv=None):
         write_results(f"{args.device.upper()}: {args.lm} LM, batch {args.batch}, text {args.text_len}", body)
     failed = [f"N={n} loss={loss}" for (n, loss), r in results.items() if "error" in r or r.get("oom")]
     if failed:
-        print(f"error: {len(failed)} configuration(s) failed or ran out of memory: {', '.join(failed)}", file=sys.stderr)
+        print(
+            f"error: {len(failed)} configuration(s) failed or ran out of memory: {', '.join(failed)}", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -101,7 +101,10 @@ def write_corrupt_shards(synth, out):
     (out / "shard-000002.tar").write_bytes(b"garbage " * 1000)
     for i, path in enumerate(good[2:4], 3):
         shutil.copy(path, out / f"shard-{i:06d}.tar")
-    return f"{out}/shard-{{000000..000004}}.tar", [samples[image_sample]["__key__"], samples[image_sample + 1]["__key__"]]
+    return f"{out}/shard-{{000000..000004}}.tar", [
+        samples[image_sample]["__key__"],
+        samples[image_sample + 1]["__key__"],
+    ]
 
 
 def test_corrupt_shards_are_skipped_counted_and_the_stream_goes_on(synth, models, tmp_path, caplog):

@@ -194,7 +194,7 @@ class SliceBuilder:
         write_atomic(self.report_path(index), json.dumps(report, sort_keys=True).encode())
         return report
 
-    def sample(self, row, row_index: int, position: int) -> tuple[dict, str | int]:
+    def sample(self, row: dict, row_index: int, position: int) -> tuple[dict, str | int]:
         """(the webdataset sample, the record's id) of a row; Skip when it can't be one."""
         record, images = to_llava(row, row_index, self.schema)
         problem = conversation_problem(record, len(images))
@@ -276,7 +276,9 @@ class SliceBuilder:
                 os.remove(path)
             except FileNotFoundError:  # another task finishing at the same moment removed it
                 pass
-        write_atomic(os.path.join(out, "manifest.json"), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        write_atomic(
+            os.path.join(out, "manifest.json"), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+        )
         return manifest
 
 

@@ -78,9 +78,10 @@ class TokenFlexLMMs(lmms):
     this process's GPU, else cpu), dtype (default: bfloat16 on GPU, float32 on CPU; ignored for a
     loaded model), batch_size (from --batch_size)."""
 
-    def __init__(self, pretrained, num_vision_tokens=64, device=None, dtype=None, batch_size=1, threshold=None,
-                 ladder=DEFAULT_LADDER_ARG, num_tiles=None,
-                 max_batch_size=None):  # lmms-eval passes its --max_batch_size; batches here have a fixed size
+    def __init__(self, pretrained: str | TokenFlexVLM, num_vision_tokens: int | str = 64, device: str | None = None,
+                 dtype: str | None = None, batch_size: int | str = 1, threshold: float | str | None = None,
+                 ladder: str = DEFAULT_LADDER_ARG, num_tiles: int | str | None = None,
+                 max_batch_size: int | None = None):  # lmms-eval passes it; batches here have a fixed size
         super().__init__()
         loaded = isinstance(pretrained, TokenFlexVLM)
         self.adaptive = num_vision_tokens == "adaptive"

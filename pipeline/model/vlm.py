@@ -9,11 +9,12 @@ Model folders carry this module as transformers remote code (see modeling_tokenf
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
 from .attention import packed_sequences
@@ -28,6 +29,9 @@ from .runtime import on_device
 from .tiles import TileLayout
 from .vision import tower_features
 
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
+
 
 @dataclass
 class VLMOutput(ModelOutput):
@@ -41,7 +45,8 @@ class VLMOutput(ModelOutput):
 class TokenFlexVLM(Construction, Inference, nn.Module):
     """The model: its parts, and the forward path from a batch to the loss."""
 
-    def __init__(self, config: VLMConfig, vision_tower, language_model, tokenizer, image_processor):
+    def __init__(self, config: VLMConfig, vision_tower: PreTrainedModel, language_model: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor"):
         super().__init__()
         self.config = config
         self.vision_tower = vision_tower
@@ -107,7 +112,7 @@ class TokenFlexVLM(Construction, Inference, nn.Module):
         if int(slots.sum()) != image_slots.shape[0]:
             raise ValueError(
                 f"batch has {int(slots.sum())} image slots but its images fill {image_slots.shape[0]}; each image "
-                f"marker must be expanded to its image's slots (pipeline/model/tiles.py: image_slots) and match one image"
+                f"marker must be expanded to its image's slots (tiles.py: image_slots) and match one image"
             )
         embeds = self.language_model.get_input_embeddings()(on_device(input_ids, self.device))
         return embeds.masked_scatter(on_device(slots, self.device).unsqueeze(-1), image_slots.to(embeds.dtype))

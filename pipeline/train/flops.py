@@ -42,7 +42,7 @@ class Work:
                    row_scores=rows * length ** 2, sample_scores=int((lengths ** 2).sum()),
                    images=len(batch["pixel_values"]), real_images=int(batch["image_mask"].sum()))
 
-    def __add__(self, other):
+    def __add__(self, other: "Work") -> "Work":
         return Work(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 

@@ -31,7 +31,9 @@ def step_metrics(cfg: Config, engine: deepspeed.DeepSpeedEngine, step: int, n: i
     world = dist.get_world_size()
     skipped = loss is None  # on every rank alike (see train_step)
     text_only = any(s["num_images"] == 0 for s in stats)
-    per_step = [sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "tile_budget", "num_tiles")]
+    per_step = [
+        sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "tile_budget", "num_tiles")
+    ]
     running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
     flops = step_flops(engine.module, n, sum((s["work"] for s in stats), Work()))
     names = list(stats[-1]["total_samples_by_source"])
@@ -60,7 +62,7 @@ def step_metrics(cfg: Config, engine: deepspeed.DeepSpeedEngine, step: int, n: i
 
 
 class MetricsLog:
-    def __init__(self, cfg, config_dict, start_step, wandb_id):
+    def __init__(self, cfg: Config, config_dict: dict, start_step: int, wandb_id: str | None):
         self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
         self.log_every, self.max_steps = cfg.train.log_every, cfg.train.max_steps
         self._drop_steps_after(start_step)
@@ -78,7 +80,7 @@ class MetricsLog:
     def wandb_id(self) -> str | None:
         return self.run.id if self.run else None
 
-    def _drop_steps_after(self, step):
+    def _drop_steps_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint; keep one history in the file."""
         if self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
@@ -99,10 +101,18 @@ class MetricsLog:
         if metrics["step"] % self.log_every == 0:
             mfu = f"  MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""  # GPU only
             with self.bar.external_write_mode():  # print above the bar, not glued to it
-                log.info("step %d/%d  N=%d  loss %.4f  lr %.3g  grad norm %.3g  %.0f tokens/s  padding %.1f%%%s",
-                         metrics["step"], self.max_steps, metrics["num_vision_tokens"], metrics["loss"],
-                         metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"], 100 * metrics["padding_fraction"],
-                         mfu)
+                log.info(
+                    "step %d/%d  N=%d  loss %.4f  lr %.3g  grad norm %.3g  %.0f tokens/s  padding %.1f%%%s",
+                    metrics["step"],
+                    self.max_steps,
+                    metrics["num_vision_tokens"],
+                    metrics["loss"],
+                    metrics["lr"],
+                    metrics["grad_norm"],
+                    metrics["tokens_per_s"],
+                    100 * metrics["padding_fraction"],
+                    mfu,
+                )
 
     def log_skipped(self, metrics: dict) -> None:
         """A step without a supervised token on any rank: no loss, no update (train_step)."""
