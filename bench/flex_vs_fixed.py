@@ -67,7 +67,7 @@ ABLATION_COUNTS = [16, 64, 144, 256]  # the ablations': evaluation is most of a 
 EVAL_BATCH_SIZE = 32
 # The flex model's stage-2 steps: a third of configs/tiny_cpu_stage2.yaml's 900, to shorten the
 # studies (24 trainings, 132,000 answers): about an hour on 2 free CPU cores by an estimate from a
-# short timed piece, several hours on shared ones (README)
+# short timed piece, several hours on shared ones (bench/flex_vs_fixed_results.md: 61 and 128 min)
 STAGE2_STEPS = 300
 
 

@@ -14,7 +14,7 @@ with 1 and with 4 tiles at N = 16, 36, 64, 100 and 144, and the results are summ
 spread (half the range) over seeds: accuracy against vision tokens per image, one curve per
 model and tile limit, overall and on the wide and tall scenes' fine question.
 
-    python -m bench.tiles_study --write-results   # the study: 2 seeds (not yet run; see the README)
+    python -m bench.tiles_study --write-results   # the study: 2 seeds (bench/tiles_results.md)
     python -m bench.tiles_study --quick           # minutes: 1 seed, a few steps (tests)
 
 Writes OUT/results.md, OUT/results.json and OUT/accuracy_vs_tiles.png; --write-results also copies

@@ -324,7 +324,7 @@ def packing_figures(loader, n, count):
 def test_llava_like_batches_fill_rows_and_image_slots(llava_like, models, stage, n):
     """With the shipped stage configs' row shapes and the image budget measured on the data,
     nearly every token is real and nearly every image slot holds a real image: under 3% dummies,
-    the README's figure (these 12 batches of 1000 records measured at most 2.2%;
+    docs/data.md's figure (these 12 batches of 1000 records measured at most 2.2%;
     bench/loader_results.md, 200 batches of 3000, at most 1.4%)."""
     shipped = load_config(REPO / "configs" / f"{stage}.yaml").data
     cfg = DataConfig(shards=str(llava_like), seq_len=shipped.seq_len, rows_per_batch=shipped.rows_per_batch,

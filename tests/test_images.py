@@ -1,4 +1,4 @@
-"""pipeline/images: the pixels the tower sees are the image processor's, within a stated
+"""pipeline/model/images.py: the pixels the tower sees are the image processor's, within a stated
 tolerance, on a real photograph and on grayscale and transparent images, for pad and resize, by
 the loader workers' route and by generation's alike; the model normalizes them as the processor.
 The loader's JPEG decode (simplejpeg) gives PIL's pixels exactly.

@@ -10,7 +10,7 @@ pipeline/data/schemas.py describes. Data that no schema explains stops the build
 naming the row.
 
 Each sample is the record in LLaVA form (key.json: conversations, "image" names, the row's
-other columns) and its image bytes unchanged (key.jpg for one image, key.<i>.<ext> for several).
+other columns) and its image bytes unchanged (key.<ext> for one image, key.<i>.<ext> for several).
 Bad rows are skipped, counted by reason, with the first ids of each in the manifest:
   missing_image           an image file missing or unreadable, or its bytes not an image
                           (truncated or undecodable: see the validation below)
