@@ -1,4 +1,5 @@
-"""pipeline/model/tiles.py: the grid rule, cutting an image into tiles, slot counts and the tiles' layout in the text."""
+"""pipeline/model/tiles.py: the grid rule, cutting an image into tiles, slot counts and the tiles'
+layout in the text."""
 
 import pytest
 import torch

@@ -24,9 +24,9 @@ once, re-pooled per try); take the threshold from `python -m tools.evaluate --to
 --calibrate VALIDATION_SHARDS`. The probability is the whole generated answer's, before the
 task's `until` cuts it, so a threshold calibrated on short answers suits tasks with short answers.
 The throughput metrics add mean_vision_tokens (over the requests with an image), tries_per_image,
-the threshold and the ladder (and at any N prefill_total_s, the prefill's seconds in all). Log-likelihood requests are refused at num_vision_tokens=adaptive: the policy
-stops on a generated answer's probability, and scoring given choices generates none; score them at
-a fixed N. A sweep over N, tile counts and model folders: lmms_eval_sweep.py.
+the threshold and the ladder (and at any N prefill_total_s, the prefill's seconds in all).
+Log-likelihood requests are refused at num_vision_tokens=adaptive: the policy stops on a
+generated answer's probability, and scoring given choices generates none; score them at a fixed N. A sweep over N, tile counts and model folders: lmms_eval_sweep.py.
 """
 
 import os
