@@ -26,7 +26,8 @@ task's `until` cuts it, so a threshold calibrated on short answers suits tasks w
 The throughput metrics add mean_vision_tokens (over the requests with an image), tries_per_image,
 the threshold and the ladder (and at any N prefill_total_s, the prefill's seconds in all).
 Log-likelihood requests are refused at num_vision_tokens=adaptive: the policy stops on a
-generated answer's probability, and scoring given choices generates none; score them at a fixed N. A sweep over N, tile counts and model folders: lmms_eval_sweep.py.
+generated answer's probability, and scoring given choices generates none; score them at a fixed N.
+A sweep over N, tile counts and model folders: lmms_eval_sweep.py.
 """
 
 import os
