@@ -43,6 +43,7 @@ class TrainBatches:
     whose stats also hold "epoch", the oldest epoch a worker of this rank is still reading.
 
     states: every rank's state_dict() from a checkpoint, in rank order, or None to start afresh.
+    (About 160 lines: the pack window, the stream and its resume state are one state, saved together.)
     """
 
     COUNTERS = ("samples_packed", "truncated", "dropped", "skipped_corrupt", "skipped_invalid")
