@@ -11,7 +11,7 @@ oracle (the smallest N that answers right): tools.evaluate --tokens adaptive, pl
     python -m bench.adaptive --demo runs/demo --write-results   # a finished tools.demo folder
 
 The demo folder's model is reused when it is there (DEMO/model), else tools.demo trains it
-(about 15-25 min on 2 shared cores). Writes OUT/results.{md,json} and accuracy_vs_mean_tokens.png;
+(the demo's time: README.md). Writes OUT/results.{md,json} and accuracy_vs_mean_tokens.png;
 --write-results copies them to bench/adaptive_results.{md,json} and bench/adaptive_accuracy.png.
 """
 

@@ -107,8 +107,9 @@ def make_inputs(folder, n):
     records = [{"id": f"coco-{i}", "image": f"images/{name}", "conversations": conversation(rng)}
                for i, name in enumerate(names)]
     (folder / "data.json").write_text(json.dumps(records))
-    rows = [{"id": r["id"], "image": {"bytes": (folder / r["image"]).read_bytes(), "path": os.path.basename(r["image"])},
-             "conversations": r["conversations"], "data_source": "coco"} for r in records]
+    rows = [{"id": r["id"], "conversations": r["conversations"], "data_source": "coco",
+             "image": {"bytes": (folder / r["image"]).read_bytes(), "path": os.path.basename(r["image"])}}
+            for r in records]
     (folder / "parquet").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), folder / "parquet" / "train-00000-of-00001.parquet", row_group_size=100)
     return folder / "data.json", folder / "images", folder / "parquet"
@@ -138,7 +139,8 @@ def throughput_section(folder, inputs, n, samples_per_shard, repeats):
             best = (0.0, float("inf"))
             for repeat in range(repeats):
                 out = folder / f"out-{len(lines)}-{repeat}"
-                rate, cpu = timed_build(BuildSettings(spec, str(out), root, samples_per_shard=samples_per_shard), workers)
+                settings = BuildSettings(spec, str(out), root, samples_per_shard=samples_per_shard)
+                rate, cpu = timed_build(settings, workers)
                 best = (max(best[0], rate), min(best[1], cpu))
             per_process.append(1000 / best[1])
             lines.append(f"| {name} | {workers} | {best[0]:.0f} | {best[0] / workers:.0f} | {best[1]:.2f} |")
@@ -161,7 +163,8 @@ def slurm_section(folder, parquet, samples_per_shard, n):
             raise TimeoutError(f"array job {job} wrote no manifest in 600 s; logs in {logs}")
         time.sleep(0.2)
     seconds = time.perf_counter() - start
-    tasks = [line for i in range(2) for line in (logs / f"{i}.log").read_text().splitlines() if line.startswith("built ")]
+    tasks = [line for i in range(2) for line in (logs / f"{i}.log").read_text().splitlines()
+             if line.startswith("built ")]
     return seconds, n / seconds, tasks
 
 
@@ -213,7 +216,8 @@ def main(argv=None):
         f"Slowest per process (from CPU ms/row): {slowest:.0f} rows/s, against the target of 300. At that rate "
         f"LLaVA-OneVision's single-image stage ({ONEVISION_ROWS:,} rows) takes {hours:.2f} h on one node of "
         f"{NODE_PROCESSES} processes (target: under 3 h) if the file system keeps up: {bandwidth:.0f} MB/s read "
-        f"and as much written at these files' mean size. The CPU is not what bounds a node's build; its storage is.", "",
+        f"and as much written at these files' mean size. The CPU is not what bounds a node's build; its storage "
+        f"is.", "",
         "## Local Slurm array", "",
     ]
     if slurm:

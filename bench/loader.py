@@ -397,7 +397,8 @@ def throughput(args, work, models, total):
     print(f"\n## Throughput: {total} synthetic samples (64 px PNG), decode + tokenize")
     print("| loader | workers | samples/s |\n|---|---|---|")
     for workers in [1, 2]:
-        print(f"| streaming shards | {workers} | {stream_rate(work / 'shards', models, workers, total, args.repeats)[0]:.0f} |")
+        rate, *_ = stream_rate(work / "shards", models, workers, total, args.repeats)
+        print(f"| streaming shards | {workers} | {rate:.0f} |")
     for workers in [1, 2]:
         dataset = LlavaMapDataset(work / "synth" / "data.json", work / "synth", *models)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, shuffle=True,
@@ -437,7 +438,9 @@ def photographs(args, work, models):
           "|---|---|---|---|---|")
     steps = {kind: worker_steps(shards, so400m, args.repeats) for kind, (_, shards, *_) in measured.items()}
     for step in STEPS:
-        print("| " + " | ".join([step] + [f"{steps[kind][part][step]:.2f}" for kind in PHOTOS for part in (0, 1)]) + " |")
+        print(
+            "| " + " | ".join([step] + [f"{steps[kind][part][step]:.2f}" for kind in PHOTOS for part in (0, 1)]) + " |"
+        )
     print("| the steps in their places, added | - | "
           + " | - | ".join(f"{sum(steps[kind][1].values()):.2f}" for kind in PHOTOS) + " |")
     whole = {kind: steps[kind][2] | {
@@ -462,7 +465,9 @@ def photographs(args, work, models):
         print(f"| {PHOTOS[kind]} | {stored_kb:.0f} KB | {worker_ms:.2f} ms | {worker_ms / decode:.2f}x | "
               f"{mean:.2f} / {most:.0f} |", flush=True)
 
-    print(f"\n### With tiles (data.max_tiles {PHOTO_TILES}): each image cut into its grid of 384 px tiles and a thumbnail")
+    print(
+        f"\n### With tiles (data.max_tiles {PHOTO_TILES}): each image cut into its grid of 384 px tiles and a thumbnail"
+    )
     print("| photos | tiles per image | loader worker per sample | per tile | vs bare decode | loader, 1 worker |\n"
           "|---|---|---|---|---|---|")
     for kind, (files, shards, decode, *_) in measured.items():

@@ -82,8 +82,9 @@ def rank_peaks(way: str, folder: Path) -> dict:
 
 def measure(way: str, folder: Path, work: Path) -> list[dict]:
     """Both ranks' peaks for one way."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               "-m", "bench.stage2_memory", "--worker", way, "--folder", str(folder), "--work", str(work)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), "-m", "bench.stage2_memory", "--worker", way,
+               "--folder", str(folder), "--work", str(work)]
     subprocess.run(command, check=True, cwd=Path(__file__).parents[1], capture_output=True, text=True)
     return [json.loads((work / f"{way}-rank-{rank}.json").read_text()) for rank in range(2)]
 
@@ -117,8 +118,9 @@ def main(argv=None) -> int:
         peaks = {way: measure(way, folder, work) for way in WAYS}
     parameters = peaks["whole"][0]["parameters"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [f"Run {datetime.date.today()} at commit {commit} on {os.cpu_count()} CPU cores ({platform.machine()}), torch "
-             f"{torch.__version__}: `python -m bench.stage2_memory --lm-layers {args.lm_layers}`. Model folder: "
+    lines = [f"Run {datetime.date.today()} at commit {commit} on {os.cpu_count()} CPU cores "
+             f"({platform.machine()}), torch {torch.__version__}: "
+             f"`python -m bench.stage2_memory --lm-layers {args.lm_layers}`. Model folder: "
              f"{parameters / 1e6:.0f}M parameters ({4 * parameters / GIB:.2f} GiB in fp32). Peak RSS per rank "
              f"above its start, rank 0 / rank 1:", "",
              "| way | model built | engine built |", "|---|---|---|"]
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if args.write_results:
         what = (__doc__ or "").split("\n\n    python -m")[0]
-        RESULTS.write_text("# Stage 2's start-up: peak host memory per rank\n\n" + what + "\n\n" + "\n".join(lines) + "\n")
+        heading = "# Stage 2's start-up: peak host memory per rank"
+        RESULTS.write_text(f"{heading}\n\n{what}\n\n" + "\n".join(lines) + "\n")
     return 0
 
 

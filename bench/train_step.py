@@ -421,24 +421,28 @@ def step_table(args, results):
                 ratio += f" (CPU {r['cpu_s'] / fixed_256[loss]['cpu_s']:.2f}x)"
         mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
         label = f"mix ({'/'.join(str(v) for v in r['draws'].values())})" if n == "mix" else n
-        lines.append(f"| {label} | {loss} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | {r['spread']:.0%} | "
-                     f"{r['samples_per_s']:.2f} | {r['tflops_per_s']:.3f} | {mfu} | {r['peak_mem_gib']:.2f} | "
-                     f"{ratio} |")
+        lines.append(
+            f"| {label} | {loss} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | {r['spread']:.0%} | "
+            f"{r['samples_per_s']:.2f} | {r['tflops_per_s']:.3f} | {mfu} | {r['peak_mem_gib']:.2f} | {ratio} |"
+        )
     return lines
 
 
 def packing_table(rows):
     lines = ["| data | N | padding | samples/batch | dropped | truncated |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['data']} | {r['n']} | {r['padding']:.2%} | {r['samples']:.1f} | {r['dropped']} | "
-              f"{r['truncated']} |" for r in rows]
+    lines += [
+        f"| {r['data']} | {r['n']} | {r['padding']:.2%} | {r['samples']:.1f} | {r['dropped']} | {r['truncated']} |"
+        for r in rows
+    ]
     return lines
 
 
 def machine():
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    processor = platform.processor() or platform.machine()
-    return f"{os.cpu_count()} CPU cores ({processor}), no GPU, torch {torch.__version__}"
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, torch {torch.__version__}"
+    )
 
 
 def write_results(heading, body):
@@ -548,8 +552,9 @@ def main(argv=None):
         write_results(f"{args.device.upper()}: {args.lm} LM, batch {args.batch}, text {args.text_len}", body)
     failed = [f"N={n} loss={loss}" for (n, loss), r in results.items() if "error" in r or r.get("oom")]
     if failed:
-        print(f"error: {len(failed)} configuration(s) failed or ran out of memory: {', '.join(failed)}",
-              file=sys.stderr)
+        print(
+            f"error: {len(failed)} configuration(s) failed or ran out of memory: {', '.join(failed)}", file=sys.stderr
+        )
         return 1
     return 0
 

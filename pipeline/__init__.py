@@ -9,5 +9,5 @@
     eval/    held-out evaluation, adaptive N, the lmms-eval model and its sweeps
     launch.py  submitting a training run with submitit: python -m pipeline.launch
 
-Lower layers never import higher ones: model < data, run < engine < stages/ < export < train < eval.
+Lower layers never import higher ones: model < run < data, engine < stages/ < export < train < eval.
 """

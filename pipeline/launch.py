@@ -129,9 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time", type=int, default=24 * 60, help="time limit in minutes (default 1440)")
     parser.add_argument("--partition")
     parser.add_argument("--account")
-    parser.add_argument("--cluster", choices=["slurm", "local", "debug"], help="default: Slurm if available, else local")
+    parser.add_argument(
+        "--cluster", choices=["slurm", "local", "debug"], help="default: Slurm if available, else local"
+    )
     parser.add_argument("--folder", default="slurm/logs/submitit/%j", help="submitit logs and pickles (%%j: job id)")
-    parser.add_argument("--signal-delay-s", type=int, default=300, help="stop signal this long before the time limit, to save a checkpoint")
+    parser.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=300,
+        help="stop signal this long before the time limit, to save a checkpoint",
+    )
     parser.add_argument("--max-timeouts", type=int, default=20, help="requeue after at most this many time limits")
     parser.add_argument("--wait", action="store_true", help="wait for the job and print its per-task results")
     args = parser.parse_intermixed_args(argv)

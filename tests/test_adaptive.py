@@ -152,8 +152,11 @@ def test_policy_encodes_each_image_once_and_stops_at_the_first_confident_count(m
 
     tower_calls = []
     hook = model.vision_tower.register_forward_hook(  # the tower is called with pixel_values by keyword
-        lambda module, args, kwargs, output: tower_calls.append(len(kwargs.get("pixel_values", args[0] if args else []))),
-        with_kwargs=True)
+        lambda module, args, kwargs, output: tower_calls.append(
+            len(kwargs.get("pixel_values", args[0] if args else []))
+        ),
+        with_kwargs=True,
+    )
     try:
         results = []
         for batch in (samples[:8], samples[8:16], samples[16:]):

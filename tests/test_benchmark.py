@@ -457,9 +457,13 @@ def test_local_task_names_a_bad_task_or_dataset(tmp_path):
         local_tasks.local_task("no_such_task", tmp_path, tmp_path / "out", index)
     with pytest.raises(ValueError, match="has no task 'pope_full' \\(it is a group; name its tasks\\)"):
         local_tasks.local_task("pope_full", tmp_path, tmp_path / "out", index)
-    with pytest.raises(ValueError, match=f"pope={tmp_path / 'missing'}: not a folder written by datasets' save_to_disk"):
+    with pytest.raises(
+        ValueError, match=f"pope={tmp_path / 'missing'}: not a folder written by datasets' save_to_disk"
+    ):
         local_tasks.local_task("pope", tmp_path / "missing", tmp_path / "out", index)
     datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"question": ["q"]})}).save_to_disk(tmp_path / "val")
-    with pytest.raises(ValueError, match=r"the task reads test_split 'test', but the dataset's splits are \['validation'\]"):
+    with pytest.raises(
+        ValueError, match=r"the task reads test_split 'test', but the dataset's splits are \['validation'\]"
+    ):
         local_tasks.local_task("pope", tmp_path / "val", tmp_path / "out", index)
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""pipeline/chat: each LM family's conversation format, its label mask, BOS, vocabulary and end token."""
+"""pipeline/model/chat.py: each LM family's conversation format, its label mask, BOS, vocabulary and end token."""
 
 import json
 

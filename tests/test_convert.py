@@ -124,7 +124,8 @@ BREAKAGES = {
     "missing latest": (lambda d: os.remove(d / "latest"), ["latest is missing", "--tag", "step-000012, step-000016"]),
     "truncated file": (lambda d: truncate(d / "step-000016" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
                        ["zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated or corrupted", "step-000012"]),
-    "wrong contents": (lambda d: replace_with_empty_archive(d / "step-000016" / "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+    "wrong contents": (lambda d: replace_with_empty_archive(
+                           d / "step-000016" / "zero_pp_rank_0_mp_rank_00_model_states.pt"),
                        ["DeepSpeed could not consolidate", "is not a model state checkpoint", "--tag"]),
     "foreign model type": (lambda d: (d / "model" / "config.json").write_text('{"model_type": "llava"}'),
                            ["another project", "'llava'", "tokenflex_vlm"]),

@@ -29,8 +29,15 @@ def test_a_folder_is_a_mixture_of_one(synth):
 
 def test_sources_resolve_relative_to_the_mixture_file(synth, tmp_path):
     (tmp_path / "data").symlink_to(synth / "shards")
-    mixture = load_mixture(write(tmp_path / "mix.yaml", [{"name": "a", "shards": "data", "repeat": 2},
-                                                          {"name": "b.v2", "shards": str(synth / "shards"), "repeat": 0.5}]))
+    mixture = load_mixture(
+        write(
+            tmp_path / "mix.yaml",
+            [
+                {"name": "a", "shards": "data", "repeat": 2},
+                {"name": "b.v2", "shards": str(synth / "shards"), "repeat": 0.5},
+            ],
+        )
+    )
     assert [s.name for s in mixture.sources] == ["a", "b.v2"] and mixture.takes() == [600, 150]
     manifest = mixture.manifest(seed=4)
     assert manifest["seed"] == 4 and manifest["epoch_samples"] == 750
@@ -124,7 +131,9 @@ def test_published_parquet_subsets_become_a_mixture_that_trains_on_two_ranks(syn
     for folder, rows in [("LLaVA-OneVision-Data/aokvqa(cauldron,llava_format)", onevision),
                          ("the_cauldron/ai2d", cauldron)]:
         (tmp_path / folder).mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist(rows), tmp_path / folder / "train-00000-of-00001.parquet", row_group_size=50)
+        pq.write_table(
+            pa.Table.from_pylist(rows), tmp_path / folder / "train-00000-of-00001.parquet", row_group_size=50
+        )
     spec = {"datasets": [{"path": str(tmp_path / "LLaVA-OneVision-Data" / "aokvqa(cauldron,llava_format)")},
                          {"path": str(tmp_path / "the_cauldron" / "ai2d"), "sampling_strategy": "first:50%"}]}
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(spec))

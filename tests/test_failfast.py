@@ -166,7 +166,8 @@ def test_seq_len_without_room_for_text_at_the_largest_n_fails_at_start(
     assert f"data.max_tiles=1 tiles at max(tokens.counts) + {named} = 144 + 64 = 208" in error
 
 
-def test_seq_len_without_room_for_the_largest_tiled_image_fails_at_start(tiny_models, synthetic_shards, tmp_path, capsys):
+def test_seq_len_without_room_for_the_largest_tiled_image_fails_at_start(tiny_models, synthetic_shards, tmp_path,
+                                                                          capsys):
     """With data.max_tiles 6 the largest image is a 6 x 1 grid and its thumbnail: 7 tiles x N
     slots plus a row end per grid row, 7 x 64 + 6 = 454 at N=64; 470 tokens hold it, not its text."""
     stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
@@ -180,8 +181,8 @@ def test_seq_len_without_room_for_the_largest_tiled_image_fails_at_start(tiny_mo
 def test_flash_attention_with_fp32_weights_fails_at_start(tiny_models, synthetic_shards, tmp_path, capsys, precision):
     """On a GPU, flash-attn would crash at the first forward on fp32 weights; auto is fp32 on CPU."""
     stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
-    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "model.attn_implementation=flash_attention_2",
-                           f"train.precision={precision}")
+    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}",
+                           "model.attn_implementation=flash_attention_2", f"train.precision={precision}")
     assert "model.attn_implementation=flash_attention_2 needs bf16 weights" in error
     assert f"train.precision={precision} trains in fp32 here" in error
 
@@ -190,9 +191,10 @@ def test_flash_attention_with_fp32_weights_fails_at_start(tiny_models, synthetic
 def test_flash_attention_without_flash_attn_or_gpu_fails_at_start(tiny_models, synthetic_shards, tmp_path, capsys):
     """Before the process group and DeepSpeed start, not when the model is built."""
     stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
-    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "model.attn_implementation=flash_attention_2",
-                           "train.precision=bf16")
-    assert "model.attn_implementation: attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn" in error
+    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}",
+                           "model.attn_implementation=flash_attention_2", "train.precision=bf16")
+    assert ("model.attn_implementation: attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn"
+            in error)
 
 
 @pytest.fixture

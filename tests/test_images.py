@@ -1,4 +1,4 @@
-"""pipeline/images: the pixels the tower sees are the image processor's, within a stated
+"""pipeline/model/images.py: the pixels the tower sees are the image processor's, within a stated
 tolerance, on a real photograph and on grayscale and transparent images, for pad and resize, by
 the loader workers' route and by generation's alike; the model normalizes them as the processor.
 The loader's JPEG decode (simplejpeg) gives PIL's pixels exactly.
@@ -92,7 +92,12 @@ def worker_pixels(data, extension, processor, aspect, tokenizer):
     """The pixel values a loader worker makes of a shard sample holding the image file."""
     record = {"image": f"x.{extension}", "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\nwhat?"},
                                                            {"from": "gpt", "value": "a person"}]}
-    sample = {"__key__": "000000000", "__url__": "shard-000000.tar", "json": json.dumps(record).encode(), extension: data}
+    sample = {
+        "__key__": "000000000",
+        "__url__": "shard-000000.tar",
+        "json": json.dumps(record).encode(),
+        extension: data,
+    }
     return Decoder(tokenizer, processor, aspect)(sample)["pixel_values"]
 
 
@@ -135,7 +140,9 @@ def test_pixels_are_the_processors_within_two_levels(name, aspect, processor, ti
 
     table = pixel_table(processor)
     level = (table[:, 1] - table[:, 0]).view(1, 3, 1, 1)  # one 8-bit step after rescale and normalize
-    levels = ((normalize_pixels(generation, table) - processor_reference(data, processor, aspect)).abs() / level).round()
+    levels = (
+        (normalize_pixels(generation, table) - processor_reference(data, processor, aspect)).abs() / level
+    ).round()
     assert levels.max() <= MAX_LEVELS
     assert (levels > 0).float().mean() <= MAX_FRACTION
 

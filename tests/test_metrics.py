@@ -156,8 +156,9 @@ def test_useful_flops_are_executed_flops_less_recomputation(tiny_models, headles
     scores, checkpointed forwards) is the useful count exactly, and step_flops' executed count is
     torch's count exactly."""
     model = build_model(headless_vision, tiny_models / "qwen2", trained, vision_feature_layer=-1)
-    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    batch = make_batch(model, [[100], [100]], pixels, torch.tensor([True, True]))
+    batch = make_batch(
+        model, [[100], [100]], torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.tensor([True, True])
+    )
     work = Work.of(batch, model.tokenizer.pad_token_id)
     assert (work.tokens, work.sample_scores, work.real_images) == (work.positions, work.row_scores, work.images)
     useful, executed = step_flops(model, N, work)
@@ -186,8 +187,9 @@ def test_a_skipped_step_is_logged_without_loss_and_said_so(tmp_path, caplog):
     from pipeline.train.metrics import MetricsLog
     from tests.distributed import REPO
 
-    cfg = load_config(REPO / "configs" / "tiny_cpu_stage1.yaml",
-                      [f"train.output_dir={tmp_path}", "wandb.mode=disabled"])
+    cfg = load_config(
+        REPO / "configs" / "tiny_cpu_stage1.yaml", [f"train.output_dir={tmp_path}", "wandb.mode=disabled"]
+    )
     log = MetricsLog(cfg, {}, start_step=0, wandb_id=None)
     record = {"step": 1, "num_vision_tokens": 16, "update_skipped": True, "loss": None, "lr": 1e-3, "grad_norm": None,
               "tokens_per_s": 10.0}

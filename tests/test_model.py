@@ -326,7 +326,9 @@ def test_attn_implementation_reaches_the_lm_and_the_vision_tower(tiny_models, tm
     for model in (built, loaded):
         assert model.language_model.config._attn_implementation == attn_implementation
         assert model.vision_tower.config._attn_implementation == attn_implementation
-    assert "attn_implementation" not in (tmp_path / "vlm" / "config.json").read_text()  # a choice of the run, not the folder
+    assert (
+        "attn_implementation" not in (tmp_path / "vlm" / "config.json").read_text()
+    )  # a choice of the run, not the folder
 
 
 @pytest.mark.skipif(is_flash_attn_2_available(), reason="flash-attn and a GPU are here, so flash_attention_2 works")
@@ -524,7 +526,9 @@ def taught_model(tiny_models, images):
     random-init models' greedy replies are newlines or special tokens, so no choice is ever greedy."""
     model = build_model(tiny_models)
     question, reply = TAUGHT
-    record = {"conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": reply}]}
+    record = {
+        "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": reply}]
+    }
     input_ids, labels = tokenize_record(record, model.tokenizer, 1)  # as the data loader tokenizes it
     batch = model.labelled_batch([{"input_ids": input_ids, "labels": labels, **model.prepared_images(images[:1])}], 16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -117,7 +117,9 @@ def test_model_card_says_what_the_model_is_and_how_to_load_it(folder, tiny_model
     assert f"| steps | 16 of `{folder.parent}` |" in card
     assert "| serves | any N = n² with n ≤ 16" in card
     # the data: the checkpoint's mixture.json (the stage-1 run trains on conftest's two-source mixture)
-    assert "A mixture of 2 source(s) (shard folders from tools.build_shards), 270 samples an epoch, data.seed 0." in card
+    assert (
+        "A mixture of 2 source(s) (shard folders from tools.build_shards), 270 samples an epoch, data.seed 0." in card
+    )
     assert "| synthetic | 240 | 1 | 240 |\n| hard | 60 | 0.5 | 30 |" in card
     assert f'AutoModel.from_pretrained("{folder}", trust_remote_code=True' in card
     assert card.endswith(f"{EVALUATION_HEADING}\n\nNone yet: `python -m tools.benchmark {folder} --tasks ... "

@@ -1,4 +1,4 @@
-"""pipeline/packing: the row chooser, image-slot fit and the tile budget, without a loader."""
+"""pipeline/data/packing.py: the row chooser, image-slot fit and the tile budget, without a loader."""
 
 import itertools
 import math

@@ -53,7 +53,9 @@ def test_engine_holds_every_parameter_in_bf16_with_fp32_masters_and_accumulation
         parameters = record["parameters"]
         assert {name.split(".")[0] for name, p in parameters.items() if p["trains"]} == trained
         assert any(not p["trains"] for p in parameters.values())
-        elsewhere = {name: p for name, p in parameters.items() if (p["dtype"], p["device"]) != ("torch.bfloat16", "cpu")}
+        elsewhere = {
+            name: p for name, p in parameters.items() if (p["dtype"], p["device"]) != ("torch.bfloat16", "cpu")
+        }
         assert elsewhere == {}, f"rank {rank}"
         assert record["buffers"] and set(record["buffers"].values()) == {"cpu"}
         assert record["master_weights"] == ["torch.float32"]
@@ -68,7 +70,9 @@ def test_each_stage_loads_the_tower_and_the_lm_straight_into_zero3_partitions(bf
         parameters = json.loads((bf16_runs[stage] / "engine_dtypes" / f"rank-{rank}.json").read_text())["parameters"]
         partitioned = {name.split(".")[0] for name, p in parameters.items() if p["partitioned_at_build"]}
         whole = {name.split(".")[0] for name, p in parameters.items() if not p["partitioned_at_build"]}
-        assert (partitioned, whole) == ({"vision_tower", "language_model"}, {"projector", "tile_layout"}), f"rank {rank}"
+        assert (partitioned, whole) == ({"vision_tower", "language_model"}, {"projector", "tile_layout"}), (
+            f"rank {rank}"
+        )
 
 
 @pytest.mark.parametrize("stage, window", [("stage1", 3), ("stage2", 2)])

@@ -70,10 +70,11 @@ def images_of(record):
 
 
 def llava_rows(root, records, embedded):
-    return [{**record, "image": (None if "image" not in record else
-                                 [image_value(root, p, embedded) for p in record["image"]]
-                                 if isinstance(record["image"], list) else image_value(root, record["image"], embedded))}
-            for record in records]
+    def images(value):
+        return [image_value(root, p, embedded) for p in value] if isinstance(value, list) else \
+            image_value(root, value, embedded)
+
+    return [{**record, "image": images(record["image"]) if "image" in record else None} for record in records]
 
 
 def cauldron_rows(root, records, embedded):
@@ -166,8 +167,9 @@ def test_every_input_form_reads_the_same_rows(scenes, reference_shards, tmp_path
                                   "images": datasets.List(datasets.Image()),
                                   "texts": datasets.List({k: datasets.Value("string")
                                                           for k in ("user", "assistant", "source")})})
-    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "parts" / "train-00000-of-00001.parquet"))
-    dataset = datasets.Dataset.from_parquet(str(tmp_path / "parts" / "train-00000-of-00001.parquet"))
+    parquet = str(tmp_path / "parts" / "train-00000-of-00001.parquet")
+    datasets.Dataset.from_list(rows, features=features).to_parquet(parquet)
+    dataset = datasets.Dataset.from_parquet(parquet)
     dataset.save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"validation": dataset}).save_to_disk(str(tmp_path / "saved_dict"))
     # The cache layout load_dataset("owner/name") reads offline: what a download left there.
@@ -204,7 +206,8 @@ def samples(folder, basenames=False):
         record = json.loads(sample.pop("json"))
         if basenames and "image" in record:
             image = record["image"]
-            record["image"] = os.path.basename(image) if isinstance(image, str) else [os.path.basename(i) for i in image]
+            record["image"] = (os.path.basename(image) if isinstance(image, str)
+                               else [os.path.basename(i) for i in image])
         out.append((record, {k: v for k, v in sample.items() if not k.startswith("__")}, sample["__key__"]))
     return out
 
@@ -253,8 +256,8 @@ def test_bad_rows_of_each_kind_are_skipped_by_named_reason(scenes, tmp_path):
 
     # Typed and string contents of other shapes, as JSON Lines (LLaMA-Factory's form).
     answer = {"role": "assistant", "content": "red"}
-    lines = [{"id": "ok", "messages": [{"role": "user", "content": [{"type": "image", "image": path},
-                                                                    {"type": "text", "text": "What colour?"}]}, answer]},
+    parts = [{"type": "image", "image": path}, {"type": "text", "text": "What colour?"}]
+    lines = [{"id": "ok", "messages": [{"role": "user", "content": parts}, answer]},
              {"id": "system", "messages": [{"role": "system", "content": "Be brief."},
                                            {"role": "user", "content": "Hi"}, answer]},
              {"id": "video", "messages": [{"role": "user", "content": [{"type": "video"}]}, answer]},
@@ -275,7 +278,8 @@ def test_bad_rows_of_each_kind_are_skipped_by_named_reason(scenes, tmp_path):
 @pytest.mark.parametrize("rows, args, error", [
     ([{"question": "q", "answer": "a"}], [], r"columns \['question', 'answer'\] hold none of the conversation columns"),
     ([{"texts": [], "messages": []}], [], "hold 2 of the conversation columns .* choose with --schema"),
-    ([{"conversations": []}], ["--schema", "cauldron"], "--schema cauldron reads the column 'texts', which the input lacks"),
+    ([{"conversations": []}], ["--schema", "cauldron"],
+     "--schema cauldron reads the column 'texts', which the input lacks"),
     ([{"messages": [{"role": "user", "content": [{"type": "audio", "text": None}]}]}], [],
      "row 0: message 0 has a content part of type 'audio'"),
     ([{"messages": [{"role": "tool", "content": "x"}]}], [], "row 0: message 0 has role 'tool'"),

@@ -106,7 +106,9 @@ def test_records_with_repeated_ids_are_kept_and_counted(synth, tmp_path, capsys)
              for _ in range(2)]
     again = [{k: v for k, v in r.items() if k != "image"} for r in again] + [dict(good[2])]
     (tmp_path / "data.json").write_text(json.dumps(good + again))
-    build_shards.main(["--input", str(tmp_path / "data.json"), "--image-root", str(synth), "--out", str(tmp_path / "out")])
+    build_shards.main(
+        ["--input", str(tmp_path / "data.json"), "--image-root", str(synth), "--out", str(tmp_path / "out")]
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["total_samples"] == 9 and manifest["repeated_ids"] == 3
     assert not any(manifest["skipped"].values())
@@ -122,7 +124,9 @@ def test_build_is_byte_identical_whatever_the_processes_and_readable(synth, tmp_
     build_shards.main(args + ["--out", str(tmp_path / "a")])
     build_shards.main(args + ["--out", str(tmp_path / "b"), "--workers", "2"])
     files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert files == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)] + [f"slices/{i:06d}.json" for i in range(4)]
+    assert files == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)] + [
+        f"slices/{i:06d}.json" for i in range(4)
+    ]
     assert files == sorted(str(p.relative_to(tmp_path / "b")) for p in (tmp_path / "b").rglob("*") if p.is_file())
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

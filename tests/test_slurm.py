@@ -1,4 +1,5 @@
-"""The sbatch scripts (training and slurm/build_shards.sh) and the submitit launcher, against a real single-node Slurm (slurm/local_cluster.sh).
+"""The sbatch scripts (training and slurm/build_shards.sh) and the submitit launcher, against a real
+single-node Slurm (slurm/local_cluster.sh).
 
 Outside CI these tests skip when the cluster can't be started (not root, Slurm not installed);
 in CI (CI=true) they fail instead.
@@ -182,7 +183,8 @@ def test_sbatch_job_with_a_crashed_task_ends_failed_not_at_its_time_limit(slurm,
     """Task 1 raises at step 3 while task 0 stalls, as a rank blocked in an NCCL collective would,
     blind to its peer's death: srun --kill-on-bad-exit must end the step, and the job, at once."""
     log, marker, output_dir = tmp_path / "job.log", tmp_path / "fault-injected", tmp_path / "out"
-    faults = f"TOKENFLEX_TRAIN_MODULE=tests.crash_at_step,FAULT_AT_STEP=3,FAULT_RAISE_RANK=1,FAULT_STALL_RANK=0,FAULT_MARKER={marker}"
+    faults = (f"TOKENFLEX_TRAIN_MODULE=tests.crash_at_step,FAULT_AT_STEP=3,FAULT_RAISE_RANK=1,FAULT_STALL_RANK=0,"
+              f"FAULT_MARKER={marker}")
     job_id = sbatch(*SBATCH_CPU, "--time=15", f"--export=ALL,{faults}", f"--output={log}", f"--error={log}",
                     "slurm/stage1.sh", *train_args(output_dir))
     deadline = time.time() + 180

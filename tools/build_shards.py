@@ -10,7 +10,7 @@ pipeline/data/schemas.py describes. Data that no schema explains stops the build
 naming the row.
 
 Each sample is the record in LLaVA form (key.json: conversations, "image" names, the row's
-other columns) and its image bytes unchanged (key.jpg for one image, key.<i>.<ext> for several).
+other columns) and its image bytes unchanged (key.<ext> for one image, key.<i>.<ext> for several).
 Bad rows are skipped, counted by reason, with the first ids of each in the manifest:
   missing_image           an image file missing or unreadable, or its bytes not an image
                           (truncated or undecodable: see the validation below)
@@ -110,11 +110,15 @@ def main(argv: list[str] | None = None) -> BuildResult:
     parser.add_argument("--schema", choices=sorted(SCHEMAS), default=None,
                         help="conversation schema (default: detected from the columns)")
     parser.add_argument("--subset", default=None, help="a hub dataset's subset (configuration) name")
-    parser.add_argument("--split", default="train", help="the split of a hub dataset or saved DatasetDict (default train)")
+    parser.add_argument(
+        "--split", default="train", help="the split of a hub dataset or saved DatasetDict (default train)"
+    )
     add_build_options(parser)
     parser.add_argument("--task-index", type=int, default=0,
                         help="this task's number in a Slurm array of --task-count tasks (slurm/build_shards.sh)")
-    parser.add_argument("--task-count", type=int, default=1, help="tasks sharing the build; each takes every n-th slice")
+    parser.add_argument(
+        "--task-count", type=int, default=1, help="tasks sharing the build; each takes every n-th slice"
+    )
     args = parser.parse_args(argv)
     check_build_options(parser, args)
     if not 0 <= args.task_index < args.task_count:

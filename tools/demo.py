@@ -82,7 +82,9 @@ def stage_command(stage, data_root, output_dir, ranks, *overrides):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything goes (default: runs/demo)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="where everything goes (default: runs/demo)"
+    )
     parser.add_argument("--ranks", type=int, default=2, help="training processes (default: 2)")
     parser.add_argument("--samples", type=int, default=TRAIN_SAMPLES,
                         help=f"synthetic training records (default: {TRAIN_SAMPLES})")

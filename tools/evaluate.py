@@ -2,7 +2,8 @@ r"""Evaluate model folders on held-out shards at several vision-token counts N.
 
     python -m tools.evaluate runs/flex/final runs/fixed64/final --names flex,fixed64 \
         --shards data/shards/val --tokens 16,36,64,100,144,196,256 --out results/flex-vs-fixed
-    python -m tools.evaluate runs/tiled/final --shards data/shards/val --tokens 16,64,144 --tiles 1,4 --out results/tiles
+    python -m tools.evaluate runs/tiled/final --shards data/shards/val --tokens 16,64,144 --tiles 1,4 \
+        --out results/tiles
 
 Per model, tile limit and N: exact-match accuracy (overall and per question_type), loss of the
 reference answer, vision tokens per image (tiles x N plus row ends), median prefill latency and

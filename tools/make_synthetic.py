@@ -107,7 +107,11 @@ def draw_scene(rng, size, layout="square"):
     facts = {"background": rng.choice(list(BACKGROUNDS)), "large": rng.choice(list(LARGE_COLOURS)),
              "small": rng.choice(list(SMALL_COLOURS)), "dot": rng.choice(list(DOT_COLOURS))}
     offset = 0 if layout == "square" else rng.randrange(0, 3 * size + 1)
-    sides = [rng.randrange(size * 3 // 8, size // 2 + 1), rng.randrange(size * 7 // 32, size * 9 // 32 + 1), size * 5 // 32]
+    sides = [
+        rng.randrange(size * 3 // 8, size // 2 + 1),
+        rng.randrange(size * 7 // 32, size * 9 // 32 + 1),
+        size * 5 // 32,
+    ]
     boxes = [(x + offset * (layout == "wide"), y + offset * (layout == "tall"), side)
              for x, y, side in place_boxes(rng, size, sides)]
     scene = {"facts": facts, "shape": rng.choice(SHAPES), "boxes": boxes, "size": size}

@@ -86,7 +86,9 @@ def plot(results, path):
         x = [r["num_vision_tokens"] for r in rows]
         for t in types:
             y = [r["accuracy"] if t == "overall" else r["accuracy_by_type"].get(t, math.nan) for r in rows]
-            accuracy_ax.plot(x, y, styles[model], marker="o", color=colours[t], linewidth=2.5 if t == "overall" else 1.2)
+            accuracy_ax.plot(
+                x, y, styles[model], marker="o", color=colours[t], linewidth=2.5 if t == "overall" else 1.2
+            )
         plot_latency(latency_ax, results, model, linestyle=styles[model], color="black")
     type_handles = [Line2D([], [], color=colours[t], label=t) for t in types]
     model_handles = [Line2D([], [], color="gray", linestyle=styles[m], label=m) for m in models]

@@ -8,6 +8,9 @@ assembles them into a batch of fixed shapes (assemble.py). The resume state is s
 import copy
 import logging
 import os
+from typing import TYPE_CHECKING
+
+from transformers import PreTrainedTokenizerBase
 
 from pipeline.data.assemble import PackedBatch, assemble, slots_of, tiles_of
 from pipeline.data.decode import Decoder, measure_text_tokens_per_tile
@@ -25,6 +28,10 @@ from pipeline.data.state import (
 from pipeline.data.stream import RankStream
 from pipeline.model.chat import IMAGE_TOKEN
 from pipeline.model.images import tower_size
+from pipeline.run.config import DataConfig
+
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +43,13 @@ class TrainBatches:
     whose stats also hold "epoch", the oldest epoch a worker of this rank is still reading.
 
     states: every rank's state_dict() from a checkpoint, in rank order, or None to start afresh.
+    (About 160 lines: the pack window, the stream and its resume state are one state, saved together.)
     """
 
     COUNTERS = ("samples_packed", "truncated", "dropped", "skipped_corrupt", "skipped_invalid")
 
-    def __init__(self, cfg, tokenizer, image_processor, rank: int = 0, world_size: int = 1, states: list | None = None):
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor",
+                 rank: int = 0, world_size: int = 1, states: list[dict] | None = None):
         self.cfg, self.tokenizer, self.image_processor = cfg, tokenizer, image_processor
         self.rank, self.world_size = rank, world_size
         self.mixture = load_mixture(cfg.shards)
@@ -58,7 +67,10 @@ class TrainBatches:
         else:
             self.text_tokens_per_tile = cfg.text_tokens_per_image
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.counters = {**dict.fromkeys(self.COUNTERS, 0), "samples_by_source": {s.name: 0 for s in self.mixture.sources}}
+        self.counters = {
+            **dict.fromkeys(self.COUNTERS, 0),
+            "samples_by_source": {s.name: 0 for s in self.mixture.sources},
+        }
         for state in states or []:
             check_compatible(state, self._identity())
         if not states:

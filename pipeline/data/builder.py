@@ -118,7 +118,8 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 class SliceBuilder:
-    """A build as each of its processes holds it: the input's rows, the schema, the slices."""
+    """A build as each of its processes holds it: the input's rows, the schema, the slices. (About 160
+    lines: a slice's rows, samples, report and the manifest all read the same build settings and id.)"""
 
     def __init__(self, settings: BuildSettings, selection: Sequence[int] | None = None):
         self.settings = settings
@@ -194,7 +195,7 @@ class SliceBuilder:
         write_atomic(self.report_path(index), json.dumps(report, sort_keys=True).encode())
         return report
 
-    def sample(self, row, row_index: int, position: int) -> tuple[dict, str | int]:
+    def sample(self, row: dict, row_index: int, position: int) -> tuple[dict, str | int]:
         """(the webdataset sample, the record's id) of a row; Skip when it can't be one."""
         record, images = to_llava(row, row_index, self.schema)
         problem = conversation_problem(record, len(images))
@@ -276,7 +277,9 @@ class SliceBuilder:
                 os.remove(path)
             except FileNotFoundError:  # another task finishing at the same moment removed it
                 pass
-        write_atomic(os.path.join(out, "manifest.json"), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        write_atomic(
+            os.path.join(out, "manifest.json"), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+        )
         return manifest
 
 

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import tarfile
+from typing import TYPE_CHECKING
 
 import simplejpeg
 import torch
@@ -22,6 +23,9 @@ from pipeline.data.mixture import Mixture
 from pipeline.model.chat import prompt_ids, tokenize_record
 from pipeline.model.images import rgb_pixels
 from pipeline.model.tiles import choose_grid, image_slots, recorded_tiling, sample_tiles, tile_count, tiles_allowed
+
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +80,9 @@ class Decoder:
     pipeline/model/tiles.py). with_record adds the record itself, prompt_ids (for generation) and answer
     (the last reply), for evaluation."""
 
-    def __init__(self, tokenizer, image_processor, image_aspect: str | None = None, with_record: bool = False,
-                 max_tiles: int | None = None, multi_image_max_tiles: int | None = None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor",
+                 image_aspect: str | None = None, with_record: bool = False, max_tiles: int | None = None,
+                 multi_image_max_tiles: int | None = None):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_aspect, self.with_record = image_aspect, with_record
         self.max_tiles, self.multi_image_max_tiles = recorded_tiling(image_processor, max_tiles, multi_image_max_tiles)

@@ -69,7 +69,7 @@ def check_schema(schema: str, columns: list[str], where: str) -> None:
                           f"lacks (its columns: {columns})")
 
 
-def to_llava(row, index: int, schema: str) -> tuple[dict, list[ImageRef]]:
+def to_llava(row: dict, index: int, schema: str) -> tuple[dict, list[ImageRef]]:
     """(record, images) of a row: the record in LLaVA form, its "image" the images' names (one name
     for a single image, a list for several; llava rows keep their own form). Raises Skip for a row
     that can't be a sample, SchemaError for one that no schema explains."""
@@ -178,7 +178,7 @@ def _from_messages(row: dict, index: int) -> tuple[dict, list[ImageRef], bool]:
     return {**record, "conversations": conversations}, images, len(images) == 1
 
 
-def _check_turn_keys(turn, schema: str, index: int, turn_index: int) -> None:
+def _check_turn_keys(turn: dict, schema: str, index: int, turn_index: int) -> None:
     if isinstance(turn, dict):
         extra = sorted(k for k, v in turn.items() if v is not None and k not in TURN_KEYS[schema])
         if extra:
@@ -186,7 +186,7 @@ def _check_turn_keys(turn, schema: str, index: int, turn_index: int) -> None:
                               f"{sorted(TURN_KEYS[schema])}")
 
 
-def _image_ref(value) -> ImageRef:
+def _image_ref(value: object) -> ImageRef:
     """An image as a row holds it: a path, bytes, or a datasets Image {"bytes", "path"}."""
     if isinstance(value, str) and value:
         return ImageRef(None, value)
@@ -200,7 +200,7 @@ def _image_ref(value) -> ImageRef:
     raise Skip("malformed_conversation")
 
 
-def _holds_bytes(value) -> bool:
+def _holds_bytes(value: object) -> bool:
     if isinstance(value, (bytes, bytearray)):
         return True
     if isinstance(value, dict):

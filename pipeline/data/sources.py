@@ -16,9 +16,13 @@ import glob
 import json
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # for annotations only: datasets is imported where a build reads one
+    import datasets
 
 GLOB_CHARACTERS = "*?["
 COLUMN_SAMPLE = 1000  # JSON records whose keys name the input's columns
@@ -106,7 +110,7 @@ class ParquetRows:
 class DatasetRows:
     """A `datasets` Dataset (memory-mapped arrow), read without its features' decoding."""
 
-    def __init__(self, dataset, description: str):
+    def __init__(self, dataset: "datasets.Dataset", description: str):
         self.dataset = dataset.with_format("arrow")
         self.columns, self.description = list(dataset.column_names), description
 

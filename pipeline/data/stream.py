@@ -30,7 +30,7 @@ from pipeline.data.handover import (
     loader_items,
     stream_index,
 )
-from pipeline.data.mixture import load_mixture
+from pipeline.data.mixture import Mixture, load_mixture
 from pipeline.data.plan import (
     EpochPieces,
     Intervals,
@@ -44,6 +44,7 @@ from pipeline.data.plan import (
 from pipeline.data.shards import ReadingBoard, ShardError, read_shard
 from pipeline.data.state import Progress
 from pipeline.data.workers import worker_init
+from pipeline.run.config import DataConfig
 
 if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
     from transformers.image_processing_utils import BaseImageProcessor
@@ -62,8 +63,9 @@ class SampleStream(IterableDataset):
     post the shard they read.
     """
 
-    def __init__(self, mixture, decoder: Decoder, rank: int = 0, world_size: int = 1, *, endless: bool = True,
-                 seed: int = 0, shuffle_buffer: int = 0, first_epoch: int = 0, open_epochs=None, replay=None,
+    def __init__(self, mixture: Mixture, decoder: Decoder, rank: int = 0, world_size: int = 1, *, endless: bool = True,
+                 seed: int = 0, shuffle_buffer: int = 0, first_epoch: int = 0,
+                 open_epochs: dict[int, Intervals] | None = None, replay: list[dict] | None = None,
                  board: ReadingBoard | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -163,8 +165,8 @@ class RankStream:
     layout), restarts each worker where the plan says; open_epochs: see SampleStream.
     """
 
-    def __init__(self, mixture, decoder: Decoder, cfg, rank: int, world_size: int, first_epoch: int,
-                 open_epochs: dict, replay: list | None = None):
+    def __init__(self, mixture: Mixture, decoder: Decoder, cfg: DataConfig, rank: int, world_size: int,
+                 first_epoch: int, open_epochs: dict[int, Intervals], replay: list[dict] | None = None):
         self.rank, self.world_size, self.timeout = rank, world_size, cfg.read_timeout_s
         self.num_workers, self.length, self.open_epochs = max(1, cfg.num_workers), mixture.epoch_length(), open_epochs
         restarts = [w["restart"] for w in replay] if replay else [(first_epoch, 0)] * self.num_workers
@@ -203,7 +205,9 @@ class RankStream:
         worker, epoch = item["worker"], item["epoch"]
         self.latest[worker] = tuple(item["epoch_start"])
         if item["position"] is not None:  # not a filler
-            task = worker_task(self.length, self.open_epochs, epoch, self.world_size, self.num_workers, self.rank, worker)
+            task = worker_task(
+                self.length, self.open_epochs, epoch, self.world_size, self.num_workers, self.rank, worker
+            )
             self.progress[worker].update(epoch, item["read"], item["position"], task)
         return item
 

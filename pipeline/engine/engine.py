@@ -40,8 +40,9 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
     }
     for key, value in filled.items():
         if ds.get(key, "auto") != "auto" and ds[key] != value:
-            raise ValueError(f"{cfg.train.deepspeed}: {key}={ds[key]} disagrees with the run config ({value}); "
-                             f"use \"auto\"")
+            raise ValueError(
+                f'{cfg.train.deepspeed}: {key}={ds[key]} disagrees with the run config ({value}); use "auto"'
+            )
         ds[key] = value
     ds["bf16"] = {"enabled": use_bf16(cfg.train.precision)}
     # Without it DeepSpeed sums micro-batch gradients in the model dtype: bf16 under bf16.

@@ -66,19 +66,26 @@ def policy_result(predictions: list[dict], policy: str, name: str, model: TokenF
         if p["image"]:
             by_type.setdefault(p["question_type"], []).append(p["chosen_tokens"])
     chosen = [n for counts in by_type.values() for n in counts]
-    return result | {"model": name, "num_vision_tokens": policy, "policy": policy,
-                     "mean_vision_tokens": sum(chosen) / len(chosen) if chosen else None,
-                     "mean_vision_tokens_by_type": {t: sum(c) / len(c) for t, c in sorted(by_type.items())},
-                     **({"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")} if model else {}),
-                     "predictions": predictions}
+    return result | {
+        "model": name,
+        "num_vision_tokens": policy,
+        "policy": policy,
+        "mean_vision_tokens": sum(chosen) / len(chosen) if chosen else None,
+        "mean_vision_tokens_by_type": {t: sum(c) / len(c) for t, c in sorted(by_type.items())},
+        **({"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")} if model else {}),
+        "predictions": predictions,
+    }
 
 
 def fixed_result(result: dict) -> dict:
     """pipeline.eval.heldout's result at one N as a policy row: every image question at N."""
     n = result["num_vision_tokens"]
     by_type = {p["question_type"] for p in result["predictions"] if p["image"]}
-    return result | {"policy": "fixed", "mean_vision_tokens": n if any(p["image"] for p in result["predictions"]) else None,
-                     "mean_vision_tokens_by_type": {t: n for t in sorted(by_type)}}
+    return result | {
+        "policy": "fixed",
+        "mean_vision_tokens": n if any(p["image"] for p in result["predictions"]) else None,
+        "mean_vision_tokens_by_type": {t: n for t in sorted(by_type)},
+    }
 
 
 def ladder_arrays(fixed_results: Sequence[dict], ladder: Sequence[int]) -> dict[str, np.ndarray]:

@@ -23,10 +23,11 @@ answer's probability reaches the threshold (pipeline/eval/adaptive.py: each batc
 once, re-pooled per try); take the threshold from `python -m tools.evaluate --tokens adaptive
 --calibrate VALIDATION_SHARDS`. The probability is the whole generated answer's, before the
 task's `until` cuts it, so a threshold calibrated on short answers suits tasks with short answers.
-The throughput metrics add mean_vision_tokens (over the requests with an image), tries_per_image
-and the threshold. Log-likelihood requests are refused at num_vision_tokens=adaptive: the policy
-stops on a generated answer's probability, and scoring given choices generates none; score them at
-a fixed N. A sweep over N, tile counts and model folders: lmms_eval_sweep.py.
+The throughput metrics add mean_vision_tokens (over the requests with an image), tries_per_image,
+the threshold and the ladder (and at any N prefill_total_s, the prefill's seconds in all).
+Log-likelihood requests are refused at num_vision_tokens=adaptive: the policy stops on a
+generated answer's probability, and scoring given choices generates none; score them at a fixed N.
+A sweep over N, tile counts and model folders: lmms_eval_sweep.py.
 """
 
 import os
@@ -78,9 +79,10 @@ class TokenFlexLMMs(lmms):
     this process's GPU, else cpu), dtype (default: bfloat16 on GPU, float32 on CPU; ignored for a
     loaded model), batch_size (from --batch_size)."""
 
-    def __init__(self, pretrained, num_vision_tokens=64, device=None, dtype=None, batch_size=1, threshold=None,
-                 ladder=DEFAULT_LADDER_ARG, num_tiles=None,
-                 max_batch_size=None):  # lmms-eval passes its --max_batch_size; batches here have a fixed size
+    def __init__(self, pretrained: str | TokenFlexVLM, num_vision_tokens: int | str = 64, device: str | None = None,
+                 dtype: str | None = None, batch_size: int | str = 1, threshold: float | str | None = None,
+                 ladder: str = DEFAULT_LADDER_ARG, num_tiles: int | str | None = None,
+                 max_batch_size: int | None = None):  # lmms-eval passes it; batches here have a fixed size
         super().__init__()
         loaded = isinstance(pretrained, TokenFlexVLM)
         self.adaptive = num_vision_tokens == "adaptive"

@@ -20,7 +20,7 @@ from pipeline.model.vlm import TokenFlexVLM
 class SweepError(Exception):
     """A task that failed for one model at one N; `result` holds that (model, N)'s finished tasks."""
 
-    def __init__(self, result, task, error):
+    def __init__(self, result: dict, task: str, error: BaseException):
         self.result, self.task = result, task
         self.error = error.last_attempt.exception() if isinstance(error, RetryError) else error  # lmms-eval's retries
         super().__init__(f"model {result['model']} at N={result['num_vision_tokens']}, task {task}: "

@@ -103,7 +103,9 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_format: str = "au
     name = chat_format if chat_format != "auto" else saved_chat_format(tokenizer) or detect_chat_format(tokenizer)
     template, needed, end = FORMATS[name]
     if end is None and tokenizer.eos_token is None:
-        raise ValueError(f"model.chat_format={name}: tokenizer {tokenizer.name_or_path} has no EOS token to end replies")
+        raise ValueError(
+            f"model.chat_format={name}: tokenizer {tokenizer.name_or_path} has no EOS token to end replies"
+        )
     missing = [token for token in needed + [end or tokenizer.eos_token] if token not in tokenizer.get_vocab()]
     if missing:
         raise ValueError(f"model.chat_format={name}: tokenizer {tokenizer.name_or_path} lacks {missing}; "

@@ -109,7 +109,7 @@ class Construction:
             raise ValueError(f"{path}: weights do not match the model: missing {missing[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")
 
-    def _is_tied(self, name):
+    def _is_tied(self, name: str) -> bool:
         return self.language_model.config.tie_word_embeddings and name.endswith("lm_head.weight")
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:

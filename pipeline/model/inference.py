@@ -134,7 +134,9 @@ class Inference(InferenceInputs):
         positions, tokens, row = (on_device(t, self.device) for t in (targets.positions, targets.labels,
                                                                        targets.positions // width))
         log_probs = self.language_model.lm_head(hidden.flatten(0, 1).index_select(0, positions)).float().log_softmax(-1)
-        sums = torch.zeros(len(rows), device=self.device).index_add_(0, row, log_probs.gather(-1, tokens[:, None])[:, 0])
+        sums = torch.zeros(len(rows), device=self.device).index_add_(
+            0, row, log_probs.gather(-1, tokens[:, None])[:, 0]
+        )
         misses = torch.zeros(len(rows), device=self.device).index_add_(0, row, (log_probs.argmax(-1) != tokens).float())
         return [(float(total), not bool(missed)) for total, missed in zip(sums, misses)]
 

@@ -37,8 +37,12 @@ class InferenceInputs:
     def prompt_ids(self, prompt: str, num_images: int) -> list[int]:
         """The prompt as one user turn (an image marker and a newline per image, then the text),
         up to the assistant header."""
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": user_turn(prompt, num_images)}],
-                                                  add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_turn(prompt, num_images)}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
 
     def reply_ids(self, prompt: str, reply: str, num_images: int) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of the prompt's user turn answered by reply, as training tokenizes
@@ -63,7 +67,11 @@ class InferenceInputs:
         grids = torch.tensor([grid for s in samples for grid in s["image_grids"]], dtype=torch.long).view(-1, 2)
         if present:
             pixels = torch.cat(present).to(self.device)
-            return {"pixel_values": pixels, "image_mask": torch.ones(len(pixels), dtype=torch.bool), "image_grids": grids}
+            return {
+                "pixel_values": pixels,
+                "image_mask": torch.ones(len(pixels), dtype=torch.bool),
+                "image_grids": grids,
+            }
         height, width = tower_size(self.image_processor)
         return {"pixel_values": torch.zeros(1, 3, height, width, device=self.device, dtype=torch.uint8),
                 "image_mask": torch.zeros(1, dtype=torch.bool), "image_grids": grids}
@@ -112,7 +120,9 @@ class InferenceInputs:
     def inference_inputs(self, images: Sequence, prompts: Sequence[str], num_vision_tokens: int,
                          max_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """prompt_embeddings for text prompts and each one's images (see the class docstring)."""
-        prompts_ids = [self.prompt_ids(prompt, len(image_list(image))) for image, prompt in zip(images, prompts, strict=True)]
+        prompts_ids = [
+            self.prompt_ids(prompt, len(image_list(image))) for image, prompt in zip(images, prompts, strict=True)
+        ]
         samples = [self.prepared_images(image, max_tiles) for image in images]
         return self.prompt_embeddings(prompts_ids, self.image_inputs(samples), num_vision_tokens)
 

@@ -75,7 +75,7 @@ class AdaptivePoolSwiGLUProjector(nn.Module):
     two agree whenever n divides the grid (16x16 -> 4, 8 or 16 per side).
     """
 
-    def __init__(self, vision_dim, lm_dim, hidden_dim=None, pooling="adaptive"):
+    def __init__(self, vision_dim: int, lm_dim: int, hidden_dim: int | None = None, pooling: str = "adaptive"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown projector pooling {pooling!r}; choose from {sorted(POOLINGS)}")
@@ -100,7 +100,7 @@ class AdaptivePoolSwiGLUProjector(nn.Module):
 class MLPProjector(nn.Module):
     """LLaVA-1.5's projector: every patch becomes one token, so N is fixed to the patch count."""
 
-    def __init__(self, vision_dim, lm_dim):
+    def __init__(self, vision_dim: int, lm_dim: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
 

@@ -35,7 +35,9 @@ def inference_placement(device: str | torch.device | None = None,
     except RuntimeError as error:
         raise ValueError(f"device {device!r}: {error}") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device}: torch {torch.__version__} sees {torch.cuda.device_count()} CUDA GPU(s) here")
+        raise ValueError(
+            f"device {device}: torch {torch.__version__} sees {torch.cuda.device_count()} CUDA GPU(s) here"
+        )
     return device, as_dtype(dtype or ("bf16" if device.type == "cuda" else "fp32"))
 
 

@@ -14,7 +14,11 @@ from transformers import MODEL_MAPPING, AutoConfig
 def tower_attn_implementation(tower_class: type, requested: str) -> str | None:
     """requested when the vision tower's class supports it, else None (transformers' default):
     only the LM needs variable-length attention, for packed rows."""
-    supported = {"eager": True, "sdpa": tower_class._supports_sdpa, "flash_attention_2": tower_class._supports_flash_attn}
+    supported = {
+        "eager": True,
+        "sdpa": tower_class._supports_sdpa,
+        "flash_attention_2": tower_class._supports_flash_attn,
+    }
     return requested if supported[requested] else None
 
 
@@ -23,8 +27,9 @@ def load_vision_tower(path: str | Path, attn_implementation: str = "sdpa") -> nn
     folder works too."""
     config = AutoConfig.from_pretrained(path)
     tower_class = MODEL_MAPPING[type(getattr(config, "vision_config", config))]
-    return tower_class.from_pretrained(path, attn_implementation=tower_attn_implementation(tower_class, attn_implementation),
-                                       dtype=torch.float32)
+    return tower_class.from_pretrained(
+        path, attn_implementation=tower_attn_implementation(tower_class, attn_implementation), dtype=torch.float32
+    )
 
 
 def tower_features(vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ class TokenFlexVLM(Construction, Inference, nn.Module):
     base_model_prefix = ""
 
     def __init__(self, config: VLMConfig, vision_tower: PreTrainedModel, language_model: PreTrainedModel,
-                 tokenizer: PreTrainedTokenizerBase | None, image_processor: "BaseImageProcessor"):
+                 tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor"):
         super().__init__()
         self.config = config
         self.vision_tower = vision_tower
@@ -116,8 +116,7 @@ class TokenFlexVLM(Construction, Inference, nn.Module):
         if int(slots.sum()) != image_slots.shape[0]:
             raise ValueError(
                 f"batch has {int(slots.sum())} image slots but its images fill {image_slots.shape[0]}; each image "
-                f"marker must be expanded to its image's slots (pipeline/model/tiles.py: image_slots) and match one "
-                f"image"
+                f"marker must be expanded to its image's slots (tiles.py: image_slots) and match one image"
             )
         embeds = self.language_model.get_input_embeddings()(on_device(input_ids, self.device))
         return embeds.masked_scatter(on_device(slots, self.device).unsqueeze(-1), image_slots.to(embeds.dtype))

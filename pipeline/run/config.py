@@ -175,8 +175,9 @@ class TokensConfig:
             raise ValueError("tokens.counts must name at least one token count")
         for count, weight in self.counts.items():
             if not isinstance(count, int) or count <= 0 or not isinstance(weight, (int, float)) or weight <= 0:
-                raise ValueError(f"tokens.counts: {count}: {weight} must be a positive int count with a positive "
-                                 f"weight")
+                raise ValueError(
+                    f"tokens.counts: {count}: {weight} must be a positive int count with a positive weight"
+                )
             square_side(count, "tokens.counts entry")
 
 
@@ -301,8 +302,9 @@ def build(cls: type[T], values: object, prefix: str = "") -> T:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown config key {prefix}{unknown[0]}; {prefix.rstrip('.') or 'config'} has "
-                         f"{sorted(known)}")
+        raise ValueError(
+            f"unknown config key {prefix}{unknown[0]}; {prefix.rstrip('.') or 'config'} has {sorted(known)}"
+        )
     kwargs = {}
     for name, value in values.items():
         kind = hints[name]

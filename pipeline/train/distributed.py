@@ -72,10 +72,14 @@ def socket_interfaces(backend: str) -> dict[str, str]:
     interfaces = {}
     if "gloo" in backend:
         chosen = os.environ.get("GLOO_SOCKET_IFNAME")
-        interfaces["gloo"] = f"{chosen} (GLOO_SOCKET_IFNAME)" if chosen else f"{resolved_interface()}, GLOO_SOCKET_IFNAME unset"
+        interfaces["gloo"] = (
+            f"{chosen} (GLOO_SOCKET_IFNAME)" if chosen else f"{resolved_interface()}, GLOO_SOCKET_IFNAME unset"
+        )
     if "nccl" in backend:
         chosen = os.environ.get("NCCL_SOCKET_IFNAME")
-        interfaces["nccl"] = f"{chosen} (NCCL_SOCKET_IFNAME)" if chosen else "NCCL's own choice, NCCL_SOCKET_IFNAME unset"
+        interfaces["nccl"] = (
+            f"{chosen} (NCCL_SOCKET_IFNAME)" if chosen else "NCCL's own choice, NCCL_SOCKET_IFNAME unset"
+        )
     return interfaces
 
 

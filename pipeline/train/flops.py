@@ -76,6 +76,8 @@ def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple
     run their forward again; and, forward only, tower work whose output nothing reads: layers
     after vision_feature_layer and SigLIP's attention-pooling head (its key/value projections
     of every patch, which dominate it).
+
+    About 70 lines on purpose: one formula, read top to bottom beside this description.
     """
     lm, tower, projector = model.language_model, model.vision_tower, model.projector
     tower_trains, projector_trains, lm_trains = trains(tower), trains(projector), trains(lm)

@@ -32,8 +32,9 @@ def step_metrics(cfg: Config, engine: deepspeed.DeepSpeedEngine, step: int, n: i
     world = dist.get_world_size()
     skipped = loss is None  # on every rank alike (see train_step)
     text_only = any(s["num_images"] == 0 for s in stats)
-    per_step = [sum(s[k] for s in stats)
-                for k in ("real_tokens", "pad_tokens", "num_samples", "tile_budget", "num_tiles")]
+    per_step = [
+        sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "tile_budget", "num_tiles")
+    ]
     running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
     flops = step_flops(engine.module, n, sum((s["work"] for s in stats), Work()))
     names = list(stats[-1]["total_samples_by_source"])
@@ -102,10 +103,18 @@ class MetricsLog:
         if metrics["step"] % self.log_every == 0:
             mfu = f"  MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""  # GPU only
             with self.bar.external_write_mode():  # print above the bar, not glued to it
-                log.info("step %d/%d  N=%d  loss %.4f  lr %.3g  grad norm %.3g  %.0f tokens/s  padding %.1f%%%s",
-                         metrics["step"], self.max_steps, metrics["num_vision_tokens"], metrics["loss"],
-                         metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"],
-                         100 * metrics["padding_fraction"], mfu)
+                log.info(
+                    "step %d/%d  N=%d  loss %.4f  lr %.3g  grad norm %.3g  %.0f tokens/s  padding %.1f%%%s",
+                    metrics["step"],
+                    self.max_steps,
+                    metrics["num_vision_tokens"],
+                    metrics["loss"],
+                    metrics["lr"],
+                    metrics["grad_norm"],
+                    metrics["tokens_per_s"],
+                    100 * metrics["padding_fraction"],
+                    mfu,
+                )
 
     def log_skipped(self, metrics: dict) -> None:
         """A step without a supervised token on any rank: no loss, no update (train_step)."""

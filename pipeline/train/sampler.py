@@ -13,12 +13,12 @@ from pipeline.train.distributed import max_over_ranks
 
 
 class TokenCountSampler:
-    def __init__(self, counts, seed=0):
+    def __init__(self, counts: dict[int, float], seed: int = 0):
         self.counts = sorted(counts)
         self.weights = [float(counts[c]) for c in self.counts]
         self.seed = seed
 
-    def __call__(self, step):
+    def __call__(self, step: int) -> int:
         # a fresh generator per step: resuming at any step needs no sampler state
         return random.Random(self.seed * 1_000_003 + step).choices(self.counts, self.weights)[0]
 
