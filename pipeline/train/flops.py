@@ -66,9 +66,10 @@ def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple
     gradient when the weight trains, and 2 for its input's gradient when something before it
     trains. So trainable weights count 6x per token, frozen weights that gradients flow
     through (the LM in stage 1, the weights under LoRA adapters) 4x, a frozen vision tower 2x,
-    and a trained tower's patch embedding 4x (its input is pixels). Attention scores cost 4 x width x length² per layer
-    forward and twice that backward, over each packed sample's own length (the block-diagonal
-    shape). lm_head runs on supervised positions only. Padding and dummy images count nothing.
+    and a trained tower's patch embedding 4x (its input is pixels). Attention scores cost
+    4 x width x length² per layer forward and twice that backward, over each packed sample's own
+    length (the block-diagonal shape). lm_head runs on supervised positions only. Padding and dummy
+    images count nothing.
 
     Executed work (for HFU) is what the step runs: padding and dummy images too; attention over
     whole rows (sdpa computes every score under the packed mask); recomputation: sdpa's fused
@@ -88,7 +89,7 @@ def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple
     # the default projector's matmuls follow its own trainable norm (mlp2x_gelu's first one
     # follows nothing trainable when the tower is frozen: counted one pass high)
     projector_passes = 1 + projector_trains + (projector_trains or tower_trains)
-    tower_passes = 1 + tower_trains  # a trained tower's patch embedding: its input is pixels, no gradient
+    tower_passes = 1 + tower_trains  # its layers; the patch embedding reads pixels, which need no gradient
 
     config = lm.config
     heads = config.num_attention_heads
