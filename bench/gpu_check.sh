@@ -2,17 +2,18 @@
 # The GPU path on one GPU, what the CPU tests cannot run: both stages with NCCL and bf16 on the
 # shapes training meets (4 tiles per image, wide, tall and two-image scenes, 2 rows per batch, 2
 # micro-batches per step, gradient checkpointing, the square loss), with every parameter and
-# buffer checked on the GPU and the host's waits for the device reported per step; a task bound
-# to one GPU at local rank 3 (srun --gpus-per-task=1); flash_attention_2 when flash-attn is
-# installed; conversion, generation and evaluation on the GPU; the benchmark's GPU rows.
+# buffer checked on the GPU and the host's waits for the device reported per step; stage 2 with
+# LoRA adapters on the LM and the tower, and its two conversions; a task bound to one GPU at local
+# rank 3 (srun --gpus-per-task=1); flash_attention_2 when flash-attn is installed; conversion,
+# generation and evaluation on the GPU; the benchmark's GPU rows.
 #
 #   bash bench/gpu_check.sh
 #
 # Needs requirements.txt installed. Every command has a time limit, so a hang ends the check.
-# By its own step counts it takes about 7 minutes on one H100 (estimate, not yet measured: models
+# By its own step counts it takes about 8 minutes on one H100 (estimate, not yet measured: models
 # and data 1 min, each torchrun start 30 s, stage 1's 12 and stage 2's 24 steps of the tiny models
-# 1.5 min with their starts, the one-GPU task 40 s, conversion, generation and evaluation at 3 N
-# 1 min, 2 benchmark rows at 1.5B 2 min); the flash-attention part adds about 2 minutes where
+# 1.5 min with their starts, the LoRA stage 2 and its conversions 1 min, the one-GPU task 40 s,
+# conversion, generation and evaluation at 3 N 1 min, 2 benchmark rows at 1.5B 2 min); the flash-attention part adds about 2 minutes where
 # flash-attn is installed. Work files go to runs/gpu_check/. Results: bench/gpu_check_results/
 # (log.txt, sync_report.md, the evaluation table) and the GPU section of bench/train_step_results.md.
 # Stops at the first failure.
@@ -34,7 +35,8 @@ limited() {
 
 # OUTPUT_DIR of a run through bench/gpu_check_train.py (tests/record_dtypes.py's record): every
 # parameter its engine holds is bf16 on the GPU, every buffer on the GPU, with fp32 master weights
-# and gradient accumulation; the tower and the LM came to the engine already partitioned.
+# and gradient accumulation; the tower and the LM came to the engine already partitioned (LoRA
+# adapters, added after that load, are partitioned and placed by DeepSpeed, as the projector is).
 check_engine_on_gpu() {
     limited 60 python - "$1/engine_dtypes/rank-0.json" <<'PY'
 import json, sys
@@ -44,7 +46,8 @@ wrong = {name: p for name, p in parameters.items() if p["dtype"] != "torch.bfloa
 assert not wrong, f"{len(wrong)} parameters not bf16 on the GPU, e.g. {dict(list(wrong.items())[:3])}"
 off = {name: device for name, device in buffers.items() if not device.startswith("cuda")}
 assert not off, f"{len(off)} buffers not on the GPU: {off}"
-whole = sorted({name.split(".")[0] for name, p in parameters.items() if not p["partitioned_at_build"]})
+whole = sorted({name.split(".")[0] for name, p in parameters.items() if not p["partitioned_at_build"]
+                 and "lora_" not in name})
 assert whole == ["projector", "tile_layout"], f"built whole before the engine: {whole}"
 assert (record["master_weights"], record["grad_accum"]) == (["torch.float32"], "torch.float32"), record
 print(f"{len(parameters)} parameters bf16 and {len(buffers)} buffers on the GPU; fp32 master weights and "
@@ -93,6 +96,14 @@ report_syncs "$out/stage1" "stage 1"
 limited 300 "${train[@]}" "${stage2[@]}" "train.output_dir=$out/stage2"
 check_engine_on_gpu "$out/stage2"
 report_syncs "$out/stage2" "stage 2"
+# Stage 2 with LoRA adapters on the LM and the tower (stages/lora.py), then both conversions: merged
+# into a bf16 model folder, and kept apart as a peft adapter folder over stage 1's folder.
+limited 300 "${train[@]}" configs/tiny_cpu_stage2_lora.yaml "${common[@]}" "model.init_from=$out/stage1/final" \
+    model.lora.vision=true optim.vision_lr=1e-3 train.max_steps=12 train.save_every=12 "train.output_dir=$out/stage2_lora"
+check_engine_on_gpu "$out/stage2_lora"
+report_syncs "$out/stage2_lora" "stage 2, LoRA"
+limited 120 python -m tools.convert_checkpoint "$out/stage2_lora" "$out/model_lora" --dtype bf16
+limited 120 python -m tools.convert_checkpoint "$out/stage2_lora" "$out/adapters_lora" --adapters
 grep -q "backend cpu:gloo,cuda:nccl" "$results/log.txt" || { echo "error: training did not run on NCCL"; exit 1; }
 
 # A task that Slurm binds to one GPU sees only that one, whatever its local rank: started as srun

@@ -30,6 +30,15 @@ pip install liger-kernel==0.8.5).
     python -m bench.train_step --device cuda --lm 1.5b --batch 16 --loss supervised hf liger --write-results
     python -m bench.train_step --device cuda --lm 1.5b --flops-only   # FLOPs from the shapes, nothing runs
     python -m bench.train_step --device cuda --lm 7b --text-len 128 --freeze-vision --freeze-lm --flops-only
+    python -m bench.train_step --device cpu --lora 16 64 128 --n 256 --write-results
+
+--lora R...: LoRA (stages/lora.py, through peft) against full finetuning, as stage 2 trains them
+(tower frozen; projector and tile layout whole; the LM whole, or adapters on its attention and MLP
+projections at rank R, alpha 2R). Computed from the shapes (models on the meta device): the
+trainable parameters and the model state each of --ranks ZeRO-3 ranks holds for 0.5B, 1.5B and 7B
+LMs with SigLIP-so400m under the pipeline's bf16 (bf16 weights, fp32 gradient accumulation, fp32
+master weights and AdamW moments). Measured: the step time and peak memory of this --device's
+model, full finetuning and each rank, at each --n, with the supervised loss.
 """
 
 import argparse
@@ -49,11 +58,15 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
+from pipeline.engine.engine import numel
 from pipeline.model.chat import IGNORE_INDEX
 from pipeline.model.folder import VLMConfig
 from pipeline.model.vlm import TokenFlexVLM
+from pipeline.run.config import LoraConfig
 from pipeline.train.flops import Work, step_flops
 from pipeline.train.sampler import TokenCountSampler
+from stages.common import set_trainable
+from stages.lora import add_adapters
 
 VISION = {
     "so400m": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -78,6 +91,12 @@ DEFAULTS = {  # per device: vision, lm, batch, text_len, steps
 }
 MIX = {64: 1, 144: 1, 256: 1}  # TokenFLEX's 1:1:1 set, as in configs/stage*_*.yaml
 RESULTS = Path(__file__).with_name("train_step_results.md")
+REPO = Path(__file__).resolve().parents[1]
+STATE_LMS = ("0.5b", "1.5b", "7b")  # --lora's computed table, with the so400m tower
+# model state per parameter under the pipeline's bf16 ZeRO-3 (pipeline/engine/engine.py): bf16 weights
+# (every parameter), and for trained ones fp32 gradient accumulation (data_types.grad_accum_dtype),
+# and the optimizer's fp32 master weights and two fp32 AdamW moments
+WEIGHT_BYTES, GRADIENT_BYTES, OPTIMIZER_BYTES = 2, 4, 12
 
 
 # ---- the model and its batches ----
@@ -96,7 +115,17 @@ def build_model(args, device):
         model.vision_tower.requires_grad_(False)
     if args.freeze_lm:  # stage 1, with --freeze-vision: the projector alone trains
         model.language_model.requires_grad_(False)
+    if args.lora_rank is not None:
+        train_as_stage2(model, args.lora_rank)
     return model.to(device).train()
+
+
+def train_as_stage2(model, lora_rank):
+    """What stage 2 trains with the tower frozen (stages/finetune.py): the projector and the tile layout,
+    and the whole LM (lora_rank 0) or LoRA adapters on it of that rank (alpha twice the rank)."""
+    if lora_rank:
+        add_adapters(model, LoraConfig(enabled=True, rank=lora_rank, alpha=2 * lora_rank))
+    set_trainable(model, {"projector", "tile_layout"} | ({"language_model"} if not lora_rank else set()))
 
 
 def make_batch(args, model, n, device):
@@ -211,6 +240,7 @@ def measure(args):
         "spread": max((max(t for t, _ in ts) - min(t for t, _ in ts)) / statistics.median(t for t, _ in ts)
                       for ts in drawn.values()),
         "draws": {n: len(ts) for n, ts in by_n.items()},
+        "trainable": sum(p.numel() for p in params),
     }
     if args.device == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -250,7 +280,7 @@ def gpu_samples_per_second(lm, stage, n, text_len=128, mfu=0.4):
     return args.batch * mfu * args.peak_flops / useful
 
 
-def run_in_subprocess(args, n, loss):
+def run_in_subprocess(args, n, loss, lora_rank=None):
     command = [sys.executable, "-m", "bench.train_step", "--worker", "--device", args.device, "--n", str(n),
                "--loss", loss, "--vision", args.vision, "--lm", args.lm, "--batch", str(args.batch),
                "--text-len", str(args.text_len), "--prompt-len", str(args.prompt_len),
@@ -259,10 +289,88 @@ def run_in_subprocess(args, n, loss):
     command += ["--peak-flops", str(args.peak_flops)] if args.peak_flops else []
     command += ["--freeze-vision"] if args.freeze_vision else []
     command += ["--freeze-lm"] if args.freeze_lm else []
+    command += ["--lora-rank", str(lora_rank)] if lora_rank is not None else []
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- LoRA against full finetuning ----
+
+def state_rows(ranks, world):
+    """Per LM of STATE_LMS, full finetuning and LoRA at each rank: trainable parameters and the model state
+    one of `world` ZeRO-3 ranks holds, from the shapes (models built on the meta device)."""
+    rows = []
+    for lm in STATE_LMS:
+        args = parse_args(["--device", "cuda", "--vision", "so400m", "--lm", lm])
+        for rank in [0, *ranks]:
+            with torch.device("meta"):  # the adapters too: add_adapters runs under it
+                model = build_model(args, "meta")
+                train_as_stage2(model, rank)
+            total = sum(numel(p) for p in model.parameters())
+            trained = sum(numel(p) for p in model.parameters() if p.requires_grad)
+            weights, gradients, optimizer = (total * WEIGHT_BYTES / world, trained * GRADIENT_BYTES / world,
+                                             trained * OPTIMIZER_BYTES / world)
+            rows.append({"lm": lm, "mode": f"LoRA r={rank}" if rank else "full", "total": total, "trained": trained,
+                         "weights": weights, "gradients": gradients, "optimizer": optimizer})
+    return rows
+
+
+def state_table(rows, world):
+    lines = [f"| LM | trains | parameters | trainable | bf16 weights GiB/rank | gradients GiB/rank | "
+             f"optimizer GiB/rank | model state GiB/rank ({world} ranks) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        state = r["weights"] + r["gradients"] + r["optimizer"]
+        lines.append(f"| {r['lm']} | {r['mode']} | {r['total'] / 1e9:.2f} B | {r['trained'] / 1e6:,.1f} M | "
+                     f"{r['weights'] / 2**30:.2f} | {r['gradients'] / 2**30:.3f} | {r['optimizer'] / 2**30:.3f} | "
+                     f"{state / 2**30:.2f} |")
+    return lines
+
+
+def lora_comparison(args):
+    """--lora: the computed state table, then full finetuning and LoRA at each rank measured on this device."""
+    body = [f"Run {datetime.date.today()} on {machine()}, commit {commit()}: `python -m bench.train_step "
+            f"{' '.join(args.argv)}`.", "",
+            f"Computed from the shapes (SigLIP-so400m tower, Qwen2-shaped LMs; models on the meta device, adapters "
+            f"added by stages/lora.py through peft), as stage 2 trains: tower frozen, projector and tile layout whole, "
+            f"the LM whole (full) or adapters of rank r (alpha 2r) on its q, k, v, o, gate, up and down projections. "
+            f"Model state per rank under the pipeline's bf16 ZeRO-3 over {args.ranks} ranks: every parameter's bf16 "
+            f"weight ({WEIGHT_BYTES} B), and per trainable parameter fp32 gradient accumulation ({GRADIENT_BYTES} B) "
+            f"and the optimizer's fp32 master weight and AdamW moments ({OPTIMIZER_BYTES} B); activations, "
+            f"the gathered layers and bf16 gradients in flight come on top.", ""]
+    body += state_table(state_rows(args.lora, args.ranks), args.ranks)
+    results = {}
+    for n in args.n:
+        for rank in [0, *args.lora]:
+            results[(n, rank)] = run_in_subprocess(args, n, "supervised", rank)
+            print(f"N={n} {'LoRA r=' + str(rank) if rank else 'full'}: {json.dumps(results[(n, rank)])}", flush=True)
+    memory = "peak GiB allocated" if args.device == "cuda" else "peak RSS GiB above model"
+    body += ["", f"Measured on {args.device}: {args.vision} tower, {args.lm} LM ({LM[args.lm]}), batch {args.batch}, "
+                 f"text {args.text_len}, supervised loss, plain torch AdamW without DeepSpeed (as the rest of this "
+                 f"benchmark: {'bf16 autocast over fp32 weights' if args.device == 'cuda' else 'fp32'}); "
+                 f"{args.warmup} warmup steps per N discarded, {args.steps} timed; step s and CPU s are medians.", "",
+             f"| N | trains | trainable parameters | step s | CPU s | {memory} |", "|---|---|---|---|---|---|"]
+    for (n, rank), r in results.items():
+        mode = f"LoRA r={rank}" if rank else "full"
+        if "step_s" not in r:
+            body.append(f"| {n} | {mode} | {'OOM' if r.get('oom') else 'failed: ' + r['error']} | | | |")
+            continue
+        body.append(f"| {n} | {mode} | {r['trainable'] / 1e6:,.2f} M | {r['step_s']:.3f} | {r['cpu_s']:.3f} | "
+                    f"{r['peak_mem_gib']:.2f} |")
+    print("\n" + "\n".join(body))
+    if args.write_results:
+        write_results(f"{args.device.upper()}: LoRA against full finetuning", body)
+    failed = [key for key, r in results.items() if "step_s" not in r]
+    return 1 if failed else 0
+
+
+def commit():
+    """The checked-out commit, marked when the working tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return head.strip() + (" (with uncommitted changes)" if dirty else "")
 
 
 # ---- packing ----
@@ -383,8 +491,14 @@ def parse_args(argv):
     parser.add_argument("--flops-only", action="store_true",
                         help="print each N's useful and executed FLOPs per step from the shapes (model on the "
                              "meta device) and the step time that MFU 1.0 would take at --peak-flops; runs nothing")
+    parser.add_argument("--lora", type=int, nargs="+", default=[],
+                        help="compare full finetuning with LoRA adapters of these ranks (see above) instead")
+    parser.add_argument("--ranks", type=int, default=8, help="--lora: ZeRO-3 ranks of the computed table (default: 8)")
+    parser.add_argument("--lora-rank", type=int, help="internal: train as stage 2 does, with LoRA adapters of this "
+                        "rank (0: the whole LM); --freeze-vision and --freeze-lm then do not apply")
     parser.add_argument("--worker", action="store_true", help="internal: run one --n/--loss and print JSON")
     args = parser.parse_args(argv)
+    args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write-results"]
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -406,6 +520,8 @@ def main(argv=None):
     if args.flops_only:
         print("\n".join(shape_flops(args)))
         return 0
+    if args.lora:
+        return lora_comparison(args)
     started = time.perf_counter()
     results = {}
     for loss in args.loss:

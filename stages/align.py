@@ -9,7 +9,7 @@ from pipeline.engine.zero3 import zero3_loading
 from pipeline.model.images import set_image_aspect
 from pipeline.model.tiles import set_tiling
 from pipeline.model.vlm import TokenFlexVLM
-from stages.common import group, log, set_trainable
+from stages.common import group, log, projector_lr, set_trainable
 
 
 def required_paths(cfg):
@@ -40,5 +40,5 @@ def freeze_backbones(model, cfg):
 
 
 def param_groups(model, cfg):
-    return group(list(model.projector.parameters()) + list(model.tile_layout.parameters()), cfg.optim.lr,
+    return group(list(model.projector.parameters()) + list(model.tile_layout.parameters()), projector_lr(cfg.optim),
                  cfg.optim.weight_decay)

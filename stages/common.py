@@ -1,31 +1,47 @@
-"""What every stage shares: setting and reporting which parameters train, and where activations are
-recomputed (train.gradient_checkpointing)."""
+"""What every stage shares: setting and reporting which parameters train, their optimizer groups and
+learning rates, and where activations are recomputed (train.gradient_checkpointing)."""
 
 import logging
 
+from torch import nn
+
 from pipeline.engine.engine import numel
 from pipeline.model.vlm import TokenFlexVLM
+from pipeline.run.config import OptimConfig
+from stages.lora import is_adapter
 
 log = logging.getLogger("tokenflex")
 
 
-def set_trainable(model, trainable_parts):
-    """Freeze everything, then unfreeze the named top-level parts; log groups and counts."""
+def set_trainable(model: TokenFlexVLM, trainable_parts: set[str]) -> None:
+    """Freeze everything, then unfreeze the named top-level parts and every LoRA adapter (stages/lora.py:
+    they exist only to train); log each part's count, its adapters' on a line of their own."""
     for name, part in model.named_children():
         part.requires_grad_(name in trainable_parts)
+    for name, parameter in model.named_parameters():
+        if is_adapter(name):
+            parameter.requires_grad_(True)
     for name, part in model.named_children():
-        count = sum(numel(p) for p in part.parameters())
+        weights = sum(numel(p) for n, p in part.named_parameters() if not is_adapter(n))
+        adapters = sum(numel(p) for n, p in part.named_parameters() if is_adapter(n))
         state = "TRAINS" if name in trainable_parts else "frozen"
-        log.info("  %-16s %-6s %12s parameters", name, state, f"{count:,}")
+        log.info("  %-16s %-6s %12s parameters", name, state, f"{weights:,}")
+        if adapters:
+            log.info("  %-16s TRAINS %12s parameters in LoRA adapters", name, f"{adapters:,}")
     total = sum(numel(p) for p in model.parameters() if p.requires_grad)
     log.info("  trainable total  %19s parameters", f"{total:,}")
 
 
-def group(parameters, lr, weight_decay):
+def group(parameters: list[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
     """An optimizer group; norms and biases get no weight decay, as in LLaVA's trainer."""
     decay = [p for p in parameters if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in parameters if p.requires_grad and p.ndim < 2]
     return [{"params": ps, "lr": lr, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+
+
+def projector_lr(optim: OptimConfig) -> float:
+    """The projector's and the tile layout's learning rate: optim.projector_lr, else optim.lr."""
+    return optim.lr if optim.projector_lr is None else optim.projector_lr
 
 
 def enable_gradient_checkpointing(model: TokenFlexVLM) -> None:

@@ -3,11 +3,12 @@
     python -m tests.record_dtypes CONFIG [key=value ...]
 
 Right after DeepSpeed set-up each rank writes <output_dir>/engine_dtypes/rank-<r>.json: for
-every parameter of the model, the dtype and device of what the rank holds (its partition under
-ZeRO-3), whether it trains and whether it was already ZeRO-partitioned when the stage handed the
-model to the engine (loaded straight into partitions); the device of every buffer; the dtypes of
-the optimizer's master weights; the dtype in which gradients are accumulated. The tests and
-bench/gpu_check.sh read it.
+every parameter of the model, the dtype, device and size of what the rank holds (its partition
+under ZeRO-3) beside its full size, whether it trains, the learning rate of the engine's optimizer
+group that holds it (ZeRO-3's; the base rate, before the schedule's multiplier) and whether it was
+already ZeRO-partitioned when the stage handed the model to the engine (loaded straight into
+partitions); the device of every buffer; the dtypes of the optimizer's master weights; the dtype in
+which gradients are accumulated. The tests and bench/gpu_check.sh read it.
 """
 
 import json
@@ -27,9 +28,15 @@ real_build_engine = loop.build_engine
 def recording_build_engine(model, param_groups, cfg, load_universal=False):
     partitioned = {name for name, p in model.named_parameters() if is_zero_param(p)}
     built = real_build_engine(model, param_groups, cfg, load_universal)
+    # ZeRO-3's optimizer: the parameters of each of its sub-groups, and the group each belongs to
+    optimizer = built.optimizer
+    rates = {id(p): optimizer.param_groups[optimizer.sub_group_to_group_id[i]]["initial_lr"]
+             for i, params in enumerate(optimizer.fp16_groups) for p in params}
     record = {
         "parameters": {name: {"dtype": str(engine.held(p).dtype), "device": str(engine.held(p).device),
-                              "trains": p.requires_grad, "partitioned_at_build": name in partitioned}
+                              "held": engine.held(p).numel(), "numel": engine.numel(p),
+                              "trains": p.requires_grad, "lr": rates.get(id(p)),
+                              "partitioned_at_build": name in partitioned}
                        for name, p in built.module.named_parameters()},
         "buffers": {name: str(buffer.device) for name, buffer in built.module.named_buffers()},
         "master_weights": sorted({str(m.dtype) for m in engine.master_weights(built)}),

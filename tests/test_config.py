@@ -21,8 +21,11 @@ def test_shipped_configs_load(name):
 
 def test_dotted_overrides_are_typed():
     cfg = load_config(REPO / "configs/stage1_align.yaml",
-                      ["train.max_steps=7", "optim.lr=1e-4", "tokens.counts={144: 1}", "wandb.mode=disabled"])
+                      ["train.max_steps=7", "optim.lr=1e-4", "tokens.counts={144: 1}", "wandb.mode=disabled",
+                       "optim.projector_lr=2e-5", "model.lora.rank=8"])
     assert cfg.train.max_steps == 7 and cfg.optim.lr == 1e-4 and cfg.tokens.counts == {144: 1}
+    assert cfg.optim.projector_lr == 2e-5 and cfg.model.lora.rank == 8  # YAML reads 2e-5 as a string
+    assert load_config(REPO / "configs/stage1_align.yaml").optim.projector_lr is None
     assert cfg.wandb.mode == "disabled"
 
 
@@ -36,6 +39,10 @@ def test_dotted_overrides_are_typed():
     ("model.attn_implementation=flash", "model.attn_implementation"),
     ("train.collective_timeout_minutes=0", "train.collective_timeout_minutes"),
     ("train.max_steps", "section.key=value"),
+    ("optim.projector_lr=0", "optim.projector_lr"),
+    ("model.lora.rank=0", "model.lora.rank must be an integer >= 1, got 0"),
+    ("model.lora.target_modules=[]", "model.lora.target_modules"),
+    ("model.lora.quantization=4bit", "model.lora.quantization=4bit: QLoRA"),
 ])
 def test_bad_keys_and_values_are_named(override, named):
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):
@@ -47,16 +54,26 @@ def test_missing_file_is_named(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def documented_keys(cls, prefix=""):
+    """Every dotted key of a config class, a section within a section (model.lora) included."""
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type):
+            yield from documented_keys(f.type, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
 def test_help_documents_every_key():
     """--help gives every key of every section with its type, default and the documentation below its field."""
     from pipeline.run.config import describe_options
 
     lines = describe_options()
-    for section in dataclasses.fields(Config):
-        for key in dataclasses.fields(section.type):
-            entry = next(i for i, line in enumerate(lines) if line.startswith(f"  {section.name}.{key.name} ("))
-            assert "default" in lines[entry] and lines[entry + 1].startswith("      ") and lines[entry + 1].strip(), \
-                f"{section.name}.{key.name} has no documentation"
+    keys = list(documented_keys(Config))
+    assert "model.lora.rank" in keys and "optim.projector_lr" in keys
+    for key in keys:
+        entry = next(i for i, line in enumerate(lines) if line.startswith(f"  {key} ("))
+        assert "default" in lines[entry] and lines[entry + 1].startswith("      ") and lines[entry + 1].strip(), \
+            f"{key} has no documentation"
 
 
 def test_unknown_stage_is_named_before_start_up():

@@ -16,14 +16,18 @@ from transformers import AutoConfig, AutoImageProcessor, SiglipVisionModel
 from pipeline.data import TrainBatches
 from pipeline.model.chat import IGNORE_INDEX, load_tokenizer
 from pipeline.model.vlm import TokenFlexVLM
-from pipeline.run.config import DataConfig
+from pipeline.run.config import DataConfig, LoraConfig
 from pipeline.train.flops import Work, step_flops
 from stages.common import enable_gradient_checkpointing, set_trainable
+from stages.lora import add_adapters
 
 N = 16
-STAGE1 = {"projector"}
-STAGE2 = {"projector", "language_model"}
-STAGE2_WITH_TOWER = {"projector", "language_model", "vision_tower"}
+# what trains: whole parts, and LoRA adapters (stage 2 with model.lora: on the LM, and on the tower too)
+TRAINED = {"stage1": ({"projector"}, None),
+           "stage2": ({"projector", "language_model"}, None),
+           "stage2+tower": ({"projector", "language_model", "vision_tower"}, None),
+           "stage2-lora": ({"projector"}, LoraConfig(enabled=True, rank=4)),
+           "stage2-lora+tower": ({"projector"}, LoraConfig(enabled=True, rank=4, vision=True))}
 
 
 def counter(recompute_scores=True):
@@ -45,9 +49,13 @@ def counter(recompute_scores=True):
 
 
 def build_model(vision, lm, trained, checkpointing=False, vision_feature_layer=-2):
+    """trained: a key of TRAINED."""
+    parts, lora = TRAINED[trained]
     torch.manual_seed(0)
     model = TokenFlexVLM.from_components(vision, lm, vision_feature_layer=vision_feature_layer).train()
-    set_trainable(model, trained)
+    if lora:
+        add_adapters(model, lora)
+    set_trainable(model, parts)
     if checkpointing:
         enable_gradient_checkpointing(model)
     return model
@@ -95,7 +103,7 @@ def packed_batch(model):
 # ---- what a batch holds ----
 
 def test_work_counts_samples_padding_and_images_from_the_batch(tiny_models):
-    model = build_model(tiny_models / "vision", tiny_models / "qwen2", STAGE1)
+    model = build_model(tiny_models / "vision", tiny_models / "qwen2", "stage1")
     work = Work.of(packed_batch(model), model.tokenizer.pad_token_id)
     assert work == Work(positions=320, tokens=290, supervised=30 + 20 + 30 + 65,
                         row_scores=2 * 160 ** 2, sample_scores=60 ** 2 + 40 ** 2 + 60 ** 2 + 130 ** 2,
@@ -120,7 +128,7 @@ def test_work_agrees_with_the_packers_own_counts(tiny_models, synthetic_shards):
 # ---- FLOPs ----
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
-@pytest.mark.parametrize("trained", [STAGE1, STAGE2, STAGE2_WITH_TOWER], ids=["stage1", "stage2", "stage2+tower"])
+@pytest.mark.parametrize("trained", TRAINED)
 def test_executed_flops_match_torch_flop_counter(tiny_models, trained, checkpointing):
     model = build_model(tiny_models / "vision", tiny_models / "qwen2", trained, checkpointing)
     batch = packed_batch(model)
@@ -141,7 +149,7 @@ def headless_vision(tiny_models, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("trained", [STAGE1, STAGE2, STAGE2_WITH_TOWER], ids=["stage1", "stage2", "stage2+tower"])
+@pytest.mark.parametrize("trained", TRAINED)
 def test_useful_flops_are_executed_flops_less_recomputation(tiny_models, headless_vision, trained):
     """One sample per row, no padding, no dummy image, no unused tower output (no pooling head, and
     features from the last layer): what torch counts less recomputation (the recomputed attention

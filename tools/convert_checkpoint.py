@@ -2,6 +2,7 @@
 
     python -m tools.convert_checkpoint runs/stage1 runs/stage1-step100 --tag step-000100
     python -m tools.convert_checkpoint runs/stage2/checkpoints runs/stage2-bf16 --dtype bf16
+    python -m tools.convert_checkpoint runs/stage2-lora runs/stage2-lora-adapters --adapters
 
 CKPT_DIR is a run's output_dir, its checkpoints/ folder or one step-XXXXXX folder. The
 written folder is checked against the checkpoint on a probe batch unless --no-verify. It
@@ -9,6 +10,12 @@ carries transformers remote code (AutoModel.from_pretrained(OUT, trust_remote_co
 loads it without this project) and a README.md model card.
 Stage 1 exports its last checkpoint to <output_dir>/final by itself; stage 2 starts from
 that folder (model.init_from).
+
+A run that trained LoRA adapters (model.lora) is written with them merged into the weights: an
+ordinary model folder. --adapters keeps them apart instead: OUT is then a peft adapter folder
+(the adapters, and the projector and tile layout, which train whole) over the model folder the
+run started from, which its adapter_config.json names; peft loads it onto that folder
+(PeftModel.from_pretrained(TokenFlexVLM.from_pretrained(BASE), OUT)).
 """
 
 import argparse
@@ -30,12 +37,15 @@ def main(argv=None):
     )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file; bigger models are "
                         "split into shards with an index (default: 5GB)")
+    parser.add_argument("--adapters", action="store_true",
+                        help="a LoRA run: write a peft adapter folder over the run's base model folder "
+                             "(model.init_from) instead of merging the adapters into the weights")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip comparing the folder's logits with the checkpoint's on a probe batch")
     args = parser.parse_args(argv)
     try:
         convert_checkpoint(args.ckpt_dir, args.out_dir, args.tag, args.dtype, args.max_shard_size,
-                           verify=not args.no_verify)
+                           verify=not args.no_verify, adapters=args.adapters)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR

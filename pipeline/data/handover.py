@@ -81,6 +81,9 @@ def loader_items(stream: IterableDataset, num_workers: int, **loader_options) ->
     in this process), in the combined order."""
     if num_workers:  # workers fork after the tokenizer is built: its thread pool must not be in use then
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=as_is, **loader_options)
+    # A generator of its own: starting the loader then draws its workers' base seed from it, not from
+    # torch's global RNG, whose state a resume restores for what training draws (LoRA's dropout).
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=as_is,
+                        generator=torch.Generator(), **loader_options)
     for handover in loader:
         yield from unpack(handover)

@@ -140,6 +140,12 @@ def build_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config,
     return engine
 
 
+def scheduled_lr(engine: deepspeed.DeepSpeedEngine, lr: float) -> float:
+    """What the warmup-cosine schedule makes of a base learning rate at this step: every optimizer group
+    (each part at its own rate: stages/common.py) follows the same multiplier."""
+    return lr * engine.lr_scheduler.get_last_lr()[0] / engine.lr_scheduler.base_lrs[0]
+
+
 def numel(parameter: torch.nn.Parameter) -> int:
     """Full size of a parameter, also when ZeRO-3 has partitioned it away (numel() is then 0)."""
     return getattr(parameter, "ds_numel", parameter.numel())

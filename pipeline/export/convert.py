@@ -7,9 +7,14 @@ and is how trained weights leave a run: stage 1 writes it automatically to <outp
 stage 2's config names that folder as model.init_from. Any other checkpoint of a run converts
 the same way (python -m tools.convert_checkpoint RUN_DIR OUT --tag step-000100).
 
+A run that trained LoRA adapters (model.lora: checkpoints/model/lora.json, stages/lora.py) is
+rebuilt with them, so that DeepSpeed's state dict (peft's parameter names) loads, then merged into
+the weights: an ordinary model folder. With adapters=True (--adapters) it is written instead as a
+peft adapter folder over the model folder the run started from.
+
 verify_folder then checks that the written folder's logits on a fixed probe batch equal those
-of a model built from the consolidated state dict itself: bitwise for fp32, within one bf16
-step for bf16.
+of a model built from the consolidated state dict itself: bitwise for fp32, within fp32 rounding
+for merged adapters, within one bf16 step for bf16 and for an adapter folder over its base.
 """
 
 import json
@@ -19,6 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import peft
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from PIL import Image, ImageDraw
@@ -32,6 +38,7 @@ from pipeline.model.tiles import prepare_images
 from pipeline.model.vlm import TokenFlexVLM
 from pipeline.run.config import Config, load_config
 from pipeline.run.layout import checkpoint_tags, latest_tag
+from stages.lora import ADAPTER, AdapterRecord, add_adapters, is_adapter, peft_config, read_record
 
 if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
     from transformers.image_processing_utils import BaseImageProcessor
@@ -42,13 +49,14 @@ class ConversionError(Exception):
 
 def convert_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = None,
                        dtype: str | torch.dtype = "fp32", max_shard_size: int | str = "5GB",
-                       verify: bool = False) -> dict[str, torch.Tensor]:
+                       verify: bool = False, adapters: bool = False) -> dict[str, torch.Tensor]:
     """Gather every rank's fp32 shards (frozen weights included) into one state dict and write
     it with the structure recorded in <ckpt_dir>/model. Returns the fp32 state dict.
 
     ckpt_dir: a run's checkpoints folder, the run's output_dir, or one step-XXXXXX folder.
     tag: which checkpoint (default: the one `latest` names). verify: see verify_folder; it
-    builds two more copies of the model in memory.
+    builds two more copies of the model in memory. LoRA adapters are merged into the weights
+    (which builds the model in memory too), or with adapters kept apart: write_adapter_folder.
     """
     try:
         dtype = as_dtype(dtype)
@@ -63,10 +71,20 @@ def convert_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, tag: str | Non
             f"DeepSpeed could not consolidate checkpoint {ckpt_dir / tag}: {type(exn).__name__}: {exn}. "
             f"A file is probably corrupted or from a different run; convert an older checkpoint with --tag "
             f"({available_tags(ckpt_dir)})") from exn
-    config = read_vlm_config(structure)
-    write_model_folder(out_dir, config, load_tokenizer(structure), AutoImageProcessor.from_pretrained(structure),
-                       {k: v.to(dtype) for k, v in state_dict.items()}, max_shard_size)
-    write_model_card(out_dir, config, *run_record(ckpt_dir, tag))
+    config, record = read_vlm_config(structure), read_record(structure)
+    if adapters and record is None:
+        raise ConversionError(f"{ckpt_dir} holds no LoRA adapters (its run trained without model.lora.enabled): "
+                              f"convert it without --adapters")
+    if adapters:
+        write_adapter_folder(out_dir, structure, record, state_dict, dtype)
+    else:
+        weights = state_dict
+        if record is not None:
+            with torch.no_grad():
+                weights = checkpoint_model(structure, state_dict, merge=True).state_dict()
+        write_model_folder(out_dir, config, load_tokenizer(structure), AutoImageProcessor.from_pretrained(structure),
+                           {k: v.to(dtype) for k, v in weights.items()}, max_shard_size)
+    write_model_card(out_dir, config, *run_record(ckpt_dir, tag), adapters=record, merged=not adapters)
     if verify:
         verify_folder(out_dir, structure, state_dict, dtype)
     return state_dict
@@ -186,26 +204,92 @@ def probe_logits(model: TokenFlexVLM) -> torch.Tensor:
     return model(batch, n, return_logits=True).logits
 
 
+def checkpoint_model(structure: Path, state_dict: dict[str, torch.Tensor], merge: bool = False) -> TokenFlexVLM:
+    """The model a checkpoint holds, in fp32: the structure recorded in the checkpoints' model/ folder,
+    with its LoRA adapters when it records them (merged into the weights with merge), loaded with the
+    checkpoint's consolidated state dict."""
+    model = TokenFlexVLM.from_config(read_vlm_config(structure), load_tokenizer(structure),
+                                     AutoImageProcessor.from_pretrained(structure))
+    record = read_record(structure)
+    tuner = add_adapters(model, record.lora) if record else None
+    model.load_state_dict(state_dict)
+    return tuner.merge_and_unload() if merge and tuner else model
+
+
+def write_adapter_folder(out_dir: str | Path, structure: Path, record: AdapterRecord,
+                         state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """A peft adapter folder (adapter_config.json, adapter_model.safetensors) over the model folder the
+    run started from (record.base, which adapter_config.json names as base_model_name_or_path): the LoRA
+    adapters, and the parts that trained whole (the projector, the tile layout) as peft's modules_to_save.
+    ConversionError when that folder is gone, or when the run chats or prepares images otherwise than it
+    records (its tokenizer and image processor are what serve the adapted model)."""
+    base = Path(record.base)
+    if not (base / "config.json").is_file():
+        raise ConversionError(f"the run's base model folder {base} (model.init_from) is gone, and an adapter folder "
+                              f"is served on top of it; convert without --adapters (adapters merged)")
+    check_same_serving(structure, base)
+    model = TokenFlexVLM.from_pretrained(base)
+    for part in record.trained_whole:
+        getattr(model, part).load_state_dict({k.removeprefix(f"{part}."): v for k, v in state_dict.items()
+                                              if k.startswith(f"{part}.")})
+    model = peft.get_peft_model(model, peft_config(record.lora, modules_to_save=record.trained_whole))
+    loaded = model.base_model.model.load_state_dict({k: v for k, v in state_dict.items() if is_adapter(k)},
+                                                    strict=False)
+    missing = [k for k in loaded.missing_keys if is_adapter(k)]
+    if missing or loaded.unexpected_keys:
+        raise ConversionError(f"{structure}: the checkpoint's adapters do not match {record.lora}: missing "
+                              f"{missing[:5]}, unexpected {loaded.unexpected_keys[:5]}")
+    model.peft_config[ADAPTER].base_model_name_or_path = str(base)
+    model.to(dtype).save_pretrained(out_dir)
+
+
+def check_same_serving(structure: Path, base: Path) -> None:
+    """ConversionError unless the run's tokenizer and image processor (chat format, image aspect, tiles)
+    are the base folder's."""
+    differ = [what for what, run, base_one in (
+        ("chat format (model.chat_format)",
+         load_tokenizer(structure).chat_template, load_tokenizer(base).chat_template),
+        ("image preparation (data.image_aspect, data.max_tiles, data.multi_image_max_tiles)",
+         AutoImageProcessor.from_pretrained(structure).to_dict(), AutoImageProcessor.from_pretrained(base).to_dict()),
+    ) if run != base_one]
+    if differ:
+        raise ConversionError(f"the run's {' and '.join(differ)} differ from its base model folder {base}'s, which "
+                              f"would serve an adapter folder; convert without --adapters (adapters merged)")
+
+
 def verify_folder(out_dir: str | Path, structure: Path, state_dict: dict[str, torch.Tensor],
                   dtype: str | torch.dtype = "fp32") -> None:
-    """ConversionError unless the written folder's probe logits equal those of a model built
-    from the consolidated fp32 state dict (fp32: bitwise; bf16 and fp16: within one bf16 step)."""
-    reference = TokenFlexVLM.from_config(read_vlm_config(structure), load_tokenizer(structure),
-                                         AutoImageProcessor.from_pretrained(structure))
-    reference.load_state_dict(state_dict)
-    expected = probe_logits(reference)
-    del reference
-    actual = probe_logits(TokenFlexVLM.from_pretrained(out_dir))
-    if as_dtype(dtype) == torch.float32:
+    """ConversionError unless the written folder's probe logits equal those of the model the checkpoint
+    holds (checkpoint_model): bitwise for fp32; within fp32 rounding for merged LoRA adapters
+    (merge_tolerance); within one bf16 step for bf16 and fp16, and for an adapter folder (loaded with
+    peft onto its base folder, which may hold the fp32 weights that a bf16 run trained on rounded)."""
+    record = read_record(structure)
+    expected = probe_logits(checkpoint_model(structure, state_dict))
+    adapter_folder = (Path(out_dir) / peft.utils.CONFIG_NAME).is_file()
+    if adapter_folder:
+        actual = probe_logits(peft.PeftModel.from_pretrained(TokenFlexVLM.from_pretrained(record.base), out_dir))
+    else:
+        actual = probe_logits(TokenFlexVLM.from_pretrained(out_dir))
+    if adapter_folder or as_dtype(dtype) != torch.float32:
+        tolerance, within = bf16_tolerance(expected), "one bf16 step"
+    elif record is not None:
+        tolerance, within = merge_tolerance(expected), "fp32 rounding"
+    else:  # the same fp32 weights through the same computation
         if not torch.equal(actual, expected):
             raise ConversionError(f"{out_dir}: logits differ from the checkpoint's by up to "
                                   f"{(actual - expected).abs().max():.3g}; the folder does not hold its weights")
         return
     try:
-        torch.testing.assert_close(actual, expected, **bf16_tolerance(expected))
+        torch.testing.assert_close(actual, expected, **tolerance)
     except AssertionError as exn:
-        raise ConversionError(f"{out_dir}: {as_dtype(dtype)} logits are further than one bf16 step from the "
-                              f"checkpoint's: {exn}")
+        raise ConversionError(f"{out_dir}: logits are further than {within} from the checkpoint's: {exn}") from None
+
+
+def merge_tolerance(reference: torch.Tensor) -> dict[str, float]:
+    """Merging adds each adapter's scaled B @ A into its weight, in fp32: one rounding per weight, and the
+    products summed in another order (4e-7 of the largest logit on the tiny test models). 1e-4 of the
+    largest logit leaves room for deep LMs and stays far below one bf16 step."""
+    return {"rtol": 1e-4, "atol": 1e-4 * float(reference.abs().max())}
 
 
 def bf16_tolerance(reference: torch.Tensor) -> dict[str, float]:

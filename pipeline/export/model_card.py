@@ -10,17 +10,19 @@ in the vision and text configs, carried unchanged from stage 1 into stage 2.
 from pathlib import Path
 
 from pipeline.model.folder import VLMConfig
-from pipeline.run.config import Config, DataConfig
+from pipeline.run.config import Config, DataConfig, LoraConfig
 from stages import STAGES
+from stages.lora import AdapterRecord, targets
 
 EVALUATION_HEADING = "## Evaluation"
 
 
 def write_model_card(folder: str | Path, config: VLMConfig, run_config: Config | None = None, step: int | None = None,
-                     mixture: dict | None = None) -> None:
+                     mixture: dict | None = None, adapters: AdapterRecord | None = None, merged: bool = True) -> None:
     """README.md in `folder` for a VLMConfig; run_config (a pipeline.run.config.Config), step and
     mixture (the checkpoint's mixture.json: pipeline.data.mixture.Mixture.manifest()) say how and
-    on what it was trained when the folder comes from a training run."""
+    on what it was trained when the folder comes from a training run; adapters, the LoRA adapters it
+    trained, merged into the folder's weights or (merged=False) kept as a peft adapter folder."""
     folder = Path(folder)
     vision, text = config.vision_config, config.text_config
     side = vision["image_size"] // vision["patch_size"]
@@ -33,12 +35,16 @@ def write_model_card(folder: str | Path, config: VLMConfig, run_config: Config |
                  ("trained at N", f"{', '.join(map(str, counts))} (drawn per step, weights {weights})"),
                  ("images", images_row(run_config.data, vision["image_size"])),
                  ("steps", f"{step} of `{run_config.train.output_dir}`")]
+    if adapters is not None:
+        rows.append(("LoRA", lora_row(adapters.lora, None if merged else adapters.base)))
     rows.append(("serves", f"any N = n² with n ≤ {side} (e.g. 16, 64, 144, 256)"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     data = f"\n{data_table(mixture)}" if mixture else ""
+    apart = adapters is not None and not merged
+    library = f"peft\nbase_model: {adapters.base}" if apart else "transformers"  # the hub's keys for adapters
     (folder / "README.md").write_text(f"""\
 ---
-library_name: transformers
+library_name: {library}
 pipeline_tag: image-text-to-text
 tags: [tokenflex, vision-language]
 ---
@@ -53,7 +59,23 @@ with any number of vision tokens N, chosen at inference.
 {table}
 {data}
 ## How to load it
+{adapter_loading(folder, adapters.base) if apart else folder_loading(folder)}
+{EVALUATION_HEADING}
 
+None yet: `python -m tools.benchmark {folder} --tasks ... --model-card` writes it here.
+""")
+
+
+def lora_row(lora: LoraConfig, base: str | None) -> str:
+    """The adapters' settings and layers, and where they are (base: the folder they are kept apart over)."""
+    layers = "; ".join(f"{part}: {', '.join(names)}" for part, names in targets(lora).items())
+    kept = f"kept apart: a peft adapter folder over `{base}`" if base else "merged into these weights"
+    return f"rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on ({layers}); {kept}"
+
+
+def folder_loading(folder: Path) -> str:
+    """How a whole model folder loads."""
+    return f"""
 With transformers alone (the folder carries its modeling code):
 
 ```python
@@ -68,11 +90,28 @@ print(model.generate([image], ["What is written on the sign?"], num_vision_token
 With the TokenFLEX training pipeline checked out: `TokenFlexVLM.from_pretrained("{folder}")`,
 `python -m tools.generate {folder} --image scene.png --prompt "..." --tokens 16,64,256`, or
 `python -m lmms_eval --model tokenflex --model_args pretrained={folder},num_vision_tokens=64 ...`.
+"""
 
-{EVALUATION_HEADING}
 
-None yet: `python -m tools.benchmark {folder} --tasks ... --model-card` writes it here.
-""")
+def adapter_loading(folder: Path, base: str) -> str:
+    """How an adapter folder loads: with peft, onto its base model folder."""
+    return f"""
+This folder holds LoRA adapters and the weights that trained whole (the projector, ...), not a whole
+model. Load its base model folder, then the adapters onto it with peft:
+
+```python
+from peft import PeftModel
+from PIL import Image
+from pipeline.model.vlm import TokenFlexVLM
+
+model = PeftModel.from_pretrained(TokenFlexVLM.from_pretrained("{base}", dtype="bf16", device="cuda:0"), "{folder}")
+image = Image.open("scene.png").convert("RGB")
+print(model.generate([image], ["What is written on the sign?"], num_vision_tokens=64, max_new_tokens=32))
+```
+
+`tools.generate`, `tools.evaluate` and lmms-eval take whole model folders: `tools.convert_checkpoint`
+without `--adapters` writes this model as one, its adapters merged into the weights.
+"""
 
 
 def images_row(data: DataConfig, side: int) -> str:

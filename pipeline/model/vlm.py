@@ -45,6 +45,10 @@ class VLMOutput(ModelOutput):
 class TokenFlexVLM(Construction, Inference, nn.Module):
     """The model: its parts, and the forward path from a batch to the loss."""
 
+    # peft takes a model whose config names a model_type for a transformers model and reads this (a
+    # PreTrainedModel's attribute holding its base model): none here, the parts sit on the VLM itself
+    base_model_prefix = ""
+
     def __init__(self, config: VLMConfig, vision_tower: PreTrainedModel, language_model: PreTrainedModel,
                  tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor"):
         super().__init__()

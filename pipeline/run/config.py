@@ -25,6 +25,50 @@ from pipeline.model.projector import square_side
 T = typing.TypeVar("T")
 PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("offline", "online", "disabled")
+LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen2's and Llama's
+VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # SigLIP's and CLIP's
+
+
+@dataclass
+class LoraConfig:
+    """model.lora: LoRA adapters (peft) in stage 2. The LM's weights (and the vision tower's, with vision) stay
+    frozen; low-rank adapters on the linear layers of their transformer layers train instead (stages/lora.py)."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of the LM's weights (stage 2 only); the projector and the tile layout still train
+    whole. Conversion merges the adapters into the weights (tools.convert_checkpoint; --adapters keeps them apart)."""
+    rank: int = 16
+    """Each adapter's rank r: it adds r x (inputs + outputs) weights to its layer."""
+    alpha: float = 32.0
+    """The adapters' output is scaled by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on each adapter's input, in training."""
+    target_modules: list = field(default_factory=lambda: list(LM_TARGETS))
+    """The LM's linear layers that get adapters, by name, inside its transformer layers: by default the attention
+    and MLP projections of Qwen2 and Llama."""
+    vision: bool = False
+    """Adapters on the vision tower too (its weights stay frozen), trained at optim.vision_lr, which must be > 0."""
+    vision_target_modules: list = field(default_factory=lambda: list(VISION_TARGETS))
+    """With vision: the tower's linear layers that get adapters, inside its transformer layers: by default SigLIP's
+    (and CLIP's) attention and MLP projections."""
+    quantization: str = "none"
+    """Quantized frozen weights under the adapters (QLoRA: 4bit, 8bit) are not supported: only none, the frozen
+    weights in the run's dtype (docs/known-limits.md)."""
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"model.lora.rank must be an integer >= 1, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        for key in ("target_modules", "vision_target_modules"):
+            names = getattr(self, key)
+            if not names or not all(isinstance(name, str) and name for name in names):
+                raise ValueError(f"model.lora.{key} must be a non-empty list of layer names, got {names!r}")
+        if self.quantization != "none":
+            raise ValueError(f"model.lora.quantization={self.quantization}: QLoRA (adapters over quantized frozen "
+                             f"weights) is not supported (docs/known-limits.md); use none")
 
 
 @dataclass
@@ -49,6 +93,8 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     """Attention of the LM (and of the tower where its class supports it): sdpa, eager, or flash_attention_2
     (needs the flash-attn package, a GPU and bf16)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters in stage 2 (model.lora.*)."""
 
     def __post_init__(self):
         if self.chat_format not in CHAT_FORMATS:
@@ -140,9 +186,12 @@ class OptimConfig:
     """optim: AdamW and its schedule (linear warmup, then cosine decay)."""
 
     lr: float = 1e-3
-    """Learning rate of the projector, the tile layout and (stage 2) the LM."""
+    """Learning rate of the LM in stage 2 (of its adapters with model.lora), and of the projector and the tile
+    layout unless projector_lr is set."""
+    projector_lr: float | None = None
+    """Learning rate of the projector and the tile layout, in both stages (null: lr)."""
     vision_lr: float = 0.0
-    """Stage 2: > 0 trains the vision tower too, at this learning rate."""
+    """Stage 2: > 0 trains the vision tower too (its adapters with model.lora.vision), at this learning rate."""
     weight_decay: float = 0.0
     """AdamW's weight decay, on matrices only (norms and biases get none)."""
     betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -157,6 +206,10 @@ class OptimConfig:
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.projector_lr is not None and self.projector_lr <= 0:
+            raise ValueError(f"optim.projector_lr must be > 0 (or null: optim.lr), got {self.projector_lr}")
+        if self.vision_lr < 0:
+            raise ValueError(f"optim.vision_lr must be >= 0 (0: the tower frozen), got {self.vision_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -266,12 +319,12 @@ def build(cls: type[T], values: object, prefix: str = "") -> T:
 
 
 def check_type(value: object, kind: type | types.UnionType, key: str) -> object:
-    if kind is float and not isinstance(value, bool):
+    expected = typing.get_args(kind) if isinstance(kind, types.UnionType) else (typing.get_origin(kind) or kind,)
+    if float in expected and value is not None and not isinstance(value, bool):
         try:  # YAML reads 1e-3 (no dot) as a string
             return float(value)
         except (TypeError, ValueError):
             pass
-    expected = typing.get_args(kind) if isinstance(kind, types.UnionType) else (typing.get_origin(kind) or kind,)
     if isinstance(value, expected) and (bool in expected or not isinstance(value, bool)):
         return value
     raise ValueError(f"config key {key} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")

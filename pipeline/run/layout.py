@@ -1,7 +1,8 @@
 """Where a training run keeps its checkpoints, as training writes them and conversion reads them.
 
 Layout under <output_dir>/checkpoints:
-    model/              the model's structure (config, tokenizer, image processor), no weights
+    model/              the model's structure (config, tokenizer, image processor), no weights;
+                        with LoRA adapters, lora.json too (stages/lora.py: their settings, the base folder)
     step-000100/        DeepSpeed's files, plus trainer_state.json, mixture.json (the data's
                         sources, sizes and shares) and rank-<r>.pt (data position + RNG)
     step-000100-universal/  DeepSpeed's universal form of step-000100, made when a run resumes

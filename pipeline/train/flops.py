@@ -46,10 +46,12 @@ class Work:
         return Work(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
-def matmul_weights(module: nn.Module) -> int:
-    """Weights that multiply activations: Linear and Conv layers. Embedding lookups, norms and
-    biases are not matmuls (torch's FlopCounterMode leaves them out too)."""
-    return sum(numel(m.weight) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+def matmul_weights(module: nn.Module, trained: bool = False) -> int:
+    """Weights that multiply activations: Linear and Conv layers (LoRA adapters' included); trained: only
+    those that train. Embedding lookups, norms and biases are not matmuls (torch's FlopCounterMode leaves
+    them out too)."""
+    return sum(numel(m.weight) for m in module.modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d)) and (m.weight.requires_grad or not trained))
 
 
 def trains(module: nn.Module) -> bool:
@@ -63,10 +65,11 @@ def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple
     A matmul costs 2 FLOPs per weight and token forward; backward adds 2 for the weight's
     gradient when the weight trains, and 2 for its input's gradient when something before it
     trains. So trainable weights count 6x per token, frozen weights that gradients flow
-    through (the LM in stage 1) 4x, a frozen vision tower 2x, and a trained tower's patch
-    embedding 4x (its input is pixels). Attention scores cost 4 x width x length² per layer
-    forward and twice that backward, over each packed sample's own length (the block-diagonal
-    shape). lm_head runs on supervised positions only. Padding and dummy images count nothing.
+    through (the LM in stage 1, the weights under LoRA adapters) 4x, a frozen vision tower 2x,
+    and a trained tower's patch embedding 4x (its input is pixels). Attention scores cost
+    4 x width x length² per layer forward and twice that backward, over each packed sample's own
+    length (the block-diagonal shape). lm_head runs on supervised positions only. Padding and dummy
+    images count nothing.
 
     Executed work (for HFU) is what the step runs: padding and dummy images too; attention over
     whole rows (sdpa computes every score under the packed mask); recomputation: sdpa's fused
@@ -80,17 +83,19 @@ def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple
     lm, tower, projector = model.language_model, model.vision_tower, model.projector
     tower_trains, projector_trains, lm_trains = trains(tower), trains(projector), trains(lm)
     through_lm = tower_trains or projector_trains or lm_trains  # gradients flow back through the LM
-    # passes over a part's weights, a forward being 1
-    lm_passes = 1 + lm_trains + through_lm
+    # passes over a part's weights, a forward being 1; the weight-gradient pass, over trained weights
+    # only, is counted apart (the FLOPs of each part's trained weights below)
+    lm_passes, head_trains = 1 + through_lm, lm.get_output_embeddings().weight.requires_grad
     # the default projector's matmuls follow its own trainable norm (mlp2x_gelu's first one
     # follows nothing trainable when the tower is frozen: counted one pass high)
     projector_passes = 1 + projector_trains + (projector_trains or tower_trains)
-    patch_passes, tower_passes = 1 + tower_trains, 1 + 2 * tower_trains
+    tower_passes = 1 + tower_trains  # its layers; the patch embedding reads pixels, which need no gradient
 
     config = lm.config
     heads = config.num_attention_heads
     width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
     lm_position, lm_head = 2 * matmul_weights(lm.model), 2 * numel(lm.get_output_embeddings().weight)
+    lm_trained = 2 * matmul_weights(lm.model, trained=True)
     lm_score = 4 * width * config.num_hidden_layers
 
     vision = tower.config
@@ -98,7 +103,9 @@ def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple
     layers = vision.num_hidden_layers
     used_layers = model.config.vision_feature_layer % (layers + 1)  # hidden_states[0] is the embeddings
     patch = 2 * matmul_weights(tower.embeddings) * patches
+    patch_trained = 2 * matmul_weights(tower.embeddings, trained=True) * patches
     layer_linear = 2 * matmul_weights(tower.encoder.layers[0]) * patches
+    layer_trained = 2 * matmul_weights(tower.encoder.layers[0], trained=True) * patches
     layer_scores = 4 * vision.hidden_size * patches ** 2
     # SigLIP's attention-pooling head: one probe query over every patch. Per patch, the key and
     # value projections (4 w²) and the probe's score and weighted value (4 w); for the probe
@@ -112,10 +119,12 @@ def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple
         positions, scores, images = ((work.positions, work.row_scores, work.images) if executed
                                      else (work.tokens, work.sample_scores, work.real_images))
         score_backward = 2.5 if executed else 2
-        total = (lm_passes * (lm_position * positions + lm_head * work.supervised)
+        total = ((lm_passes * lm_position + lm_trained) * positions
+                 + (lm_passes + head_trains) * lm_head * work.supervised
                  + (1 + score_backward * through_lm) * lm_score * scores)
-        per_image = (patch_passes * patch + projector_passes * pooled
-                     + used_layers * (tower_passes * layer_linear + (1 + score_backward * tower_trains) * layer_scores))
+        per_image = (patch + patch_trained + projector_passes * pooled
+                     + used_layers * (tower_passes * layer_linear + layer_trained
+                                      + (1 + score_backward * tower_trains) * layer_scores))
         total += per_image * images
         if executed:
             total += images * ((layers - used_layers) * (layer_linear + layer_scores) + head)

@@ -26,6 +26,7 @@ from pipeline.train.sampler import TokenCountSampler, check_same_across_ranks
 from pipeline.train.step import train_step
 from stages import STAGES
 from stages.common import enable_gradient_checkpointing
+from stages.lora import record_adapters
 
 log = logging.getLogger("tokenflex")
 
@@ -44,6 +45,7 @@ def train_loop(cfg: Config, rank: int, world_size: int, load_universal: bool) ->
         enable_gradient_checkpointing(model)
     if rank == 0:
         write_model_folder(ckpt_dir / "model", model.config, model.tokenizer, model.image_processor)
+        record_adapters(ckpt_dir / "model", model, cfg)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     engine = build_engine(model, stage.param_groups(model, cfg), cfg, load_universal=load_universal)
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import wandb
 from tqdm import tqdm
 
+from pipeline.engine.engine import scheduled_lr
 from pipeline.run.config import Config
 from pipeline.train.distributed import sum_over_ranks
 from pipeline.train.flops import Work, step_flops
@@ -45,7 +46,8 @@ def step_metrics(cfg: Config, engine: deepspeed.DeepSpeedEngine, step: int, n: i
     consumed, loss_sums, token_counts = (totals[11 + i * len(names):11 + (i + 1) * len(names)] for i in range(3))
     metrics = {
         "step": step, "num_vision_tokens": n, "update_skipped": skipped, "loss": None if skipped else loss,
-        "lr": engine.get_lr()[0], "grad_norm": None if skipped else float(engine.get_global_grad_norm() or 0.0),
+        "lr": scheduled_lr(engine, cfg.optim.lr),
+        "grad_norm": None if skipped else float(engine.get_global_grad_norm() or 0.0),
         "step_time_s": seconds,
         "tokens_per_s": real / seconds, "samples_per_s": samples / seconds, "padding_fraction": pad / (real + pad),
         "text_only_ranks": int(text_only_ranks), "truncated_total": int(truncated),

@@ -10,7 +10,7 @@ from pipeline.model.tiles import largest_image_slots
 from pipeline.run.config import Config
 from pipeline.run.layout import checkpoint_dir, latest_trainer_state
 from pipeline.train.sampler import TokenCountSampler
-from stages import STAGES
+from stages import STAGES, lora
 
 MIN_TEXT_TOKENS = 64  # room for a prompt and an answer beside an image, when text_tokens_per_image is auto
 
@@ -34,6 +34,7 @@ def check_inputs(cfg: Config) -> None:
         check_attn_implementation(cfg.model.attn_implementation)
     except ValueError as error:
         raise ValueError(f"model.attn_implementation: {error}") from None
+    lora.check_config(cfg)
     vision = stage.vision_config(cfg)
     grid = vision["image_size"] // vision["patch_size"]
     for count in cfg.tokens.counts:
@@ -56,3 +57,5 @@ def check_inputs(cfg: Config) -> None:
     tag, trainer_state = latest_trainer_state(ckpt_dir)
     if tag and not cfg.tokens.allow_change_on_resume:
         TokenCountSampler(cfg.tokens.counts, cfg.tokens.seed).check_resumes(trainer_state["sampler"], ckpt_dir / tag)
+    if tag:
+        lora.check_resume(ckpt_dir / "model", cfg, ckpt_dir / tag)
