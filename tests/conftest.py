@@ -76,6 +76,18 @@ def tiled(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory):
+    """120 synthetic records (raw/), half of them clips of 16 frames (tools/synthetic_clips.py), the
+    rest scenes and text-only questions, in shards of 20 (shards/)."""
+    from tools import build_shards, make_synthetic
+
+    root = tmp_path_factory.mktemp("clips")
+    make_synthetic.main(["--out", str(root / "raw"), "--n", "120", "--seed", "9", "--video-fraction", "0.5"])
+    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=20)
+    return root
+
+
 LONG_PROMPT_WORDS = 600  # a prompt of these alone fills a 512-token row (data.seq_len in the stage-1 runs)
 
 
