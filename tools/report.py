@@ -49,15 +49,19 @@ def latency_title(results):
 # ---- tools.evaluate: accuracy, loss and prefill per model and N ----
 
 def markdown_table(results):
+    """A row per result; with clips in the data, their frames, M and vision tokens per clip too."""
     types = sorted({t for r in results for t in r["accuracy_by_type"]})
     counts = {t: max(r["samples_by_type"].get(t, 0) for r in results) for t in types}
-    header = ["model", "N", "tiles", "vision tokens per image", "accuracy", *(f"{t} (n={counts[t]})" for t in types),
-              "loss", "prefill ms", "prefill q1–q3", "vision tokens/s"]
+    video = any(r.get("vision_tokens_per_clip") for r in results)
+    header = ["model", "N", "tiles", "vision tokens per image", *(["frames", "M", "vision tokens per clip"] * video),
+              "accuracy", *(f"{t} (n={counts[t]})" for t in types), "loss", "prefill ms", "prefill q1–q3",
+              "vision tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        per_image = r.get("vision_tokens_per_image")
+        per_image, per_clip = r.get("vision_tokens_per_image"), r.get("vision_tokens_per_clip")
+        clip_cells = [str(r["num_frames"]), str(r["num_frame_tokens"]), "-" if per_clip is None else f"{per_clip:.1f}"]
         cells = [r["model"], str(r["num_vision_tokens"]), str(r.get("num_tiles", 1)),
-                 "-" if per_image is None else f"{per_image:.1f}", f"{r['accuracy']:.3f}",
+                 "-" if per_image is None else f"{per_image:.1f}", *(clip_cells * video), f"{r['accuracy']:.3f}",
                  *(f"{r['accuracy_by_type'][t]:.3f}" if t in r["accuracy_by_type"] else "-" for t in types),
                  "-" if r["loss"] is None else f"{r['loss']:.4f}", f"{r['prefill_ms']:.2f}", spread_cell(r),
                  f"{r['vision_tokens_per_s']:.0f}"]
@@ -128,6 +132,38 @@ def plot_tiles(results, path):
                             textcoords="offset points", xytext=(3, 3))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("vision tokens per image (tiles x N + row ends, mean over images)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_frames(results, path):
+    """Accuracy against the vision tokens per clip (frames x (M + a frame end)), one curve per model,
+    N and frame count, each point one M: where frames trade against tokens per frame under one
+    budget (a vertical line through the curves), the curve to pick an operating point from."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = dict.fromkeys((r["model"], r["num_vision_tokens"], r["num_frames"]) for r in results
+                           if r.get("vision_tokens_per_clip"))
+    for model, n, frames in curves:
+        rows = sorted((r for r in results if (r["model"], r["num_vision_tokens"], r["num_frames"]) == (model, n, frames)
+                       and r.get("vision_tokens_per_clip")), key=lambda r: r["vision_tokens_per_clip"])
+        label = model + (f" N={n}" if len({c[1] for c in curves}) > 1 else "") + ("" if "frames=" in model
+                                                                                   else f" frames={frames}")
+        ax.plot([r["vision_tokens_per_clip"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+        for r in rows:
+            ax.annotate(f"M={r['num_frame_tokens']}", (r["vision_tokens_per_clip"], r["accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("vision tokens per clip (frames x (M + a frame end), mean over clips)")
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
