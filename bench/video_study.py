@@ -65,7 +65,9 @@ def make_data(out, train_samples, heldout_samples, video_fraction, env):
 
 
 def train(seed, out, steps, ranks, env):
-    """Stage 1 then stage 2 of one model; returns its final model folder and the samples stage 2 saw."""
+    """Stage 1 then stage 2 of one model (a stage whose final folder OUT holds already is kept: a
+    study interrupted after training goes on); returns its final model folder and the samples
+    stage 2 saw."""
     run_dir = out / "runs" / f"flex-seed{seed}"
     shared = [f"data.shards={out / 'shards' / 'train'}", "data.seq_len=1024", f"tokens.counts={TRAIN_COUNTS}",
               f"tokens.frame_counts={TRAIN_FRAME_COUNTS}", f"data.video_frames={VIDEO_FRAMES}", f"train.seed={seed}",
@@ -74,6 +76,8 @@ def train(seed, out, steps, ranks, env):
               2: [f"model.init_from={run_dir / 'stage1' / 'final'}"]}
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in (1, 2):
+        if (run_dir / f"stage{stage}" / "final").is_dir():
+            continue
         command = [*torchrun(ranks), "-m", "pipeline.train", f"configs/tiny_cpu_stage{stage}.yaml", *starts[stage],
                    f"train.output_dir={run_dir / f'stage{stage}'}", f"train.max_steps={steps[stage]}",
                    f"train.save_every={steps[stage]}", *shared]
@@ -144,8 +148,8 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: %(default)s)")
     parser.add_argument("--train-samples", type=int, default=6000, help="synthetic training records")
     parser.add_argument("--video-fraction", type=float, default=0.6, help="of the training records, clips")
-    parser.add_argument("--heldout-samples", type=int, default=400,
-                        help="held-out clips (default: %(default)s; about 100 per question type)")
+    parser.add_argument("--heldout-samples", type=int, default=200,
+                        help="held-out clips (default: %(default)s; about 50 per question type)")
     parser.add_argument("--ranks", type=int, default=2, help="training processes per run (default: 2)")
     parser.add_argument("--quick", action="store_true",
                         help="seed 0, 2+4 steps, 240 training and 24 held-out records: checks that the study runs, "
@@ -166,7 +170,7 @@ def main(argv=None):
     results, samples = [], {}
     for seed in seeds:
         folder, samples[f"seed{seed}"] = train(seed, out, steps, args.ranks, env)
-        report = evaluate([folder], out / "shards" / "heldout", [16], ["flex"], frames=EVAL_FRAMES,
+        report = evaluate([folder], out / "shards" / "heldout", [16], ["flex"], batch_size=16, frames=EVAL_FRAMES,
                           frame_counts=EVAL_FRAME_COUNTS)
         results += [dict(r, seed=seed, predictions=None) for r in report["results"]]
     table = summarise(results)
