@@ -88,6 +88,21 @@ def clips(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def video_model(tiny_models, tmp_path_factory):
+    """A random-init model folder that samples 4 frames per clip, made to answer visibly
+    (save_chatty_copy)."""
+    from pipeline.model.video import set_video_sampling
+    from pipeline.model.vlm import TokenFlexVLM
+
+    root = tmp_path_factory.mktemp("video_model")
+    torch.manual_seed(0)
+    model = TokenFlexVLM.from_components(tiny_models / "vision", tiny_models / "qwen2")
+    set_video_sampling(model.image_processor, 4, 0.0)
+    model.save_pretrained(root / "random")
+    return save_chatty_copy(root / "random", root / "chatty")
+
+
 LONG_PROMPT_WORDS = 600  # a prompt of these alone fills a 512-token row (data.seq_len in the stage-1 runs)
 
 
