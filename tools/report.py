@@ -222,10 +222,13 @@ def benchmark_table(report):
         failure = report["failure"]
         caption.append(f"Failed: model {failure['model']} at N={failure['num_vision_tokens']}, task "
                        f"{failure['task']}: {failure['error']}")
-    header = ["model", "N", *metrics, "prefill ms", "prefill q1–q3"]
+    video = report.get("frame_limits", [None]) != [None] or report.get("frame_counts", [None]) != [None]
+    header = ["model", "N", *(["frames", "M", "vision tokens per clip (at most)"] * video), *metrics, "prefill ms",
+              "prefill q1–q3"]
     lines = ["\n\n".join(caption) + "\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        cells = [r["model"], str(r["num_vision_tokens"]),
+        clip = [str(r["num_frames"]), str(r["num_frame_tokens"]), str(r["vision_tokens_per_clip"])] * video
+        cells = [r["model"], str(r["num_vision_tokens"]), *clip,
                  *(f"{r['scores'][m]:.4g}" if m in r["scores"] else "-" for m in metrics),
                  "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.2f}", spread_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -260,6 +263,38 @@ def plot_benchmark(results, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_benchmark_frames(results, path):
+    """One panel per task metric against the vision tokens a clip takes at most (frames x (M + a
+    frame end)), one curve per model, N and frame count, each point one M."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    metrics = metric_names(results)
+    columns = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    curves = dict.fromkeys((r["name"], r["num_tiles"], r["num_vision_tokens"], r["num_frames"]) for r in results)
+    for ax, metric in zip(axes.flat, metrics):
+        for name, tiles, n, frames in curves:
+            points = sorted((r for r in results if (r["name"], r["num_tiles"], r["num_vision_tokens"], r["num_frames"])
+                             == (name, tiles, n, frames)), key=lambda r: r["vision_tokens_per_clip"])
+            label = f"{name}{'' if tiles is None else f' tiles={tiles}'} N={n} frames={frames}"
+            ax.plot([r["vision_tokens_per_clip"] for r in points], [r["scores"].get(metric, math.nan) for r in points],
+                    marker="o", label=label)
+        ax.set_title(metric, fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("vision tokens per clip, at most")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
