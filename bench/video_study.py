@@ -151,6 +151,8 @@ def main(argv=None):
     parser.add_argument("--heldout-samples", type=int, default=200,
                         help="held-out clips (default: %(default)s; about 50 per question type)")
     parser.add_argument("--ranks", type=int, default=2, help="training processes per run (default: 2)")
+    parser.add_argument("--stage2-steps", type=int, default=STEPS[2],
+                        help="stage-2 steps per model (default: %(default)s; fewer to fit a time limit)")
     parser.add_argument("--quick", action="store_true",
                         help="seed 0, 2+4 steps, 240 training and 24 held-out records: checks that the study runs, "
                              "measures nothing")
@@ -159,7 +161,9 @@ def main(argv=None):
     if args.quick:
         args.seeds, args.train_samples, args.heldout_samples = "0", 240, 24
     seeds = [int(s) for s in args.seeds.split(",")]
-    steps = QUICK_STEPS if args.quick else STEPS
+    if args.stage2_steps < 1:
+        parser.error("--stage2-steps must be >= 1")
+    steps = QUICK_STEPS if args.quick else {1: STEPS[1], 2: args.stage2_steps}
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = cpu_training_env()
@@ -177,7 +181,8 @@ def main(argv=None):
     wall = time.perf_counter() - started
     command = "python -m bench.video_study" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     header = (f"# Frames against tokens per frame (tiny CPU models)\n\nCommand: `{command}`, at commit {commit}, on "
-              f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores), "
+              f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+              f"trained and evaluated on CPU; load average {os.getloadavg()[0]:.1f} at the end), "
               f"{datetime.date.today()}; {wall / 60:.0f} min in all. Seeds {seeds}; steps (stage 1 + stage 2) "
               f"{steps[1]}+{steps[2]}, {args.train_samples} training records ({args.video_fraction:.0%} clips), "
               f"{VIDEO_FRAMES} frames per clip at M drawn from {TRAIN_FRAME_COUNTS}; stage-2 samples seen: "
@@ -186,6 +191,9 @@ def main(argv=None):
               f"overall, about twice that per question type (chance: 25% each).\n")
     if args.quick:
         header += "\nA --quick run: a few steps, to check that the study runs; it measures nothing.\n"
+    elif steps[2] < STEPS[2]:
+        header += (f"\nStage 2 was cut from the study's {STEPS[2]} steps to {steps[2]} (--stage2-steps) to fit the "
+                   f"time given: the models are less trained than the study intends.\n")
     png = RESULTS[".png"].name if args.write_results else "accuracy_vs_frames.png"
     (out / "results.md").write_text(header + "\n" + markdown_tables(table) + "\n**The same budget** (overall "
                                     "accuracy, %)\n\n" + budget_pairs(table) + f"\n![accuracy vs frames]({png})\n")
