@@ -227,7 +227,7 @@ def benchmark_table(report):
               "prefill q1–q3"]
     lines = ["\n\n".join(caption) + "\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        clip = [str(r["num_frames"]), str(r["num_frame_tokens"]), str(r["vision_tokens_per_clip"])] * video
+        clip = [str(r["num_frames"]), str(r["num_frame_tokens"]), str(r["vision_tokens_per_clip"])] if video else []
         cells = [r["model"], str(r["num_vision_tokens"]), *clip,
                  *(f"{r['scores'][m]:.4g}" if m in r["scores"] else "-" for m in metrics),
                  "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.2f}", spread_cell(r)]
