@@ -1,4 +1,4 @@
-"""Answer one prompt (with no, one or several images, or a video clip) from a model folder, at one or
+r"""Answer one prompt (with no, one or several images, or a video clip) from a model folder, at one or
 several N.
 
     python -m tools.generate runs/stage2/final --image scene.png --prompt "What colour is the background?" --tokens 64
