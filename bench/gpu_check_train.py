@@ -29,14 +29,14 @@ real_train_step = loop.train_step
 report = []
 
 
-def reporting_train_step(engine, data, num_vision_tokens, grad_accum, loss_reduction="token"):
+def reporting_train_step(engine, data, num_vision_tokens, grad_accum, loss_reduction="token", num_frame_tokens=None):
     if len(report) >= SYNC_STEPS or not torch.cuda.is_available():
-        return real_train_step(engine, data, num_vision_tokens, grad_accum, loss_reduction)
+        return real_train_step(engine, data, num_vision_tokens, grad_accum, loss_reduction, num_frame_tokens)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            result = real_train_step(engine, data, num_vision_tokens, grad_accum, loss_reduction)
+            result = real_train_step(engine, data, num_vision_tokens, grad_accum, loss_reduction, num_frame_tokens)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     sites = Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"

@@ -40,7 +40,14 @@
    640x480 as 107x80, so that the tiny 64 px tower picks the grids SigLIP's 384 px would):
    padding, dummy tiles (tile slots the tower encodes without a real tile: the issue's target
    is at most 5% of tower forwards), tiles per image, the tile budget, samples per batch, truncated
-   and dropped samples. --sections packing,tiles runs sections 5 and 6 alone.
+   and dropped samples. --sections packing,tiles runs sections 5 and 6 alone;
+7. video: 640x360 H.264 clips, 30 s at 30 fps (bench/clips.py: a camera panning over the
+   photograph's mosaic), with a keyframe every 2 s and with x264's default (every 250 frames),
+   at SigLIP-so400m's 384 px: CPU ms per clip of tools.build_shards' check, of sampling 8 and 32
+   frames (pipeline/model/video.py: demuxing, seeking to keyframes, decoding, RGB), of decoding
+   every frame and keeping the sampled ones instead (the way without seeking), of the pipeline's
+   decoder per sample (frames prepared at 384 px, tokenizing), and a loader worker's CPU ms per
+   sample with its samples/s.
 
 Timings are the best of --repeats passes, and CPU times where the table says so: other jobs
 sharing the machine delay a pass far more than they change the work it does.
@@ -67,6 +74,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, SiglipImageProcessor
 
+from bench.clips import FPS, HEIGHT, SECONDS, WIDTH, write_clips
 from bench.photos import write_photos
 from bench.train_step import gpu_samples_per_second
 from pipeline.data import TrainBatches
@@ -77,6 +85,7 @@ from pipeline.data.stream import SampleStream
 from pipeline.model.chat import load_tokenizer, tokenize_record
 from pipeline.model.images import image_pixel_values, pad_to_square, resize_to_tower, tower_pixels
 from pipeline.model.tiles import choose_grid, tile_count
+from pipeline.model.video import decode_frames, frame_indices, probe_clip
 from pipeline.run.config import DataConfig, load_config
 from tools import build_shards, make_synthetic, make_tiny_models
 
@@ -85,6 +94,8 @@ STAGES = ["stage1_align", "stage2_finetune"]
 PHOTOS = {"coco": "COCO-size", "large": "large (>= 1,500 px)"}
 MAX_IMAGE_SIDE = 384  # the tower's side: the shards a single-tile run needs
 PHOTO_TILES = 6  # Ristretto's and InternVL's default tile limit
+VIDEO_FRAMES = [8, 32]  # frames per clip: the shipped default and LLaVA-OneVision's
+KEYFRAMES = {2: "every 2 s", 0: "x264's default (every 250 frames)"}  # seconds between keyframes (0: x264's)
 
 
 class LlavaMapDataset(Dataset):
@@ -257,17 +268,18 @@ def cpu_seconds(who):
     return usage.ru_utime + usage.ru_stime
 
 
-def loader_cpu_seconds(mixture, models, workers, total, image_aspect, max_tiles=1):
+def loader_cpu_seconds(mixture, models, workers, total, image_aspect, max_tiles=1, video_frames=None):
     """(samples/s, CPU seconds of the workers, of this process) of one pass of the streaming loader
     over a mixture. The workers' CPU time is read once the pass has ended and they have exited."""
-    stream = SampleStream(mixture, Decoder(*models, image_aspect, max_tiles=max_tiles), endless=False)
+    stream = SampleStream(mixture, Decoder(*models, image_aspect, max_tiles=max_tiles, video_frames=video_frames),
+                          endless=False)
     workers_before, own_before = cpu_seconds(resource.RUSAGE_CHILDREN), cpu_seconds(resource.RUSAGE_SELF)
     rate = samples_per_second(loader_items(stream, workers), total)
     return (rate, cpu_seconds(resource.RUSAGE_CHILDREN) - workers_before,
             cpu_seconds(resource.RUSAGE_SELF) - own_before)
 
 
-def stream_rate(shards, models, workers, total, repeats, image_aspect=None, max_tiles=1):
+def stream_rate(shards, models, workers, total, repeats, image_aspect=None, max_tiles=1, video_frames=None):
     """(samples/s, workers' CPU ms per sample, this process's CPU ms per sample) of the streaming
     loader over the shards (`total` samples), each the best of `repeats`. The CPU times count all a
     worker does per sample (tar reading, decoding, preparing, tokenizing, handing items over), and
@@ -279,8 +291,9 @@ def stream_rate(shards, models, workers, total, repeats, image_aspect=None, max_
                            for copy in range(3) for source in once.sources))
     best = (0.0, math.inf, math.inf)
     for _ in range(repeats):
-        _, cpu_once, own_once = loader_cpu_seconds(once, models, workers, total, image_aspect, max_tiles)
-        rate, cpu, own = loader_cpu_seconds(thrice, models, workers, 3 * total, image_aspect, max_tiles)
+        _, cpu_once, own_once = loader_cpu_seconds(once, models, workers, total, image_aspect, max_tiles, video_frames)
+        rate, cpu, own = loader_cpu_seconds(thrice, models, workers, 3 * total, image_aspect, max_tiles,
+                                            video_frames)
         best = (max(best[0], rate), min(best[1], 1000 * (cpu - cpu_once) / (2 * total)),
                 min(best[2], 1000 * (own - own_once) / (2 * total)))
     return best
@@ -362,10 +375,12 @@ def main(argv=None):
     parser.add_argument("--large-photos", type=int, default=120, help="large (>= 1,500 px) photographs to stream")
     parser.add_argument("--repeats", type=int, default=2, help="passes per timing; the best one counts")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--clips", type=int, default=8, help="640x360 H.264 clips per keyframe spacing")
     parser.add_argument("--sections", default="all",
-                        help="all, or comma-separated of throughput, photos, mixture, packing, tiles (default: all)")
+                        help="all, or comma-separated of throughput, photos, mixture, packing, tiles, video "
+                             "(default: all)")
     args = parser.parse_args(argv)
-    sections = {"throughput", "photos", "mixture", "packing", "tiles"} if args.sections == "all" else \
+    sections = {"throughput", "photos", "mixture", "packing", "tiles", "video"} if args.sections == "all" else \
         set(args.sections.split(","))
     torch.set_num_threads(1)  # like a dataloader worker; keeps the two cores for the workers
 
@@ -391,6 +406,8 @@ def main(argv=None):
             packing_section(args, work, models, llava)
         if "tiles" in sections:
             tiles_section(args, work, models, llava)
+        if "video" in sections:
+            video_section(args, work, models)
 
 
 def throughput(args, work, models, total):
@@ -556,6 +573,73 @@ def tiles_section(args, work, models, llava):
                                                                                                 args.batches)
             print(f"| {cfg.rows_per_batch} x {cfg.seq_len} | {window} | auto ({measured:.1f}) | {n} | {pad:.2%} | "
                   f"{dummy:.2%} | {per_image:.2f} | {budget} | {per_batch:.1f} | {truncated} | {dropped} |", flush=True)
+
+
+def clip_shards(work, keyframe_seconds, n):
+    """n clips (bench/clips.py) as LLaVA-Video records with LLaVA-like text, and their shards;
+    returns (the clips' bytes, seconds per clip of tools.build_shards' check, shard folder)."""
+    folder = work / f"clips_{keyframe_seconds}"
+    names = write_clips(folder / "videos", n, keyframe_seconds)
+    rng = random.Random(keyframe_seconds)
+    records = []
+    for i, name in enumerate(names):
+        record = make_synthetic.llava_like_record(rng, i, 0.0, make_tiny_models.WORDS)  # "<image>\n" opens it
+        del record["image"]  # the clip takes the image's tag, as in LLaVA-Video-178K
+        records.append(dict(record, video=f"videos/{name}"))
+    (folder / "data.json").write_text(json.dumps(records))
+    datas = [(folder / "videos" / name).read_bytes() for name in names]
+    check = best_cpu_ms_per_item(probe_clip, datas, 1)
+    shards = work / f"clips_{keyframe_seconds}_shards"
+    build_shards.build(str(folder / "data.json"), str(folder), str(shards), samples_per_shard=max(1, n // 2))
+    return datas, check, shards
+
+
+def clip_samples(shards):
+    """Every sample of the shards with all its members, in order."""
+    import tarfile
+
+    samples = []
+    for url in sorted(str(p) for p in Path(shards).glob("*.tar")):
+        with tarfile.open(url) as tar:
+            for member in tar:
+                key, _, extension = member.name.partition(".")
+                if not samples or samples[-1]["__key__"] != key:
+                    samples.append({"__key__": key})
+                samples[-1][extension] = tar.extractfile(member).read()
+    return samples
+
+
+def decode_every_frame(data, count):
+    """The sampled frames as RGB, found by decoding every frame of the clip in order (no seeking)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        total = container.streams.video[0].frames
+        picks = set(frame_indices(total, min(count, total)))
+        return [frame.to_ndarray(format="rgb24") for i, frame in enumerate(container.decode(video=0)) if i in picks]
+
+
+def video_section(args, work, models):
+    so400m = (models[0], so400m_processor(work / "so400m"))
+    print(f"\n## Video: {WIDTH}x{HEIGHT} H.264 clips, {SECONDS} s at {FPS} fps, frames at 384 px (SigLIP-so400m's "
+          f"image processor, image_aspect pad)")
+    print("CPU milliseconds per clip or sample (best of the passes); the loader's samples/s are wall-clock.\n")
+    print("| keyframes | clips, median size | tools.build_shards' check | frames | sampling them (demux, seek, "
+          "decode, RGB) | decoding every frame instead | pipeline's decoder per sample (+ 384 px, tokenize) | "
+          "loader worker per sample | per frame | loader, 1 worker |\n|---|---|---|---|---|---|---|---|---|---|")
+    for keyframe_seconds, spacing in KEYFRAMES.items():
+        datas, check, shards = clip_shards(work, keyframe_seconds, args.clips)
+        samples = clip_samples(shards)
+        size = statistics.median(len(d) for d in datas) / 1e6
+        for frames in VIDEO_FRAMES:
+            sampling = best_cpu_ms_per_item(lambda data: decode_frames(data, frames), datas, args.repeats)
+            every = best_cpu_ms_per_item(lambda data: decode_every_frame(data, frames), datas, 1)
+            decoder = best_cpu_ms_per_item(Decoder(*so400m, "pad", video_frames=frames), samples, args.repeats)
+            rate, worker_ms, _ = stream_rate(shards, so400m, 1, len(samples), args.repeats, "pad", video_frames=frames)
+            print(f"| {spacing} | {len(datas)}, {size:.1f} MB | {check:.1f} ms | {frames} | {sampling:.1f} ms | "
+                  f"{every:.1f} ms | {decoder:.1f} ms | {worker_ms:.1f} ms | {worker_ms / frames:.2f} ms | "
+                  f"{rate:.1f} samples/s |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ from transformers import AutoConfig
 from pipeline.engine.zero3 import zero3_loading
 from pipeline.model.images import set_image_aspect
 from pipeline.model.tiles import set_tiling
+from pipeline.model.video import set_video_sampling
 from pipeline.model.vlm import TokenFlexVLM
 from stages.common import group, log, projector_lr, set_trainable
 
@@ -31,6 +32,7 @@ def build_model(cfg):
         )
     set_image_aspect(model.image_processor, cfg.data.image_aspect)
     set_tiling(model.image_processor, cfg.data.max_tiles, cfg.data.multi_image_max_tiles)
+    set_video_sampling(model.image_processor, cfg.data.video_frames, cfg.data.video_fps)
     return model
 
 

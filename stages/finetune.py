@@ -9,6 +9,7 @@ from pipeline.model.chat import prepare_tokenizer
 from pipeline.model.folder import read_vlm_config
 from pipeline.model.images import set_image_aspect
 from pipeline.model.tiles import set_tiling
+from pipeline.model.video import set_video_sampling
 from stages.common import group, log, projector_lr, set_trainable
 from stages.lora import add_adapters
 
@@ -28,6 +29,7 @@ def build_model(cfg):
     prepare_tokenizer(model.tokenizer, cfg.model.chat_format)  # auto keeps the folder's format
     set_image_aspect(model.image_processor, cfg.data.image_aspect)
     set_tiling(model.image_processor, cfg.data.max_tiles, cfg.data.multi_image_max_tiles)
+    set_video_sampling(model.image_processor, cfg.data.video_frames, cfg.data.video_fps)
     return model
 
 

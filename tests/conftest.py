@@ -76,6 +76,33 @@ def tiled(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory):
+    """120 synthetic records (raw/), half of them clips of 16 frames (tools/synthetic_clips.py), the
+    rest scenes and text-only questions, in shards of 20 (shards/)."""
+    from tools import build_shards, make_synthetic
+
+    root = tmp_path_factory.mktemp("clips")
+    make_synthetic.main(["--out", str(root / "raw"), "--n", "120", "--seed", "9", "--video-fraction", "0.5"])
+    build_shards.build(str(root / "raw" / "data.json"), str(root / "raw"), str(root / "shards"), samples_per_shard=20)
+    return root
+
+
+@pytest.fixture(scope="session")
+def video_model(tiny_models, tmp_path_factory):
+    """A random-init model folder that samples 4 frames per clip, made to answer visibly
+    (save_chatty_copy)."""
+    from pipeline.model.video import set_video_sampling
+    from pipeline.model.vlm import TokenFlexVLM
+
+    root = tmp_path_factory.mktemp("video_model")
+    torch.manual_seed(0)
+    model = TokenFlexVLM.from_components(tiny_models / "vision", tiny_models / "qwen2")
+    set_video_sampling(model.image_processor, 4, 0.0)
+    model.save_pretrained(root / "random")
+    return save_chatty_copy(root / "random", root / "chatty")
+
+
 LONG_PROMPT_WORDS = 600  # a prompt of these alone fills a 512-token row (data.seq_len in the stage-1 runs)
 
 

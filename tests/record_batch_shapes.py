@@ -2,8 +2,8 @@
 
     python -m tests.record_batch_shapes CONFIG [key=value ...]
 
-Each rank appends one line per micro-batch to <output_dir>/batch_shapes/rank-<r>.jsonl: N, the
-shape of every tensor of the batch, and the real images and tiles in it.
+Each rank appends one line per micro-batch to $RECORD_BATCH_SHAPES/rank-<r>.jsonl: N and the frame
+count M, the shape of every tensor of the batch, and the real images, tiles and video frames in it.
 """
 
 import json
@@ -17,13 +17,14 @@ from pipeline.train.entry import main
 real_next_batch = TrainBatches.next_batch
 
 
-def recording_next_batch(self, num_vision_tokens):
-    batch = real_next_batch(self, num_vision_tokens)
+def recording_next_batch(self, num_vision_tokens, num_frame_tokens=None):
+    batch = real_next_batch(self, num_vision_tokens, num_frame_tokens)
     folder = Path(os.environ["RECORD_BATCH_SHAPES"])
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"n": num_vision_tokens, "shapes": {k: list(v.shape) for k, v in batch.items() if k != "stats"},
+    record = {"n": num_vision_tokens, "m": num_frame_tokens,
+              "shapes": {k: list(v.shape) for k, v in batch.items() if k != "stats"},
               "images": batch["stats"]["num_images"], "tiles": batch["stats"]["num_tiles"],
-              "grids": batch["image_grids"].tolist()}
+              "frames": batch["stats"]["num_frames"], "grids": batch["image_grids"].tolist()}
     with open(folder / f"rank-{os.environ['RANK']}.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     return batch

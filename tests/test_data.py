@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from pipeline.data import TrainBatches, iter_samples
-from pipeline.data.decode import Decoder, measure_text_tokens_per_tile
+from pipeline.data.decode import Decoder, measure_tower_inputs
 from pipeline.data.handover import SAMPLES_PER_HANDOVER, loader_items
 from pipeline.data.mixture import load_mixture
 from pipeline.data.stream import SampleStream
@@ -279,7 +279,8 @@ def test_auto_text_tokens_per_image_is_measured_on_the_data(synth, models):
     images = sum("image" in r for r in records)
     exact = (sum(len(ids) for ids in encoded) - images) / images
     # 8 shards of at most 40 samples: reading 64 of each reads them all.
-    assert measure_text_tokens_per_tile(load_mixture(str(synth / "shards")), tokenizer) == pytest.approx(exact)
+    measured = measure_tower_inputs(load_mixture(str(synth / "shards")), tokenizer)
+    assert measured.text_per_input == pytest.approx(exact) and measured.frame_share == 0
     cfg = DataConfig(shards=str(synth / "shards"), seq_len=512, rows_per_batch=2, num_workers=1)
     budgets = [[TrainBatches(cfg, *models, rank=r, world_size=2).tile_budget(n) for n in (16, 64, 144)]
                for r in range(2)]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data import TrainBatches, iter_samples
-from pipeline.data.decode import measure_text_tokens_per_tile
+from pipeline.data.decode import measure_tower_inputs
 from pipeline.data.mixture import load_mixture
 from pipeline.model.chat import IMAGE_TOKEN, tokenize_record
 from pipeline.model.tiles import choose_grid, image_slots, set_tiling, tile_count, tiles_allowed
@@ -51,9 +51,9 @@ def test_text_tokens_per_tile_are_measured_with_tiles_and_row_ends(tiled, models
         text += sum(image_slots(grid, 0) for grid in grids)  # row ends
         tiles += sum(map(tile_count, grids))
     # 6 shards of 20 samples: reading 64 of each reads them all
-    measured = measure_text_tokens_per_tile(load_mixture(str(tiled / "shards")), tokenizer, (4, 1, 64))
+    measured = measure_tower_inputs(load_mixture(str(tiled / "shards")), tokenizer, (4, 1, 64)).text_per_input
     assert measured == pytest.approx(text / tiles)
-    one_tile = measure_text_tokens_per_tile(load_mixture(str(tiled / "shards")), tokenizer)
+    one_tile = measure_tower_inputs(load_mixture(str(tiled / "shards")), tokenizer).text_per_input
     assert one_tile > measured  # the same text over fewer tower inputs
 
 

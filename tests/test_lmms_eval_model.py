@@ -155,7 +155,9 @@ def test_generate_until_runs_each_batch_through_the_lm_once(model, batch_size):
 
 def test_multi_image_documents_are_scored_and_answered_with_every_image(model):
     """A document with two images (lmms-eval's doc_to_visual gives a list): both go into the
-    prompt, in order, for loglikelihood and generate_until; a video (a path) is refused."""
+    prompt, in order, for loglikelihood and generate_until; a video file that is missing, and a
+    visual that is neither an image nor a video's path, are refused naming the document
+    (tests/test_lmms_eval_video.py serves real clips)."""
     two = {"question": "Which image is red?", "choices": ["first", "second"],
            "image": [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (128, 64), "blue")]}
     harness = TokenFlexLMMs(model, N, batch_size=2)
@@ -176,10 +178,12 @@ def test_multi_image_documents_are_scored_and_answered_with_every_image(model):
                                                                  TASK, SPLIT), idx=0,
                                               metadata={"task": TASK, "doc_id": 0, "repeats": 1})])
     assert answer == [model.generate([two["image"]], [two["question"]], N, 3)[0].strip()]
-    harness.task_dict = {TASK: {SPLIT: [dict(two, image=["clip.mp4"])]}}
-    with pytest.raises(ValueError, match="tokenflex takes images only"):
-        harness.generate_until([Instance("generate_until", (two["question"], {}, visuals, 0, TASK, SPLIT), idx=0,
-                                         metadata={"task": TASK, "doc_id": 0, "repeats": 1})])
+    for visual, message in (("clip.mp4", "video file clip.mp4 not found"),
+                            ({"array": [0.0], "sampling_rate": 16000}, "takes images and video file paths, got dict")):
+        harness.task_dict = {TASK: {SPLIT: [dict(two, image=[visual])]}}
+        with pytest.raises(ValueError, match=f"task {TASK}, doc 0: .*{message}"):
+            harness.generate_until([Instance("generate_until", (two["question"], {}, visuals, 0, TASK, SPLIT), idx=0,
+                                             metadata={"task": TASK, "doc_id": 0, "repeats": 1})])
 
 
 def test_num_tiles_cuts_each_image_into_that_many_tiles_at_most(model):
@@ -243,6 +247,23 @@ def test_adaptive_refuses_log_likelihood_requests_and_needs_a_threshold(model):
         TokenFlexLMMs(model, "adaptive", threshold=0.5, ladder="16,64")
     with pytest.raises(ValueError, match="increasing"):
         TokenFlexLMMs(model, "adaptive", threshold=0.5, ladder="64-16")
+
+
+def test_video_arguments_are_checked_before_any_request(model, model_dir):
+    """num_frames and token_budget must be positive, frame_tokens a square that fits the grid
+    (a folder's checked before its weights load), and token_budget leaves no N or M to choose."""
+    for args, message in (({"num_frames": 0}, "num_frames=0 must be >= 1"),
+                          ({"token_budget": "0"}, "token_budget=0 must be >= 1"),
+                          ({"frame_tokens": 15}, "frame_tokens=15: .* not a perfect square"),
+                          ({"token_budget": 100, "frame_tokens": 16}, "token_budget=100 picks N for every image"),
+                          ({"token_budget": 100, "num_vision_tokens": "adaptive", "threshold": 0.5},
+                           "token_budget=100 picks N for every image")):
+        with pytest.raises(ValueError, match=message):
+            TokenFlexLMMs(**{"pretrained": model, "num_vision_tokens": N, **args})
+    with pytest.raises(ValueError, match="frame_tokens=15: "):
+        TokenFlexLMMs(str(model_dir), N, frame_tokens="15")
+    harness = TokenFlexLMMs(model, N, num_frames="2", frame_tokens="4", token_budget=None)
+    assert (harness.num_frames, harness.frame_tokens, harness.token_budget) == (2, 4, None)
 
 
 @pytest.mark.parametrize("tokens", [0, "0", -4, 15])

@@ -56,7 +56,7 @@ def sample(model, messages, num_tokens):
     return expand_image_markers(encoded["input_ids"], labels, model.config.image_token_id, num_tokens)
 
 
-def make_batch(model, rows, pixel_values, image_mask, image_grids=None):
+def make_batch(model, rows, pixel_values, image_mask, image_grids=None, frame_mask=None):
     width = max(len(ids) for ids, _ in rows)
     pad = model.tokenizer.pad_token_id
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
@@ -65,6 +65,8 @@ def make_batch(model, rows, pixel_values, image_mask, image_grids=None):
                  pixel_values=pixel_values, image_mask=image_mask)
     if image_grids is not None:
         batch["image_grids"] = image_grids
+    if frame_mask is not None:
+        batch["frame_mask"] = frame_mask
     return {name: tensor.to(model.device) for name, tensor in batch.items()}
 
 

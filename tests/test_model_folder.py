@@ -114,6 +114,8 @@ def test_model_card_says_what_the_model_is_and_how_to_load_it(folder, tiny_model
     assert "| stage | Stage 1, align: train the projector only; the vision tower and the LM stay frozen. |" in card
     assert "| trained at N | 16, 64, 144 (drawn per step, weights 1:1:1) |" in card
     assert "| images | `pad` to 64×64 px, one tile each |" in card
+    assert ("| video clips | 8 frames sampled uniformly, each pooled to M ∈ {16, 64, 144} (drawn per step, when the "
+            "data held clips) and followed by a frame end; serve with other limits through `--frames`") in card
     assert f"| steps | 16 of `{folder.parent}` |" in card
     assert "| serves | any N = n² with n ≤ 16" in card
     # the data: the checkpoint's mixture.json (the stage-1 run trains on conftest's two-source mixture)

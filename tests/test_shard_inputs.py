@@ -242,12 +242,13 @@ def test_bad_rows_of_each_kind_are_skipped_by_named_reason(scenes, tmp_path):
             row(4, [(photo.getvalue()[:-100], None)]),                                       # (truncated)
             row(5, [(None, "../" + root.name + "/" + path)]), row(6, [(None, str(root / path))]),  # outside root
             row(7, [(None, path)], text="What colour?"), row(8, [(None, path)] * 2),          # tag mismatch
-            row(9, [], videos=["clip.mp4"])]                                                  # video
+            row(9, [], videos=["clip.mp4"])]                                # a video placed by <image>: mismatch
     write_parquet(tmp_path / "rows.parquet", rows)
     manifest = build_shards.build(str(tmp_path / "rows.parquet"), str(root), str(tmp_path / "out"))
     assert manifest["total_samples"] == 2
-    assert manifest["skipped"] == {"missing_image": 3, "image_outside_root": 2, "image_tag_mismatch": 2,
-                                   "malformed_conversation": 0, "video": 1, "system_message": 0}
+    assert manifest["skipped"] == {"missing_image": 3, "image_outside_root": 2, "image_tag_mismatch": 3,
+                                   "malformed_conversation": 0, "system_message": 0, "unreadable_video": 0,
+                                   "no_video_stream": 0, "too_few_frames": 0, "several_videos": 0}
     assert manifest["skipped_examples"]["image_outside_root"] == ["bad-5", "bad-6"]
     assert manifest["skipped_examples"]["missing_image"] == ["bad-2", "bad-3", "bad-4"]
     kept = build_shards.build(str(tmp_path / "rows.parquet"), str(root), str(tmp_path / "allowed"),
@@ -260,7 +261,8 @@ def test_bad_rows_of_each_kind_are_skipped_by_named_reason(scenes, tmp_path):
     lines = [{"id": "ok", "messages": [{"role": "user", "content": parts}, answer]},
              {"id": "system", "messages": [{"role": "system", "content": "Be brief."},
                                            {"role": "user", "content": "Hi"}, answer]},
-             {"id": "video", "messages": [{"role": "user", "content": [{"type": "video"}]}, answer]},
+             {"id": "video_part_without_video", "messages": [{"role": "user", "content": [{"type": "video"}]},
+                                                             answer]},
              {"id": "blank", "messages": [{"role": "user", "content": " "}, answer]},
              {"id": "starts_with_answer", "messages": [answer, {"role": "user", "content": "Hi"}]},
              {"id": "image_part_without_image", "messages": [{"role": "user", "content": [{"type": "image"}]}, answer]},
@@ -270,9 +272,8 @@ def test_bad_rows_of_each_kind_are_skipped_by_named_reason(scenes, tmp_path):
     manifest = build_shards.build(str(tmp_path / "rows.jsonl"), str(root), str(tmp_path / "out_jsonl"))
     assert manifest["total_samples"] == 1 and manifest["schema"] == "messages"
     assert {k: v for k, v in manifest["skipped_examples"].items()} == {
-        "system_message": ["system"], "video": ["video"], "malformed_conversation": ["blank", "starts_with_answer",
-                                                                                    "row-7"],
-        "image_tag_mismatch": ["image_part_without_image", "unplaced_image"]}
+        "system_message": ["system"], "malformed_conversation": ["blank", "starts_with_answer", "row-7"],
+        "image_tag_mismatch": ["video_part_without_video", "image_part_without_image", "unplaced_image"]}
 
 
 @pytest.mark.parametrize("rows, args, error", [

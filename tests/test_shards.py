@@ -56,7 +56,9 @@ def test_bad_records_are_counted_by_reason(synth, tmp_path):
     data.write_text(json.dumps(good + bad))
     manifest = build_shards.build(str(data), str(tmp_path), str(tmp_path / "out"), samples_per_shard=4)
     assert manifest["skipped"] == {"missing_image": 3, "malformed_conversation": 8, "image_tag_mismatch": 3,
-                                   "image_outside_root": 0, "video": 0, "system_message": 0}
+                                   "image_outside_root": 0,
+                                   "system_message": 0, "unreadable_video": 0, "no_video_stream": 0,
+                                   "too_few_frames": 0, "several_videos": 0}
     assert manifest["total_samples"] == 10 and manifest["repeated_ids"] == 0
     # A shard holds what its slice of 4 input rows kept: rows 8-11 keep 2, rows 12-23 none.
     assert [(s["name"], s["num_samples"]) for s in manifest["shards"]] == \
@@ -88,7 +90,9 @@ def test_multi_image_records_are_kept_with_their_images_in_order(synth, tmp_path
     manifest = build_shards.build(str(tmp_path / "data.json"), str(synth), str(tmp_path / "out"))
     assert manifest["total_samples"] == 3
     assert manifest["skipped"] == {"missing_image": 1, "malformed_conversation": 2, "image_tag_mismatch": 2,
-                                   "image_outside_root": 0, "video": 0, "system_message": 0}
+                                   "image_outside_root": 0,
+                                   "system_message": 0, "unreadable_video": 0, "no_video_stream": 0,
+                                   "too_few_frames": 0, "several_videos": 0}
     assert manifest["skipped_examples"]["image_tag_mismatch"] == ["multi-3", "multi-4"]
     samples = list(wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False))
     for sample, record in zip(samples, records[:3]):

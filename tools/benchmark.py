@@ -3,6 +3,8 @@ r"""Score model folders on lmms-eval tasks at several vision-token counts N.
     python -m tools.benchmark runs/flex/final runs/fixed256/final --names flex,fixed256 \
         --tasks mme,pope,gqa,textvqa_val --tokens 16,64,144,256 --batch-size 8 --out results/bench
     python -m tools.benchmark runs/tiled/final --tasks mme --tokens 64,144 --tiles 1,6 --out results/bench-tiles
+    python -m tools.benchmark runs/video/final --tasks mvbench_moving_direction --tokens 64 --frames 8,32 \
+        --frame-tokens 16,64 --out results/bench-video
 
 Runs lmms-eval (install it with requirements-eval.txt; see docs/evaluation.md) once per model, tile limit
 (--tiles; default: the folder's own), N and task, with the `tokenflex` model at those, then times
@@ -13,7 +15,11 @@ limit ("name tiles=T"). Writes, and rewrites as each (model, N) finishes, OUT/re
 (lmms-eval's results per task, every response, every timing), OUT/results.md (one table: a row per
 model and N, a column per task metric, the prefill's median and quartiles) and
 OUT/scores_vs_tokens.png (each metric and the prefill latency against N, one line per model);
-with --model-card, each model's rows also go into its folder's README.md.
+with --model-card, each model's rows also go into its folder's README.md. --frames (at most this
+many frames per clip; default: the folder's) and --frame-tokens (tokens per frame M; default: N)
+sweep video tasks (docs/video.md); with either, OUT/scores_vs_frames.png draws each metric
+against the vision tokens a clip takes at most (frames x (M + a frame end)), one curve per frame
+count.
 
 A task that fails stops the sweep: the message names the model, N and task, the results
 finished so far stay in OUT (results.json also keeps the traceback), and the exit code is 1.
@@ -32,12 +38,14 @@ from tools.options import (
     add_model_options,
     add_placement_options,
     add_tiles_option,
+    add_video_options,
     model_names,
     parse_tile_counts,
     parse_token_counts,
+    parse_video_options,
     placement,
 )
-from tools.report import benchmark_table, plot_benchmark
+from tools.report import benchmark_table, plot_benchmark, plot_benchmark_frames
 
 FAILED = 1
 
@@ -48,6 +56,7 @@ def main(argv=None):
     parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names, e.g. mme,pope")
     parser.add_argument("--tokens", default="16,64,144,256", help="comma-separated N values (default: 16,64,144,256)")
     add_tiles_option(parser)
+    add_video_options(parser)
     parser.add_argument("--limit", type=int, help="only the first K documents of each task (for trying things out)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per forward (default: 1)")
     parser.add_argument("--timing-repeats", type=int, default=5,
@@ -71,8 +80,10 @@ def main(argv=None):
               "timing_repeats": args.timing_repeats, "results": []}
     try:
         report["token_counts"], report["tile_counts"] = parse_token_counts(args.tokens), parse_tile_counts(args.tiles)
+        report["frame_limits"], report["frame_counts"] = parse_video_options(args)
         results = sweep(args.model_dirs, names, tasks, report["token_counts"], args.limit, args.batch_size, device,
-                        dtype, args.include_path, args.timing_repeats, report["tile_counts"])
+                        dtype, args.include_path, args.timing_repeats, report["tile_counts"], report["frame_limits"],
+                        report["frame_counts"])
         for result in results:
             report["results"].append(result)
             write(report, out, names, args.model_dirs, args.model_card)
@@ -92,7 +103,8 @@ def main(argv=None):
               f"results.md; results.json also holds the traceback.", file=sys.stderr)
         return FAILED
     print((out / "results.md").read_text().rstrip())
-    print(f"wrote {out}/results.json, results.md, scores_vs_tokens.png")
+    video = report["frame_limits"] != [None] or report["frame_counts"] != [None]
+    print(f"wrote {out}/results.json, results.md, scores_vs_tokens.png" + (", scores_vs_frames.png" if video else ""))
     return 0
 
 
@@ -103,6 +115,8 @@ def write(report, out, names, model_dirs, model_card):
     (out / "results.md").write_text(benchmark_table(report))
     if report["results"]:
         plot_benchmark(report["results"], out / "scores_vs_tokens.png")
+        if report["frame_limits"] != [None] or report["frame_counts"] != [None]:
+            plot_benchmark_frames(report["results"], out / "scores_vs_frames.png")
     if model_card:
         for name, path in zip(names, model_dirs):
             rows = [r for r in report["results"] if r["model"] == name]

@@ -74,7 +74,8 @@ def source_names(paths: list[str]) -> list[str]:
 
 
 def build_mixture(yaml_path: str, image_root: str | None, out: str, samples_per_shard: int = 1000, workers: int = 1,
-                  seed: int = 0, max_image_side: int | None = None, allow_outside_root: bool = False) -> dict:
+                  seed: int = 0, max_image_side: int | None = None, allow_outside_root: bool = False,
+                  min_video_frames: int = 8) -> dict:
     """Build every dataset's shards under out/ and write out/mixture.yaml; returns its contents."""
     if not os.path.isfile(yaml_path):
         raise SystemExit(f"error: {yaml_path} not found")
@@ -94,7 +95,8 @@ def build_mixture(yaml_path: str, image_root: str | None, out: str, samples_per_
             raise SystemExit(f"error: {where}: unknown key {unknown[0]!r} (keys: {', '.join(sorted(ENTRY_KEYS))})")
         settings = BuildSettings(spec, os.path.join(out, name), image_root, entry.get("schema"), entry.get("subset"),
                                  entry.get("split", "train"), samples_per_shard, max_image_side, allow_outside_root,
-                                 source=f"{os.path.basename(os.path.normpath(spec))} ({strategy})")
+                                 source=f"{os.path.basename(os.path.normpath(spec))} ({strategy})",
+                                 min_video_frames=min_video_frames)
         try:
             rows = range(len(open_rows(spec, settings.subset, settings.split)))
         except InputError as error:
@@ -123,7 +125,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_build_options(parser, args)
     mixture = build_mixture(args.yaml, args.image_root, args.out, args.samples_per_shard, args.workers, args.seed,
-                            args.max_image_side, args.allow_outside_root)
+                            args.max_image_side, args.allow_outside_root, args.min_video_frames)
     print(f"\nwrote {os.path.join(args.out, 'mixture.yaml')}: {len(mixture['sources'])} sources; train on it with "
           f"data.shards={os.path.join(args.out, 'mixture.yaml')}")
 

@@ -2,25 +2,33 @@
 
 --input is LLaVA JSON or JSON Lines; parquet (a file, a folder of them, or a glob); a `datasets`
 save_to_disk folder; or a Hugging Face hub dataset name (read through datasets: from its local
-cache when offline; --subset, --split). Images are bytes in the rows or paths relative to
---image-root, one or a list per row. The conversation schema is detected from the columns
-(--schema to choose): llava (`conversations`, LLaVA-OneVision-Data), cauldron (`texts` and
-`images`: The Cauldron, FineVision) or messages (`messages`, with string or typed content), as
-pipeline/data/schemas.py describes. Data that no schema explains stops the build with an error
+cache when offline; --subset, --split). Images and videos are bytes in the rows or paths relative
+to --image-root, one or a list of images per row and at most one video (LLaVA-Video-178K's
+records: "video": "clip.mp4", placed by an <image> tag; docs/video.md). The conversation schema
+is detected from the columns (--schema to choose): llava (`conversations`, LLaVA-OneVision-Data),
+cauldron (`texts` and `images`: The Cauldron, FineVision) or messages (`messages`, with string or
+typed content), as pipeline/data/schemas.py describes. Data that no schema explains stops the build with an error
 naming the row.
 
-Each sample is the record in LLaVA form (key.json: conversations, "image" names, the row's
-other columns) and its image bytes unchanged (key.<ext> for one image, key.<i>.<ext> for several).
-Bad rows are skipped, counted by reason, with the first ids of each in the manifest:
+Each sample is the record in LLaVA form (key.json: conversations, "image" names, "video" name with
+its place as a <video> tag and its video_info, the row's other columns), its image bytes
+unchanged (key.<ext> for one image, key.<i>.<ext> for several) and its video's bytes unchanged
+(key.<ext>: mp4, mkv, webm, ...). Bad rows are skipped, counted by reason, with the first ids of
+each in the manifest:
   missing_image           an image file missing or unreadable, or its bytes not an image
                           (truncated or undecodable: see the validation below)
-  image_outside_root      an image path that is absolute or leaves --image-root with '..'
-                          (kept with --allow-outside-root)
+  image_outside_root      an image or video path that is absolute or leaves --image-root with
+                          '..' (kept with --allow-outside-root)
   malformed_conversation  turns not human/gpt (user/assistant) alternating from human with
                           non-empty text; an image that is neither a path nor bytes; a bad id
-  image_tag_mismatch      <image> tags (or image parts) that don't match the row's images
-  video                   a video row: skipped until the project trains on video
+  image_tag_mismatch      <image> or <video> tags (or image and video parts) that don't match the
+                          row's images and video
   system_message          a system turn, which LLaVA records can't hold
+  unreadable_video        a video file missing, not a container PyAV reads, cut short, or whose
+                          first or last frame does not decode
+  no_video_stream         a container without a video stream (an audio file, say)
+  too_few_frames          a video with fewer than --min-video-frames frames
+  several_videos          more than one video in a row
 Records that repeat an earlier record's id are kept (LLaVA-1.5's mix gives one COCO image
 several conversations); the manifest counts them.
 
@@ -61,11 +69,14 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-side", type=int, default=None,
                         help="store images longer than this (px, longer side) resized to it; "
                              "recorded in the manifest (default: images as they are)")
+    parser.add_argument("--min-video-frames", type=int, default=8,
+                        help="skip videos with fewer frames (too_few_frames; default 8, data.video_frames' default)")
 
 
 def check_build_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.samples_per_shard < 1 or args.workers < 1 or (args.max_image_side is not None and args.max_image_side < 1):
-        parser.error("--samples-per-shard, --workers and --max-image-side must be >= 1")
+    if args.samples_per_shard < 1 or args.workers < 1 or (args.max_image_side is not None and args.max_image_side < 1) \
+            or args.min_video_frames < 1:
+        parser.error("--samples-per-shard, --workers, --max-image-side and --min-video-frames must be >= 1")
 
 
 def run_build(settings: BuildSettings, selection=None, workers: int = 1, task_index: int = 0,
@@ -94,8 +105,9 @@ def print_summary(result: BuildResult) -> None:
     if manifest is None:
         print(f"{result.slices_left} slices are left to other tasks; the last to finish writes manifest.json")
         return
-    print(f"kept {manifest['total_samples']} of {manifest['total_records']} rows ({manifest['schema']} schema) "
-          f"in {len(manifest['shards'])} shards ({manifest['total_bytes']} bytes)")
+    print(f"kept {manifest['total_samples']} of {manifest['total_records']} rows ({manifest['schema']} schema; "
+          f"{manifest['total_videos']} with a video) in {len(manifest['shards'])} shards "
+          f"({manifest['total_bytes']} bytes)")
     print(f"repeated ids: {manifest['repeated_ids']} kept records share their id with an earlier one "
           f"(kept: LLaVA's mix gives one image several conversations)")
     for reason, count in manifest["skipped"].items():
@@ -124,7 +136,8 @@ def main(argv: list[str] | None = None) -> BuildResult:
     if not 0 <= args.task_index < args.task_count:
         parser.error("--task-index must be in 0 .. --task-count - 1")
     settings = BuildSettings(args.input, args.out, args.image_root, args.schema, args.subset, args.split,
-                             args.samples_per_shard, args.max_image_side, args.allow_outside_root)
+                             args.samples_per_shard, args.max_image_side, args.allow_outside_root,
+                             min_video_frames=args.min_video_frames)
     result = run_build(settings, workers=args.workers, task_index=args.task_index, task_count=args.task_count)
     print_summary(result)
     return result

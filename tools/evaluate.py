@@ -4,13 +4,19 @@ r"""Evaluate model folders on held-out shards at several vision-token counts N.
         --shards data/shards/val --tokens 16,36,64,100,144,196,256 --out results/flex-vs-fixed
     python -m tools.evaluate runs/tiled/final --shards data/shards/val --tokens 16,64,144 --tiles 1,4 \
         --out results/tiles
+    python -m tools.evaluate runs/video/final --shards data/shards/clips --tokens 64 --frames 2,8,32 \
+        --frame-tokens 4,16,64 --out results/video
 
-Per model, tile limit and N: exact-match accuracy (overall and per question_type), loss of the
-reference answer, vision tokens per image (tiles x N plus row ends), median prefill latency and
-vision tokens per second. Multi-turn records are scored on their last question, with the earlier
-turns in the prompt. Writes OUT/results.json (with every prediction), OUT/results.md (one table,
-a row per model, tile limit and N), OUT/accuracy_vs_tokens.png and OUT/accuracy_vs_tiles.png
-(accuracy against vision tokens per image, one curve per model and tile limit).
+Per model, tile limit, frame limit, N and tokens per video frame M: exact-match accuracy
+(overall and per question_type), loss of the reference answer, vision tokens per image (tiles x
+N plus row ends) and per clip (frames x (M + a frame end)), median prefill latency and vision
+tokens per second. --frames samples at most that many frames per clip (re-reading the data);
+--frame-tokens pools frames to M (default: N). Multi-turn records are scored on their last
+question, with the earlier turns in the prompt. Writes OUT/results.json (with every prediction),
+OUT/results.md (one table, a row per model, limits, N and M), OUT/accuracy_vs_tokens.png,
+OUT/accuracy_vs_tiles.png (accuracy against vision tokens per image, one curve per model and tile
+limit) and, on data with clips, OUT/accuracy_vs_frames.png (accuracy against vision tokens per
+clip, one curve per frame count: frames against tokens per frame under one budget).
 
 --tokens adaptive answers each image question at the smallest N of a ladder (--ladder, default
 16,64,144,256) whose answer's probability reaches a threshold (pipeline/eval/adaptive.py): --threshold
@@ -39,12 +45,14 @@ from tools.options import (
     add_model_options,
     add_placement_options,
     add_tiles_option,
+    add_video_options,
     model_names,
     parse_tile_counts,
     parse_token_counts,
+    parse_video_options,
     placement,
 )
-from tools.report import adaptive_table, markdown_table, plot, plot_adaptive, plot_tiles
+from tools.report import adaptive_table, markdown_table, plot, plot_adaptive, plot_frames, plot_tiles
 
 
 def main(argv=None):
@@ -54,6 +62,7 @@ def main(argv=None):
     parser.add_argument("--tokens", default="16,36,64,100,144,196,256",
                         help="comma-separated N values, or adaptive (see above)")
     add_tiles_option(parser)
+    add_video_options(parser)
     parser.add_argument("--ladder", default=",".join(map(str, DEFAULT_LADDER)),
                         help="--tokens adaptive: the counts tried, in increasing order (default: %(default)s)")
     parser.add_argument("--threshold", type=float, help="--tokens adaptive: the answer probability that stops")
@@ -74,8 +83,9 @@ def main(argv=None):
         parser.error("--threshold and --calibrate go with --tokens adaptive")
     if adaptive and (args.threshold is None) == (args.calibrate is None):
         parser.error("--tokens adaptive needs --threshold or --calibrate VALIDATION_SHARDS (one of them)")
-    if adaptive and args.tiles is not None:
-        parser.error("--tiles goes with fixed --tokens; --tokens adaptive uses each folder's own tiling")
+    if adaptive and (args.tiles, args.frames, args.frame_tokens) != (None, None, None):
+        parser.error("--tiles, --frames and --frame-tokens go with fixed --tokens; --tokens adaptive uses each "
+                     "folder's own tiling and clip sampling, frames at the tried N")
     try:
         if adaptive:
             report = evaluate_adaptive(args.model_dirs, args.shards, parse_token_counts(args.ladder), args.threshold,
@@ -83,19 +93,22 @@ def main(argv=None):
                                        args.max_new_tokens, device, dtype)
         else:
             counts, tiles = parse_token_counts(args.tokens), parse_tile_counts(args.tiles)
+            frames, frame_tokens = parse_video_options(args)
             report = evaluate(args.model_dirs, args.shards, counts, names, args.limit, args.batch_size,
-                              args.max_new_tokens, device, dtype, tiles)
+                              args.max_new_tokens, device, dtype, tiles, frames, frame_tokens)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     (write_adaptive if adaptive else write)(report, Path(args.out))
     print((Path(args.out) / "results.md").read_text().rstrip())
-    plots = "accuracy_vs_mean_tokens.png" if adaptive else "accuracy_vs_tokens.png, accuracy_vs_tiles.png"
+    plots = ("accuracy_vs_mean_tokens.png" if adaptive else "accuracy_vs_tokens.png, accuracy_vs_tiles.png" +
+             (", accuracy_vs_frames.png" if any(r["vision_tokens_per_clip"] for r in report["results"]) else ""))
     print(f"wrote {args.out}/results.json, results.md, {plots}")
     return 0
 
 
 def write(report, out_dir):
-    """results.json (with every prediction), results.md, accuracy_vs_tokens.png and accuracy_vs_tiles.png."""
+    """results.json (with every prediction), results.md, accuracy_vs_tokens.png, accuracy_vs_tiles.png
+    and, with clips, accuracy_vs_frames.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2))
     results = report["results"]
@@ -105,6 +118,8 @@ def write(report, out_dir):
     (out_dir / "results.md").write_text(caption + markdown_table(results))
     plot(results, out_dir / "accuracy_vs_tokens.png")
     plot_tiles(results, out_dir / "accuracy_vs_tiles.png")
+    if any(r["vision_tokens_per_clip"] for r in results):
+        plot_frames(results, out_dir / "accuracy_vs_frames.png")
 
 
 def write_adaptive(report, out_dir):

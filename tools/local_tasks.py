@@ -14,7 +14,9 @@ in three keys only: dataset_path (DATASET), dataset_kwargs (load_from_disk: true
 
 --synthetic SHARDS first writes datasets in the schemas of POPE, MME and SEED-Bench from the
 synthetic scenes of held-out shards (tools.synthetic_tasks) to OUT/data, then copies pope, mme
-and seedbench_ppl (SEED-Bench scored by log-likelihood) pointed at them.
+and seedbench_ppl (SEED-Bench scored by log-likelihood) pointed at them; from the shards' clips
+(tools.make_synthetic --video-fraction), datasets in MVBench's schema, and copies of its video
+tasks mvbench_moving_direction, mvbench_moving_attribute and mvbench_action_count (docs/video.md).
 """
 
 import argparse
@@ -24,6 +26,8 @@ import sys
 from pathlib import Path
 
 SYNTHETIC = {"pope": "pope", "mme": "mme", "seedbench_ppl": "seedbench"}  # task: dataset of tools.synthetic_tasks
+SYNTHETIC_VIDEO = {task: task for task in ("mvbench_moving_direction", "mvbench_moving_attribute",
+                                           "mvbench_action_count")}
 DATA_KEYS = ("task", "dataset_path", "dataset_kwargs")  # the keys a copy changes
 SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")
 
@@ -94,8 +98,9 @@ def main(argv=None):
                         help="an lmms-eval task and the folder of its saved dataset")
     parser.add_argument("--out", required=True, type=Path, help="folder for the copies (lmms-eval's --include_path)")
     parser.add_argument("--synthetic", metavar="SHARDS",
-                        help="held-out synthetic shards: build pope, mme and seedbench_ppl data from their scenes")
-    parser.add_argument("--limit", type=int, help="with --synthetic: only the first K scenes")
+                        help="held-out synthetic shards: build pope, mme and seedbench_ppl data from their scenes, "
+                             "and mvbench's video tasks from their clips")
+    parser.add_argument("--limit", type=int, help="with --synthetic: only the first K scenes and K clips")
     args = parser.parse_args(argv)
     pairs = [task.split("=", 1) for task in args.tasks]
     if any(len(pair) != 2 for pair in pairs) or not (pairs or args.synthetic):
@@ -112,7 +117,8 @@ def main(argv=None):
             from tools.synthetic_tasks import write_datasets
 
             folders = write_datasets(args.synthetic, args.out / "data", args.limit)
-            pairs += [(task, folders[kind]) for task, kind in SYNTHETIC.items()]
+            pairs += [(task, folders[kind]) for task, kind in {**SYNTHETIC, **SYNTHETIC_VIDEO}.items()
+                      if kind in folders]
         task_index = TaskManager().task_index
         names = [local_task(task, dataset, args.out, task_index) for task, dataset in pairs]
     except (ValueError, FileNotFoundError) as error:

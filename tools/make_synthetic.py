@@ -21,6 +21,12 @@ Where resolution and several images matter (for data.max_tiles > 1 and multi-ima
   --multi-image-fraction F
                       image records with two scenes ("image": [two paths], two <image> tags)
                       asking about one of them; question_type multi_<type>.
+Where time matters (video, docs/video.md):
+  --video-fraction F  records of a short clip (videos/<id>.mp4, "video" and an <image> tag as
+                      LLaVA-Video-178K's records have them) asking which colour a moving shape
+                      had first or last, which way it moved or how many times it changed
+                      colour (question_type video_first, video_last, video_direction,
+                      video_changes; tools/synthetic_clips.py). Clips are split like scenes.
 
 --llava-like instead writes records with LLaVA-Instruct-like lengths (random words, text
 lengths lognormal around ~120 tokens, 2% long ones, 10% text-only) that all share one scene
@@ -41,6 +47,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pipeline.model.chat import IMAGE_TOKEN
+from tools import synthetic_clips
 
 # Every question asks the colour of one object, and each object draws its colour from its own
 # palette: the question says which set of words can answer, the image which word of it. The
@@ -186,12 +193,14 @@ def text_question(rng):
 
 
 def make_record(rng, split, index, out_dir, image_size, text_only_fraction, multi_turn_fraction, wide_fraction=0.0,
-                multi_image_fraction=0.0):
+                multi_image_fraction=0.0, video_fraction=0.0):
     record_id = f"{split}-{index:06d}"
     if rng.random() < text_only_fraction:
         question, answer = text_question_in_split(rng, split)
         return {"id": record_id, "question_type": "text", "conversations": [
             {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    if video_fraction and rng.random() < video_fraction:
+        return video_record(rng, split, record_id, out_dir, image_size, multi_turn_fraction)
     # (no draws for a fraction of 0: the default data stay what they were before these options)
     if multi_image_fraction and rng.random() < multi_image_fraction:
         return multi_image_record(rng, split, record_id, out_dir, image_size)
@@ -237,6 +246,36 @@ def multi_image_record(rng, split, record_id, out_dir, image_size):
             "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}
 
 
+def clip_in_split(rng, size, split):
+    """A random clip that `split` owns (see split_of): clips are drawn until one belongs to it."""
+    while True:
+        clip = synthetic_clips.draw_clip(rng, size, sorted(BACKGROUNDS), sorted(LARGE_COLOURS))
+        if split_of(json.dumps(clip, sort_keys=True)) == split:
+            return clip
+
+
+def video_record(rng, split, record_id, out_dir, image_size, multi_turn_fraction):
+    """A clip and its questions, in LLaVA-Video-178K's form: "video" and an <image> tag for it. The
+    last question's type is drawn first, as for scenes; a multi-turn record asks the others before it."""
+    clip = clip_in_split(rng, image_size, split)
+    rel_path = f"videos/{record_id}.mp4"
+    frames = synthetic_clips.render_frames(clip, BACKGROUNDS, LARGE_COLOURS, draw_shape)
+    with open(os.path.join(out_dir, rel_path), "wb") as f:
+        f.write(synthetic_clips.encode_mp4(frames))
+    answers = synthetic_clips.facts(clip)
+    types = sorted(synthetic_clips.QUESTIONS)
+    last = rng.choice(types)
+    earlier = [t for t in types if t != last] if rng.random() < multi_turn_fraction else []
+    rng.shuffle(earlier)
+    instruction = rng.choice(INSTRUCTIONS)
+    conversations = []
+    for turn, question_type in enumerate(earlier + [last]):
+        question = synthetic_clips.QUESTIONS[question_type]
+        prompt = f"{IMAGE_TOKEN}\n{question} {instruction}" if turn == 0 else question
+        conversations += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answers[question_type]}]
+    return {"id": record_id, "video": rel_path, "question_type": last, "conversations": conversations}
+
+
 def llava_like_record(rng, index, text_only_fraction, word_list):
     """A record of random words whose length follows LLaVA-Instruct's rough shape (~2 tokens a word)."""
     words = rng.randint(240, 600) if rng.random() < 0.02 else max(4, int(rng.lognormvariate(math.log(44), 0.6)))
@@ -266,12 +305,16 @@ def main(argv=None):
                         help="image records with a wide or tall scene, where tiles matter (see above; default: 0)")
     parser.add_argument("--multi-image-fraction", type=float, default=0.0,
                         help="image records with two scenes (see above; default: 0)")
+    parser.add_argument("--video-fraction", type=float, default=0.0,
+                        help="records of a short clip instead of a scene (see above; default: 0)")
     parser.add_argument("--llava-like", action="store_true", help="LLaVA-like lengths of random words (see above)")
     args = parser.parse_args(argv)
     if args.n < 1 or args.image_size < 32:
         parser.error("--n must be >= 1 and --image-size >= 32")
 
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+    if args.video_fraction:
+        os.makedirs(os.path.join(args.out, "videos"), exist_ok=True)
     rng = random.Random(f"{args.split}:{args.seed}")
     if args.llava_like:
         render_scene(rng, args.image_size)[0].save(os.path.join(args.out, "images", "scene.png"))
@@ -279,7 +322,8 @@ def main(argv=None):
         records = [llava_like_record(rng, i, args.text_only_fraction, word_list) for i in range(args.n)]
     else:
         records = [make_record(rng, args.split, i, args.out, args.image_size, args.text_only_fraction,
-                               args.multi_turn_fraction, args.wide_fraction, args.multi_image_fraction)
+                               args.multi_turn_fraction, args.wide_fraction, args.multi_image_fraction,
+                               args.video_fraction)
                    for i in tqdm(range(args.n), desc=f"rendering {args.split}", unit="rec")]
     with open(os.path.join(args.out, "data.json"), "w") as f:
         json.dump(records, f, indent=1)

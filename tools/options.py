@@ -1,5 +1,5 @@
-"""Command-line options shared by the model tools: model folders and names, token and tile counts,
-device and dtype."""
+"""Command-line options shared by the model tools: model folders and names, token, tile and frame
+counts, device and dtype."""
 
 from pipeline.eval.heldout import default_names
 from pipeline.model.runtime import DTYPES, inference_placement
@@ -37,17 +37,32 @@ def add_tiles_option(parser):
                                         "default: what each model folder records, its data.max_tiles)")
 
 
-def parse_tile_counts(text):
-    """--tiles: '1,4' -> [1, 4]; None -> [None] (each folder's own); ValueError on anything else."""
+def parse_tile_counts(text, option="--tiles"):
+    """--tiles (or --frames, option): '1,4' -> [1, 4]; None -> [None] (each folder's own); ValueError
+    on anything else."""
     if text is None:
         return [None]
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--tiles must be comma-separated integers, got {text!r}") from None
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
     if not counts or min(counts) < 1:
-        raise ValueError(f"--tiles must name tile limits >= 1, got {text!r}")
+        raise ValueError(f"{option} must name limits >= 1, got {text!r}")
     return counts
+
+
+def add_video_options(parser):
+    parser.add_argument("--frames", help="comma-separated frame counts per clip, e.g. 2,8,32 (docs/video.md; "
+                                         "default: what each model folder records, its data.video_frames)")
+    parser.add_argument("--frame-tokens", help="comma-separated tokens per video frame M (squares), e.g. 16,64 "
+                                               "(default: the same as the images' N)")
+
+
+def parse_video_options(args):
+    """(frame limits, frame token counts) from --frames and --frame-tokens; [None] where not given."""
+    frames = parse_tile_counts(args.frames, "--frames")
+    frame_tokens = [None] if args.frame_tokens is None else parse_token_counts(args.frame_tokens)
+    return frames, frame_tokens
 
 
 def add_placement_options(parser):

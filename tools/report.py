@@ -49,15 +49,19 @@ def latency_title(results):
 # ---- tools.evaluate: accuracy, loss and prefill per model and N ----
 
 def markdown_table(results):
+    """A row per result; with clips in the data, their frames, M and vision tokens per clip too."""
     types = sorted({t for r in results for t in r["accuracy_by_type"]})
     counts = {t: max(r["samples_by_type"].get(t, 0) for r in results) for t in types}
-    header = ["model", "N", "tiles", "vision tokens per image", "accuracy", *(f"{t} (n={counts[t]})" for t in types),
-              "loss", "prefill ms", "prefill q1–q3", "vision tokens/s"]
+    video = any(r.get("vision_tokens_per_clip") for r in results)
+    header = ["model", "N", "tiles", "vision tokens per image", *(["frames", "M", "vision tokens per clip"] * video),
+              "accuracy", *(f"{t} (n={counts[t]})" for t in types), "loss", "prefill ms", "prefill q1–q3",
+              "vision tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        per_image = r.get("vision_tokens_per_image")
+        per_image, per_clip = r.get("vision_tokens_per_image"), r.get("vision_tokens_per_clip")
+        clip_cells = [str(r["num_frames"]), str(r["num_frame_tokens"]), "-" if per_clip is None else f"{per_clip:.1f}"]
         cells = [r["model"], str(r["num_vision_tokens"]), str(r.get("num_tiles", 1)),
-                 "-" if per_image is None else f"{per_image:.1f}", f"{r['accuracy']:.3f}",
+                 "-" if per_image is None else f"{per_image:.1f}", *(clip_cells * video), f"{r['accuracy']:.3f}",
                  *(f"{r['accuracy_by_type'][t]:.3f}" if t in r["accuracy_by_type"] else "-" for t in types),
                  "-" if r["loss"] is None else f"{r['loss']:.4f}", f"{r['prefill_ms']:.2f}", spread_cell(r),
                  f"{r['vision_tokens_per_s']:.0f}"]
@@ -137,6 +141,38 @@ def plot_tiles(results, path):
     plt.close(fig)
 
 
+def plot_frames(results, path):
+    """Accuracy against the vision tokens per clip (frames x (M + a frame end)), one curve per model,
+    N and frame count, each point one M: where frames trade against tokens per frame under one
+    budget (a vertical line through the curves), the curve to pick an operating point from."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = dict.fromkeys((r["model"], r["num_vision_tokens"], r["num_frames"]) for r in results
+                           if r.get("vision_tokens_per_clip"))
+    for model, n, frames in curves:
+        rows = sorted((r for r in results if (r["model"], r["num_vision_tokens"], r["num_frames"]) == (model, n, frames)
+                       and r.get("vision_tokens_per_clip")), key=lambda r: r["vision_tokens_per_clip"])
+        label = model + (f" N={n}" if len({c[1] for c in curves}) > 1 else "") + ("" if "frames=" in model
+                                                                                   else f" frames={frames}")
+        ax.plot([r["vision_tokens_per_clip"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+        for r in rows:
+            ax.annotate(f"M={r['num_frame_tokens']}", (r["vision_tokens_per_clip"], r["accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("vision tokens per clip (frames x (M + a frame end), mean over clips)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---- the bench studies: accuracy over seeds, a panel per question kind ----
 
 def plot_accuracy_panels(panels: dict, path, xlabel: str, xticks: list | None = None) -> None:
@@ -186,10 +222,13 @@ def benchmark_table(report):
         failure = report["failure"]
         caption.append(f"Failed: model {failure['model']} at N={failure['num_vision_tokens']}, task "
                        f"{failure['task']}: {failure['error']}")
-    header = ["model", "N", *metrics, "prefill ms", "prefill q1–q3"]
+    video = report.get("frame_limits", [None]) != [None] or report.get("frame_counts", [None]) != [None]
+    header = ["model", "N", *(["frames", "M", "vision tokens per clip (at most)"] * video), *metrics, "prefill ms",
+              "prefill q1–q3"]
     lines = ["\n\n".join(caption) + "\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        cells = [r["model"], str(r["num_vision_tokens"]),
+        clip = [str(r["num_frames"]), str(r["num_frame_tokens"]), str(r["vision_tokens_per_clip"])] if video else []
+        cells = [r["model"], str(r["num_vision_tokens"]), *clip,
                  *(f"{r['scores'][m]:.4g}" if m in r["scores"] else "-" for m in metrics),
                  "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.2f}", spread_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -224,6 +263,38 @@ def plot_benchmark(results, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_benchmark_frames(results, path):
+    """One panel per task metric against the vision tokens a clip takes at most (frames x (M + a
+    frame end)), one curve per model, N and frame count, each point one M."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    metrics = metric_names(results)
+    columns = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    curves = dict.fromkeys((r["name"], r["num_tiles"], r["num_vision_tokens"], r["num_frames"]) for r in results)
+    for ax, metric in zip(axes.flat, metrics):
+        for name, tiles, n, frames in curves:
+            points = sorted((r for r in results if (r["name"], r["num_tiles"], r["num_vision_tokens"], r["num_frames"])
+                             == (name, tiles, n, frames)), key=lambda r: r["vision_tokens_per_clip"])
+            label = f"{name}{'' if tiles is None else f' tiles={tiles}'} N={n} frames={frames}"
+            ax.plot([r["vision_tokens_per_clip"] for r in points], [r["scores"].get(metric, math.nan) for r in points],
+                    marker="o", label=label)
+        ax.set_title(metric, fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("vision tokens per clip, at most")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -4,12 +4,12 @@ any world size.
 
     sources.py  an input's rows by index: LLaVA JSON/JSONL, parquet, save_to_disk, hub names
     schemas.py  the conversation schemas (llava, cauldron, messages): a row -> LLaVA record + images
-    builder.py  shards built in slices (processes, Slurm array tasks), resumable; image validation
+    builder.py  shards built in slices (processes, Slurm array tasks), resumable; image and video validation
 
     mixture.py  sources (shard folders) with repeat counts or weights, from data.shards
     plan.py     which positions of each epoch every rank's workers read: pure functions
     shards.py   reading samples out of tar shards by index
-    decode.py   sample bytes -> token ids, labels, pixel values
+    decode.py   sample bytes -> token ids, labels, pixel values (images' tiles, videos' sampled frames)
     stream.py   the DataLoader workers' stream of items; evaluation's one pass (iter_samples)
     workers.py  the training loader's worker processes beside their training process (signals, exit)
     handover.py how items cross from the workers, in groups with one pixel tensor, and their order

@@ -1,8 +1,9 @@
 """Packed training batches for one rank, resumable at any world size and worker count.
 
 The main process keeps a window of decoded samples from its stream (pipeline/data/stream.py),
-drops those that can't fit at the step's N, chooses each row's samples (packing.py) and
-assembles them into a batch of fixed shapes (assemble.py). The resume state is state.py's.
+drops those that can't fit at the step's N and frame count M, chooses each row's samples
+(packing.py) and assembles them into a batch of fixed shapes (assemble.py). The resume state is
+state.py's.
 """
 
 import copy
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data.assemble import PackedBatch, assemble, slots_of, tiles_of
-from pipeline.data.decode import Decoder, measure_text_tokens_per_tile
+from pipeline.data.decode import Decoder, measure_tower_inputs
 from pipeline.data.mixture import load_mixture
 from pipeline.data.packing import choose_row, image_slots_fit, sample_length, tile_budget
 from pipeline.data.plan import count
@@ -39,8 +40,9 @@ UNFIT_LIMIT = 1000  # samples dropped in a row, at one N, before the packer give
 
 
 class TrainBatches:
-    """Endless packed training batches for one rank: next_batch(N) gives a PackedBatch (assemble.py),
-    whose stats also hold "epoch", the oldest epoch a worker of this rank is still reading.
+    """Endless packed training batches for one rank: next_batch(N, M) gives a PackedBatch
+    (assemble.py), whose stats also hold "epoch", the oldest epoch a worker of this rank is still
+    reading.
 
     states: every rank's state_dict() from a checkpoint, in rank order, or None to start afresh.
     (About 160 lines: the pack window, the stream and its resume state are one state, saved together.)
@@ -62,10 +64,12 @@ class TrainBatches:
         self.pixel_shape = (3, *tower_size(image_processor))  # every tile's, dummies' too
         if cfg.text_tokens_per_image == "auto":
             tiling = (cfg.max_tiles, cfg.multi_image_max_tiles, self.pixel_shape[2])
-            self.text_tokens_per_tile = measure_text_tokens_per_tile(self.mixture, tokenizer, tiling)
-            log.info("data.text_tokens_per_image: auto, measured %.1f text tokens per tile", self.text_tokens_per_tile)
+            self.text_tokens_per_tile, self.frame_share = measure_tower_inputs(
+                self.mixture, tokenizer, tiling, video_sampling=(cfg.video_frames, cfg.video_fps))
+            log.info("data.text_tokens_per_image: auto, measured %.1f text tokens per tile (%.1f%% of tiles are "
+                     "video frames)", self.text_tokens_per_tile, 100 * self.frame_share)
         else:
-            self.text_tokens_per_tile = cfg.text_tokens_per_image
+            self.text_tokens_per_tile, self.frame_share = cfg.text_tokens_per_image, 0.0
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.counters = {
             **dict.fromkeys(self.COUNTERS, 0),
@@ -81,10 +85,11 @@ class TrainBatches:
         else:
             self._continue(states)
 
-    def tile_budget(self, num_vision_tokens: int) -> int:
-        """Tiles per batch at N (images when max_tiles is 1): a pure function of the config and the
-        data, the same on every rank."""
-        return tile_budget(self.cfg.rows_per_batch * self.cfg.seq_len, num_vision_tokens, self.text_tokens_per_tile)
+    def tile_budget(self, num_vision_tokens: int, num_frame_tokens: int | None = None) -> int:
+        """Tiles per batch at N and frame count M (images and video frames when max_tiles is 1): a pure
+        function of the config and the data, the same on every rank."""
+        return tile_budget(self.cfg.rows_per_batch * self.cfg.seq_len, num_vision_tokens, self.text_tokens_per_tile,
+                           self.frame_share, num_frame_tokens)
 
     def _identity(self) -> dict:
         """What must match for a saved position in the data to mean the same samples."""
@@ -115,7 +120,8 @@ class TrainBatches:
         """Start the workers, afresh from first_epoch or replaying a state of this same layout up to
         its saved position: consumed positions come back as placeholders, pending ones decoded."""
         decoder = Decoder(self.tokenizer, self.image_processor, self.cfg.image_aspect,
-                          max_tiles=self.cfg.max_tiles, multi_image_max_tiles=self.cfg.multi_image_max_tiles)
+                          max_tiles=self.cfg.max_tiles, multi_image_max_tiles=self.cfg.multi_image_max_tiles,
+                          video_frames=self.cfg.video_frames, video_fps=self.cfg.video_fps)
         self.stream = RankStream(self.mixture, decoder, self.cfg, self.rank, self.world_size, first_epoch,
                                  open_epochs_of(replay) if replay else open_epochs,
                                  replay_plan(replay) if replay else None)
@@ -146,50 +152,53 @@ class TrainBatches:
             elif item["kind"] == "skip":
                 self.counters["skipped_" + item["reason"]] += 1
 
-    def _drop_unfit(self, n: int) -> None:
-        """Drop window samples whose image slots would end past seq_len at this N (can't truncate),
-        or with more tiles than a batch holds at this N; an error naming data.seq_len and N when
-        sample after sample can't fit."""
-        dropped, budget = 0, self.tile_budget(n)
+    def _drop_unfit(self, n: int, m: int | None) -> None:
+        """Drop window samples whose image slots would end past seq_len at this N and M (can't
+        truncate), or with more tiles than a batch holds; an error naming data.seq_len, N and M
+        when sample after sample can't fit."""
+        dropped, budget = 0, self.tile_budget(n, m)
         while True:
             self._fill_window()
             fit = [s for s in self.window
-                   if image_slots_fit(s["markers"], slots_of(s, n), self.cfg.seq_len) and tiles_of(s) <= budget]
+                   if image_slots_fit(s["markers"], slots_of(s, n, m), self.cfg.seq_len) and tiles_of(s) <= budget]
             if len(fit) == len(self.window):
                 return
             dropped += len(self.window) - len(fit)
             self.counters["dropped"] += len(self.window) - len(fit)
             self.window = fit
             if dropped > UNFIT_LIMIT:
-                raise ValueError(f"{dropped} samples in a row don't fit data.seq_len={self.cfg.seq_len} at N={n}: "
-                                 f"their image slots end past the row, or their tiles outnumber a batch's "
-                                 f"{budget}. Raise data.seq_len, lower data.max_tiles or take {n} out of "
-                                 f"tokens.counts")
+                raise ValueError(f"{dropped} samples in a row don't fit data.seq_len={self.cfg.seq_len} at N={n} "
+                                 f"and frame count M={m}: their image or frame slots end past the row, or their "
+                                 f"tiles and frames outnumber a batch's {budget}. Raise data.seq_len, lower "
+                                 f"data.max_tiles or data.video_frames, or take {n} out of tokens.counts (or {m} out "
+                                 f"of tokens.frame_counts)")
 
-    def next_batch(self, num_vision_tokens: int) -> PackedBatch:
-        """The next packed batch at N: row by row, the window's samples that fill the row best
-        (packing.choose_row), assembled (assemble.py); its stats beside it."""
-        cfg, n = self.cfg, num_vision_tokens
-        budget = self.tile_budget(n)
+    def next_batch(self, num_vision_tokens: int, num_frame_tokens: int | None = None) -> PackedBatch:
+        """The next packed batch at N (video frames at M; None: N): row by row, the window's samples
+        that fill the row best (packing.choose_row), assembled (assemble.py); its stats beside it."""
+        cfg, n, m = self.cfg, num_vision_tokens, num_frame_tokens
+        budget = self.tile_budget(n, m)
         rows, tiles_used = [], 0
         for row in range(cfg.rows_per_batch):
-            self._drop_unfit(n)
-            picks = choose_row([sample_length(len(s["input_ids"]), slots_of(s, n), cfg.seq_len) for s in self.window],
+            self._drop_unfit(n, m)
+            picks = choose_row([sample_length(len(s["input_ids"]), slots_of(s, n, m), cfg.seq_len)
+                                for s in self.window],
                                [tiles_of(s) for s in self.window], cfg.seq_len, budget - tiles_used,
                                (budget - tiles_used) / (cfg.rows_per_batch - row))
             rows.append([self.window[i] for i in picks])
             self.window = [s for i, s in enumerate(self.window) if i not in set(picks)]
             tiles_used += sum(tiles_of(s) for s in rows[-1])
         batch, truncated, real_tokens = assemble(rows, n, cfg.seq_len, budget, self.pixel_shape,
-                                                 self.tokenizer.pad_token_id, self.image_token_id)
+                                                 self.tokenizer.pad_token_id, self.image_token_id, m)
         names = [s.name for s in self.mixture.sources]
         packed = [(names[s["source"]], os.path.basename(s["shard"]), s["key"], s["epoch"]) for row in rows for s in row]
         for name, *_ in packed:
             self.counters["samples_by_source"][name] += 1
         self.counters["truncated"] += truncated
         self.counters["samples_packed"] += len(packed)
-        stats = {"samples": packed, "num_samples": len(packed), "num_images": len(batch["image_grids"]),
-                 "num_tiles": tiles_used, "tile_budget": budget, "real_tokens": real_tokens,
+        num_frames = int(batch["frame_mask"].sum())
+        stats = {"samples": packed, "num_samples": len(packed), "num_images": len(batch["image_grids"]) - num_frames,
+                 "num_frames": num_frames, "num_tiles": tiles_used, "tile_budget": budget, "real_tokens": real_tokens,
                  "pad_tokens": batch["input_ids"].numel() - real_tokens, "epoch": self.stream.epoch,
                  **{"total_" + k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}
         return PackedBatch(**batch, stats=stats)

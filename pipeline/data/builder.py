@@ -25,7 +25,10 @@ Images are validated at the least cost that catches truncated and undecodable fi
 scaling, which still reads every entropy-coded byte: a truncated or undecodable file fails as a
 full decode does, in half its time), a PNG verified (every chunk's CRC up to IEND, without
 inflating: truncation and changed bytes, at a fiftieth of a decode), other formats decoded. The
-bytes are stored unchanged, unless --max-image-side resizes them.
+bytes are stored unchanged, unless --max-image-side resizes them. A video (at most one per row) is
+stored unchanged once its packets demux and its first and last frames decode, and it has at
+least min_video_frames frames (pipeline/model/video.py: probe_clip); its record keeps its frame
+count and length (video_info), which the loader's tile budget reads instead of the clip.
 """
 
 import glob
@@ -44,7 +47,7 @@ from tqdm import tqdm
 
 from pipeline.data.decode import IMAGE_EXTENSIONS
 from pipeline.data.schemas import (
-    ImageRef,
+    FileRef,
     SchemaError,
     Skip,
     check_schema,
@@ -53,9 +56,10 @@ from pipeline.data.schemas import (
     to_llava,
 )
 from pipeline.data.sources import open_rows
+from pipeline.model.video import VIDEO_EXTENSIONS, ClipInfo, VideoError, probe_clip
 
-REASONS = ["missing_image", "image_outside_root", "malformed_conversation", "image_tag_mismatch", "video",
-           "system_message"]
+REASONS = ["missing_image", "image_outside_root", "malformed_conversation", "image_tag_mismatch", "system_message",
+           "unreadable_video", "no_video_stream", "too_few_frames", "several_videos"]
 EXAMPLES_PER_REASON = 5
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 SLICES = "slices"
@@ -75,6 +79,7 @@ class BuildSettings:
     max_image_side: int | None = None
     allow_outside_root: bool = False
     source: str | None = None  # names the input in the manifest (default: its file or folder name)
+    min_video_frames: int = 8
 
 
 def checked_image(data: bytes, max_side: int | None = None) -> tuple[bytes, str]:
@@ -165,7 +170,7 @@ class SliceBuilder:
         positions = self.slice_rows(index)
         rows = self.rows.read([self.selection[p] for p in positions])
         report = {"build_id": self.build_id, "slice": index, "rows": len(positions), "shard": None, "ids": [],
-                  "skipped": {}, "skipped_examples": {}}
+                  "videos": 0, "skipped": {}, "skipped_examples": {}}
         name = self.shard_name(index)
         path = os.path.join(self.settings.out_dir, name)
         tmp, file, writer = f"{path}.{os.getpid()}.tmp", None, None
@@ -187,6 +192,7 @@ class SliceBuilder:
                 writer = wds.TarWriter(file, mtime=0, user="data", group="data")
             writer.write(sample)
             report["ids"].append(record_id)
+            report["videos"] += any(key in VIDEO_EXTENSIONS for key in sample)
         if writer is not None:
             writer.close()
             file.close()
@@ -197,8 +203,8 @@ class SliceBuilder:
 
     def sample(self, row: dict, row_index: int, position: int) -> tuple[dict, str | int]:
         """(the webdataset sample, the record's id) of a row; Skip when it can't be one."""
-        record, images = to_llava(row, row_index, self.schema)
-        problem = conversation_problem(record, len(images))
+        record, images, video = to_llava(row, row_index, self.schema)
+        problem = conversation_problem(record, len(images), video is not None)
         if problem:
             raise Skip(problem)
         single = isinstance(record.get("image"), str)
@@ -212,23 +218,46 @@ class SliceBuilder:
             sample[extension if single else f"{i}.{extension}"] = data
         if images:
             record["image"] = names[0] if single else names
+        if video is not None:
+            data, info = self.video_bytes(video, row_index)
+            extension = os.path.splitext(video.name or "")[1].lstrip(".").lower()
+            extension = extension if extension in VIDEO_EXTENSIONS else "vid"
+            record["video"] = video.name or f"embedded-video.{extension}"
+            record["video_info"] = {"frames": info.frames, "seconds": info.seconds}
+            sample[extension] = data
         sample["json"] = json.dumps(record, sort_keys=True, ensure_ascii=False).encode()
         return sample, record["id"]
 
-    def image_bytes(self, image: ImageRef, row_index: int) -> tuple[bytes, str]:
+    def file_bytes(self, ref: FileRef, row_index: int, kind: str, missing: str) -> bytes:
+        """An image's or video's (kind) bytes, read from the image root when it is a path (Skip with
+        reason `missing` when it can't be read there)."""
+        if ref.data is not None:
+            return ref.data
+        if outside_root(ref.name) and not self.settings.allow_outside_root:
+            raise Skip("image_outside_root")
+        if self.settings.image_root is None:
+            raise SchemaError(f"row {row_index}: {kind} {ref.name!r} is a path; give the folder it is relative to "
+                              f"with --image-root")
+        try:
+            with open(os.path.join(self.settings.image_root, ref.name), "rb") as f:
+                return f.read()
+        except OSError:
+            raise Skip(missing)
+
+    def video_bytes(self, video: FileRef, row_index: int) -> tuple[bytes, ClipInfo]:
+        """A video's bytes, unchanged, and its ClipInfo, once it is checked (see the module docstring)."""
+        data = self.file_bytes(video, row_index, "video", "unreadable_video")
+        try:
+            info = probe_clip(data)
+        except VideoError as error:
+            raise Skip(error.reason)
+        if info.frames < self.settings.min_video_frames:
+            raise Skip("too_few_frames")
+        return data, info
+
+    def image_bytes(self, image: FileRef, row_index: int) -> tuple[bytes, str]:
         """An image's checked bytes and format, read from the image root when it is a path."""
-        data = image.data
-        if data is None:
-            if outside_root(image.name) and not self.settings.allow_outside_root:
-                raise Skip("image_outside_root")
-            if self.settings.image_root is None:
-                raise SchemaError(f"row {row_index}: image {image.name!r} is a path; give the folder it is "
-                                  f"relative to with --image-root")
-            try:
-                with open(os.path.join(self.settings.image_root, image.name), "rb") as f:
-                    data = f.read()
-            except OSError:
-                raise Skip("missing_image")
+        data = self.file_bytes(image, row_index, "image", "missing_image")
         try:
             return checked_image(data, self.settings.max_image_side)
         except Exception:  # PIL raises many kinds for a file it can't read; all mean the same here
@@ -256,6 +285,8 @@ class SliceBuilder:
             "max_image_side": settings.max_image_side,
             "shards": shards,
             "total_samples": sum(s["num_samples"] for s in shards),
+            "total_videos": sum(report["videos"] for report in reports),
+            "min_video_frames": settings.min_video_frames,
             "total_bytes": sum(s["num_bytes"] for s in shards),
             "total_records": len(self.selection),
             "repeated_ids": repeated,

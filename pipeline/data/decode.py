@@ -1,9 +1,13 @@
 """From a shard's sample (bytes by extension) to what training uses: token ids with one image
-marker per image, labels, and the images as tiles of the tower's 8-bit pixels (pipeline/model/tiles.py,
-pipeline/model/images.py; the model normalizes them on its device) with each image's grid.
+marker per image and per video frame, labels, and the images as tiles of the tower's 8-bit pixels
+(pipeline/model/tiles.py, pipeline/model/images.py; the model normalizes them on its device) with
+each image's grid, the video's sampled frames beside them (pipeline/model/video.py), flagged in
+frame_mask.
 
 A record's "image" is a path (its bytes under the sample's image extension, e.g. key.jpg) or a
-list of paths (tools.build_shards stores image i as key.<i>.<ext>, e.g. key.0.jpg, key.1.png).
+list of paths (tools.build_shards stores image i as key.<i>.<ext>, e.g. key.0.jpg, key.1.png);
+its "video" a path (its bytes under the sample's video extension, e.g. key.mp4), placed in the
+text by a <video> tag.
 
 Decoding is here and only here; the stream (pipeline/data/stream.py) calls it after shuffling.
 """
@@ -12,7 +16,7 @@ import io
 import json
 import logging
 import tarfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import simplejpeg
 import torch
@@ -20,9 +24,26 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data.mixture import Mixture
-from pipeline.model.chat import prompt_ids, tokenize_record
+from pipeline.model.chat import IMAGE_TOKEN, VIDEO_TAG, frames_as_markers, prompt_ids, tokenize_record, visual_tags
 from pipeline.model.images import rgb_pixels
-from pipeline.model.tiles import choose_grid, image_slots, recorded_tiling, sample_tiles, tile_count, tiles_allowed
+from pipeline.model.tiles import (
+    choose_grid,
+    frame_slots,
+    image_slots,
+    recorded_tiling,
+    sample_visuals,
+    tile_count,
+    tiles_allowed,
+)
+from pipeline.model.video import (
+    DEFAULT_FRAMES,
+    VIDEO_EXTENSIONS,
+    ClipInfo,
+    VideoError,
+    decode_frames,
+    recorded_video_sampling,
+    sample_count,
+)
 
 if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
     from transformers.image_processing_utils import BaseImageProcessor
@@ -59,6 +80,19 @@ def image_members(sample: dict, record: dict) -> list[bytes]:
     return [sample[k] for k in keys]
 
 
+def video_member(sample: dict, record: dict) -> bytes | None:
+    """The sample's video bytes (None when its record has no video); ValueError when the members don't match."""
+    keys = [k for k in VIDEO_EXTENSIONS if k in sample]
+    if len(keys) != ("video" in record):
+        raise ValueError(f"record has {int('video' in record)} videos, video member(s) {keys}")
+    return sample[keys[0]] if keys else None
+
+
+def frames_per_visual(record: dict, num_frames: int) -> list[int]:
+    """Per visual of the record, in text order: 1 for an image, num_frames for its video."""
+    return [num_frames if tag == VIDEO_TAG else 1 for tag in visual_tags(record)]
+
+
 def decode_rgb(data: bytes) -> torch.Tensor:
     """(H, W, 3) uint8: an image file's pixels, as pipeline.model.images.rgb_pixels makes of PIL's decode.
     Colour and grayscale JPEGs go through simplejpeg: libjpeg-turbo in one call straight to RGB,
@@ -75,43 +109,64 @@ def decode_rgb(data: bytes) -> torch.Tensor:
 
 
 class Decoder:
-    """Decodes samples for one tokenizer and image processor. image_aspect, max_tiles and
-    multi_image_max_tiles: None takes the processor's recorded ones (pipeline/model/images.py,
-    pipeline/model/tiles.py). with_record adds the record itself, prompt_ids (for generation) and answer
-    (the last reply), for evaluation."""
+    """Decodes samples for one tokenizer and image processor. image_aspect, max_tiles,
+    multi_image_max_tiles, video_frames and video_fps: None takes the processor's recorded ones
+    (pipeline/model/images.py, tiles.py, video.py). with_record adds the record itself, prompt_ids
+    (for generation) and answer (the last reply), for evaluation."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor",
                  image_aspect: str | None = None, with_record: bool = False, max_tiles: int | None = None,
-                 multi_image_max_tiles: int | None = None):
+                 multi_image_max_tiles: int | None = None, video_frames: int | None = None,
+                 video_fps: float | None = None):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_aspect, self.with_record = image_aspect, with_record
         self.max_tiles, self.multi_image_max_tiles = recorded_tiling(image_processor, max_tiles, multi_image_max_tiles)
+        self.video_frames, self.video_fps = recorded_video_sampling(image_processor, video_frames, video_fps)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     def __call__(self, sample: dict) -> dict:
-        """input_ids, labels, pixel_values ((tiles, 3, H, W) uint8 or None) and image_grids (each
-        image's (rows, cols)); SampleError naming the shard and key."""
+        """input_ids, labels, pixel_values ((tiles, 3, H, W) uint8 or None), image_grids (each
+        image's and frame's (rows, cols)) and frame_mask ((tiles,) bool flagging the video's
+        frames, or None without a video); SampleError naming the shard and key."""
         where = f"sample {sample.get('__key__')} in shard {sample.get('__url__')}"
         try:
             record = json.loads(sample["json"])
             members = image_members(sample, record)
+            video = video_member(sample, record)
         except (KeyError, ValueError) as exn:
-            raise SampleError("corrupt", f"{where}: no readable json or images ({exn!r})") from exn
-        rgbs = []
+            raise SampleError("corrupt", f"{where}: no readable json, images or video ({exn!r})") from exn
+        rgbs, frames = [], []
         for index, data in enumerate(members):
             try:
                 rgbs.append(decode_rgb(data))
             except Exception as exn:  # PIL raises many types for bad bytes; all mean the same here
                 raise SampleError("corrupt", f"{where}: undecodable image {index} ({exn!r})") from exn
-        pixels, grids = sample_tiles(rgbs, self.image_processor, self.max_tiles, self.multi_image_max_tiles,
-                                     self.image_aspect)
+        if video is not None:
+            try:
+                frames = decode_frames(video, self.video_frames, self.video_fps)
+            except VideoError as exn:
+                raise SampleError("corrupt", f"{where}: undecodable video ({exn})") from exn
         try:
-            input_ids, labels = tokenize_record(record, self.tokenizer, len(rgbs), key=where)
+            tags = visual_tags(record)
+            if tags.count(VIDEO_TAG) != (video is not None):
+                raise ValueError(f"{where}: {tags.count(VIDEO_TAG)} {VIDEO_TAG} tags but "
+                                 f"{int(video is not None)} videos")
+            input_ids, labels = tokenize_record(record, self.tokenizer, len(rgbs) + (video is not None), key=where)
+            input_ids, labels = frames_as_markers(input_ids, labels, self.image_token_id,
+                                                  frames_per_visual(record, len(frames)))
         except (KeyError, TypeError, ValueError) as exn:
             raise SampleError("invalid", str(exn)) from exn
-        out = {"input_ids": input_ids, "labels": labels, "pixel_values": pixels, "image_grids": grids}
+        images = iter(rgbs)
+        visuals = [frames if tag == VIDEO_TAG else next(images) for tag in tags]
+        pixels, grids, frame_mask = sample_visuals(visuals, self.image_processor, self.max_tiles,
+                                                   self.multi_image_max_tiles, self.image_aspect)
+        out = {"input_ids": input_ids, "labels": labels, "pixel_values": pixels, "image_grids": grids,
+               "frame_mask": frame_mask}
         if self.with_record:
-            out.update(record=record, prompt_ids=prompt_ids(record, self.tokenizer),
-                       answer=record["conversations"][-1]["value"])
+            prompt = prompt_ids(record, self.tokenizer)
+            prompt = frames_as_markers(prompt, prompt, self.image_token_id,
+                                       frames_per_visual(record, len(frames))[:prompt.count(self.image_token_id)])[0]
+            out.update(record=record, prompt_ids=prompt, answer=record["conversations"][-1]["value"])
         return out
 
 
@@ -136,22 +191,26 @@ def first_samples(url: str, count: int, with_images: bool) -> list[dict]:
 
 
 def count_text_and_tiles(urls: list[str], tokenizer: PreTrainedTokenizerBase, max_shards: int,
-                         tiling: tuple[int, int, int] = (1, 1, 1), samples_per_shard: int = 64
-                         ) -> tuple[int, int, int]:
-    """(text tokens, tiles, samples) in the first samples of up to max_shards evenly spread shards,
-    tokenized as training does (text-only samples' text included; an image's row ends count as
-    text). tiling: (max_tiles, multi_image_max_tiles, tile side); with more than one tile the
-    images' sizes are read from their headers. Every rank reads the same samples, so every rank
-    gets the same numbers."""
+                         tiling: tuple[int, int, int] = (1, 1, 1), samples_per_shard: int = 64,
+                         video_sampling: tuple[int, float] = (DEFAULT_FRAMES, 0.0)) -> tuple[int, int, int, int]:
+    """(text tokens, image tiles, video frames, samples) in the first samples of up to max_shards
+    evenly spread shards, tokenized as training does (text-only samples' text included; an image's
+    row ends and a frame's frame end count as text). tiling: (max_tiles, multi_image_max_tiles,
+    tile side); with more than one tile the images' sizes are read from their headers.
+    video_sampling: (video_frames, video_fps); a video's frames are counted from its record's
+    video_info (tools.build_shards), its bytes never read. Every rank reads the same samples, so
+    every rank gets the same numbers."""
     max_tiles, multi_image_max_tiles, tile_side = tiling
     count = min(max_shards, len(urls))
-    text = tiles = samples = 0
+    text = tiles = frames = samples = 0
     for url in [urls[i * len(urls) // count] for i in range(count)]:
         for sample in first_samples(url, samples_per_shard, with_images=max_tiles > 1):
             try:
                 record = json.loads(sample["json"])
-                num_images = len(record_images(record))
-                input_ids, _ = tokenize_record(record, tokenizer, num_images)
+                num_images, has_video = len(record_images(record)), "video" in record
+                info = record.get("video_info", {"frames": video_sampling[0], "seconds": float("inf")})
+                num_frames = sample_count(ClipInfo(**info), *video_sampling) if has_video else 0
+                input_ids, _ = tokenize_record(record, tokenizer, num_images + has_video)
                 grids = [(1, 1)] * num_images
                 if max_tiles > 1:
                     limit = tiles_allowed(max_tiles, multi_image_max_tiles, num_images)
@@ -161,22 +220,36 @@ def count_text_and_tiles(urls: list[str], tokenizer: PreTrainedTokenizerBase, ma
                             grids.append(choose_grid(*image.size, limit, tile_side))
             except (KeyError, TypeError, ValueError, OSError):  # the stream skips it too (PIL raises OSError)
                 continue
-            text += len(input_ids) - num_images + sum(image_slots(grid, 0) for grid in grids)
+            text += (len(input_ids) - num_images - has_video + sum(image_slots(grid, 0) for grid in grids)
+                     + num_frames * frame_slots(0))
             tiles += sum(tile_count(grid) for grid in grids)
+            frames += num_frames
             samples += 1
-    return text, tiles, samples
+    return text, tiles, frames, samples
 
 
-def measure_text_tokens_per_tile(mixture: Mixture, tokenizer: PreTrainedTokenizerBase,
-                                 tiling: tuple[int, int, int] = (1, 1, 1), max_shards: int = 16) -> float:
-    """Text tokens per tile of a mixture as training reads it (one tile per image when max_tiles
-    is 1): each source's measured tokens and tiles per sample (count_text_and_tiles over its share
-    of max_shards), weighted by the samples it gives an epoch."""
+class TowerInputs(NamedTuple):
+    """What the tile budget is sized from: text tokens per tower input (image tile or video frame),
+    and the share of tower inputs that are video frames."""
+
+    text_per_input: float
+    frame_share: float
+
+
+def measure_tower_inputs(mixture: Mixture, tokenizer: PreTrainedTokenizerBase,
+                         tiling: tuple[int, int, int] = (1, 1, 1), max_shards: int = 16,
+                         video_sampling: tuple[int, float] = (DEFAULT_FRAMES, 0.0)) -> TowerInputs:
+    """TowerInputs of a mixture as training reads it (one tile per image when max_tiles is 1): each
+    source's measured tokens, tiles and frames per sample (count_text_and_tiles over its share of
+    max_shards), weighted by the samples it gives an epoch."""
     share = max(1, max_shards // len(mixture.sources))
-    text = tiles = 0.0
+    text = tiles = frames = 0.0
     for source, take in zip(mixture.sources, mixture.takes()):
-        source_text, source_tiles, samples = count_text_and_tiles(list(source.urls), tokenizer, share, tiling)
+        source_text, source_tiles, source_frames, samples = count_text_and_tiles(
+            list(source.urls), tokenizer, share, tiling, video_sampling=video_sampling)
         if samples:
             text += take * source_text / samples
             tiles += take * source_tiles / samples
-    return text / tiles if tiles else float("inf")
+            frames += take * source_frames / samples
+    inputs = tiles + frames
+    return TowerInputs(text / inputs, frames / inputs) if inputs else TowerInputs(float("inf"), 0.0)

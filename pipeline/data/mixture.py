@@ -26,7 +26,8 @@ from pathlib import Path
 import braceexpand
 import yaml
 
-from pipeline.data.shards import count_samples
+from pipeline.data.shards import count_samples, holds_member
+from pipeline.model.video import VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,16 @@ def resolve_source(spec: str, where: str = "data.shards") -> tuple[list[str], li
         raise ValueError(f"{where}: no shards with samples in {spec}")
     urls, sizes = zip(*shards)
     return list(urls), list(sizes)
+
+
+def holds_video(source: Source) -> bool:
+    """Whether a source holds video samples: its manifest's count (tools.build_shards; a folder built
+    before video holds none), or for a brace pattern, a video file in its shards' headers."""
+    manifest = os.path.join(source.shards, "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            return json.load(f).get("total_videos", 0) > 0
+    return any(holds_member(url, VIDEO_EXTENSIONS) for url in source.urls)
 
 
 def load_mixture(shards: str) -> Mixture:

@@ -1,11 +1,11 @@
 """Which samples go into each packed row: pure functions of lengths and tile counts.
 
 A batch is `rows` rows of exactly `seq_len` tokens and a fixed tile budget (the same on every
-rank for a given N, since ZeRO-3 ranks must run the same collectives; a tile is what the vision
-tower encodes: one per image when data.max_tiles is 1). The budget is sized from the data (see
-tile_budget), so that the vision tower encodes real tiles, not dummies, while the rows still fill
-up; choose_row then picks, row by row, the samples that fill the row and keep the batch on its
-share of tiles.
+rank for a given N and frame count M, since ZeRO-3 ranks must run the same collectives; a tile is
+what the vision tower encodes: one per image when data.max_tiles is 1, one per video frame). The
+budget is sized from the data (see tile_budget), so that the vision tower encodes real tiles, not
+dummies, while the rows still fill up; choose_row then picks, row by row, the samples that fill
+the row and keep the batch on its share of tiles.
 """
 
 import math
@@ -25,11 +25,15 @@ def image_slots_fit(marker_positions: list[int], slots_per_image: list[int], seq
     return last + slots_per_image[-1] <= seq_len
 
 
-def tile_budget(tokens_per_batch: int, num_vision_tokens: int, text_tokens_per_tile: float) -> int:
-    """Tiles per batch: the batch's tokens over the tokens each tile brings (its N slots plus the
-    text, row ends included, that comes with it in the data, text-only samples included), rounded
-    up so that a batch never lacks a tile slot it could fill."""
-    return max(1, math.ceil(tokens_per_batch / (num_vision_tokens + text_tokens_per_tile)))
+def tile_budget(tokens_per_batch: int, num_vision_tokens: int, text_tokens_per_tile: float, frame_share: float = 0.0,
+                num_frame_tokens: int | None = None) -> int:
+    """Tiles per batch (video frames included: each is one tower input): the batch's tokens over the
+    tokens each tile brings (its N slots, or M for the frame_share of tiles that are video frames,
+    plus the text, row ends and frame ends included, that comes with it in the data, text-only
+    samples included), rounded up so that a batch never lacks a tile slot it could fill."""
+    frame_tokens = num_vision_tokens if num_frame_tokens is None else num_frame_tokens
+    slots = (1 - frame_share) * num_vision_tokens + frame_share * frame_tokens
+    return max(1, math.ceil(tokens_per_batch / (slots + text_tokens_per_tile)))
 
 
 def choose_row(lengths: list[int], tiles: list[int], free: int, tiles_left: int, target: float) -> list[int]:

@@ -2,20 +2,24 @@
 form shards store and pipeline/model/chat.py reads) plus its images, in the order of their <image> tags.
 
   llava     `conversations`: [{from: human|gpt, value}], images in `image` (one, or a list) or
-            `images` (a list): LLaVA's JSON, LLaVA-OneVision-Data's parquet, LLaMA-Factory's
-            sharegpt format. A `video` is a video row.
+            `images` (a list), a video in `video` (one, or a list of one): LLaVA's JSON,
+            LLaVA-OneVision-Data's parquet, LLaVA-Video-178K, LLaMA-Factory's sharegpt format.
+            LLaVA-Video's records place their video with an <image> tag: a row with a video, no
+            images, no <video> tag and one <image> tag has that tag become the video's <video>.
   cauldron  `texts`: [{user, assistant, source}] and `images` (a list): The Cauldron,
             FineVision. Their texts carry no image tags: the images come first in the first user
             turn, one "<image>\\n" each (as LLaVA places them), unless the texts tag them already.
   messages  `messages`: [{role: system|user|assistant, content}] and `images` (a list): the
             chat-messages form (Nemotron-VLM-Dataset-v2, LLaMA-Factory's sharegpt with
-            messages). content is a string with <image> tags, or typed parts: {type: text, text},
-            {type: image} (its own image under image/path/url, or else the next of `images`),
-            {type: video}; the parts of a turn are joined by newlines. A system turn, which LLaVA
-            records can't hold, skips the row (system_message); `videos` or a video part make
-            a video row.
-An image is a path (relative to the image root) or bytes, alone or as a `datasets` Image
-({"bytes", "path"}). The schema is detected from the columns. A row's other columns stay in the
+            messages). content is a string with <image> and <video> tags (placing `images` and
+            `videos` in order), or typed parts: {type: text, text}, {type: image} (its own image
+            under image/path/url, or else the next of `images`), {type: video} (likewise under
+            video/path/url, or the next of `videos`); the parts of a turn are joined by newlines. A
+            system turn, which LLaVA records can't hold, skips the row (system_message).
+An image or video is a path (relative to the image root) or bytes, alone or as a `datasets` Image
+({"bytes", "path"}). A row holds at most one video (several_videos otherwise); records store its
+place as a <video> tag (pipeline/model/chat.py: VIDEO_TAG). The schema is detected from the
+columns. A row's other columns stay in the
 record as they are (ids, data_source, ratings), null ones left out; what no schema explains
 (bytes in another column, a role or content part of another kind, a key in a turn) raises
 SchemaError, which stops the whole build: silently dropping it would train on something else.
@@ -24,10 +28,11 @@ Rows without an `id` column get "row-<index>".
 
 from dataclasses import dataclass
 
-from pipeline.model.chat import IMAGE_TOKEN
+from pipeline.model.chat import IMAGE_TOKEN, VIDEO_TAG
 
 SCHEMAS = {"llava": "conversations", "cauldron": "texts", "messages": "messages"}  # name: the column that names it
 IMAGE_PART_KEYS = ("image", "path", "url")
+VIDEO_PART_KEYS = ("video", "path", "url")
 TURN_KEYS = {"llava": {"from", "value"}, "cauldron": {"user", "assistant", "source"}}
 
 
@@ -44,8 +49,8 @@ class Skip(Exception):
 
 
 @dataclass(frozen=True)
-class ImageRef:
-    """One image of a row: its bytes, or a path under the image root; name is its path or file name."""
+class FileRef:
+    """One image or video of a row: its bytes, or a path under the image root; name is its path or file name."""
 
     data: bytes | None
     name: str | None
@@ -69,19 +74,21 @@ def check_schema(schema: str, columns: list[str], where: str) -> None:
                           f"lacks (its columns: {columns})")
 
 
-def to_llava(row: dict, index: int, schema: str) -> tuple[dict, list[ImageRef]]:
-    """(record, images) of a row: the record in LLaVA form, its "image" the images' names (one name
-    for a single image, a list for several; llava rows keep their own form). Raises Skip for a row
-    that can't be a sample, SchemaError for one that no schema explains."""
+def to_llava(row: dict, index: int, schema: str) -> tuple[dict, list[FileRef], FileRef | None]:
+    """(record, images, video) of a row: the record in LLaVA form, its "image" the images' names (one
+    name for a single image, a list for several; llava rows keep their own form), its "video" the
+    video's name and the video's place a <video> tag. Raises Skip for a row that can't be a
+    sample, SchemaError for one that no schema explains."""
     if not isinstance(row, dict):
         raise Skip("malformed_conversation")
     row = {key: value for key, value in row.items() if value is not None}
+    video = None
     if schema == "llava":
-        record, images, single = _from_llava(row, index)
+        record, images, single, video = _from_llava(row, index)
     elif schema == "cauldron":
         record, images, single = _from_cauldron(row, index)
     else:
-        record, images, single = _from_messages(row, index)
+        record, images, single, video = _from_messages(row, index)
     for key, value in record.items():
         if _holds_bytes(value):
             raise SchemaError(f"row {index}: column {key!r} holds bytes, which the {schema} schema does not read "
@@ -92,28 +99,52 @@ def to_llava(row: dict, index: int, schema: str) -> tuple[dict, list[ImageRef]]:
     if images:
         names = [image.name for image in images]
         record["image"] = names[0] if single else names
-    return record, images
+    if video is not None:
+        record["video"] = video.name
+    return record, images, video
 
 
-def _from_llava(row: dict, index: int) -> tuple[dict, list[ImageRef], bool]:
-    if "video" in row:
-        raise Skip("video")
+def _from_llava(row: dict, index: int) -> tuple[dict, list[FileRef], bool, FileRef | None]:
     conversations = row.get("conversations")
     if isinstance(conversations, list):
         for turn_index, turn in enumerate(conversations):
             _check_turn_keys(turn, "llava", index, turn_index)
-    record = {key: value for key, value in row.items() if key not in ("image", "images")}
+    record = {key: value for key, value in row.items() if key not in ("image", "images", "video")}
+    videos = row.get("video", [])
+    video = _one_video([_file_ref(v) for v in (videos if isinstance(videos, list) else [videos])])
     value = row.get("image", row.get("images"))
     if value is None:
-        return record, [], False
-    single = not isinstance(value, list)
-    values = [value] if single else value
-    if not values:
-        raise Skip("malformed_conversation")
-    return record, [_image_ref(v) for v in values], single
+        images, single = [], False
+    else:
+        single = not isinstance(value, list)
+        images = [_file_ref(v) for v in ([value] if single else value)]
+        if not images:
+            raise Skip("malformed_conversation")
+    if video is not None and not images and isinstance(conversations, list):
+        record["conversations"] = _tag_llava_video(conversations)
+    return record, images, single, video
 
 
-def _from_cauldron(row: dict, index: int) -> tuple[dict, list[ImageRef], bool]:
+def _one_video(videos: list[FileRef]) -> FileRef | None:
+    """A row's one video (None for none); Skip for several."""
+    if len(videos) > 1:
+        raise Skip("several_videos")
+    return videos[0] if videos else None
+
+
+def _tag_llava_video(conversations: list) -> list:
+    """LLaVA-Video's form: a video row without images places its video with its one <image> tag,
+    which becomes a <video> tag. Other conversations come back as they are (conversation_problem
+    judges their tags)."""
+    values = [turn.get("value") if isinstance(turn, dict) else None for turn in conversations]
+    text = "".join(v for v in values if isinstance(v, str))
+    if VIDEO_TAG in text or text.count(IMAGE_TOKEN) != 1:
+        return conversations
+    return [{**turn, "value": value.replace(IMAGE_TOKEN, VIDEO_TAG)} if isinstance(value, str) else turn
+            for turn, value in zip(conversations, values)]
+
+
+def _from_cauldron(row: dict, index: int) -> tuple[dict, list[FileRef], bool]:
     texts = row["texts"]
     if not isinstance(texts, list) or not texts:
         raise Skip("malformed_conversation")
@@ -121,7 +152,7 @@ def _from_cauldron(row: dict, index: int) -> tuple[dict, list[ImageRef], bool]:
     for turn_index, turn in enumerate(texts):
         _check_turn_keys(turn, "cauldron", index, turn_index)
         conversations += [{"from": "human", "value": turn.get("user")}, {"from": "gpt", "value": turn.get("assistant")}]
-    images = [_image_ref(v) for v in row.get("images", [])]
+    images = [_file_ref(v) for v in row.get("images", [])]
     tagged = any(isinstance(t["value"], str) and IMAGE_TOKEN in t["value"] for t in conversations)
     if images and not tagged and isinstance(conversations[0]["value"], str):
         conversations[0]["value"] = f"{IMAGE_TOKEN}\n" * len(images) + conversations[0]["value"]
@@ -129,15 +160,14 @@ def _from_cauldron(row: dict, index: int) -> tuple[dict, list[ImageRef], bool]:
     return {**record, "conversations": conversations}, images, len(images) == 1
 
 
-def _from_messages(row: dict, index: int) -> tuple[dict, list[ImageRef], bool]:
+def _from_messages(row: dict, index: int) -> tuple[dict, list[FileRef], bool, FileRef | None]:
     messages = row["messages"]
-    if row.get("videos"):
-        raise Skip("video")
     if not isinstance(messages, list) or not messages:
         raise Skip("malformed_conversation")
-    listed = [_image_ref(v) for v in row.get("images", [])]
-    unused = iter(listed)
-    images, conversations = [], []
+    listed = [_file_ref(v) for v in row.get("images", [])]
+    listed_videos = [_file_ref(v) for v in row.get("videos", [])]
+    unused, unused_videos = iter(listed), iter(listed_videos)
+    images, videos, conversations = [], [], []
     for turn_index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise Skip("malformed_conversation")
@@ -155,13 +185,18 @@ def _from_messages(row: dict, index: int) -> tuple[dict, list[ImageRef], bool]:
                     pieces.append(part.get("text"))
                 elif kind == "image":
                     own = next((part[k] for k in IMAGE_PART_KEYS if part.get(k) is not None), None)
-                    image = _image_ref(own) if own is not None else next(unused, None)
+                    image = _file_ref(own) if own is not None else next(unused, None)
                     if image is None:
                         raise Skip("image_tag_mismatch")  # an image part with no image for it
                     images.append(image)
                     pieces.append(IMAGE_TOKEN)
                 elif kind == "video":
-                    raise Skip("video")
+                    own = next((part[k] for k in VIDEO_PART_KEYS if part.get(k) is not None), None)
+                    video = _file_ref(own) if own is not None else next(unused_videos, None)
+                    if video is None:
+                        raise Skip("image_tag_mismatch")  # a video part with no video for it
+                    videos.append(video)
+                    pieces.append(VIDEO_TAG)
                 else:
                     raise SchemaError(f"row {index}: message {turn_index} has a content part of type {kind!r}; "
                                       f"the messages schema reads text, image and video parts")
@@ -170,12 +205,12 @@ def _from_messages(row: dict, index: int) -> tuple[dict, list[ImageRef], bool]:
             content = "\n".join(pieces)
         conversations.append({"from": "human" if role == "user" else "gpt", "value": content})
     if any(isinstance(m.get("content"), list) for m in messages):
-        if next(unused, None) is not None:
-            raise Skip("image_tag_mismatch")  # listed images that no image part places
+        if next(unused, None) is not None or next(unused_videos, None) is not None:
+            raise Skip("image_tag_mismatch")  # listed images or videos that no part places
     else:
-        images = listed  # string contents place the listed images by their <image> tags
+        images, videos = listed, listed_videos  # string contents place them by their tags
     record = {key: value for key, value in row.items() if key not in ("messages", "images", "videos")}
-    return {**record, "conversations": conversations}, images, len(images) == 1
+    return {**record, "conversations": conversations}, images, len(images) == 1, _one_video(videos)
 
 
 def _check_turn_keys(turn: dict, schema: str, index: int, turn_index: int) -> None:
@@ -186,17 +221,17 @@ def _check_turn_keys(turn: dict, schema: str, index: int, turn_index: int) -> No
                               f"{sorted(TURN_KEYS[schema])}")
 
 
-def _image_ref(value: object) -> ImageRef:
-    """An image as a row holds it: a path, bytes, or a datasets Image {"bytes", "path"}."""
+def _file_ref(value: object) -> FileRef:
+    """An image or video as a row holds it: a path, bytes, or a datasets Image {"bytes", "path"}."""
     if isinstance(value, str) and value:
-        return ImageRef(None, value)
+        return FileRef(None, value)
     if isinstance(value, bytes):
-        return ImageRef(value, None)
+        return FileRef(value, None)
     if isinstance(value, dict) and set(value) <= {"bytes", "path"}:
         if value.get("bytes") is not None:
-            return ImageRef(value["bytes"], value.get("path") or None)
+            return FileRef(value["bytes"], value.get("path") or None)
         if value.get("path"):
-            return ImageRef(None, value["path"])
+            return FileRef(None, value["path"])
     raise Skip("malformed_conversation")
 
 
@@ -210,9 +245,10 @@ def _holds_bytes(value: object) -> bool:
     return False
 
 
-def conversation_problem(record: dict, num_images: int) -> str | None:
+def conversation_problem(record: dict, num_images: int, num_videos: int = 0) -> str | None:
     """The skip reason for a LLaVA record's conversation, or None when it is fine: turns must be
-    human/gpt alternating from human with non-empty text, and hold one <image> tag per image."""
+    human/gpt alternating from human with non-empty text, and hold one <image> tag per image and
+    one <video> tag per video."""
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         return "malformed_conversation"
@@ -221,6 +257,7 @@ def conversation_problem(record: dict, num_images: int) -> str | None:
             return "malformed_conversation"
         if not isinstance(turn.get("value"), str) or not turn["value"].strip():
             return "malformed_conversation"
-    if sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations) != num_images:
-        return "image_tag_mismatch"
+    for tag, count in ((IMAGE_TOKEN, num_images), (VIDEO_TAG, num_videos)):
+        if sum(turn["value"].count(tag) for turn in conversations) != count:
+            return "image_tag_mismatch"
     return None

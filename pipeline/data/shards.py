@@ -73,6 +73,15 @@ def count_samples(url: str) -> int:
     return keys
 
 
+def holds_member(url: str, extensions: tuple[str, ...]) -> bool:
+    """Whether a shard holds a sample file with one of these extensions, from its headers alone."""
+    try:
+        with open(url, "rb") as file, tarfile.open(fileobj=file, mode="r:") as tar:
+            return any(extension.rsplit(".", 1)[-1] in extensions for _, _, extension in _members(tar))
+    except (OSError, tarfile.TarError):  # the stream reports a damaged shard when it reads it
+        return False
+
+
 class ReadingBoard:
     """Which shard each loader worker is reading, in memory shared with the workers, so that the
     main process can name it when a worker stops delivering."""

@@ -227,16 +227,18 @@ class RankStream:
 
 def iter_samples(shards: str | Path, tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor",
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, with_record: bool = True,
-                 max_tiles: int | None = None) -> Iterator[dict]:
+                 max_tiles: int | None = None, num_frames: int | None = None) -> Iterator[dict]:
     """Each sample of data.shards (a mixture's sources in turn) once, this rank's equal share, in a
     fixed order (for evaluation).
 
-    Yields dicts with input_ids, labels, pixel_values ((tiles, 3, H, W) uint8 or None) and image_grids
-    (images prepared the way the image processor records, see set_image_aspect and set_tiling;
-    max_tiles overrides its tile limit), key, shard and, with_record, the record itself,
+    Yields dicts with input_ids, labels, pixel_values ((tiles, 3, H, W) uint8 or None), image_grids
+    and frame_mask (images prepared and clips sampled the way the image processor records, see
+    set_image_aspect, set_tiling and set_video_sampling; max_tiles and num_frames override its tile
+    and frame limits), key, shard and, with_record, the record itself,
     prompt_ids (for generation) and answer (the last reply). Unusable samples are logged and left out.
     """
-    decoder = Decoder(tokenizer, image_processor, with_record=with_record, max_tiles=max_tiles)
+    decoder = Decoder(tokenizer, image_processor, with_record=with_record, max_tiles=max_tiles,
+                      video_frames=num_frames)
     stream = SampleStream(load_mixture(str(shards)), decoder, rank, world_size, endless=False)
     for item in loader_items(stream, num_workers):
         if item["kind"] == "sample":

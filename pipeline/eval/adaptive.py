@@ -7,9 +7,10 @@ probabilities, end token included: Inference.scored_generate); keep the first an
 probability is at least the threshold, else the last count's. A text-only question has no N:
 it is answered once.
 
-The vision tower runs once per image (once per tile with tiles): every try re-pools the same
-tower features to its N (model.projector(features, N)), so a try costs the projector and the
-LM's prompt forward. Its threshold is calibrated on a validation split: adaptive_study.py.
+The vision tower runs once per image (once per tile with tiles, once per video frame, whose
+frames pool to the try's N as images do): every try re-pools the same tower features to its N
+(model.projector(features, N)), so a try costs the projector and the LM's prompt forward. Its
+threshold is calibrated on a validation split: adaptive_study.py.
 """
 
 import time
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.model.folder import VLMConfig
+from pipeline.model.inputs import frame_flags
 from pipeline.model.runtime import synchronize
 from pipeline.model.vlm import TokenFlexVLM
 
@@ -66,12 +68,15 @@ def adaptive_generate(model: TokenFlexVLM, samples: Sequence[dict], ladder: Sequ
     for attempt, n in enumerate(ladder, start=1):
         def make_inputs(asked: tuple[int, ...] = tuple(pending), n: int = n) -> tuple[torch.Tensor, torch.Tensor]:
             grids = [grid for i in asked for grid in samples[i]["image_grids"]]
+            flags = torch.cat([torch.zeros(0, dtype=torch.bool)] + [frame_flags(samples[i]) for i in asked
+                                                                    if i in tile_rows])
             input_ids, attention_mask = model.left_padded_prompts(
-                [samples[i]["prompt_ids"] for i in asked], torch.tensor(grids, dtype=torch.long).view(-1, 2), n)
+                [samples[i]["prompt_ids"] for i in asked], torch.tensor(grids, dtype=torch.long).view(-1, 2), n, flags)
             rows = [row for i in asked for row in tile_rows.get(i, [])]
             tile_embeds = (model.projector(features[rows], n) if rows else
                            torch.zeros(0, n, model.language_model.config.hidden_size, device=model.device))
-            return model.splice_images(input_ids, model.tile_layout(tile_embeds, grids)), attention_mask
+            slots = model.tile_layout(tile_embeds, grids, frame_mask=flags)  # a video's frames pool to N too
+            return model.splice_images(input_ids, slots), attention_mask
 
         answers, try_seconds, probabilities = model.scored_generate(make_inputs, max_new_tokens)
         seconds += try_seconds

@@ -1,5 +1,5 @@
-"""A sweep of lmms-eval's tasks over model folders, tile counts and N (tools.benchmark): lmms-eval's
-simple_evaluate for each, and the prefill of a probe batch timed at each.
+"""A sweep of lmms-eval's tasks over model folders, tile counts, frame counts, N and tokens per frame M
+(tools.benchmark): lmms-eval's simple_evaluate for each, and the prefill of a probe batch timed at each.
 """
 
 import itertools
@@ -13,7 +13,8 @@ from tenacity import RetryError
 from pipeline.eval.lmms_eval_model import TokenFlexLMMs, load_model
 from pipeline.model.folder import read_vlm_config
 from pipeline.model.runtime import prefill_summary
-from pipeline.model.tiles import recorded_tiling
+from pipeline.model.tiles import frame_slots, recorded_tiling
+from pipeline.model.video import recorded_video_sampling
 from pipeline.model.vlm import TokenFlexVLM
 
 
@@ -41,38 +42,49 @@ def probe_batch(model: TokenFlexVLM, batch_size: int, num_tiles: int | None = No
 def sweep(model_dirs: Sequence[str | Path], names: Sequence[str], tasks: Sequence[str], counts: Sequence[int],
           limit: int | None = None, batch_size: int = 1, device: str | torch.device | None = None,
           dtype: str | torch.dtype | None = None, include_path: str | None = None, timing_repeats: int = 5,
-          tiles: Sequence[int | None] = (None,)) -> Iterator[dict]:
-    """One result per model, tile count and N, yielded as it finishes: lmms-eval's per-task
-    results, its scores flattened to {"task metric": value}, every document's prompt and
+          tiles: Sequence[int | None] = (None,), frames: Sequence[int | None] = (None,),
+          frame_counts: Sequence[int | None] = (None,)) -> Iterator[dict]:
+    """One result per model, tile count, frame count, N and M, yielded as it finishes: lmms-eval's
+    per-task results, its scores flattened to {"task metric": value}, every document's prompt and
     responses (an answer, or a (negative log-likelihood, is-greedy) pair per choice) and the
     prefill latency (prefill_summary of timing_repeats timed prefills of probe_batch after a
-    warm-up). tiles: the tile limits to run at (None: the folder's own); with several, each
-    result's model name says its tile count ("name tiles=T"). Each model is loaded once for all
-    tile counts and N, and every task runs on its own, so that a failure names it (SweepError).
-    One process (for data-parallel runs of one N, use lmms-eval's own CLI under `accelerate launch`)."""
+    warm-up, images only). tiles, frames: the tile and frame limits to run at (None: the folder's
+    own); with several, each result's model name says its limits ("name tiles=T frames=F M=M");
+    frame_counts: tokens per video frame M (None: N), and each result's vision_tokens_per_clip is
+    the most a clip takes at its limits (frames x (M + a frame end)). Each model is loaded once for
+    all limits and counts, and every task runs on its own, so that a failure names it
+    (SweepError). One process (for data-parallel runs of one N, use lmms-eval's own CLI under
+    `accelerate launch`)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     for path in model_dirs:
-        for n in counts:
+        for n in [*counts, *filter(None, frame_counts)]:
             read_vlm_config(path).check_token_count(n)
     task_manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
         raise ValueError(f"lmms-eval knows no task {', '.join(unknown)} (include path: {include_path})")
     model = model_path = None
-    for (name, path), num_tiles, n in itertools.product(zip(names, model_dirs, strict=True), tiles, counts):
+    settings = itertools.product(zip(names, model_dirs, strict=True), tiles, frames, counts, frame_counts)
+    for (name, path), num_tiles, num_frames, n, m in settings:
         if model_path != path:
             model = None  # frees its memory before the next model loads
             model, model_path = load_model(path, device, dtype), path
-        label = name if len(tiles) == 1 else f"{name} tiles={num_tiles}"
-        result = {"model": label, "path": str(path), "num_vision_tokens": n, "num_tiles": num_tiles, "scores": {},
+        label = name + (f" tiles={num_tiles}" if len(tiles) > 1 else "") + (
+            f" frames={num_frames}" if len(frames) > 1 else "") + (f" M={m}" if len(frame_counts) > 1 else "")
+        clip_frames = recorded_video_sampling(model.image_processor, num_frames)[0]
+        result = {"model": label, "name": name, "path": str(path), "num_vision_tokens": n, "num_tiles": num_tiles,
+                  "num_frames": clip_frames, "num_frame_tokens": n if m is None else m,
+                  "vision_tokens_per_clip": clip_frames * frame_slots(n if m is None else m), "scores": {},
                   "samples": {}, "task_results": {}, "responses": {}, "prefill_ms": None, "prefill_ms_q1": None,
                   "prefill_ms_q3": None}
         for task in tasks:
             try:
-                output = simple_evaluate(model=TokenFlexLMMs(model, n, batch_size=batch_size, num_tiles=num_tiles),
-                                         tasks=[task], task_manager=task_manager, limit=limit, log_samples=True)
+                harness = TokenFlexLMMs(model, n, batch_size=batch_size, num_tiles=num_tiles, num_frames=num_frames,
+                                        frame_tokens=m)
+                output = simple_evaluate(model=harness, tasks=[task], task_manager=task_manager, limit=limit,
+                                         log_samples=True)
             except Exception as error:  # named, and handed on with the finished tasks
                 raise SweepError(result, task, error) from error
             result["scores"] |= flat_scores(output["results"])

@@ -34,6 +34,7 @@ def write_model_card(folder: str | Path, config: VLMConfig, run_config: Config |
         rows += [("stage", " ".join(STAGES[run_config.train.stage].__doc__.split("\n\n")[0].split())),
                  ("trained at N", f"{', '.join(map(str, counts))} (drawn per step, weights {weights})"),
                  ("images", images_row(run_config.data, vision["image_size"])),
+                 ("video clips", clips_row(run_config)),
                  ("steps", f"{step} of `{run_config.train.output_dir}`")]
     if adapters is not None:
         rows.append(("LoRA", lora_row(adapters.lora, None if merged else adapters.base)))
@@ -122,6 +123,16 @@ def images_row(data: DataConfig, side: int) -> str:
     return (f"tiles of {side}×{side} px: up to {data.max_tiles} per image ({data.multi_image_max_tiles} in samples "
             f"of several images) and a thumbnail ({prepared}), each pooled to N; serve with other limits through "
             f"`--tiles` or `num_tiles=`")
+
+
+def clips_row(run_config: Config) -> str:
+    """How the run sampled and pooled video clips (data.video_frames, data.video_fps, tokens.frame_counts)."""
+    data, frame_counts = run_config.data, run_config.tokens.frame_counts
+    limit = f", at most {data.video_fps:g} a second" if data.video_fps else ""
+    counts = ", ".join(map(str, frame_counts))
+    return (f"{data.video_frames} frames sampled uniformly{limit}, each pooled to M ∈ {{{counts}}} (drawn per step, "
+            f"when the data held clips) and followed by a frame end; serve with other limits through `--frames` / "
+            f"`num_frames=` and `--frame-tokens` / `frame_tokens=`")
 
 
 def data_table(mixture: dict) -> str:

@@ -13,7 +13,8 @@ folder (folder.py: write_model_folder), so these modules travel together.
     attention.py    attention implementations, and flash-attention's packed-sequence arguments
     chat.py         the LM's chat formats, tokenizing conversations, image markers
     images.py       an image -> the tower's uint8 pixels; normalizing them on the model's device
-    tiles.py        high-resolution images as tiles, and where tiles sit in the text
+    tiles.py        high-resolution images as tiles, video frames beside them, and where both sit in the text
+    video.py        video clips: which frames to sample, and reading them with PyAV
     vision.py       the vision tower and its patch features
     projector.py    the token-adaptive projector (pooling to n x n, norm, SwiGLU), by name
     modeling_tokenflex.py  the remote-code entry point: plain transformers loads a folder through it

@@ -22,5 +22,6 @@ class Batch(_Rows, total=False):
     labels: torch.Tensor  # (rows, L) the next token to predict at each position, IGNORE_INDEX where none
     position_ids: torch.Tensor  # (rows, L) restarting at 0 for each packed sample and for padding
     attention_mask: torch.Tensor  # (rows, L) 1 on the tokens of padded rows (inference), instead of position_ids
-    image_grids: torch.Tensor  # (images, 2) each real image's (rows, cols) of tiles; absent: one tile each
+    image_grids: torch.Tensor  # (images, 2) each real image's (rows, cols) of tiles, a frame's (1, 1); absent: 1 each
+    frame_mask: torch.Tensor  # (tiles,) bool: which tiles are video frames (pooled to the frame count); absent: none
     source_ids: torch.Tensor  # (rows, L) each token's mixture source, -1 on padding (training's, for metrics)

@@ -3,6 +3,9 @@
 A conversation carries one IMAGE_TOKEN per image, in the order of its images. Just before the LM
 sees it, each marker is expanded into its image's slots: N copies (the step's vision-token count)
 per tile, plus row ends (pipeline/model/tiles.py); the image's tiles, projected, fill those slots in order.
+A video's place in a record's text is VIDEO_TAG, a text tag only: it is tokenized as the image
+marker, which is then repeated once per sampled frame (frames_as_markers), so that every frame is
+a marker of its own, expanded into its frame's slots (tiles.py: marker_slots).
 
 Each LM family gets its own conversation format (model.chat_format; `auto` picks it):
   chatml  tokenizers with a chat template and <|im_start|>/<|im_end|> in their vocabulary
@@ -24,6 +27,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TAG = "<video>"
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "gpt": "assistant"}  # LLaVA's turn names
 
@@ -157,15 +161,33 @@ def expand_image_markers(input_ids: list[int], labels: list[int], image_token_id
     return out_ids, out_labels
 
 
+def visual_tags(record: dict) -> list[str]:
+    """The record's IMAGE_TOKEN and VIDEO_TAG tags in the order its turns hold them: which of its
+    visuals is an image and which the video."""
+    return re.findall(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TAG)}",
+                      "".join(turn["value"] for turn in record["conversations"]))
+
+
+def frames_as_markers(input_ids: list[int], labels: list[int], image_token_id: int,
+                      frames_per_visual: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The k-th image marker repeated frames_per_visual[k] times (1 for an image, a video's frame
+    count for its marker): one marker per image or frame."""
+    return expand_image_markers(input_ids, labels, image_token_id, frames_per_visual)
+
+
 def messages(record: dict, turns: int | None = None) -> list[dict[str, str]]:
-    return [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"][:turns]]
+    """The record's turns as chat messages; a video's tag is the image marker (see the module docstring)."""
+    return [{"role": ROLES[turn["from"]], "content": turn["value"].replace(VIDEO_TAG, IMAGE_TOKEN)}
+            for turn in record["conversations"][:turns]]
 
 
 def tokenize_record(record: dict, tokenizer: PreTrainedTokenizerBase, num_images: int,
                     key: str = "record") -> tuple[list[int], list[int]]:
-    """input_ids and labels (the replies and their end tokens only) of a LLaVA record, one marker per image.
+    """input_ids and labels (the replies and their end tokens only) of a LLaVA record, one marker per
+    image and one for its video (at its VIDEO_TAG).
 
-    Raises ValueError naming `key` when the number of markers doesn't match num_images.
+    Raises ValueError naming `key` when the number of markers doesn't match num_images (its
+    images and video).
     """
     encoded = tokenizer.apply_chat_template(messages(record), tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)

@@ -98,13 +98,18 @@ class Construction:
         self.language_model.tie_weights()
 
     def check_loaded_keys(self, path: str | Path, missing: set[str], unexpected: set[str]) -> None:
-        """ValueError unless the folder's weights cover the model: a tied lm_head is stored once, and
-        folders written before tiles have no row end (it stays random-init, unused at one tile per image)."""
+        """ValueError unless the folder's weights cover the model: a tied lm_head is stored once,
+        folders written before tiles have no row end (it stays random-init, unused at one tile per
+        image), and folders written before video no frame end (random-init, unused without video)."""
         before_tiles = {"tile_layout.row_end"} & missing
         if before_tiles:
             warnings.warn(f"{path} has no tile_layout.row_end (written before tiles): serve it with one tile per "
                           f"image, or train it with data.max_tiles > 1 first", stacklevel=3)
-        missing = sorted(name for name in missing - before_tiles if not self._is_tied(name))
+        before_video = {"tile_layout.frame_end"} & missing
+        if before_video:
+            warnings.warn(f"{path} has no tile_layout.frame_end (written before video): serve it images only, or "
+                          f"train it on video first", stacklevel=3)
+        missing = sorted(name for name in missing - before_tiles - before_video if not self._is_tied(name))
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match the model: missing {missing[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")

@@ -14,23 +14,25 @@ from .chat import IGNORE_INDEX, expand_image_markers
 from .inputs import InferenceInputs
 from .loss import loss_targets
 from .runtime import PrefillClock, on_device
-from .tiles import TileLayout, image_slots, tile_count
+from .tiles import TileLayout, marker_slots, tile_count
 
 
 class Inference(InferenceInputs):
     """Generation and reply scoring, of prompts and images as InferenceInputs builds them (a
-    prompt's images and max_tiles: see there). The model it is mixed into provides the attributes
-    below and its forward path: encode_images, splice_images, lm_hidden_states, generation_config."""
+    prompt's images and videos, max_tiles and num_frames: see there; a video's frames pool to
+    num_frame_tokens, None: N). The model it is mixed into provides the attributes below and its
+    forward path: image_features, projector, splice_images, lm_hidden_states, generation_config."""
 
     language_model: PreTrainedModel
     tile_layout: TileLayout
 
     @torch.no_grad()
     def generate(self, images: Sequence, prompts: Sequence[str], num_vision_tokens: int,
-                 max_new_tokens: int = 32, max_tiles: int | None = None) -> list[str]:
+                 max_new_tokens: int = 32, max_tiles: int | None = None, num_frame_tokens: int | None = None,
+                 num_frames: int | None = None) -> list[str]:
         """Greedy answers, one per prompt."""
-        return self.timed_generate(lambda: self.inference_inputs(images, prompts, num_vision_tokens, max_tiles),
-                                   max_new_tokens)[0]
+        return self.timed_generate(lambda: self.inference_inputs(images, prompts, num_vision_tokens, max_tiles,
+                                                                 num_frame_tokens, num_frames), max_new_tokens)[0]
 
     @torch.no_grad()
     def timed_generate(self, make_inputs: Callable[[], tuple[torch.Tensor, torch.Tensor]],
@@ -69,21 +71,26 @@ class Inference(InferenceInputs):
         return log_probs.masked_fill(after_end, 0.0).sum(1).exp().tolist()
 
     def prefill_seconds(self, images: Sequence, prompts: Sequence[str], num_vision_tokens: int,
-                        max_tiles: int | None = None) -> float:
-        """One timed prefill: generation of a single token."""
-        return self.timed_generate(lambda: self.inference_inputs(images, prompts, num_vision_tokens, max_tiles), 1)[1]
+                        max_tiles: int | None = None, num_frame_tokens: int | None = None,
+                        num_frames: int | None = None) -> float:
+        """One timed prefill: generation of a single token (a clip's decoding included)."""
+        return self.timed_generate(lambda: self.inference_inputs(images, prompts, num_vision_tokens, max_tiles,
+                                                                 num_frame_tokens, num_frames), 1)[1]
 
     def prefill_repeats(self, images: Sequence, prompts: Sequence[str], num_vision_tokens: int,
-                        repeats: int = 5, max_tiles: int | None = None) -> list[float]:
+                        repeats: int = 5, max_tiles: int | None = None, num_frame_tokens: int | None = None,
+                        num_frames: int | None = None) -> list[float]:
         """Seconds of `repeats` timed prefills after an untimed one, which pays for allocation and
         set-up: the samples behind a latency's median and spread."""
-        self.prefill_seconds(images, prompts, num_vision_tokens, max_tiles)
-        return [self.prefill_seconds(images, prompts, num_vision_tokens, max_tiles) for _ in range(repeats)]
+        options = (max_tiles, num_frame_tokens, num_frames)
+        self.prefill_seconds(images, prompts, num_vision_tokens, *options)
+        return [self.prefill_seconds(images, prompts, num_vision_tokens, *options) for _ in range(repeats)]
 
     @torch.no_grad()
     def reply_log_likelihoods(self, images: Sequence, prompts: Sequence[str], replies: Sequence[Sequence[str]],
-                              num_vision_tokens: int, batch_size: int = 1,
-                              max_tiles: int | None = None) -> list[list[tuple[float, bool]]]:
+                              num_vision_tokens: int, batch_size: int = 1, max_tiles: int | None = None,
+                              num_frame_tokens: int | None = None,
+                              num_frames: int | None = None) -> list[list[tuple[float, bool]]]:
         """For each prompt (with its images, see the class docstring) and each of its candidate
         replies: (the reply's log-likelihood, whether greedy decoding gives exactly it). A reply is
         scored as training scores it (reply_ids): its tokens after the assistant header and its
@@ -94,27 +101,46 @@ class Inference(InferenceInputs):
         """
         scores = []
         for chunk in chunks_by_rows(replies, batch_size):
-            samples = [self.prepared_images(images[i], max_tiles) for i in chunk]
-            present = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-            tiles = self.encode_images(torch.cat(present).to(self.device), num_vision_tokens) if present else None
-            slots_of_prompt, tile = [], 0  # each prompt's image slots, (slots, lm_dim)
-            for sample in samples:
-                count = sum(tile_count(grid) for grid in sample["image_grids"])
-                slots_of_prompt.append(self.tile_layout(tiles[tile:tile + count], sample["image_grids"]) if count else
-                                       torch.zeros(0, self.language_model.config.hidden_size, device=self.device))
-                tile += count
-            rows, row_slots = [], []
-            for i, sample, slots in zip(chunk, samples, slots_of_prompt):
-                counts = [image_slots(grid, num_vision_tokens) for grid in sample["image_grids"]]
-                for reply in replies[i]:
-                    rows.append(self.reply_ids(prompts[i], reply, len(counts)))
-                    row_slots.append((slots, counts))
-            row_scores = []
-            for start in range(0, len(rows), batch_size):
-                row_scores += self.score_rows(rows[start:start + batch_size], row_slots[start:start + batch_size])
-            for i in chunk:
-                scores.append(row_scores[:len(replies[i])])
-                row_scores = row_scores[len(replies[i]):]
+            samples = [self.prepared_images(images[i], max_tiles, num_frames) for i in chunk]
+            scores += self.prepared_reply_log_likelihoods(samples, [prompts[i] for i in chunk],
+                                                          [replies[i] for i in chunk], num_vision_tokens, batch_size,
+                                                          num_frame_tokens)
+        return scores
+
+    @torch.no_grad()
+    def prepared_reply_log_likelihoods(self, samples: Sequence[dict], prompts: Sequence[str],
+                                       replies: Sequence[Sequence[str]], num_vision_tokens: int, batch_size: int = 1,
+                                       num_frame_tokens: int | None = None) -> list[list[tuple[float, bool]]]:
+        """reply_log_likelihoods of prompts whose images are prepared already (prepared_images),
+        their images encoded together."""
+        frame_tokens = num_vision_tokens if num_frame_tokens is None else num_frame_tokens
+        present = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        features = self.image_features(torch.cat(present).to(self.device)) if present else None
+        tiles = self.projector(features, num_vision_tokens) if present else None
+        same = frame_tokens == num_vision_tokens or not present
+        frames = tiles if same else self.projector(features, frame_tokens)
+        slots_of_prompt, tile = [], 0  # each prompt's image and frame slots, (slots, lm_dim)
+        for sample in samples:
+            count = sum(tile_count(grid) for grid in sample["image_grids"])
+            slots_of_prompt.append(
+                self.tile_layout(tiles[tile:tile + count], sample["image_grids"], frames[tile:tile + count],
+                                 sample["frame_mask"]) if count else
+                torch.zeros(0, self.language_model.config.hidden_size, device=self.device))
+            tile += count
+        rows, row_slots = [], []
+        for prompt, candidates, sample, slots in zip(prompts, replies, samples, slots_of_prompt, strict=True):
+            counts = marker_slots(sample["image_grids"], sample["frame_mask"], num_vision_tokens, frame_tokens)
+            for reply in candidates:
+                rows.append(self.reply_ids(prompt, reply, len(sample["frames_per_visual"]),
+                                           sample["frames_per_visual"]))
+                row_slots.append((slots, counts))
+        row_scores = []
+        for start in range(0, len(rows), batch_size):
+            row_scores += self.score_rows(rows[start:start + batch_size], row_slots[start:start + batch_size])
+        scores = []
+        for candidates in replies:
+            scores.append(row_scores[:len(candidates)])
+            row_scores = row_scores[len(candidates):]
         return scores
 
     def score_rows(self, rows: Sequence[tuple[list[int], list[int]]],

@@ -1,8 +1,9 @@
 """The TokenFLEX VLM: HF vision tower -> token-adaptive projector -> HF causal LM.
 
-The vision tower always sees the full image; the step's token count N only changes how far the
-projector pools and how many slots each image marker takes in the text. This module wires the
-parts, splices image embeddings into the text and computes the loss. How the model is built and
+The vision tower always sees the full image (or video frame); the step's token count N (M for
+video frames) only changes how far the projector pools and how many slots each image marker takes
+in the text. This module wires the parts, splices image embeddings into the text and computes the
+loss. How the model is built and
 saved is construction.py; what inference feeds it and asks of it, inputs.py and inference.py.
 
 Model folders carry this module as transformers remote code (see modeling_tokenflex.py).
@@ -92,22 +93,33 @@ class TokenFlexVLM(Construction, Inference, nn.Module):
         return self.projector(self.image_features(pixel_values), num_vision_tokens)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_mask: torch.Tensor,
-              num_vision_tokens: int, image_grids: torch.Tensor | None = None) -> torch.Tensor:
+              num_vision_tokens: int, image_grids: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None,
+              num_frame_tokens: int | None = None) -> torch.Tensor:
         """Token embeddings with each image's slots (pipeline/model/tiles.py: its tiles' N projected
-        features each, and row ends) written into its markers' slots.
+        features each, and row ends) and each video frame's (its M projected features and a frame
+        end) written into their markers' slots.
 
         image_mask flags the real tiles, which come first; image_grids: each real image's (rows,
-        cols), in order (None: every image one tile). Both are read where they lie: training keeps
-        them on the host, so reading them costs no device sync. The vision path runs even when the
-        batch has no real image (all-dummy pixels): under ZeRO-3 every rank must run the same
-        module forwards, or the job hangs.
+        cols) and each frame's (1, 1), in order (None: every image one tile); frame_mask: which
+        tiles are frames (None: none). All three are read where they lie: training keeps them on
+        the host, so reading them costs no device sync. The tower encodes every tile once; the
+        projector pools all of them to N and, when num_frame_tokens is given, all of them to M
+        too, whatever each tile is, so that every rank runs the same module forwards on the same
+        shapes. The vision path runs even when the batch has no real image (all-dummy pixels):
+        under ZeRO-3 every rank must run the same module forwards, or the job hangs.
         """
-        features = self.encode_images(pixel_values, num_vision_tokens)
+        features = self.image_features(pixel_values)
+        tiles = self.projector(features, num_vision_tokens)
+        frames = None if num_frame_tokens is None else self.projector(features, num_frame_tokens)
         real = real_tile_count(image_mask)
         grids = [(1, 1)] * real if image_grids is None else image_grids.tolist()
-        embeds = self.splice_images(input_ids, self.tile_layout(features[:real], grids))
-        # dummy tiles contribute with zero weight, so their parameters still join backward
-        return embeds + 0.0 * features[real:].sum().to(embeds.dtype)
+        flags = None if frame_mask is None else frame_mask[:real]
+        slots = self.tile_layout(tiles[:real], grids, None if frames is None else frames[:real], flags)
+        embeds = self.splice_images(input_ids, slots)
+        # Every projection joins backward with zero weight where it is not used (dummy tiles, a batch
+        # without frames), so that every rank runs the same backward.
+        unused = tiles.sum() + (0.0 if frames is None else frames.sum())
+        return embeds + 0.0 * unused.to(embeds.dtype)
 
     def splice_images(self, input_ids: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:
         """Token embeddings with (slots, lm_dim) image_slots written, in order, into the image slots.
@@ -122,13 +134,15 @@ class TokenFlexVLM(Construction, Inference, nn.Module):
         return embeds.masked_scatter(on_device(slots, self.device).unsqueeze(-1), image_slots.to(embeds.dtype))
 
     def forward(self, batch: Batch, num_vision_tokens: int, return_logits: bool = False,
-                num_items_in_batch: float | None = None, loss_reduction: str = "token") -> VLMOutput:
-        """batch: input_ids, labels, position_ids (rows, L); pixel_values (M, 3, H, W) uint8 tiles;
-        image_mask (M,); image_grids (images, 2), each real image's (rows, cols), optional (see embed).
+                num_items_in_batch: float | None = None, loss_reduction: str = "token",
+                num_frame_tokens: int | None = None) -> VLMOutput:
+        """batch: input_ids, labels, position_ids (rows, L); pixel_values (T, 3, H, W) uint8 tiles;
+        image_mask (T,); image_grids (images, 2), each real image's (rows, cols), and frame_mask
+        (T,), optional (see embed). num_frame_tokens: video frames' count M (None: N).
 
         The batch may lie on the host: what the device computes with is copied there (without
         waiting, from pinned memory in training); what only says where things are (labels,
-        position ids, image_mask, image_grids) is read where it lies, so a batch built on the host
+        position ids, image_mask, image_grids, frame_mask) is read where it lies, so a batch built on the host
         costs the step no device sync.
 
         loss: the cross-entropy of supervised tokens, each weighted as loss_reduction says
@@ -138,7 +152,7 @@ class TokenFlexVLM(Construction, Inference, nn.Module):
         full-vocabulary logits dominate memory at large N.
         """
         embeds = self.embed(batch["input_ids"], batch["pixel_values"], batch["image_mask"], num_vision_tokens,
-                            batch.get("image_grids"))
+                            batch.get("image_grids"), batch.get("frame_mask"), num_frame_tokens)
         hidden = self.lm_hidden_states(embeds, batch.get("position_ids"), batch.get("attention_mask"))
         loss = token_losses = None
         if "labels" in batch:

@@ -127,6 +127,12 @@ class DataConfig:
     image_aspect: str = "pad"
     """pad (to a square in the processor's mean colour, then resize: LLaVA-1.5's) or resize (straight to the
     tower's size). Recorded in model folders, so evaluation and generation prepare images alike."""
+    video_frames: int = 8
+    """Frames sampled from each video, uniformly over the clip (fewer from a clip with fewer frames, or as
+    video_fps allows). Each is one tower input, never tiled, pooled to the step's frame count (tokens.frame_counts).
+    Recorded in model folders, so evaluation and generation sample clips alike."""
+    video_fps: float = 0.0
+    """At most this many sampled frames per second of clip (0: no limit, video_frames from any clip)."""
     shuffle_buffer: int = 256
     """Samples in each worker's shuffle buffer (0 or 1: no shuffling)."""
     num_workers: int = 2
@@ -146,7 +152,7 @@ class DataConfig:
             raise ValueError(f"data.shards must be a mixture file, shard folder or brace pattern, got {self.shards!r}")
         for name, low in [("seq_len", 8), ("rows_per_batch", 1), ("max_tiles", 1), ("multi_image_max_tiles", 1),
                           ("shuffle_buffer", 0), ("num_workers", 0),
-                          ("seed", 0), ("pack_window", 1)]:
+                          ("seed", 0), ("pack_window", 1), ("video_frames", 1)]:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
@@ -157,28 +163,36 @@ class DataConfig:
             raise ValueError(f"data.image_aspect must be one of {', '.join(IMAGE_ASPECTS)}, got {self.image_aspect!r}")
         if self.read_timeout_s <= 0:
             raise ValueError(f"data.read_timeout_s must be > 0, got {self.read_timeout_s}")
+        if self.video_fps < 0:
+            raise ValueError(f"data.video_fps must be >= 0 (0: no limit), got {self.video_fps}")
 
 
 @dataclass
 class TokensConfig:
-    """tokens: the vision-token counts N drawn per optimizer step, the same on every rank."""
+    """tokens: the vision-token counts drawn per optimizer step, the same on every rank: N for images, M for
+    video frames."""
 
     counts: dict = field(default_factory=lambda: {64: 1.0, 144: 1.0, 256: 1.0})
     """Each count N (a perfect square) with its weight; one entry trains at a fixed N."""
+    frame_counts: dict = field(default_factory=lambda: {16: 1.0, 64: 1.0, 144: 1.0})
+    """Each count M (a perfect square) of tokens per video frame, with its weight: drawn per step beside N, the
+    same way (images keep N)."""
     seed: int = 0
-    """Seeds the draw: N is a pure function of (seed, step)."""
+    """Seeds the draws: N and M are pure functions of (seed, step)."""
     allow_change_on_resume: bool = False
-    """Let a resumed run change counts or seed (it then draws other N from its checkpoint on)."""
+    """Let a resumed run change counts, frame_counts or seed (it then draws other N and M from its checkpoint on)."""
 
     def __post_init__(self):
-        if not self.counts:
-            raise ValueError("tokens.counts must name at least one token count")
-        for count, weight in self.counts.items():
-            if not isinstance(count, int) or count <= 0 or not isinstance(weight, (int, float)) or weight <= 0:
-                raise ValueError(
-                    f"tokens.counts: {count}: {weight} must be a positive int count with a positive weight"
-                )
-            square_side(count, "tokens.counts entry")
+        for key in ("counts", "frame_counts"):
+            counts = getattr(self, key)
+            if not counts:
+                raise ValueError(f"tokens.{key} must name at least one token count")
+            for count, weight in counts.items():
+                if not isinstance(count, int) or count <= 0 or not isinstance(weight, (int, float)) or weight <= 0:
+                    raise ValueError(
+                        f"tokens.{key}: {count}: {weight} must be a positive int count with a positive weight"
+                    )
+                square_side(count, f"tokens.{key} entry")
 
 
 @dataclass

@@ -25,8 +25,9 @@ class Work:
     supervised: int = 0  # positions with a next-token label: the rows lm_head runs on
     row_scores: int = 0  # sum of row length²: the attention scores sdpa computes under the packed mask
     sample_scores: int = 0  # sum of sample length²: the scores inside samples, all that attention needs
-    images: int = 0  # images the tower encodes, dummies included
+    images: int = 0  # images the tower encodes (tiles and video frames), dummies included
     real_images: int = 0
+    frames: int = 0  # of the real ones, video frames (pooled to the frame count M)
 
     @classmethod
     def of(cls, batch: dict[str, torch.Tensor], pad_token_id: int | None) -> "Work":
@@ -40,7 +41,8 @@ class Work:
         return cls(positions=rows * length, tokens=int(lengths.sum()),
                    supervised=int(supervised_targets(batch["labels"])[1].sum()),
                    row_scores=rows * length ** 2, sample_scores=int((lengths ** 2).sum()),
-                   images=len(batch["pixel_values"]), real_images=int(batch["image_mask"].sum()))
+                   images=len(batch["pixel_values"]), real_images=int(batch["image_mask"].sum()),
+                   frames=int(batch["frame_mask"].sum()) if "frame_mask" in batch else 0)
 
     def __add__(self, other: "Work") -> "Work":
         return Work(*(a + b for a, b in zip(astuple(self), astuple(other))))
@@ -58,8 +60,10 @@ def trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple[int, int]:
+def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work,
+               num_frame_tokens: int | None = None) -> tuple[int, int]:
     """(useful, executed) FLOPs of a training step over `work`: matmuls and attention scores.
+    num_frame_tokens: the step's frame count M (None: the forward pooled at N alone).
 
     Useful work follows PaLM's MFU convention (appendix B), counting only what training needs.
     A matmul costs 2 FLOPs per weight and token forward; backward adds 2 for the weight's
@@ -69,16 +73,18 @@ def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple
     and a trained tower's patch embedding 4x (its input is pixels). Attention scores cost
     4 x width x length² per layer forward and twice that backward, over each packed sample's own
     length (the block-diagonal shape). lm_head runs on supervised positions only. Padding and dummy
-    images count nothing.
+    images count nothing. The projector counts once per pooled token: N per image tile, M per
+    video frame.
 
     Executed work (for HFU) is what the step runs: padding and dummy images too; attention over
     whole rows (sdpa computes every score under the packed mask); recomputation: sdpa's fused
     kernels compute the scores again in backward (2.5 forwards, not 2), and checkpointed layers
     run their forward again; and, forward only, tower work whose output nothing reads: layers
     after vision_feature_layer and SigLIP's attention-pooling head (its key/value projections
-    of every patch, which dominate it).
+    of every patch, which dominate it), and the projector pooling every tower input at both N and
+    M (the forward projects all of them at each count, so that every rank runs the same shapes).
 
-    About 70 lines on purpose: one formula, read top to bottom beside this description.
+    About 75 lines on purpose: one formula, read top to bottom beside this description.
     """
     lm, tower, projector = model.language_model, model.vision_tower, model.projector
     tower_trains, projector_trains, lm_trains = trains(tower), trains(projector), trains(lm)
@@ -113,7 +119,9 @@ def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple
     width_v, pooling_head = vision.hidden_size, getattr(tower, "head", None)
     head = (4 * width_v * (width_v + 1) * patches + 2 * width_v ** 2 + 2 * matmul_weights(pooling_head)
             if pooling_head is not None else 0)
-    pooled = 2 * matmul_weights(projector) * num_vision_tokens
+    pooled = 2 * matmul_weights(projector)  # per pooled token
+    counts = [num_vision_tokens] + ([] if num_frame_tokens is None else [num_frame_tokens])
+    frame_tokens = counts[-1]
 
     def flops(executed: bool) -> int:
         positions, scores, images = ((work.positions, work.row_scores, work.images) if executed
@@ -122,10 +130,13 @@ def step_flops(model: TokenFlexVLM, num_vision_tokens: int, work: Work) -> tuple
         total = ((lm_passes * lm_position + lm_trained) * positions
                  + (lm_passes + head_trains) * lm_head * work.supervised
                  + (1 + score_backward * through_lm) * lm_score * scores)
-        per_image = (patch + patch_trained + projector_passes * pooled
+        per_image = (patch + patch_trained
                      + used_layers * (tower_passes * layer_linear + layer_trained
                                       + (1 + score_backward * tower_trains) * layer_scores))
         total += per_image * images
+        pooled_tokens = (images * sum(counts) if executed else
+                         (work.real_images - work.frames) * num_vision_tokens + work.frames * frame_tokens)
+        total += projector_passes * pooled * pooled_tokens
         if executed:
             total += images * ((layers - used_layers) * (layer_linear + layer_scores) + head)
             if lm.is_activation_checkpointing:

@@ -52,7 +52,7 @@ def train_loop(cfg: Config, rank: int, world_size: int, load_universal: bool) ->
     resumed = checkpoint.load(engine, ckpt_dir)
     trainer_state, data_states = resumed or ({"step": 0, "wandb_id": None}, None)
     start = trainer_state["step"]
-    sampler = TokenCountSampler(cfg.tokens.counts, cfg.tokens.seed)
+    sampler = TokenCountSampler(cfg.tokens.counts, cfg.tokens.seed, cfg.tokens.frame_counts)
     metrics = MetricsLog(cfg, to_dict(cfg), start, trainer_state["wandb_id"]) if rank == 0 else None
     wandb_id = broadcast_from_rank0(metrics.wandb_id if metrics else None)
     data = TrainBatches(cfg.data, model.tokenizer, model.image_processor, rank, world_size, states=data_states)
@@ -66,16 +66,16 @@ def train_loop(cfg: Config, rank: int, world_size: int, load_universal: bool) ->
     engine.train()
     saved_step, code = start, 0
     for step in range(start, cfg.train.max_steps):
-        n = sampler(step)
-        if check_same_across_ranks(n, checkpoint.StopRequest.requested):
+        n, m = sampler(step), sampler.frame_count(step)
+        if check_same_across_ranks(n, checkpoint.StopRequest.requested, m):
             if saved_step != step:
                 save(step)
             log.info("stopped at step %d for preemption; exit code %d", step, checkpoint.PREEMPTED_EXIT_CODE)
             code = checkpoint.PREEMPTED_EXIT_CODE
             break
         started = time.perf_counter()
-        loss, stats = train_step(engine, data, n, cfg.train.grad_accum, cfg.train.loss_reduction)
-        record = step_metrics(cfg, engine, step + 1, n, loss, stats, time.perf_counter() - started)
+        loss, stats = train_step(engine, data, n, cfg.train.grad_accum, cfg.train.loss_reduction, num_frame_tokens=m)
+        record = step_metrics(cfg, engine, step + 1, n, m, loss, stats, time.perf_counter() - started)
         if metrics:
             metrics.log(record)
         if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.max_steps:

@@ -21,7 +21,7 @@ from pipeline.train.flops import Work, step_flops
 log = logging.getLogger("tokenflex")
 
 
-def step_metrics(cfg: Config, engine: deepspeed.DeepSpeedEngine, step: int, n: int, loss: float | None,
+def step_metrics(cfg: Config, engine: deepspeed.DeepSpeedEngine, step: int, n: int, m: int, loss: float | None,
                  stats: list[dict], seconds: float) -> dict:
     """The step's metrics over all ranks (one all-reduce); the *_total counters run since the start.
 
@@ -31,12 +31,12 @@ def step_metrics(cfg: Config, engine: deepspeed.DeepSpeedEngine, step: int, n: i
     (the step's token loss over that source's supervised tokens, when it had any)."""
     world = dist.get_world_size()
     skipped = loss is None  # on every rank alike (see train_step)
-    text_only = any(s["num_images"] == 0 for s in stats)
+    text_only = any(s["num_images"] + s["num_frames"] == 0 for s in stats)
     per_step = [
         sum(s[k] for s in stats) for k in ("real_tokens", "pad_tokens", "num_samples", "tile_budget", "num_tiles")
     ]
     running = [stats[-1][k] for k in ("total_truncated", "total_skipped_corrupt")]
-    flops = step_flops(engine.module, n, sum((s["work"] for s in stats), Work()))
+    flops = step_flops(engine.module, n, sum((s["work"] for s in stats), Work()), m)
     names = list(stats[-1]["total_samples_by_source"])
     consumed = list(stats[-1]["total_samples_by_source"].values())
     source_losses = [sum(values) for values in zip(*(s["source_losses"] for s in stats))]
@@ -45,8 +45,8 @@ def step_metrics(cfg: Config, engine: deepspeed.DeepSpeedEngine, step: int, n: i
     loss, real, pad, samples, tiles, real_tiles, text_only_ranks, truncated, corrupt, useful, executed = totals[:11]
     consumed, loss_sums, token_counts = (totals[11 + i * len(names):11 + (i + 1) * len(names)] for i in range(3))
     metrics = {
-        "step": step, "num_vision_tokens": n, "update_skipped": skipped, "loss": None if skipped else loss,
-        "lr": scheduled_lr(engine, cfg.optim.lr),
+        "step": step, "num_vision_tokens": n, "num_frame_tokens": m, "update_skipped": skipped,
+        "loss": None if skipped else loss, "lr": scheduled_lr(engine, cfg.optim.lr),
         "grad_norm": None if skipped else float(engine.get_global_grad_norm() or 0.0),
         "step_time_s": seconds,
         "tokens_per_s": real / seconds, "samples_per_s": samples / seconds, "padding_fraction": pad / (real + pad),

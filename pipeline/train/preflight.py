@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from pipeline.data.mixture import load_mixture
+from pipeline.data.mixture import holds_video, load_mixture
 from pipeline.engine.engine import use_bf16
 from pipeline.model.attention import check_attn_implementation
 from pipeline.model.projector import pooled_side
-from pipeline.model.tiles import largest_image_slots
+from pipeline.model.tiles import frame_slots, largest_image_slots
 from pipeline.run.config import Config
 from pipeline.run.layout import checkpoint_dir, latest_trainer_state
 from pipeline.train.sampler import TokenCountSampler
@@ -25,7 +25,7 @@ def check_inputs(cfg: Config) -> None:
     for key, path in paths.items():
         if not path or not Path(path).exists():
             raise FileNotFoundError(f"{key}={path!r} not found (relative paths start at {Path.cwd()})")
-    load_mixture(cfg.data.shards)
+    mixture = load_mixture(cfg.data.shards)
     if cfg.model.attn_implementation == "flash_attention_2" and not use_bf16(cfg.train.precision):
         raise ValueError(f"model.attn_implementation=flash_attention_2 needs bf16 weights (flash-attn has no fp32 "
                          f"kernels), but train.precision={cfg.train.precision} trains in fp32 here (auto: bf16 on a "
@@ -37,11 +37,12 @@ def check_inputs(cfg: Config) -> None:
     lora.check_config(cfg)
     vision = stage.vision_config(cfg)
     grid = vision["image_size"] // vision["patch_size"]
-    for count in cfg.tokens.counts:
-        try:
-            pooled_side(count, grid)
-        except ValueError as error:
-            raise ValueError(f"tokens.counts: {error}") from None
+    for key in ("counts", "frame_counts"):
+        for count in getattr(cfg.tokens, key):
+            try:
+                pooled_side(count, grid)
+            except ValueError as error:
+                raise ValueError(f"tokens.{key}: {error}") from None
     # Room for a sample with the largest image data.max_tiles allows at the largest N: its slots
     # (pipeline/model/tiles.py) plus the text that data.text_tokens_per_image assumes per tile, or with
     # auto (measured later, on the data) a short prompt and answer. The packer can't cut a sample
@@ -53,9 +54,17 @@ def check_inputs(cfg: Config) -> None:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} can't hold the largest image with its text at N={largest}: "
                          f"it must be at least the slots of an image of data.max_tiles={max_tiles} tiles at "
                          f"max(tokens.counts) + {named} = {image} + {text} = {image + text}")
+    # The same for a video of data.video_frames frames at the largest frame count, when the data holds video.
+    frames, largest_m = cfg.data.video_frames, max(cfg.tokens.frame_counts)
+    video = frames * frame_slots(largest_m)
+    if cfg.data.seq_len < video + text and any(holds_video(source) for source in mixture.sources):
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} can't hold a video with its text at M={largest_m}: it "
+                         f"must be at least data.video_frames={frames} frames x (max(tokens.frame_counts) + a frame "
+                         f"end) + {named} = {video} + {text} = {video + text}; data.shards holds video")
     ckpt_dir = checkpoint_dir(cfg.train.output_dir)
     tag, trainer_state = latest_trainer_state(ckpt_dir)
     if tag and not cfg.tokens.allow_change_on_resume:
-        TokenCountSampler(cfg.tokens.counts, cfg.tokens.seed).check_resumes(trainer_state["sampler"], ckpt_dir / tag)
+        TokenCountSampler(cfg.tokens.counts, cfg.tokens.seed, cfg.tokens.frame_counts).check_resumes(
+            trainer_state["sampler"], ckpt_dir / tag)
     if tag:
         lora.check_resume(ckpt_dir / "model", cfg, ckpt_dir / tag)

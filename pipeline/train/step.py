@@ -1,4 +1,4 @@
-"""One optimizer step: its micro-batches through the engine, at one N on every rank."""
+"""One optimizer step: its micro-batches through the engine, at one N and one frame count M on every rank."""
 
 import deepspeed
 import torch
@@ -10,8 +10,9 @@ from pipeline.train.flops import Work
 
 
 def train_step(engine: deepspeed.DeepSpeedEngine, data: TrainBatches, num_vision_tokens: int, grad_accum: int,
-               loss_reduction: str = "token") -> tuple[float | None, list[dict]]:
-    """One optimizer step: every micro-batch of it uses the same N, on every rank.
+               loss_reduction: str = "token", num_frame_tokens: int | None = None) -> tuple[float | None, list[dict]]:
+    """One optimizer step: every micro-batch of it uses the same N (image tiles) and M (video
+    frames; None: N), on every rank.
 
     The step's loss is the weighted sum of its token losses over every rank and micro-batch
     divided by their total weight (pipeline.model.loss.supervised_weights: under loss_reduction
@@ -30,7 +31,7 @@ def train_step(engine: deepspeed.DeepSpeedEngine, data: TrainBatches, num_vision
     the LR schedule don't move on a zero gradient, and every rank runs the same collectives
     (none) for it.
     """
-    batches = [data.next_batch(num_vision_tokens) for _ in range(grad_accum)]
+    batches = [data.next_batch(num_vision_tokens, num_frame_tokens) for _ in range(grad_accum)]
     pad_token_id = engine.module.tokenizer.pad_token_id
     stats = [{**batch.pop("stats"), "work": Work.of(batch, pad_token_id)} for batch in batches]
     num_sources = len(stats[0]["total_samples_by_source"])
@@ -42,7 +43,8 @@ def train_step(engine: deepspeed.DeepSpeedEngine, data: TrainBatches, num_vision
         float(supervised_weights(b["labels"], b.get("position_ids"), loss_reduction).sum()) for b in batches)])[0]
     losses = []  # per micro-batch, on the device: its loss, then its summed token losses per source
     for batch in batches:
-        out = engine(batch, num_vision_tokens, num_items_in_batch=total_weight, loss_reduction=loss_reduction)
+        out = engine(batch, num_vision_tokens, num_items_in_batch=total_weight, loss_reduction=loss_reduction,
+                     num_frame_tokens=num_frame_tokens)
         # DeepSpeed averages gradients over data-parallel ranks (ZeRO's reduce divides by their
         # number): scaling by it leaves the sum over ranks. No division by grad_accum either:
         # the global token count already spans the micro-batches.
