@@ -24,7 +24,7 @@ from pipeline.data.mixture import resolve_source
 from tools.make_synthetic import BACKGROUNDS, DOT_COLOURS, LARGE_COLOURS, SMALL_COLOURS
 
 OBJECT_PALETTES = {"background": BACKGROUNDS, "large shape": LARGE_COLOURS, "small square": SMALL_COLOURS,
-                   "tiny dot": DOT_COLOURS}
+                   "left dot": DOT_COLOURS}
 COLOUR_QUESTION = re.compile(r"What colour is the (.+?)\?")
 LETTERS = "ABCD"
 
