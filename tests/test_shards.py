@@ -225,6 +225,14 @@ def test_multi_turn_records_ask_every_question_and_score_types_equally(tmp_path)
     assert all(0.27 < scored.count(t) / len(scored) < 0.4 for t in ("coarse", "medium", "fine"))
 
 
+def test_fine_fraction_sets_the_share_of_scored_fine_questions(tmp_path):
+    make_synthetic.main(["--out", str(tmp_path), "--n", "600", "--fine-fraction", "0.6",
+                         "--text-only-fraction", "0"])
+    scored = [r["question_type"] for r in json.loads((tmp_path / "data.json").read_text())]
+    assert 0.54 < scored.count("fine") / len(scored) < 0.66
+    assert all(0.15 < scored.count(t) / len(scored) < 0.25 for t in ("coarse", "medium"))
+
+
 def test_splits_share_no_image_no_text_question_and_no_id(tmp_path):
     """Train, validation and test drawn with the same seed: their images (pixels), their text
     questions and their record ids are disjoint, and each id names its split."""

@@ -205,7 +205,7 @@ def text_question(rng):
 
 
 def make_record(rng, split, index, out_dir, image_size, text_only_fraction, multi_turn_fraction, wide_fraction=0.0,
-                multi_image_fraction=0.0):
+                multi_image_fraction=0.0, fine_fraction=None):
     record_id = f"{split}-{index:06d}"
     if rng.random() < text_only_fraction:
         question, answer = text_question_in_split(rng, split)
@@ -220,10 +220,14 @@ def make_record(rng, split, index, out_dir, image_size, text_only_fraction, mult
     rel_path = f"images/{record_id}.png"
     render(scene).save(os.path.join(out_dir, rel_path))
     # The last question is the one evaluation scores: its type is drawn first, so that coarse,
-    # medium and fine are equally common among scored questions. A multi-turn record asks every
-    # other question of its scene before it, in random order: one image, several answers to learn.
+    # medium and fine are equally common among scored questions (or fine in fine_fraction of them,
+    # the others coarse or medium alike). A multi-turn record asks every other question of its
+    # scene before it, in random order: one image, several answers to learn.
     questions = image_questions(facts)
-    last_type = rng.choice(sorted({qtype for qtype, _, _ in questions}))
+    if fine_fraction is None:
+        last_type = rng.choice(sorted({qtype for qtype, _, _ in questions}))
+    else:
+        last_type = "fine" if rng.random() < fine_fraction else rng.choice(["coarse", "medium"])
     last = rng.choice([q for q in questions if q[0] == last_type])
     earlier = [q for q in questions if q is not last] if rng.random() < multi_turn_fraction else []
     rng.shuffle(earlier)
@@ -281,6 +285,9 @@ def main(argv=None):
     parser.add_argument("--text-only-fraction", type=float, default=0.1)
     parser.add_argument("--multi-turn-fraction", type=float, default=0.2,
                         help="image records that ask every question of their scene, not one (default: 0.2)")
+    parser.add_argument("--fine-fraction", type=float, default=None,
+                        help="image records whose scored (last) question is the fine one, the others coarse or "
+                             "medium alike (default: a third, as each type)")
     parser.add_argument("--wide-fraction", type=float, default=0.0,
                         help="image records with a wide or tall scene, where tiles matter (see above; default: 0)")
     parser.add_argument("--multi-image-fraction", type=float, default=0.0,
@@ -289,6 +296,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.n < 1 or args.image_size < 32:
         parser.error("--n must be >= 1 and --image-size >= 32")
+    if args.fine_fraction is not None and not 0 <= args.fine_fraction <= 1:
+        parser.error("--fine-fraction must be in [0, 1]")
 
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     rng = random.Random(f"{args.split}:{args.seed}")
@@ -298,7 +307,8 @@ def main(argv=None):
         records = [llava_like_record(rng, i, args.text_only_fraction, word_list) for i in range(args.n)]
     else:
         records = [make_record(rng, args.split, i, args.out, args.image_size, args.text_only_fraction,
-                               args.multi_turn_fraction, args.wide_fraction, args.multi_image_fraction)
+                               args.multi_turn_fraction, args.wide_fraction, args.multi_image_fraction,
+                               args.fine_fraction)
                    for i in tqdm(range(args.n), desc=f"rendering {args.split}", unit="rec")]
     with open(os.path.join(args.out, "data.json"), "w") as f:
         json.dump(records, f, indent=1)
