@@ -4,14 +4,14 @@ of a ladder keep the best fixed N's accuracy at fewer vision tokens?
 Goal (issue 21): not worse than the best fixed N by more than 1 point of accuracy, at no more than
 60% of its mean vision tokens. The demo's model (python -m tools.demo: tiny CPU models, both
 stages, 2 ranks) answers the demo's test split at each N of the ladder, with the adaptive policy
-(pipeline/adaptive.py; its threshold calibrated on the demo's validation split only) and with the
+(pipeline/eval/adaptive.py; its threshold calibrated on the demo's validation split only) and with the
 oracle (the smallest N that answers right): tools.evaluate --tokens adaptive, plus this header.
 
     python -m bench.adaptive --write-results                    # trains the demo's model first
     python -m bench.adaptive --demo runs/demo --write-results   # a finished tools.demo folder
 
 The demo folder's model is reused when it is there (DEMO/model), else tools.demo trains it
-(about 15-25 min on 2 shared cores). Writes OUT/results.{md,json} and accuracy_vs_mean_tokens.png;
+(the demo's time: README.md). Writes OUT/results.{md,json} and accuracy_vs_mean_tokens.png;
 --write-results copies them to bench/adaptive_results.{md,json} and bench/adaptive_accuracy.png.
 """
 
@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 from bench.flex_vs_fixed import git_commit
-from pipeline.adaptive import DEFAULT_LADDER, evaluate_adaptive
-from pipeline.config import load_config
+from pipeline.eval.adaptive import DEFAULT_LADDER
+from pipeline.eval.adaptive_study import evaluate_adaptive
+from pipeline.run.config import load_config
 from tools.demo import REPO
 from tools.evaluate import write_adaptive
 from tools.options import parse_token_counts

@@ -6,7 +6,7 @@ Studies (--studies, comma-separated; each reuses the models an earlier one train
   weights   flex-235: the flex set weighted towards the larger counts, 2:3:5 (2 seeds)
   loss      flex-square: InternVL's "square" loss reduction (train.loss_reduction=square) (2 seeds)
   compute   fixed16/64/144-compute: specialists given the flex model's training FLOPs
-            (pipeline.metrics' useful count) instead of its samples (2 seeds)
+            (pipeline.train.metrics' useful count) instead of its samples (2 seeds)
   smallest  flex-64-144 {64: 1, 144: 1} against fixed64 and fixed144: does the smallest count
             cost the larger ones? (2 seeds)
   pooling   flex-resize: the projector's resize_avg pooling instead of adaptive average pooling (2 seeds)
@@ -51,11 +51,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pipeline.config import load_config
+
 from pipeline.data import TrainBatches
-from pipeline.evaluate import evaluate
-from pipeline.metrics import Work, step_flops
-from pipeline.model import TokenFlexVLM
+from pipeline.eval.heldout import evaluate
+from pipeline.model.vlm import TokenFlexVLM
+from pipeline.run.config import load_config
+from pipeline.train.flops import Work, step_flops
 from stages import STAGES
 from tools.demo import REPO, cpu_training_env, make_models_and_data, run, stage_command
 from tools.report import plot_accuracy_panels
@@ -66,7 +67,7 @@ ABLATION_COUNTS = [16, 64, 144, 256]  # the ablations': evaluation is most of a 
 EVAL_BATCH_SIZE = 32
 # The flex model's stage-2 steps: a third of configs/tiny_cpu_stage2.yaml's 900, to shorten the
 # studies (24 trainings, 132,000 answers): about an hour on 2 free CPU cores by an estimate from a
-# short timed piece, several hours on shared ones (README)
+# short timed piece, several hours on shared ones (bench/flex_vs_fixed_results.md: 61 and 128 min)
 STAGE2_STEPS = 300
 
 
@@ -143,8 +144,8 @@ def results_paths(study):
 
 def per_step_costs(data_root, counts, ranks, batches=PACKER_BATCHES):
     """{stage: {N: {"samples": mean samples one optimizer step packs (all ranks), "flops": its
-    useful training FLOPs (pipeline.metrics.step_flops, with the stage's trained parts)}}}, from
-    each stage's packer (pipeline.data.TrainBatches) on the training shards; nothing trains."""
+    useful training FLOPs (pipeline.train.flops.step_flops, with the stage's trained parts)}}}, from
+    each stage's packer (pipeline.data.batches.TrainBatches) on the training shards; nothing trains."""
     model = TokenFlexVLM.from_components(data_root / "tiny" / "vision", data_root / "tiny" / "qwen2")
     costs = {}
     for stage, name in ((1, "align"), (2, "finetune")):
@@ -326,7 +327,9 @@ def git_commit():
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.rstrip()
 
     changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
-    return git("rev-parse", "--short", "HEAD") + (f" (with uncommitted changes to {', '.join(changed)})" if changed else "")
+    return git("rev-parse", "--short", "HEAD") + (
+        f" (with uncommitted changes to {', '.join(changed)})" if changed else ""
+    )
 
 
 def write_report(out, args, name, study, settings, records, wall_s):
@@ -339,24 +342,31 @@ def write_report(out, args, name, study, settings, records, wall_s):
     cut = ("" if base[2] == settings["config_steps"] else
            f"; configs/tiny_cpu_stage2.yaml says {settings['config_steps']}, cut so that all the studies fit in the "
            f"time given (--stage2-steps)")
+    trained = trained_means(records)
     header = [
         f"# Flex vs fixed, study `{name}`: {study.question} (tiny CPU models)\n",
-        (f"Command: `python -m bench.flex_vs_fixed{' ' + argv if argv else ''}`, at commit {settings['commit']}, "
-         f"on {settings['machine']}, {settings['date']}; {wall_s / 60:.0f} min for the whole command (models "
-         f"trained by an earlier command in the same folder are reused, not retrained).\n"),
-        (f"Models: {', '.join(f'{m} {MODELS[m].describe()}' for m in study.models)}; seeds {study.seeds}. "
-         f"Training: configs/tiny_cpu_stage1.yaml then tiny_cpu_stage2.yaml, 2 ranks, {settings['splits']['train']} "
-         f"synthetic training records, the flex model's steps {base[1]} + {base[2]} (stage 1 + stage 2{cut}); "
-         f"the others' steps match its samples or, compute-matched, its useful training FLOPs: "
-         f"{', '.join(f'{m} {s[1]}+{s[2]}' for m, s in settings['steps'].items() if m in study.models)}. "
-         f"Per stage-2 step (both ranks) at N: {per_step}. "
-         f"Stage 2 as trained (mean over seeds): "
-         f"{', '.join(f'{m} {v[0]:.0f} samples, {v[1] / 1e12:.1f} TFLOP' for m, v in trained_means(records).items())}.\n"),
-        (f"Evaluation: the test split's {test} records (tools.make_synthetic --split test: no scene and no text "
-         f"question of it is in the training or validation split), exact match on the last answer, at N = "
-         f"{', '.join(map(str, study.counts))}; nothing was tuned on it. One accuracy carries a sampling error of up "
-         f"to ±{100 * math.sqrt(0.25 / test):.1f} points overall (about twice that per question type), and the "
-         f"standard deviation over seeds shows the training noise.\n"),
+        (
+            f"Command: `python -m bench.flex_vs_fixed{' ' + argv if argv else ''}`, at commit {settings['commit']}, "
+            f"on {settings['machine']}, {settings['date']}; {wall_s / 60:.0f} min for the whole command (models "
+            f"trained by an earlier command in the same folder are reused, not retrained).\n"
+        ),
+        (
+            f"Models: {', '.join(f'{m} {MODELS[m].describe()}' for m in study.models)}; seeds {study.seeds}. "
+            f"Training: configs/tiny_cpu_stage1.yaml then tiny_cpu_stage2.yaml, 2 ranks, {settings['splits']['train']} "
+            f"synthetic training records, the flex model's steps {base[1]} + {base[2]} (stage 1 + stage 2{cut}); "
+            f"the others' steps match its samples or, compute-matched, its useful training FLOPs: "
+            f"{', '.join(f'{m} {s[1]}+{s[2]}' for m, s in settings['steps'].items() if m in study.models)}. "
+            f"Per stage-2 step (both ranks) at N: {per_step}. "
+            f"Stage 2 as trained (mean over seeds): "
+            f"{', '.join(f'{m} {v[0]:.0f} samples, {v[1] / 1e12:.1f} TFLOP' for m, v in trained.items())}.\n"
+        ),
+        (
+            f"Evaluation: the test split's {test} records (tools.make_synthetic --split test: no scene and no text "
+            f"question of it is in the training or validation split), exact match on the last answer, at N = "
+            f"{', '.join(map(str, study.counts))}; nothing was tuned on it. One accuracy carries a sampling error "
+            f"of up to ±{100 * math.sqrt(0.25 / test):.1f} points overall (about twice that per question type), "
+            f"and the standard deviation over seeds shows the training noise.\n"
+        ),
     ]
     if settings["quick"]:
         header.append("A --quick run: a few steps per model, to check that the study runs; it measures nothing.\n")
@@ -389,7 +399,9 @@ def trained_means(records):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/flex_vs_fixed"), help="work folder (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/flex_vs_fixed"), help="work folder (default: %(default)s)"
+    )
     parser.add_argument("--studies", default="main", help=f"comma-separated, of {', '.join(STUDIES)} (default: main)")
     parser.add_argument("--seeds", help="comma-separated seeds for every study (default: each study's own)")
     parser.add_argument("--train-samples", type=int, default=10000, help="synthetic training records")

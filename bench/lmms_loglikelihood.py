@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.inference import latency_ms
-from pipeline.model import TokenFlexVLM
+from pipeline.model.runtime import latency_ms
+from pipeline.model.vlm import TokenFlexVLM
 from tools import make_tiny_models
 from tools.make_synthetic import render_scene
 from tools.synthetic_tasks import OBJECT_PALETTES
@@ -92,8 +92,10 @@ def main(argv=None):
     print("| setting | seconds per pass | choices/s | speed-up | largest score difference |\n|---|---|---|---|---|")
     before = rows[0][1]["median"]
     for name, latency, difference in rows:
-        print(f"| {name} | {latency['median'] / 1000:.3f} ({latency['q1'] / 1000:.3f}–{latency['q3'] / 1000:.3f}) | "
-              f"{choices_total / latency['median'] * 1000:.0f} | {before / latency['median']:.2f}x | {difference:.2g} |")
+        print(
+            f"| {name} | {latency['median'] / 1000:.3f} ({latency['q1'] / 1000:.3f}–{latency['q3'] / 1000:.3f}) | "
+            f"{choices_total / latency['median'] * 1000:.0f} | {before / latency['median']:.2f}x | {difference:.2g} |"
+        )
 
 
 if __name__ == "__main__":

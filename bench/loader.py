@@ -9,7 +9,7 @@
    (about 640x480, median ~60 KB) and large ones (1,500-2,048 px), made by bench/photos.py from
    matplotlib's sample photograph. CPU time per file of the bare JPEG decode (PIL's, and
    simplejpeg's, which the pipeline decodes JPEGs with: pipeline/data/decode.py), of decode + the
-   pipeline's preparation (pipeline/images.py) and of decode + transformers' image processor,
+   pipeline's preparation (pipeline/model/images.py) and of decode + transformers' image processor,
    in this process; the loader workers' CPU time per sample (all a worker does: tar reading,
    decoding, preparing, tokenizing, handing items over) and its ratio to the bare decode of the
    same files; the streaming loader's wall-clock samples/s with 1 and 2 workers; where a
@@ -69,15 +69,15 @@ from transformers import AutoImageProcessor, SiglipImageProcessor
 
 from bench.photos import write_photos
 from bench.train_step import gpu_samples_per_second
-from pipeline.chat import load_tokenizer, tokenize_record
-from pipeline.config import DataConfig, load_config
 from pipeline.data import TrainBatches
 from pipeline.data.decode import Decoder, decode_rgb, first_samples
 from pipeline.data.handover import loader_items
 from pipeline.data.mixture import Mixture, load_mixture
 from pipeline.data.stream import SampleStream
-from pipeline.images import image_pixel_values, pad_to_square, resize_to_tower, tower_pixels
-from pipeline.tiles import choose_grid, tile_count
+from pipeline.model.chat import load_tokenizer, tokenize_record
+from pipeline.model.images import image_pixel_values, pad_to_square, resize_to_tower, tower_pixels
+from pipeline.model.tiles import choose_grid, tile_count
+from pipeline.run.config import DataConfig, load_config
 from tools import build_shards, make_synthetic, make_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def bare_simplejpeg(data):
 
 
 def pipeline_path(processor):
-    """Decode and the pipeline's preparation (pipeline/images.py), as a loader worker does it."""
+    """Decode and the pipeline's preparation (pipeline/model/images.py), as a loader worker does it."""
     def prepare(data):
         return tower_pixels(decode_rgb(data), processor, "pad")
     return prepare
@@ -226,7 +226,7 @@ def shard_samples(shards, with_images):
 
 def pixel_change(files, shrunk_shards, processor):
     """(mean, max) absolute difference in 8-bit levels between the tower's pixels from the original
-    files and from the shards' stored (shrunk) images, both through pipeline/images.py."""
+    files and from the shards' stored (shrunk) images, both through pipeline/model/images.py."""
     stored = {}
     for sample in shard_samples(shrunk_shards, with_images=True):
         stored[json.loads(sample["json"])["image"]] = sample["jpg"]
@@ -397,7 +397,8 @@ def throughput(args, work, models, total):
     print(f"\n## Throughput: {total} synthetic samples (64 px PNG), decode + tokenize")
     print("| loader | workers | samples/s |\n|---|---|---|")
     for workers in [1, 2]:
-        print(f"| streaming shards | {workers} | {stream_rate(work / 'shards', models, workers, total, args.repeats)[0]:.0f} |")
+        rate, *_ = stream_rate(work / "shards", models, workers, total, args.repeats)
+        print(f"| streaming shards | {workers} | {rate:.0f} |")
     for workers in [1, 2]:
         dataset = LlavaMapDataset(work / "synth" / "data.json", work / "synth", *models)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, shuffle=True,
@@ -437,7 +438,9 @@ def photographs(args, work, models):
           "|---|---|---|---|---|")
     steps = {kind: worker_steps(shards, so400m, args.repeats) for kind, (_, shards, *_) in measured.items()}
     for step in STEPS:
-        print("| " + " | ".join([step] + [f"{steps[kind][part][step]:.2f}" for kind in PHOTOS for part in (0, 1)]) + " |")
+        print(
+            "| " + " | ".join([step] + [f"{steps[kind][part][step]:.2f}" for kind in PHOTOS for part in (0, 1)]) + " |"
+        )
     print("| the steps in their places, added | - | "
           + " | - | ".join(f"{sum(steps[kind][1].values()):.2f}" for kind in PHOTOS) + " |")
     whole = {kind: steps[kind][2] | {
@@ -462,7 +465,9 @@ def photographs(args, work, models):
         print(f"| {PHOTOS[kind]} | {stored_kb:.0f} KB | {worker_ms:.2f} ms | {worker_ms / decode:.2f}x | "
               f"{mean:.2f} / {most:.0f} |", flush=True)
 
-    print(f"\n### With tiles (data.max_tiles {PHOTO_TILES}): each image cut into its grid of 384 px tiles and a thumbnail")
+    print(
+        f"\n### With tiles (data.max_tiles {PHOTO_TILES}): each image cut into its grid of 384 px tiles and a thumbnail"
+    )
     print("| photos | tiles per image | loader worker per sample | per tile | vs bare decode | loader, 1 worker |\n"
           "|---|---|---|---|---|---|")
     for kind, (files, shards, decode, *_) in measured.items():

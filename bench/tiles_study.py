@@ -8,13 +8,13 @@ recipe (configs/tiny_cpu_stage{1,2}.yaml, both stages, 2 ranks, N drawn from {16
   tiles4  data.max_tiles 4, data.multi_image_max_tiles 2
 with the same seeds (train, data and tokens seed = the run's seed) and the same step counts
 (a tiles4 step packs fewer samples: each image brings more slots; the report gives the samples
-each saw). Every model is then evaluated (pipeline.evaluate) on held-out records of the same kind,
+each saw). Every model is then evaluated (pipeline.eval.heldout) on held-out records of the same kind,
 drawn from make_synthetic's test split (scenes and text questions no training record has),
 with 1 and with 4 tiles at N = 16, 36, 64, 100 and 144, and the results are summarised as mean and
 spread (half the range) over seeds: accuracy against vision tokens per image, one curve per
 model and tile limit, overall and on the wide and tall scenes' fine question.
 
-    python -m bench.tiles_study --write-results   # the study: 2 seeds (not yet run; see the README)
+    python -m bench.tiles_study --write-results   # the study: 2 seeds (bench/tiles_results.md)
     python -m bench.tiles_study --quick           # minutes: 1 seed, a few steps (tests)
 
 Writes OUT/results.md, OUT/results.json and OUT/accuracy_vs_tiles.png; --write-results also copies
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.evaluate import evaluate
+from pipeline.eval.heldout import evaluate
 from tools.demo import REPO, cpu_training_env, run, torchrun
 from tools.report import plot_accuracy_panels
 
@@ -48,15 +48,17 @@ QUICK_STEPS = {1: 2, 2: 4}
 
 
 def make_data(out, train_samples, heldout_samples, env):
-    """OUT/tiny (models), OUT/synthetic/{train,heldout} (wide, tall and two-scene records), OUT/shards/{train,heldout}."""
+    """OUT/tiny (models), OUT/synthetic/{train,heldout} (wide, tall and two-scene records),
+    OUT/shards/{train,heldout}."""
     py = sys.executable
     run("tiny random-init models", [py, "-m", "tools.make_tiny_models", out / "tiny"], env, out / "tiny_models.log")
     # held-out records are the test split's: scenes and text questions no training record has
     for split, count, source in (("train", train_samples, "train"), ("heldout", heldout_samples, "test")):
-        run(f"synthetic {split} data", [py, "-m", "tools.make_synthetic", "--out", out / "synthetic" / split, "--n", count,
-                                        "--split", source, "--wide-fraction", "0.5", "--multi-image-fraction", "0.2"],
+        run(f"synthetic {split} data",
+            [py, "-m", "tools.make_synthetic", "--out", out / "synthetic" / split, "--n", count, "--split", source,
+             "--wide-fraction", "0.5", "--multi-image-fraction", "0.2"],
             env, out / f"synthetic_{split}.log")
-        run(f"{split} shards", [py, "-m", "tools.build_shards", "--json", out / "synthetic" / split / "data.json",
+        run(f"{split} shards", [py, "-m", "tools.build_shards", "--input", out / "synthetic" / split / "data.json",
                                 "--image-root", out / "synthetic" / split, "--out", out / "shards" / split,
                                 "--samples-per-shard", max(1, min(500, count // 8))], env, out / f"shards_{split}.log")
 
@@ -73,7 +75,8 @@ def train(name, seed, out, steps, ranks, env):
         command = [*torchrun(ranks), "-m", "pipeline.train", f"configs/tiny_cpu_stage{stage}.yaml", *starts[stage],
                    f"train.output_dir={run_dir / f'stage{stage}'}", f"train.max_steps={steps[stage]}",
                    f"train.save_every={steps[stage]}", *shared]
-        run(f"{name}, seed {seed}: stage {stage}, {steps[stage]} steps", command, env, log=run_dir / f"stage{stage}.log")
+        run(f"{name}, seed {seed}: stage {stage}, {steps[stage]} steps", command, env,
+            log=run_dir / f"stage{stage}.log")
     rows = [json.loads(line) for line in (run_dir / "stage2" / "metrics.jsonl").read_text().splitlines()]
     return run_dir / "stage2" / "final", round(sum(r["samples_per_s"] * r["step_time_s"] for r in rows))
 
@@ -107,7 +110,8 @@ def markdown_tables(table):
             cells = ["-" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f} ({t:.0f})"
                      for m, s, _, t in (kinds[kind][n] for n in EVAL_COUNTS)]
             rows.append(f"| {model} | {tiles} | " + " | ".join(cells) + " |")
-        parts.append(f"**{kind}** accuracy (%), mean ± spread over seeds (vision tokens per image)\n\n" + "\n".join(rows))
+        heading = f"**{kind}** accuracy (%), mean ± spread over seeds (vision tokens per image)"
+        parts.append(heading + "\n\n" + "\n".join(rows))
     return "\n\n".join(parts) + "\n"
 
 
@@ -126,7 +130,8 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: %(default)s)")
     parser.add_argument("--train-samples", type=int, default=10000, help="synthetic training records")
     parser.add_argument("--heldout-samples", type=int, default=600,
-                        help="synthetic held-out records (default: %(default)s; about 35 per wide or tall fine question)")
+                        help="synthetic held-out records (default: %(default)s; about 35 per wide or tall fine "
+                             "question)")
     parser.add_argument("--ranks", type=int, default=2, help="training processes per run (default: 2)")
     parser.add_argument("--quick", action="store_true",
                         help="seed 0, 2+4 steps, 240 training and 24 held-out records: checks that the study runs, "
@@ -169,8 +174,8 @@ def main(argv=None):
     plot(table, out / "accuracy_vs_tiles.png")
     if args.write_results:
         for suffix, target in RESULTS.items():
-            shutil.copyfile(out / {".md": "results.md", ".json": "results.json", ".png": "accuracy_vs_tiles.png"}[suffix],
-                            target)
+            made = {".md": "results.md", ".json": "results.json", ".png": "accuracy_vs_tiles.png"}[suffix]
+            shutil.copyfile(out / made, target)
     print((out / "results.md").read_text())
 
 

@@ -1,4 +1,9 @@
-"""Benchmark the training step: TokenFlexVLM forward + backward + AdamW step, at fixed N and the mix.
+"""Benchmark TokenFlexVLM's forward + backward + AdamW step, at fixed N and the mix, on one device.
+
+What it times is the model's own work, not pipeline.train's step: no DeepSpeed (no ZeRO-3
+partitioning, gathering or reduction), a plain torch AdamW, and on cuda bf16 autocast over fp32
+weights, where training keeps bf16 weights with fp32 masters. The training step itself is timed
+by every training run (step_time_s and mfu in its metrics.jsonl; bench/gpu_check.sh runs some).
 
 Models are random-init HF modules of real architectures (SigLIP vision tower, Qwen2 LM) wrapped
 in the pipeline's TokenFlexVLM; batches are built directly from token ids: each row is one
@@ -7,10 +12,10 @@ sample, N image slots followed by --text-len text tokens, of which all but the f
 subprocess, so its peak memory is its own and an out-of-memory error ends only that row.
 
   cuda (default when available): SigLIP-so400m-shaped tower (27x27 patches) and a Qwen2-0.5B or
-      1.5B-shaped LM, bf16 autocast with fp32 master weights (the 16 bytes/parameter of
-      DeepSpeed bf16), batch 16, text 512. MFU = useful FLOPs (pipeline.metrics.step_flops:
-      PaLM's convention, what the training run logs) / (step time x --peak-flops); peak memory
-      = torch.cuda.max_memory_allocated.
+      1.5B-shaped LM, bf16 autocast over fp32 weights (fp32 weights, gradients and AdamW
+      state: 16 bytes/parameter, as much as DeepSpeed's bf16 holds), batch 16, text 512. MFU =
+      useful FLOPs (pipeline.train.flops.step_flops: PaLM's convention, what the training run
+      logs) / (step time x --peak-flops); peak memory = torch.cuda.max_memory_allocated.
   cpu: scaled-down shapes that keep the real 27x27 grid (so N up to 729) and a 32000-token
       vocabulary (so the logits' memory shows), fp32, batch 2, text 128. Peak memory = the
       process's peak RSS above what it held after building the model (grads, AdamW state,
@@ -44,10 +49,11 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-from pipeline.chat import IGNORE_INDEX
-from pipeline.metrics import Work, step_flops
-from pipeline.model import TokenFlexVLM, VLMConfig
-from pipeline.sampler import TokenCountSampler
+from pipeline.model.chat import IGNORE_INDEX
+from pipeline.model.folder import VLMConfig
+from pipeline.model.vlm import TokenFlexVLM
+from pipeline.train.flops import Work, step_flops
+from pipeline.train.sampler import TokenCountSampler
 
 VISION = {
     "so400m": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -262,12 +268,12 @@ def run_in_subprocess(args, n, loss):
 # ---- packing ----
 
 def packing_rows(args, work):
-    """Padding fraction of pipeline.data.TrainBatches with stage 1's data shape (seq_len 2048, 4 rows)."""
+    """Padding fraction of pipeline.data.batches.TrainBatches with stage 1's data shape (seq_len 2048, 4 rows)."""
     from transformers import AutoImageProcessor
 
-    from pipeline.chat import load_tokenizer
-    from pipeline.config import DataConfig
     from pipeline.data import TrainBatches
+    from pipeline.model.chat import load_tokenizer
+    from pipeline.run.config import DataConfig
     from tools import build_shards, make_synthetic, make_tiny_models
 
     make_tiny_models.make_tiny_models(work / "models")
@@ -307,22 +313,28 @@ def step_table(args, results):
                 ratio += f" (CPU {r['cpu_s'] / fixed_256[loss]['cpu_s']:.2f}x)"
         mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
         label = f"mix ({'/'.join(str(v) for v in r['draws'].values())})" if n == "mix" else n
-        lines.append(f"| {label} | {loss} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | {r['spread']:.0%} | "
-                     f"{r['samples_per_s']:.2f} | {r['tflops_per_s']:.3f} | {mfu} | {r['peak_mem_gib']:.2f} | {ratio} |")
+        lines.append(
+            f"| {label} | {loss} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | {r['spread']:.0%} | "
+            f"{r['samples_per_s']:.2f} | {r['tflops_per_s']:.3f} | {mfu} | {r['peak_mem_gib']:.2f} | {ratio} |"
+        )
     return lines
 
 
 def packing_table(rows):
     lines = ["| data | N | padding | samples/batch | dropped | truncated |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['data']} | {r['n']} | {r['padding']:.2%} | {r['samples']:.1f} | {r['dropped']} | {r['truncated']} |"
-              for r in rows]
+    lines += [
+        f"| {r['data']} | {r['n']} | {r['padding']:.2%} | {r['samples']:.1f} | {r['dropped']} | {r['truncated']} |"
+        for r in rows
+    ]
     return lines
 
 
 def machine():
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, torch {torch.__version__}"
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, torch {torch.__version__}"
+    )
 
 
 def write_results(heading, body):
@@ -343,7 +355,7 @@ def parse_args(argv):
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n", nargs="+", default=["64", "144", "256", "729", "mix"],
                         help="vision-token counts to time; 'mix' draws 64/144/256 1:1:1 per step "
-                             "with pipeline.sampler.TokenCountSampler")
+                             "with pipeline.train.sampler.TokenCountSampler")
     parser.add_argument("--loss", nargs="+", default=None, choices=["supervised", "hf", "liger"],
                         help="default: supervised and hf")
     parser.add_argument("--vision", choices=sorted(VISION), help="tower shape (default: so400m on cuda, small on cpu)")
@@ -400,7 +412,7 @@ def main(argv=None):
         for n in args.n:
             results[(n, loss)] = run_in_subprocess(args, n, loss)
             print(f"N={n} loss={loss}: {json.dumps(results[(n, loss)])}", flush=True)
-    precision = "bf16 autocast, fp32 master weights" if args.device == "cuda" else "fp32"
+    precision = "bf16 autocast over fp32 weights, no DeepSpeed" if args.device == "cuda" else "fp32, no DeepSpeed"
     body = [f"Run {datetime.date.today()} on {machine()}: `python -m bench.train_step "
             f"{' '.join(a for a in (argv if argv is not None else sys.argv[1:]) if a != '--write-results')}`.",
             f"Shapes: {args.vision} tower ({VISION[args.vision]}), {args.lm} LM ({LM[args.lm]}), tied embeddings, "
@@ -409,13 +421,13 @@ def main(argv=None):
             f"{args.steps} timed. Step s = median wall time per step (time.perf_counter); CPU s = median "
             f"process CPU time (steadier when other jobs share the machine); for the mix, each N's median "
             f"weighted equally (1:1:1; draws shown as 64/144/256). Spread = largest (max - min) / median "
-            f"over the run's N. TFLOP/s: useful work by pipeline.metrics.step_flops (PaLM's convention), "
+            f"over the run's N. TFLOP/s: useful work by pipeline.train.flops.step_flops (PaLM's convention), "
             f"the same for every loss variant.", ""]
     body += step_table(args, results)
     if args.packing:
         with tempfile.TemporaryDirectory() as tmp:
             rows = packing_rows(args, Path(tmp))
-        body += ["", f"Packer padding (pipeline.data.TrainBatches, seq_len 2048, 4 rows per batch, "
+        body += ["", f"Packer padding (pipeline.data.batches.TrainBatches, seq_len 2048, 4 rows per batch, "
                      f"{args.packing_batches} batches per N; the mix draws N per batch with TokenCountSampler):", ""]
         body += packing_table(rows)
     print("\n" + "\n".join(body))
@@ -424,7 +436,9 @@ def main(argv=None):
         write_results(f"{args.device.upper()}: {args.lm} LM, batch {args.batch}, text {args.text_len}", body)
     failed = [f"N={n} loss={loss}" for (n, loss), r in results.items() if "error" in r or r.get("oom")]
     if failed:
-        print(f"error: {len(failed)} configuration(s) failed or ran out of memory: {', '.join(failed)}", file=sys.stderr)
+        print(
+            f"error: {len(failed)} configuration(s) failed or ran out of memory: {', '.join(failed)}", file=sys.stderr
+        )
         return 1
     return 0
 

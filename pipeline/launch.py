@@ -2,15 +2,15 @@
 
     python -m pipeline.launch CONFIG.yaml [key.sub=value ...] --nodes 2 --gpus-per-node 8
 
-Each task runs pipeline.train.main in-process, one task per GPU.
+Each task runs pipeline.train.entry.main in-process, one task per GPU.
 
 Preemption and time limits. submitit asks Slurm for SIGUSR2 `signal_delay_s` seconds before the
 time limit, to every task. Left alone, submitit's handler would, on rank 0 only and in the middle
 of whatever step is running, call `checkpoint()`, requeue the job and exit: the other ranks would
 be stuck in a collective and no DeepSpeed checkpoint would be saved. So TrainingJob replaces that
-handler with `pipeline.checkpoint.request_stop()`, the same stop request the engine makes on
+handler with `pipeline.train.checkpoint.request_stop()`, the same stop request the engine makes on
 SIGUSR1/SIGTERM: every rank finishes its step, all ranks save the checkpoint together, and
-pipeline.train.main returns PREEMPTED_EXIT_CODE. Only then does TrainingJob run submitit's handler,
+pipeline.train.entry.main returns PREEMPTED_EXIT_CODE. Only then does TrainingJob run submitit's handler,
 which (on rank 0) calls `checkpoint()` to re-pickle this job and runs `scontrol requeue`. The
 requeued job points at the same train.output_dir and resumes from the latest checkpoint.
 
@@ -38,7 +38,7 @@ class TrainingJob:
 
     def __call__(self) -> int:
         # Imported here so that submitting does not load torch and DeepSpeed.
-        from pipeline import checkpoint, train
+        from pipeline.train import checkpoint, entry
 
         env = submitit.JobEnvironment()
         os.environ.update(
@@ -51,7 +51,7 @@ class TrainingJob:
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, lambda signum, frame: checkpoint.request_stop())
 
-        code = train.main([self.config_path, *self.overrides])
+        code = entry.main([self.config_path, *self.overrides])
         if code == checkpoint.PREEMPTED_EXIT_CODE:
             # The checkpoint is saved; let submitit requeue (rank 0 re-pickles, requeues, exits).
             if callable(submitit_handler):
@@ -129,9 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time", type=int, default=24 * 60, help="time limit in minutes (default 1440)")
     parser.add_argument("--partition")
     parser.add_argument("--account")
-    parser.add_argument("--cluster", choices=["slurm", "local", "debug"], help="default: Slurm if available, else local")
+    parser.add_argument(
+        "--cluster", choices=["slurm", "local", "debug"], help="default: Slurm if available, else local"
+    )
     parser.add_argument("--folder", default="slurm/logs/submitit/%j", help="submitit logs and pickles (%%j: job id)")
-    parser.add_argument("--signal-delay-s", type=int, default=300, help="stop signal this long before the time limit, to save a checkpoint")
+    parser.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=300,
+        help="stop signal this long before the time limit, to save a checkpoint",
+    )
     parser.add_argument("--max-timeouts", type=int, default=20, help="requeue after at most this many time limits")
     parser.add_argument("--wait", action="store_true", help="wait for the job and print its per-task results")
     args = parser.parse_intermixed_args(argv)

@@ -2,7 +2,7 @@
 # Usage from a stage script: run_stage SCRIPT_NAME DEFAULT_CONFIG "$@"
 
 # Exit code of pipeline.train after it saved a checkpoint on SIGUSR1/SIGTERM
-# (pipeline.checkpoint.PREEMPTED_EXIT_CODE).
+# (pipeline.train.checkpoint.PREEMPTED_EXIT_CODE).
 PREEMPTED_EXIT_CODE=3
 
 log() { echo "[$(date '+%F %T')] $*"; }

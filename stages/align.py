@@ -1,14 +1,14 @@
 """Stage 1, align: train the projector only; the vision tower and the LM stay frozen.
 
-The tiles' row-end embedding (pipeline/tiles.py) is part of the image side and trains with the
+The tiles' row-end embedding (pipeline/model/tiles.py) is part of the image side and trains with the
 projector. Starts from separate vision and LM checkpoints (model.vision_path, model.lm_path)."""
 
 from transformers import AutoConfig
 
-from pipeline.images import set_image_aspect
-from pipeline.engine import zero3_loading
-from pipeline.model import TokenFlexVLM
-from pipeline.tiles import set_tiling
+from pipeline.engine.zero3 import zero3_loading
+from pipeline.model.images import set_image_aspect
+from pipeline.model.tiles import set_tiling
+from pipeline.model.vlm import TokenFlexVLM
 from stages.common import group, log, set_trainable
 
 

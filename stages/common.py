@@ -1,8 +1,10 @@
-"""What every stage shares: setting and reporting which parameters train."""
+"""What every stage shares: setting and reporting which parameters train, and where activations are
+recomputed (train.gradient_checkpointing)."""
 
 import logging
 
-from pipeline.engine import numel
+from pipeline.engine.engine import numel
+from pipeline.model.vlm import TokenFlexVLM
 
 log = logging.getLogger("tokenflex")
 
@@ -24,3 +26,14 @@ def group(parameters, lr, weight_decay):
     decay = [p for p in parameters if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in parameters if p.requires_grad and p.ndim < 2]
     return [{"params": ps, "lr": lr, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+
+
+def enable_gradient_checkpointing(model: TokenFlexVLM) -> None:
+    """Recompute activations in backward wherever gradients flow: always the LM (the projector's
+    gradient passes through it even when frozen), the tower only when it trains. Reentrant
+    checkpointing, because the non-reentrant kind trips over ZeRO-3's parameter gathering."""
+    tower_trains = any(p.requires_grad for p in model.vision_tower.parameters())
+    parts = [model.language_model] + [model.vision_tower] * tower_trains
+    for part in parts:
+        part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    log.info("gradient checkpointing on: %s", ", ".join(type(part).__name__ for part in parts))

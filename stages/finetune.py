@@ -4,10 +4,11 @@ optim.vision_lr > 0 (at that learning rate).
 Starts from model.init_from, a model folder: stage 1's <output_dir>/final, or any folder
 written by tools.convert_checkpoint."""
 
-from pipeline.chat import prepare_tokenizer
-from pipeline.images import set_image_aspect
-from pipeline.model import TokenFlexVLM, read_vlm_config
-from pipeline.tiles import set_tiling
+from pipeline.engine.zero3 import load_model_folder
+from pipeline.model.chat import prepare_tokenizer
+from pipeline.model.folder import read_vlm_config
+from pipeline.model.images import set_image_aspect
+from pipeline.model.tiles import set_tiling
 from stages.common import group, log, set_trainable
 
 
@@ -20,7 +21,7 @@ def vision_config(cfg):
 
 
 def build_model(cfg):
-    model = TokenFlexVLM.from_pretrained(cfg.model.init_from, attn_implementation=cfg.model.attn_implementation)
+    model = load_model_folder(cfg.model.init_from, cfg)
     prepare_tokenizer(model.tokenizer, cfg.model.chat_format)  # auto keeps the folder's format
     set_image_aspect(model.image_processor, cfg.data.image_aspect)
     set_tiling(model.image_processor, cfg.data.max_tiles, cfg.data.multi_image_max_tiles)

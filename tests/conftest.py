@@ -38,7 +38,7 @@ def models(tiny_models):
     """The tiny Qwen2 tokenizer and the tiny vision tower's image processor."""
     from transformers import AutoImageProcessor
 
-    from pipeline.chat import load_tokenizer
+    from pipeline.model.chat import load_tokenizer
 
     return load_tokenizer(tiny_models / "qwen2"), AutoImageProcessor.from_pretrained(tiny_models / "vision")
 
@@ -130,7 +130,7 @@ def save_chatty_copy(model_dir, out):
     """Save model_dir's model with the embeddings of the newline and the special tokens zeroed.
     The barely trained tiny LM answers only newlines or special tokens (empty once stripped, or
     ended at once by the chat format's end token); the copy gives visible answers."""
-    from pipeline.model import TokenFlexVLM
+    from pipeline.model.vlm import TokenFlexVLM
 
     chatty = TokenFlexVLM.from_pretrained(model_dir)
     with torch.no_grad():

@@ -12,12 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import train
+from pipeline.train import loop
+from pipeline.train.entry import main
 
 AT_STEP = int(os.environ["FAULT_AT_STEP"])
 RAISE_RANK = os.environ["FAULT_RAISE_RANK"]
 STALL_RANK = os.environ.get("FAULT_STALL_RANK")
-real_train_step = train.train_step
+real_train_step = loop.train_step
 steps = 0
 
 
@@ -25,7 +26,7 @@ def faulty_train_step(*args, **kwargs):
     global steps
     steps += 1
     if steps == AT_STEP:
-        rank = os.environ["RANK"]  # set by pipeline.distributed.distributed_env, also under srun
+        rank = os.environ["RANK"]  # set by pipeline.train.distributed.distributed_env, also under srun
         if rank == RAISE_RANK:
             if "FAULT_MARKER" in os.environ:
                 Path(os.environ["FAULT_MARKER"]).write_text(str(time.time()))
@@ -35,7 +36,7 @@ def faulty_train_step(*args, **kwargs):
     return real_train_step(*args, **kwargs)
 
 
-train.train_step = faulty_train_step
+loop.train_step = faulty_train_step
 
 if __name__ == "__main__":
-    sys.exit(train.main())
+    sys.exit(main())

@@ -14,9 +14,21 @@ STAGE1_STEPS = 16
 def torchrun_command(config, output_dir, *overrides, ranks=2, module="pipeline.train"):
     """module: pipeline.train or a test wrapper of it (tests/record_dtypes.py, tests/crash_at_step.py)."""
     # --master_port 0 would hang: DeepSpeed's env:// init does not see the port torchrun picks
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
-            "-m", module, str(REPO / "configs" / config), f"train.output_dir={output_dir}",
-            "wandb.mode=disabled", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        module,
+        str(REPO / "configs" / config),
+        f"train.output_dir={output_dir}",
+        "wandb.mode=disabled",
+        *overrides,
+    ]
 
 
 def run_training(config, output_dir, *overrides, timeout=300, ranks=2, module="pipeline.train"):

@@ -11,9 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import train
+from pipeline.data.batches import TrainBatches
+from pipeline.train.entry import main
 
-real_next_batch = train.TrainBatches.next_batch
+real_next_batch = TrainBatches.next_batch
 
 
 def recording_next_batch(self, num_vision_tokens):
@@ -28,7 +29,7 @@ def recording_next_batch(self, num_vision_tokens):
     return batch
 
 
-train.TrainBatches.next_batch = recording_next_batch
+TrainBatches.next_batch = recording_next_batch
 
 if __name__ == "__main__":
-    sys.exit(train.main())
+    sys.exit(main())

@@ -4,8 +4,10 @@
 
 Right after DeepSpeed set-up each rank writes <output_dir>/engine_dtypes/rank-<r>.json: for
 every parameter of the model, the dtype and device of what the rank holds (its partition under
-ZeRO-3) and whether it trains; the dtypes of the optimizer's master weights; the dtype in which
-gradients are accumulated. The tests and bench/gpu_check.sh read it.
+ZeRO-3), whether it trains and whether it was already ZeRO-partitioned when the stage handed the
+model to the engine (loaded straight into partitions); the device of every buffer; the dtypes of
+the optimizer's master weights; the dtype in which gradients are accumulated. The tests and
+bench/gpu_check.sh read it.
 """
 
 import json
@@ -13,17 +15,23 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import engine, train
+from deepspeed.runtime.zero.utils import is_zero_param
 
-real_build_engine = train.build_engine
+from pipeline.engine import engine
+from pipeline.train import loop
+from pipeline.train.entry import main
+
+real_build_engine = loop.build_engine
 
 
 def recording_build_engine(model, param_groups, cfg, load_universal=False):
+    partitioned = {name for name, p in model.named_parameters() if is_zero_param(p)}
     built = real_build_engine(model, param_groups, cfg, load_universal)
     record = {
         "parameters": {name: {"dtype": str(engine.held(p).dtype), "device": str(engine.held(p).device),
-                              "trains": p.requires_grad}
+                              "trains": p.requires_grad, "partitioned_at_build": name in partitioned}
                        for name, p in built.module.named_parameters()},
+        "buffers": {name: str(buffer.device) for name, buffer in built.module.named_buffers()},
         "master_weights": sorted({str(m.dtype) for m in engine.master_weights(built)}),
         "grad_accum": str(built.get_data_types()[1]),
     }
@@ -33,7 +41,7 @@ def recording_build_engine(model, param_groups, cfg, load_universal=False):
     return built
 
 
-train.build_engine = recording_build_engine
+loop.build_engine = recording_build_engine
 
 if __name__ == "__main__":
-    sys.exit(train.main())
+    sys.exit(main())

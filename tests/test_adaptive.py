@@ -1,4 +1,4 @@
-"""Adaptive N (pipeline/adaptive.py, tools.evaluate --tokens adaptive): answer probabilities, the
+"""Adaptive N (pipeline/eval/adaptive.py, tools.evaluate --tokens adaptive): answer probabilities, the
 policy run on a model (one tower forward per image, the first confident count), calibration and
 the oracle on given answers, and the command end to end."""
 
@@ -13,19 +13,19 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from bench import adaptive as bench_adaptive
 from bench.adaptive import verdict
-from pipeline.adaptive import (
-    adaptive_generate,
+from pipeline.data import iter_samples
+from pipeline.eval import adaptive_study
+from pipeline.eval.adaptive import adaptive_generate, first_confident
+from pipeline.eval.adaptive_study import (
     calibrate,
     evaluate_adaptive,
     evaluate_adaptive_model,
-    first_confident,
     ladder_arrays,
     oracle_result,
     simulate,
 )
-from pipeline.data import iter_samples
-from pipeline.evaluate import evaluate_model
-from pipeline.model import TokenFlexVLM
+from pipeline.eval.heldout import evaluate_model
+from pipeline.model.vlm import TokenFlexVLM
 from tests.conftest import save_chatty_copy
 from tools import evaluate as evaluate_tool
 
@@ -47,6 +47,62 @@ def model(chatty):
 @pytest.fixture(scope="module")
 def samples(model, synthetic_shards):
     return list(itertools.islice(iter_samples(synthetic_shards, model.tokenizer, model.image_processor), 24))
+
+
+def shard_subset(shards, names, folder):
+    """A shard folder of some of shards' shards (linked), its manifest listing only them."""
+    folder.mkdir(parents=True)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for name in names:
+        (folder / name).symlink_to(shards / name)
+    (folder / "manifest.json").write_text(json.dumps({"shards": [s for s in manifest["shards"] if s["name"] in names]}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def splits(synthetic_shards, tmp_path_factory):
+    """A validation and a test split with no shard, so no record, in common: the fixture shards'
+    first three and last three."""
+    root = tmp_path_factory.mktemp("splits")
+    names = sorted(p.name for p in synthetic_shards.glob("shard-*.tar"))
+    return (shard_subset(synthetic_shards, names[:3], root / "validation"),
+            shard_subset(synthetic_shards, names[3:], root / "test"))
+
+
+def first_keys(model, shards, limit):
+    return [s["key"] for s in itertools.islice(iter_samples(shards, model.tokenizer, model.image_processor), limit)]
+
+
+def watch_calibration(monkeypatch):
+    """The keys of the questions each calibration is given (pipeline.eval.adaptive.calibrate, run as it is)."""
+    calibrated_on = []
+    real_calibrate = adaptive_study.calibrate
+
+    def watched_calibrate(fixed_results, ladder, max_drop):
+        calibrated_on.append([p["key"] for p in fixed_results[0]["predictions"]])
+        return real_calibrate(fixed_results, ladder, max_drop)
+
+    monkeypatch.setattr(adaptive_study, "calibrate", watched_calibrate)
+    return calibrated_on
+
+
+def check_split_use(report, name, model, splits, limit, ladder, max_drop, max_new_tokens, calibrated_on):
+    """Every calibration saw the validation split's first `limit` questions and every report row
+    the test split's; the named model's threshold is the one calibrated on validation's answers
+    (computed here afresh), which is not the one the test split's answers would give."""
+    validation_keys, test_keys = first_keys(model, splits[0], limit), first_keys(model, splits[1], limit)
+    assert len(validation_keys) == len(test_keys) == limit and not set(validation_keys) & set(test_keys)
+    assert calibrated_on and all(keys == validation_keys for keys in calibrated_on)
+    assert all([p["key"] for p in r["predictions"]] == test_keys for r in report["results"])
+    rows = [r for r in report["results"] if r["model"] == name]
+    samples = itertools.islice(iter_samples(splits[0], model.tokenizer, model.image_processor), limit)
+    on_validation = calibrate(evaluate_model(model, samples, list(ladder), 8, max_new_tokens), ladder, max_drop)
+    on_test = calibrate([r for r in rows if r["policy"] == "fixed"], ladder, max_drop)
+    assert report["calibration"][name]["threshold"] == pytest.approx(on_validation["threshold"], rel=1e-6, abs=0)
+    # the splits are told apart (abs=0: the barely trained models' probabilities are as small as 1e-40)
+    assert on_test["threshold"] != pytest.approx(on_validation["threshold"], rel=1e-6, abs=0)
+    adaptive, = (r for r in rows if r["policy"] == "adaptive")
+    assert adaptive["threshold"] == report["calibration"][name]["threshold"]
 
 
 def test_answer_probability_is_the_product_of_its_greedy_tokens_probabilities(model, samples):
@@ -96,8 +152,11 @@ def test_policy_encodes_each_image_once_and_stops_at_the_first_confident_count(m
 
     tower_calls = []
     hook = model.vision_tower.register_forward_hook(  # the tower is called with pixel_values by keyword
-        lambda module, args, kwargs, output: tower_calls.append(len(kwargs.get("pixel_values", args[0] if args else []))),
-        with_kwargs=True)
+        lambda module, args, kwargs, output: tower_calls.append(
+            len(kwargs.get("pixel_values", args[0] if args else []))
+        ),
+        with_kwargs=True,
+    )
     try:
         results = []
         for batch in (samples[:8], samples[8:16], samples[16:]):
@@ -132,7 +191,7 @@ def test_thresholds_zero_and_infinite_give_the_smallest_and_the_largest_count(mo
 
 
 def fixed_rows(table):
-    """pipeline.evaluate-style results from {N: [(probability, right), ...]}: question i is an
+    """pipeline.eval.heldout-style results from {N: [(probability, right), ...]}: question i is an
     image question of type coarse, except the last, a text one."""
     rows = []
     for n, answers in table.items():
@@ -169,23 +228,28 @@ def test_oracle_takes_the_smallest_count_that_answers_right():
     assert oracle["accuracy"] == pytest.approx(0.8) and oracle["mean_vision_tokens"] == pytest.approx(28)
 
 
-def test_evaluate_tokens_adaptive_reports_fixed_policy_and_oracle_per_model(chatty, stage1_run, synthetic_shards,
-                                                                            tmp_path):
+def test_evaluate_tokens_adaptive_reports_fixed_policy_and_oracle_per_model(chatty, stage1_run, model, splits,
+                                                                            tmp_path, monkeypatch):
+    """Per model: the fixed rows, the policy and the oracle on the test split, the threshold
+    calibrated on the validation split only (check_split_use)."""
+    calibrated_on = watch_calibration(monkeypatch)
     out = tmp_path / "out"
     assert evaluate_tool.main([str(chatty), str(stage1_run / "final"), "--names", "chatty,final",
-                               "--shards", str(synthetic_shards), "--tokens", "adaptive", "--ladder", "16,64,256",
-                               "--calibrate", str(synthetic_shards), "--max-drop", "2", "--limit", "16",
+                               "--shards", str(splits[1]), "--tokens", "adaptive", "--ladder", "16,64,256",
+                               "--calibrate", str(splits[0]), "--max-drop", "2", "--limit", "16",
                                "--max-new-tokens", "4", "--out", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
+    assert len(calibrated_on) == 2  # once per model
+    check_split_use(report, "chatty", model, splits, 16, LADDER, 0.02, 4, calibrated_on)
     assert [(r["model"], r["policy"], r["num_vision_tokens"]) for r in report["results"]] == [
         (m, *p) for m in ("chatty", "final")
         for p in (("fixed", 16), ("fixed", 64), ("fixed", 256), ("adaptive", "adaptive"), ("oracle", "oracle"))]
-    for model in ("chatty", "final"):
+    for name in ("chatty", "final"):
         rows = {r["policy"] if r["policy"] != "fixed" else r["num_vision_tokens"]: r
-                for r in report["results"] if r["model"] == model}
+                for r in report["results"] if r["model"] == name}
         assert rows["oracle"]["accuracy"] >= max(rows[n]["accuracy"] for n in LADDER)
         assert 16 <= rows["adaptive"]["mean_vision_tokens"] <= 256
-        assert rows["adaptive"]["threshold"] == report["calibration"][model]["threshold"]
+        assert rows["adaptive"]["threshold"] == report["calibration"][name]["threshold"]
         assert rows["adaptive"]["prefill_total_s"] > 0 and set(rows["adaptive"]["mean_vision_tokens_by_type"]) <= {
             "coarse", "medium", "fine"}
     markdown = (out / "results.md").read_text()
@@ -225,16 +289,22 @@ def test_bench_verdict_needs_both_the_accuracy_and_the_tokens():
         report(0.80, 39), "m")
 
 
-def test_bench_adaptive_writes_its_command_and_verdict(chatty, synthetic_shards, tmp_path):
-    """bench.adaptive on a tools.demo-shaped folder (the chatty model, the test fixtures' shards as
-    both splits), a few records: the results name the command, the commit and the verdict."""
+def test_bench_adaptive_writes_its_command_and_verdict(chatty, model, splits, tmp_path, monkeypatch):
+    """bench.adaptive on a tools.demo-shaped folder (the chatty model, validation and test splits
+    with no record in common), a few records: the threshold is calibrated on the demo's validation
+    split only and the figures are on its test split (check_split_use); the results name the
+    command, the commit and the verdict."""
+    calibrated_on = watch_calibration(monkeypatch)
     demo = tmp_path / "demo"
     (demo / "shards").mkdir(parents=True)
     (demo / "model").symlink_to(chatty)
-    for split in ("validation", "test"):
-        (demo / "shards" / split).symlink_to(synthetic_shards)
+    for split, folder in zip(("validation", "test"), splits):
+        (demo / "shards" / split).symlink_to(folder)
     out = tmp_path / "out"
     assert bench_adaptive.main(["--demo", str(demo), "--out", str(out), "--ladder", "16,64", "--limit", "8"]) == 0
+    assert len(calibrated_on) == 1
+    check_split_use(json.loads((out / "results.json").read_text()), "demo", model, splits, 8, (16, 64), 0.005, 16,
+                    calibrated_on)
     markdown = (out / "results.md").read_text()
     assert f"Command: `python -m bench.adaptive --demo {demo} --out {out} --ladder 16,64 --limit 8`" in markdown
     assert "at commit " in markdown and "Goal " in markdown and "| demo | adaptive |" in markdown

@@ -20,27 +20,26 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageFile
 
-from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
 from pipeline.data.mixture import resolve_source
-from pipeline.evaluate import normalise
-from pipeline.model import TokenFlexVLM
-from pipeline.model_card import EVALUATION_HEADING
+from pipeline.eval.heldout import normalise
+from pipeline.export.model_card import EVALUATION_HEADING
+from pipeline.model.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
+from pipeline.model.vlm import TokenFlexVLM
 from tests.conftest import require_lmms_eval, save_chatty_copy
 from tests.distributed import REPO
 from tools import benchmark as benchmark_tool
-from tools import build_shards
+from tools import build_shards, local_tasks
 from tools import evaluate as evaluate_tool
-from tools import local_tasks
 from tools.demo import cpu_training_env, torchrun
 from tools.report import benchmark_table, latency_noise
 
 require_lmms_eval()
-import datasets  # installed with lmms-eval: imported after the check
+import datasets  # noqa: E402  (installed with lmms-eval: imported after the check)
 
 pytestmark = pytest.mark.timeout(900)
 TASK = "synthetic_heldout"
 CHOICE_TASK = "synthetic_heldout_choice"  # the same questions, the answer against one wrong choice
-# lmms-eval's exact_match options in the task YAML that score as pipeline.evaluate.normalise does
+# lmms-eval's exact_match options in the task YAML that score as pipeline.eval.heldout.normalise does
 EXACT_MATCH_OPTIONS = {"ignore_case": True, "regexes_to_ignore": [r"^\s+", r"[.,;:!?\s]+$"]}
 LIMIT = 24  # the first samples of the shards; the task keeps the single-turn ones
 REAL_TASKS = ["pope_local", "mme_local", "seedbench_ppl_local"]  # lmms-eval's own, on local data
@@ -98,7 +97,7 @@ def heldout(models, synthetic_shards, tmp_path_factory):
 def task_dir(heldout, synthetic_shards, tmp_path_factory):
     """An lmms-eval task folder: the single-turn records of the held-out shards as a local
     dataset (question without its image marker, answer, image or None), a generation task
-    scoring them with lmms-eval's exact_match, normalised as pipeline.evaluate does (case and
+    scoring them with lmms-eval's exact_match, normalised as pipeline.eval.heldout does (case and
     trailing punctuation ignored), and a multiple-choice one (log-likelihoods); beside them,
     tools.local_tasks' copies of lmms-eval's pope, mme and seedbench_ppl on SCENES held-out scenes."""
     folder = tmp_path_factory.mktemp("lmms_task")
@@ -180,7 +179,7 @@ def test_task_exact_match_options_score_as_pipeline_evaluate():
 
 
 def exact_match(predictions, keys):
-    """pipeline.evaluate's accuracy over the given samples."""
+    """pipeline.eval.heldout's accuracy over the given samples."""
     return sum(normalise(predictions[k]["prediction"]) == normalise(predictions[k]["answer"]) for k in keys) / len(keys)
 
 
@@ -458,9 +457,13 @@ def test_local_task_names_a_bad_task_or_dataset(tmp_path):
         local_tasks.local_task("no_such_task", tmp_path, tmp_path / "out", index)
     with pytest.raises(ValueError, match="has no task 'pope_full' \\(it is a group; name its tasks\\)"):
         local_tasks.local_task("pope_full", tmp_path, tmp_path / "out", index)
-    with pytest.raises(ValueError, match=f"pope={tmp_path / 'missing'}: not a folder written by datasets' save_to_disk"):
+    with pytest.raises(
+        ValueError, match=f"pope={tmp_path / 'missing'}: not a folder written by datasets' save_to_disk"
+    ):
         local_tasks.local_task("pope", tmp_path / "missing", tmp_path / "out", index)
     datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"question": ["q"]})}).save_to_disk(tmp_path / "val")
-    with pytest.raises(ValueError, match=r"the task reads test_split 'test', but the dataset's splits are \['validation'\]"):
+    with pytest.raises(
+        ValueError, match=r"the task reads test_split 'test', but the dataset's splits are \['validation'\]"
+    ):
         local_tasks.local_task("pope", tmp_path / "val", tmp_path / "out", index)
     assert not (tmp_path / "out").exists()

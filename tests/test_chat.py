@@ -1,11 +1,11 @@
-"""pipeline/chat: each LM family's conversation format, its label mask, BOS, vocabulary and end token."""
+"""pipeline/model/chat.py: each LM family's conversation format, its label mask, BOS, vocabulary and end token."""
 
 import json
 
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.chat import (
+from pipeline.model.chat import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
     end_token_ids,
@@ -15,7 +15,7 @@ from pipeline.chat import (
     saved_chat_format,
     tokenize_record,
 )
-from pipeline.model import TokenFlexVLM
+from pipeline.model.vlm import TokenFlexVLM
 
 RECORD = {"conversations": [
     {"from": "human", "value": f"{IMAGE_TOKEN}\nwhat is the colour of the shape?"},

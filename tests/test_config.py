@@ -1,5 +1,7 @@
-"""Typed configs: every shipped YAML loads, overrides apply, bad keys and values are named."""
+"""Typed configs: every shipped YAML loads, overrides apply, bad keys and values are named, every
+key is documented."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, load_config
+from pipeline.run.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +31,6 @@ def test_dotted_overrides_are_typed():
     ("trian.max_steps=3", "trian"),
     ("train.max_steps=abc", "train.max_steps"),
     ("data.seq_len=-5", "seq_len"),
-    ("train.stage=pretrain", "train.stage"),
     ("tokens.counts={50: 1}", "50"),
     ("wandb.mode=loud", "wandb.mode"),
     ("model.attn_implementation=flash", "model.attn_implementation"),
@@ -44,6 +45,25 @@ def test_bad_keys_and_values_are_named(override, named):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_help_documents_every_key():
+    """--help gives every key of every section with its type, default and the documentation below its field."""
+    from pipeline.run.config import describe_options
+
+    lines = describe_options()
+    for section in dataclasses.fields(Config):
+        for key in dataclasses.fields(section.type):
+            entry = next(i for i, line in enumerate(lines) if line.startswith(f"  {section.name}.{key.name} ("))
+            assert "default" in lines[entry] and lines[entry + 1].startswith("      ") and lines[entry + 1].strip(), \
+                f"{section.name}.{key.name} has no documentation"
+
+
+def test_unknown_stage_is_named_before_start_up():
+    from pipeline.train.preflight import check_inputs
+
+    with pytest.raises(ValueError, match=r"train\.stage must be one of align, finetune, got 'pretrain'"):
+        check_inputs(load_config(REPO / "configs/stage1_align.yaml", ["train.stage=pretrain"]))
 
 
 def test_cli_help_lists_options_and_bad_config_exits_2():
@@ -61,7 +81,7 @@ def test_cli_help_lists_options_and_bad_config_exits_2():
     ("train.deepspeed=/no/such.json", "train.deepspeed='/no/such.json' not found"),
 ])
 def test_missing_inputs_are_named_before_start_up(tiny_models, synthetic_shards, override, named):
-    from pipeline.train import check_inputs
+    from pipeline.train.preflight import check_inputs
 
     cfg = load_config(REPO / "configs/tiny_cpu_stage1.yaml",
                       [f"model.vision_path={tiny_models / 'vision'}", f"model.lm_path={tiny_models / 'qwen2'}",

@@ -16,9 +16,10 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors import safe_open
 from transformers import AutoImageProcessor
 
-from pipeline.chat import load_tokenizer
-from pipeline.convert import ConversionError, bf16_tolerance, probe_logits, verify_folder
-from pipeline.model import TokenFlexVLM, read_vlm_config
+from pipeline.export.convert import ConversionError, bf16_tolerance, probe_logits, verify_folder
+from pipeline.model.chat import load_tokenizer
+from pipeline.model.folder import read_vlm_config
+from pipeline.model.vlm import TokenFlexVLM
 from tests.distributed import REPO, run_training
 from tools import convert_checkpoint as convert_tool
 from tools.demo import cpu_training_env
@@ -123,7 +124,8 @@ BREAKAGES = {
     "missing latest": (lambda d: os.remove(d / "latest"), ["latest is missing", "--tag", "step-000012, step-000016"]),
     "truncated file": (lambda d: truncate(d / "step-000016" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
                        ["zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated or corrupted", "step-000012"]),
-    "wrong contents": (lambda d: replace_with_empty_archive(d / "step-000016" / "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+    "wrong contents": (lambda d: replace_with_empty_archive(
+                           d / "step-000016" / "zero_pp_rank_0_mp_rank_00_model_states.pt"),
                        ["DeepSpeed could not consolidate", "is not a model state checkpoint", "--tag"]),
     "foreign model type": (lambda d: (d / "model" / "config.json").write_text('{"model_type": "llava"}'),
                            ["another project", "'llava'", "tokenflex_vlm"]),

@@ -13,14 +13,14 @@ import webdataset as wds
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
-from pipeline.config import DataConfig, load_config
 from pipeline.data import TrainBatches, iter_samples
 from pipeline.data.decode import Decoder, measure_text_tokens_per_tile
 from pipeline.data.handover import SAMPLES_PER_HANDOVER, loader_items
 from pipeline.data.mixture import load_mixture
 from pipeline.data.stream import SampleStream
-from pipeline.images import image_pixel_values, set_image_aspect
+from pipeline.model.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
+from pipeline.model.images import image_pixel_values, set_image_aspect
+from pipeline.run.config import DataConfig, load_config
 from tests.distributed import REPO
 from tools import build_shards, make_synthetic
 
@@ -101,7 +101,10 @@ def write_corrupt_shards(synth, out):
     (out / "shard-000002.tar").write_bytes(b"garbage " * 1000)
     for i, path in enumerate(good[2:4], 3):
         shutil.copy(path, out / f"shard-{i:06d}.tar")
-    return f"{out}/shard-{{000000..000004}}.tar", [samples[image_sample]["__key__"], samples[image_sample + 1]["__key__"]]
+    return f"{out}/shard-{{000000..000004}}.tar", [
+        samples[image_sample]["__key__"],
+        samples[image_sample + 1]["__key__"],
+    ]
 
 
 def test_corrupt_shards_are_skipped_counted_and_the_stream_goes_on(synth, models, tmp_path, caplog):
@@ -321,7 +324,7 @@ def packing_figures(loader, n, count):
 def test_llava_like_batches_fill_rows_and_image_slots(llava_like, models, stage, n):
     """With the shipped stage configs' row shapes and the image budget measured on the data,
     nearly every token is real and nearly every image slot holds a real image: under 3% dummies,
-    the README's figure (these 12 batches of 1000 records measured at most 2.2%;
+    docs/data.md's figure (these 12 batches of 1000 records measured at most 2.2%;
     bench/loader_results.md, 200 batches of 3000, at most 1.4%)."""
     shipped = load_config(REPO / "configs" / f"{stage}.yaml").data
     cfg = DataConfig(shards=str(llava_like), seq_len=shipped.seq_len, rows_per_batch=shipped.rows_per_batch,

@@ -1,16 +1,17 @@
 """pipeline/data/mixture.py and tools/build_mixture.py: mixture files, their errors (each naming
-the source), a single folder as a mixture of one, and a LLaVA-OneVision-style YAML turned into a
-mixture that trains."""
+the source), a single folder as a mixture of one, and a LLaVA-OneVision-style YAML, of JSON files or
+of published parquet subsets, turned into a mixture that trains."""
 
 import json
+import os
 
 import pytest
 import webdataset as wds
 import yaml
 
-from pipeline.config import DataConfig
 from pipeline.data import TrainBatches
 from pipeline.data.mixture import load_mixture
+from pipeline.run.config import DataConfig
 from tools import build_mixture
 
 
@@ -28,8 +29,15 @@ def test_a_folder_is_a_mixture_of_one(synth):
 
 def test_sources_resolve_relative_to_the_mixture_file(synth, tmp_path):
     (tmp_path / "data").symlink_to(synth / "shards")
-    mixture = load_mixture(write(tmp_path / "mix.yaml", [{"name": "a", "shards": "data", "repeat": 2},
-                                                          {"name": "b.v2", "shards": str(synth / "shards"), "repeat": 0.5}]))
+    mixture = load_mixture(
+        write(
+            tmp_path / "mix.yaml",
+            [
+                {"name": "a", "shards": "data", "repeat": 2},
+                {"name": "b.v2", "shards": str(synth / "shards"), "repeat": 0.5},
+            ],
+        )
+    )
     assert [s.name for s in mixture.sources] == ["a", "b.v2"] and mixture.takes() == [600, 150]
     manifest = mixture.manifest(seed=4)
     assert manifest["seed"] == 4 and manifest["epoch_samples"] == 750
@@ -99,3 +107,50 @@ def test_a_onevision_yaml_becomes_a_mixture_that_trains(synth, models, tmp_path,
     with pytest.raises(SystemExit, match="dataset .*vqa.json: sampling_strategy 'sample:5' is not all, first:N"):
         build_mixture.main(["--yaml", str(tmp_path / "bad.yaml"), "--image-root", str(synth / "raw"),
                             "--out", str(tmp_path / "bad")])
+
+
+def test_published_parquet_subsets_become_a_mixture_that_trains_on_two_ranks(synth, tiny_models, tmp_path):
+    """A local copy of a LLaVA-OneVision-Data subset (a folder named as the hub's, parquet with
+    the images as datasets Image structs, text-only rows with none) and of a Cauldron-style one
+    (images lists, texts of user/assistant turns), listed by `path` in a OneVision YAML: no image
+    root, a mixture of both, and stage 1 trains on it with torchrun on 2 CPU ranks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.distributed import metrics, run_training, stage1_overrides
+
+    records = json.loads((synth / "raw" / "data.json").read_text())
+
+    def image(path):
+        return {"bytes": (synth / "raw" / path).read_bytes(), "path": os.path.basename(path)}
+    onevision = [{"id": r["id"], "image": image(r["image"]) if "image" in r else None,
+                  "conversations": r["conversations"], "data_source": "synthetic"} for r in records[:120]]
+    cauldron = [{"images": [image(r["image"])] if "image" in r else [],
+                 "texts": [{"user": q["value"].replace("<image>\n", ""), "assistant": a["value"], "source": "synthetic"}
+                           for q, a in zip(r["conversations"][::2], r["conversations"][1::2])]} for r in records[120:]]
+    for folder, rows in [("LLaVA-OneVision-Data/aokvqa(cauldron,llava_format)", onevision),
+                         ("the_cauldron/ai2d", cauldron)]:
+        (tmp_path / folder).mkdir(parents=True)
+        pq.write_table(
+            pa.Table.from_pylist(rows), tmp_path / folder / "train-00000-of-00001.parquet", row_group_size=50
+        )
+    spec = {"datasets": [{"path": str(tmp_path / "LLaVA-OneVision-Data" / "aokvqa(cauldron,llava_format)")},
+                         {"path": str(tmp_path / "the_cauldron" / "ai2d"), "sampling_strategy": "first:50%"}]}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "mix"
+    build_mixture.main(["--yaml", str(tmp_path / "data.yaml"), "--out", str(out), "--samples-per-shard", "16"])
+    mixture = load_mixture(str(out / "mixture.yaml"))
+    assert [(s.name, s.num_samples) for s in mixture.sources] == [("aokvqa_cauldron_llava_format_", 120), ("ai2d", 90)]
+    manifests = [json.loads((out / s.name / "manifest.json").read_text()) for s in mixture.sources]
+    assert [m["schema"] for m in manifests] == ["llava", "cauldron"]
+    first = next(iter(wds.WebDataset(str(out / "ai2d" / "shard-000000.tar"), shardshuffle=False)))
+    assert json.loads(first["json"])["conversations"][0]["value"].startswith("<image>\n")
+
+    run = tmp_path / "run"
+    result = run_training("tiny_cpu_stage1.yaml", run, *stage1_overrides(tiny_models, out / "mixture.yaml"),
+                          "train.max_steps=3", "train.save_every=3", "train.export_final=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = metrics(run)
+    assert [m["step"] for m in logged] == [1, 2, 3]
+    consumed = logged[-1]
+    assert consumed["samples_total/ai2d"] > 0 and consumed["samples_total/aokvqa_cauldron_llava_format_"] > 0

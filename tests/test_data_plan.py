@@ -27,15 +27,23 @@ def source(name, sizes, **share):
 
 def samples_of(pieces, mixture):
     """Counter of (source name, shard, sample) over pieces."""
-    return collections.Counter((mixture.sources[p.source].name, p.shard, k) for p in pieces for k in range(p.start, p.stop))
+    return collections.Counter(
+        (mixture.sources[p.source].name, p.shard, k) for p in pieces for k in range(p.start, p.stop)
+    )
 
 
 def every_sample(src, times=1):
-    return collections.Counter({(src.name, shard, k): times for shard, size in enumerate(src.sizes) for k in range(size)})
+    return collections.Counter(
+        {(src.name, shard, k): times for shard, size in enumerate(src.sizes) for k in range(size)}
+    )
 
 
 def test_repeat_counts_give_exact_epochs_and_fractions_continue_across_epochs():
-    once, twice, half = source("once", UNEVEN, repeat=1), source("twice", (7, 5), repeat=2), source("half", (30, 4), repeat=0.5)
+    once, twice, half = (
+        source("once", UNEVEN, repeat=1),
+        source("twice", (7, 5), repeat=2),
+        source("half", (30, 4), repeat=0.5),
+    )
     mixture = Mixture((once, twice, half))
     assert mixture.takes() == [180, 24, 17] and mixture.epoch_length() == 221
     halves = collections.Counter()
@@ -93,7 +101,11 @@ def test_sequence_runs_find_each_positions_sample():
     flat = [(p.source, p.shard, k) for p in pieces for k in range(p.start, p.stop)]
     sequence = EpochPieces(pieces)
     intervals = [(0, 5), (37, 90), (140, len(flat))]
-    found = [(piece.source, piece.shard, k) for first, piece in sequence.runs(intervals) for k in range(piece.start, piece.stop)]
+    found = [
+        (piece.source, piece.shard, k)
+        for first, piece in sequence.runs(intervals)
+        for k in range(piece.start, piece.stop)
+    ]
     assert found == [flat[p] for a, b in intervals for p in range(a, b)]
     assert all(piece.stop - piece.start > 0 for _, piece in sequence.runs(intervals))
 

@@ -7,12 +7,12 @@ import json
 import pytest
 from PIL import Image
 
-from pipeline.chat import IMAGE_TOKEN, tokenize_record
-from pipeline.config import DataConfig
 from pipeline.data import TrainBatches, iter_samples
 from pipeline.data.decode import measure_text_tokens_per_tile
 from pipeline.data.mixture import load_mixture
-from pipeline.tiles import choose_grid, image_slots, set_tiling, tile_count, tiles_allowed
+from pipeline.model.chat import IMAGE_TOKEN, tokenize_record
+from pipeline.model.tiles import choose_grid, image_slots, set_tiling, tile_count, tiles_allowed
+from pipeline.run.config import DataConfig
 
 NS = [16, 64, 16, 144, 64, 16]
 

@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.distributed import (
+from pipeline.train.distributed import (
     bind_task_gpu,
     broadcast_from_rank0,
     distributed_env,
@@ -22,7 +22,7 @@ from pipeline.distributed import (
     socket_interfaces,
     sum_over_ranks,
 )
-from pipeline.sampler import check_same_across_ranks
+from pipeline.train.sampler import check_same_across_ranks
 from tools.demo import free_port
 
 GPU_RUN_BACKEND = process_group_backend("cuda", gpu_backend="gloo")  # what a GPU run gets, NCCL emulated

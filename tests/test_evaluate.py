@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.chat import IGNORE_INDEX
-from pipeline.convert import convert_checkpoint
 from pipeline.data import iter_samples
-from pipeline.evaluate import evaluate_model, last_reply_labels, normalise, score
-from pipeline.model import TokenFlexVLM
+from pipeline.eval.heldout import evaluate_model, last_reply_labels, normalise, score
+from pipeline.export.convert import convert_checkpoint
+from pipeline.model.chat import IGNORE_INDEX
+from pipeline.model.vlm import TokenFlexVLM
 from tests.conftest import save_chatty_copy
 from tools import benchmark as benchmark_tool
 from tools import evaluate as evaluate_tool
@@ -96,9 +96,14 @@ def test_generate_rejects_a_device_or_dtype_it_cannot_use(models, option, messag
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tokens, message", [("20", "num_vision_tokens=20 is not a perfect square"),
-                                             ("16,1024", "num_vision_tokens=1024 asks for a 32x32 grid, larger than the encoder's 16x16 patches"),
-                                             ("a,b", "comma-separated integers")])
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        ("20", "num_vision_tokens=20 is not a perfect square"),
+        ("16,1024", "num_vision_tokens=1024 asks for a 32x32 grid, larger than the encoder's 16x16 patches"),
+        ("a,b", "comma-separated integers"),
+    ],
+)
 def test_generate_rejects_bad_token_counts(models, tokens, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         generate_tool.main([str(models["final"]), "--prompt", "hi", "--tokens", tokens])
@@ -215,7 +220,10 @@ def test_evaluate_rejects_a_token_count_beyond_the_grid(models, synthetic_shards
         evaluate_tool.main([str(models["final"]), "--shards", str(synthetic_shards), "--tokens", "16,400",
                             "--out", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "num_vision_tokens=400 asks for a 20x20 grid, larger than the encoder's 16x16 patches" in capsys.readouterr().err
+    assert (
+        "num_vision_tokens=400 asks for a 20x20 grid, larger than the encoder's 16x16 patches"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "results.json").exists()
 
 

@@ -47,8 +47,8 @@ def start_ranks(module, output_dir, overrides, env, ranks=2):
 LOADER_SCRIPT = """
 import sys, time
 from transformers import AutoImageProcessor
-from pipeline.chat import load_tokenizer
-from pipeline.config import DataConfig
+from pipeline.model.chat import load_tokenizer
+from pipeline.run.config import DataConfig
 from pipeline.data import TrainBatches
 
 models, shards, ending = sys.argv[1:]
@@ -136,8 +136,8 @@ def test_exception_on_one_rank_ends_every_process_within_a_minute(tiny_models, s
 # ---- config errors at start-up, before any process group or DeepSpeed start-up ----
 
 def start_up_error(capsys, *overrides, config="tiny_cpu_stage1.yaml"):
-    """pipeline.train.main's exit code 2 and its message, for a config that must fail its checks."""
-    from pipeline.train import main
+    """pipeline.train.entry.main's exit code 2 and its message, for a config that must fail its checks."""
+    from pipeline.train.entry import main
 
     assert main([str(REPO / "configs" / config), "wandb.mode=disabled", *overrides]) == 2
     return capsys.readouterr().err
@@ -148,7 +148,7 @@ def test_token_count_beyond_the_vision_grid_fails_at_start(tiny_models, syntheti
     error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "tokens.counts={64: 1, 324: 1}")
     assert "tokens.counts: num_vision_tokens=324 asks for a 18x18 grid, larger than the encoder's 16x16" in error
 
-    from pipeline.model import TokenFlexVLM  # stage 2 reads the grid from its model folder's config.json
+    from pipeline.model.vlm import TokenFlexVLM  # stage 2 reads the grid from its model folder's config.json
 
     TokenFlexVLM.from_components(tiny_models / "vision", tiny_models / "qwen2").save_pretrained(tmp_path / "folder")
     error = start_up_error(capsys, f"model.init_from={tmp_path / 'folder'}", f"data.shards={synthetic_shards}",
@@ -166,7 +166,8 @@ def test_seq_len_without_room_for_text_at_the_largest_n_fails_at_start(
     assert f"data.max_tiles=1 tiles at max(tokens.counts) + {named} = 144 + 64 = 208" in error
 
 
-def test_seq_len_without_room_for_the_largest_tiled_image_fails_at_start(tiny_models, synthetic_shards, tmp_path, capsys):
+def test_seq_len_without_room_for_the_largest_tiled_image_fails_at_start(tiny_models, synthetic_shards, tmp_path,
+                                                                          capsys):
     """With data.max_tiles 6 the largest image is a 6 x 1 grid and its thumbnail: 7 tiles x N
     slots plus a row end per grid row, 7 x 64 + 6 = 454 at N=64; 470 tokens hold it, not its text."""
     stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
@@ -180,8 +181,8 @@ def test_seq_len_without_room_for_the_largest_tiled_image_fails_at_start(tiny_mo
 def test_flash_attention_with_fp32_weights_fails_at_start(tiny_models, synthetic_shards, tmp_path, capsys, precision):
     """On a GPU, flash-attn would crash at the first forward on fp32 weights; auto is fp32 on CPU."""
     stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
-    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "model.attn_implementation=flash_attention_2",
-                           f"train.precision={precision}")
+    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}",
+                           "model.attn_implementation=flash_attention_2", f"train.precision={precision}")
     assert "model.attn_implementation=flash_attention_2 needs bf16 weights" in error
     assert f"train.precision={precision} trains in fp32 here" in error
 
@@ -190,9 +191,10 @@ def test_flash_attention_with_fp32_weights_fails_at_start(tiny_models, synthetic
 def test_flash_attention_without_flash_attn_or_gpu_fails_at_start(tiny_models, synthetic_shards, tmp_path, capsys):
     """Before the process group and DeepSpeed start, not when the model is built."""
     stage1 = stage1_overrides(tiny_models, synthetic_shards)[:3]
-    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}", "model.attn_implementation=flash_attention_2",
-                           "train.precision=bf16")
-    assert "model.attn_implementation: attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn" in error
+    error = start_up_error(capsys, *stage1, f"train.output_dir={tmp_path}",
+                           "model.attn_implementation=flash_attention_2", "train.precision=bf16")
+    assert ("model.attn_implementation: attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn"
+            in error)
 
 
 @pytest.fixture
@@ -210,8 +212,8 @@ def checkpointed_run(stage1_run, tmp_path):
                                            ("tokens.seed=1", "tokens.seed is 1 but was 0")])
 def test_resume_with_other_token_counts_or_seed_fails_unless_allowed(
         checkpointed_run, tiny_models, synthetic_shards, capsys, change, named):
-    from pipeline.config import load_config
-    from pipeline.train import check_inputs
+    from pipeline.run.config import load_config
+    from pipeline.train.preflight import check_inputs
 
     stage1 = [*stage1_overrides(tiny_models, synthetic_shards)[:3], f"train.output_dir={checkpointed_run}"]
     error = start_up_error(capsys, *stage1, change)

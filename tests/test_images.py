@@ -1,4 +1,4 @@
-"""pipeline/images: the pixels the tower sees are the image processor's, within a stated
+"""pipeline/model/images.py: the pixels the tower sees are the image processor's, within a stated
 tolerance, on a real photograph and on grayscale and transparent images, for pad and resize, by
 the loader workers' route and by generation's alike; the model normalizes them as the processor.
 The loader's JPEG decode (simplejpeg) gives PIL's pixels exactly.
@@ -12,16 +12,17 @@ import json
 
 import numpy as np
 import pytest
+import simplejpeg
 import torch
 from matplotlib import cbook
 from PIL import Image
 from transformers import AutoImageProcessor, SiglipImageProcessor
 
-from pipeline.chat import IMAGE_TOKEN, load_tokenizer
 from pipeline.data.decode import Decoder, SampleError, decode_rgb
-from pipeline.images import image_pixel_values, normalize_pixels, pixel_table, rgb_pixels
-from pipeline.model import TokenFlexVLM
-from pipeline.vision import tower_features
+from pipeline.model.chat import IMAGE_TOKEN, load_tokenizer
+from pipeline.model.images import image_pixel_values, normalize_pixels, pixel_table, rgb_pixels
+from pipeline.model.vision import tower_features
+from pipeline.model.vlm import TokenFlexVLM
 
 MAX_LEVELS, MAX_FRACTION = 2, 0.01
 
@@ -91,16 +92,33 @@ def worker_pixels(data, extension, processor, aspect, tokenizer):
     """The pixel values a loader worker makes of a shard sample holding the image file."""
     record = {"image": f"x.{extension}", "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\nwhat?"},
                                                            {"from": "gpt", "value": "a person"}]}
-    sample = {"__key__": "000000000", "__url__": "shard-000000.tar", "json": json.dumps(record).encode(), extension: data}
+    sample = {
+        "__key__": "000000000",
+        "__url__": "shard-000000.tar",
+        "json": json.dumps(record).encode(),
+        extension: data,
+    }
     return Decoder(tokenizer, processor, aspect)(sample)["pixel_values"]
 
 
-@pytest.mark.parametrize("make", [photograph, grayscale, progressive, cmyk, transparent])
-def test_the_loaders_decode_gives_pils_pixels(make):
-    """The loader decodes JPEGs with simplejpeg where PIL would give the same pixels, and with PIL elsewhere."""
+@pytest.mark.parametrize("make, fast", [(photograph, True), (grayscale, True), (progressive, True), (cmyk, False),
+                                        (transparent, False)])
+def test_the_loaders_decode_gives_pils_pixels(make, fast, monkeypatch):
+    """The loader decodes colour and grayscale JPEGs with simplejpeg, CMYK JPEGs and other formats
+    with PIL, and gives PIL's pixels either way. simplejpeg's decode is watched (the real one runs),
+    so that for the fast path the comparison is simplejpeg's pixels against PIL's, not PIL's twice."""
+    calls = []
+
+    def watched_decode_jpeg(*args, **kwargs):
+        calls.append(args[0])
+        return real_decode_jpeg(*args, **kwargs)
+
+    real_decode_jpeg = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", watched_decode_jpeg)
     data = make()
     with Image.open(io.BytesIO(data)) as image:
         assert torch.equal(decode_rgb(data), rgb_pixels(image))
+    assert calls == ([data] if fast else [])
 
 
 def test_a_damaged_jpeg_is_a_corrupt_sample(processor, tiny_models):
@@ -122,7 +140,9 @@ def test_pixels_are_the_processors_within_two_levels(name, aspect, processor, ti
 
     table = pixel_table(processor)
     level = (table[:, 1] - table[:, 0]).view(1, 3, 1, 1)  # one 8-bit step after rescale and normalize
-    levels = ((normalize_pixels(generation, table) - processor_reference(data, processor, aspect)).abs() / level).round()
+    levels = (
+        (normalize_pixels(generation, table) - processor_reference(data, processor, aspect)).abs() / level
+    ).round()
     assert levels.max() <= MAX_LEVELS
     assert (levels > 0).float().mean() <= MAX_FRACTION
 

@@ -15,17 +15,17 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
-from pipeline.model import TokenFlexVLM
+from pipeline.model.chat import IGNORE_INDEX, IMAGE_TOKEN, tokenize_record
+from pipeline.model.vlm import TokenFlexVLM
 from tests.conftest import require_lmms_eval, save_chatty_copy
 from tools.options import add_placement_options
 
 require_lmms_eval()
 # after the check: these need lmms-eval
-from lmms_eval.api.instance import Instance
-from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history, reset_logged_metrics
+from lmms_eval.api.instance import Instance  # noqa: E402
+from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history, reset_logged_metrics  # noqa: E402
 
-from pipeline.lmms_eval_model import TokenFlexLMMs, default_device
+from pipeline.eval.lmms_eval_model import TokenFlexLMMs, default_device  # noqa: E402
 
 N = 16
 TASK, SPLIT = "colours", "test"

@@ -1,4 +1,4 @@
-"""A step's FLOPs (pipeline.metrics.step_flops) checked against torch's own counter.
+"""A step's FLOPs (pipeline.train.flops.step_flops) checked against torch's own counter.
 
 torch.utils.flop_counter.FlopCounterMode counts matmuls, convolutions and attention on a real
 forward + backward of the tiny models. Its table has no entry for the CPU flash-attention
@@ -13,13 +13,12 @@ from torch.ops import aten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import AutoConfig, AutoImageProcessor, SiglipVisionModel
 
-from pipeline.config import DataConfig
 from pipeline.data import TrainBatches
-from pipeline.metrics import Work, step_flops
-from pipeline.model import TokenFlexVLM
-from pipeline.chat import IGNORE_INDEX, load_tokenizer
-from pipeline.train import enable_gradient_checkpointing
-from stages.common import set_trainable
+from pipeline.model.chat import IGNORE_INDEX, load_tokenizer
+from pipeline.model.vlm import TokenFlexVLM
+from pipeline.run.config import DataConfig
+from pipeline.train.flops import Work, step_flops
+from stages.common import enable_gradient_checkpointing, set_trainable
 
 N = 16
 STAGE1 = {"projector"}
@@ -149,7 +148,9 @@ def test_useful_flops_are_executed_flops_less_recomputation(tiny_models, headles
     scores, checkpointed forwards) is the useful count exactly, and step_flops' executed count is
     torch's count exactly."""
     model = build_model(headless_vision, tiny_models / "qwen2", trained, vision_feature_layer=-1)
-    batch = make_batch(model, [[100], [100]], torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.tensor([True, True]))
+    batch = make_batch(
+        model, [[100], [100]], torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.tensor([True, True])
+    )
     work = Work.of(batch, model.tokenizer.pad_token_id)
     assert (work.tokens, work.sample_scores, work.real_images) == (work.positions, work.row_scores, work.images)
     useful, executed = step_flops(model, N, work)
@@ -174,11 +175,13 @@ def test_a_skipped_step_is_logged_without_loss_and_said_so(tmp_path, caplog):
     import json
     import logging
 
-    from pipeline.config import load_config
-    from pipeline.metrics import MetricsLog
+    from pipeline.run.config import load_config
+    from pipeline.train.metrics import MetricsLog
     from tests.distributed import REPO
 
-    cfg = load_config(REPO / "configs" / "tiny_cpu_stage1.yaml", [f"train.output_dir={tmp_path}", "wandb.mode=disabled"])
+    cfg = load_config(
+        REPO / "configs" / "tiny_cpu_stage1.yaml", [f"train.output_dir={tmp_path}", "wandb.mode=disabled"]
+    )
     log = MetricsLog(cfg, {}, start_step=0, wandb_id=None)
     record = {"step": 1, "num_vision_tokens": 16, "update_skipped": True, "loss": None, "lr": 1e-3, "grad_norm": None,
               "tokens_per_s": 10.0}

@@ -1,20 +1,20 @@
 """TokenFlexVLM end to end on the tiny real checkpoints: slots, labels, loss, gradients,
-attention implementations, save/load, dtypes, generation and timing."""
+attention implementations, save/load, dtypes, generation, multiple-choice scoring and timing."""
 
 import json
+import math
 from dataclasses import asdict
 
 import pytest
 import torch
 from PIL import Image
 from torch.nn import functional as F
-
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 from transformers.utils import is_flash_attn_2_available
 
-from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers
-from pipeline.model import TokenFlexVLM
+from pipeline.model.chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers, tokenize_record
+from pipeline.model.vlm import TokenFlexVLM
 
 N = 64
 
@@ -203,11 +203,19 @@ def test_loss_depends_on_which_positions_are_supervised(model, loss_and_logits):
 
 # ---- packed rows under each attention implementation ----
 
-def flash_attention_on_cpu(module, query, key, value, attention_mask, scaling=None, position_ids=None, **kwargs):
-    """flash-attention's treatment of packed rows, in plain torch: transformers' own test
-    (_is_packed_sequence) picks variable-length attention from the position ids, which it
-    does only for a batch of one row; each sequence then attends causally within itself."""
-    if _is_packed_sequence(position_ids, query.shape[0]):
+FLASH_CALLS = []  # the variable-length arguments each flash_attention_on_cpu call was given
+
+
+def flash_attention_on_cpu(module, query, key, value, attention_mask, scaling=None, position_ids=None,
+                           cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """flash-attention's treatment of packed rows, in plain torch, as transformers'
+    _flash_attention_forward decides: the sequences' boundaries when the caller gives them
+    (cu_seq_lens), else found from the position ids (_is_packed_sequence), which it does only for
+    a batch of one row; each sequence then attends causally within itself."""
+    FLASH_CALLS.append((cu_seq_lens_q, max_length_q))
+    if cu_seq_lens_q is not None:
+        spans = list(zip(cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q[1:].tolist()))
+    elif _is_packed_sequence(position_ids, query.shape[0]):
         (starts, _), _ = prepare_fa_kwargs_from_position_ids(position_ids)
         spans = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
     else:
@@ -293,6 +301,23 @@ def test_flash_attention_sees_packing_only_in_rows_laid_end_to_end(tiny_models, 
     assert not torch.allclose(two_rows[0, len(first[0]):], alone[0], rtol=1e-4, atol=1e-4)
 
 
+def test_flash_attention_is_handed_the_packed_sequences_boundaries(tiny_models, images):
+    """lm_hidden_states computes the packed sequences' boundaries once, where the position ids lie,
+    and hands them to every layer: flash-attention then has no need to find them itself (with a
+    device sync per layer)."""
+    model = model_with_attention(tiny_models, "flash_attention_on_cpu")
+    lengths = [5, 7, 3, 9]  # two rows of 12 tokens, two sequences each
+    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(3)) + list(range(9))])
+    embeds = torch.randn(2, 12, model.language_model.config.hidden_size)
+    FLASH_CALLS.clear()
+    with torch.no_grad():
+        model.lm_hidden_states(embeds, positions, None)
+    assert len(FLASH_CALLS) == model.language_model.config.num_hidden_layers
+    for starts, longest in FLASH_CALLS:
+        assert starts.tolist() == [0, 5, 12, 15, 24] and starts.dtype == torch.int32
+        assert longest == max(lengths) and isinstance(longest, int)
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_attn_implementation_reaches_the_lm_and_the_vision_tower(tiny_models, tmp_path, attn_implementation):
     built = build_model(tiny_models, attn_implementation=attn_implementation)
@@ -301,7 +326,9 @@ def test_attn_implementation_reaches_the_lm_and_the_vision_tower(tiny_models, tm
     for model in (built, loaded):
         assert model.language_model.config._attn_implementation == attn_implementation
         assert model.vision_tower.config._attn_implementation == attn_implementation
-    assert "attn_implementation" not in (tmp_path / "vlm" / "config.json").read_text()  # a choice of the run, not the folder
+    assert (
+        "attn_implementation" not in (tmp_path / "vlm" / "config.json").read_text()
+    )  # a choice of the run, not the folder
 
 
 @pytest.mark.skipif(is_flash_attn_2_available(), reason="flash-attn and a GPU are here, so flash_attention_2 works")
@@ -314,7 +341,7 @@ def test_flash_attention_2_without_flash_attn_or_gpu_is_a_clear_error(tiny_model
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_models, images):
-    from pipeline.train import enable_gradient_checkpointing
+    from stages.common import enable_gradient_checkpointing
 
     results = []
     for checkpointing in (False, True):
@@ -489,6 +516,47 @@ def test_generate_text_only_prompt(talkative_model):
     assert talkative_model.generate([None], ["what is two plus three?"], 256, max_new_tokens=6) == answers
 
 
+TAUGHT = ("what is the colour of the shape?", "red circle")  # taught_model's question on the red image, and its reply
+
+
+@pytest.fixture(scope="module")
+def taught_model(tiny_models, images):
+    """A tiny model trained here (AdamW, one conversation: the red image, TAUGHT's question and
+    reply) until greedy generation gives TAUGHT's reply: a model that has learned something. The
+    random-init models' greedy replies are newlines or special tokens, so no choice is ever greedy."""
+    model = build_model(tiny_models)
+    question, reply = TAUGHT
+    record = {
+        "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": reply}]
+    }
+    input_ids, labels = tokenize_record(record, model.tokenizer, 1)  # as the data loader tokenizes it
+    batch = model.labelled_batch([{"input_ids": input_ids, "labels": labels, **model.prepared_images(images[:1])}], 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(1, 101):
+        model.train()
+        loss = model(batch, 16).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 5 == 0 and model.eval().generate(images[:1], [question], 16, max_new_tokens=8) == [reply]:
+            return model
+    pytest.fail(f"the tiny model did not learn to answer {reply!r} in 100 steps")
+
+
+def test_the_greedy_reply_scored_as_a_choice_is_greedy_with_its_generations_log_probability(taught_model, images):
+    """Multiple choice (reply_log_likelihoods, what lmms-eval's loglikelihood requests get): the
+    model's own greedy reply (scored_generate) scored as a choice is greedy, and its log-likelihood
+    is the generation's log-probability (its tokens and end token); another choice is not greedy."""
+    question, _ = TAUGHT
+    answers, _, probabilities = taught_model.scored_generate(
+        lambda: taught_model.inference_inputs(images[:1], [question], 16), 8)
+    assert answers == [TAUGHT[1]]  # a non-empty reply, ended by the end token within 8 tokens
+    (own, other), = taught_model.reply_log_likelihoods(images[:1], [question], [[answers[0], "blue square"]], 16)
+    assert own[1] is True and other[1] is False
+    assert own[0] == pytest.approx(math.log(probabilities[0]), abs=1e-4)
+    assert other[0] < own[0]
+
+
 def test_prefill_seconds_is_positive_float(model, images):
     seconds = model.prefill_seconds([images[0]], ["what is the colour?"], 144)
     assert isinstance(seconds, float) and seconds > 0
@@ -499,7 +567,7 @@ def test_vision_tower_loads_from_a_full_siglip_folder(tmp_path):
     """A text+vision SigLIP checkpoint (how google/siglip-* ship) gives its vision model."""
     from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
 
-    from pipeline.vision import load_vision_tower
+    from pipeline.model.vision import load_vision_tower
 
     config = SiglipConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -1,21 +1,43 @@
 """A converted model folder for plain transformers: its remote code loads it, from the folder or
 as a hub repository, in a Python without this project; its README.md model card says what the
-model is."""
+model is; a folder written by the code before pipeline/ was regrouped into packages still loads."""
 
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
 from PIL import Image
 
-from pipeline.convert import probe_samples
-from pipeline.model import TokenFlexVLM
-from pipeline.model_card import EVALUATION_HEADING, set_evaluation
+from pipeline.export.convert import probe_samples
+from pipeline.export.model_card import EVALUATION_HEADING, set_evaluation
+from pipeline.model.vlm import TokenFlexVLM
+from tests.distributed import REPO
 
 pytestmark = pytest.mark.timeout(600)
+FLAT_PIPELINE = "05675c3"  # the last commit whose pipeline/ was flat (its remote code around model.py)
+
+# Runs in a checkout of FLAT_PIPELINE's pipeline/ and stages/: writes a folder with that code, and its
+# logits on the probe batch.
+WRITE_WITH_THE_FLAT_PIPELINE = """
+import sys
+import torch
+from pipeline.convert import probe_samples
+from pipeline.model import TokenFlexVLM
+
+vision, lm, out = sys.argv[1:]
+torch.manual_seed(0)
+model = TokenFlexVLM.from_components(vision, lm)
+model.save_pretrained(out)
+n = model.config.grid_side() ** 2
+batch = model.labelled_batch(probe_samples(model.tokenizer, model.image_processor), n)
+with torch.no_grad():
+    torch.save({"n": n, "logits": model(batch, n, return_logits=True).logits}, out + "/probe.pt")
+"""
 
 # Runs with `python -I` in an empty folder: neither this project's checkout nor PYTHONPATH is on sys.path.
 LOAD_WITH_TRANSFORMERS = """
@@ -95,7 +117,9 @@ def test_model_card_says_what_the_model_is_and_how_to_load_it(folder, tiny_model
     assert f"| steps | 16 of `{folder.parent}` |" in card
     assert "| serves | any N = n² with n ≤ 16" in card
     # the data: the checkpoint's mixture.json (the stage-1 run trains on conftest's two-source mixture)
-    assert "A mixture of 2 source(s) (shard folders from tools.build_shards), 270 samples an epoch, data.seed 0." in card
+    assert (
+        "A mixture of 2 source(s) (shard folders from tools.build_shards), 270 samples an epoch, data.seed 0." in card
+    )
     assert "| synthetic | 240 | 1 | 240 |\n| hard | 60 | 0.5 | 30 |" in card
     assert f'AutoModel.from_pretrained("{folder}", trust_remote_code=True' in card
     assert card.endswith(f"{EVALUATION_HEADING}\n\nNone yet: `python -m tools.benchmark {folder} --tasks ... "
@@ -110,3 +134,22 @@ def test_set_evaluation_replaces_the_evaluation_section(folder, tmp_path):
     assert card.count(EVALUATION_HEADING) == 1 and "None yet" not in card and "| a | 16 |" not in card
     assert card.endswith(f"{EVALUATION_HEADING}\n\n| model | N |\n|---|---|\n| a | 64 |\n")
     assert card.startswith((folder / "README.md").read_text().split(EVALUATION_HEADING)[0])
+
+
+def test_a_folder_written_before_the_packages_loads_with_the_same_logits(tiny_models, tmp_path):
+    checkout = tmp_path / "flat"
+    checkout.mkdir()
+    archive = subprocess.run(["git", "archive", FLAT_PIPELINE, "pipeline", "stages"], cwd=REPO, capture_output=True,
+                             check=True)
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(checkout, filter="data")
+    written = subprocess.run([sys.executable, "-c", WRITE_WITH_THE_FLAT_PIPELINE, str(tiny_models / "vision"),
+                              str(tiny_models / "qwen2"), str(tmp_path / "folder")],
+                             cwd=checkout, capture_output=True, text=True, timeout=300, check=False)
+    assert written.returncode == 0, written.stderr[-3000:]
+    assert (tmp_path / "folder" / "model.py").is_file()  # the flat layout's remote code
+    saved = torch.load(tmp_path / "folder" / "probe.pt")
+    model = TokenFlexVLM.from_pretrained(tmp_path / "folder").eval()
+    batch = model.labelled_batch(probe_samples(model.tokenizer, model.image_processor), saved["n"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch, saved["n"], return_logits=True).logits, saved["logits"],
+                                   rtol=0, atol=1e-5)

@@ -1,4 +1,4 @@
-"""pipeline/packing: the row chooser, image-slot fit and the tile budget, without a loader."""
+"""pipeline/data/packing.py: the row chooser, image-slot fit and the tile budget, without a loader."""
 
 import itertools
 import math
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pipeline.packing import choose_row, image_slots_fit, sample_length, tile_budget
+from pipeline.data.packing import choose_row, image_slots_fit, sample_length, tile_budget
 
 
 def test_oldest_goes_first_then_the_fullest_fill_with_older_samples_preferred():

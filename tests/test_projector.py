@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.projector import (
+from pipeline.model.projector import (
     PROJECTORS,
     AdaptivePoolSwiGLUProjector,
     MLPProjector,

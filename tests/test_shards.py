@@ -1,4 +1,5 @@
-"""tools/make_synthetic and tools/build_shards: validation counts, repeated ids, determinism, atomic output."""
+"""tools/make_synthetic and tools/build_shards on LLaVA JSON: validation counts, repeated ids, determinism
+whatever the processes, an out folder another build left (tests/test_shard_inputs.py: other inputs, resume)."""
 
 import io
 import json
@@ -54,9 +55,12 @@ def test_bad_records_are_counted_by_reason(synth, tmp_path):
     data = tmp_path / "data.json"
     data.write_text(json.dumps(good + bad))
     manifest = build_shards.build(str(data), str(tmp_path), str(tmp_path / "out"), samples_per_shard=4)
-    assert manifest["skipped"] == {"missing_image": 3, "malformed_conversation": 8, "image_tag_mismatch": 3}
+    assert manifest["skipped"] == {"missing_image": 3, "malformed_conversation": 8, "image_tag_mismatch": 3,
+                                   "image_outside_root": 0, "video": 0, "system_message": 0}
     assert manifest["total_samples"] == 10 and manifest["repeated_ids"] == 0
-    assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 2]
+    # A shard holds what its slice of 4 input rows kept: rows 8-11 keep 2, rows 12-23 none.
+    assert [(s["name"], s["num_samples"]) for s in manifest["shards"]] == \
+        [("shard-000000.tar", 4), ("shard-000001.tar", 4), ("shard-000002.tar", 2)]
     assert manifest["skipped_examples"]["missing_image"] == ["bad-0", "bad-1", "bad-2"]
 
     # JSON Lines input: an unparsable line is a malformed record, the rest is kept.
@@ -83,7 +87,8 @@ def test_multi_image_records_are_kept_with_their_images_in_order(synth, tmp_path
     (tmp_path / "data.json").write_text(json.dumps(records))
     manifest = build_shards.build(str(tmp_path / "data.json"), str(synth), str(tmp_path / "out"))
     assert manifest["total_samples"] == 3
-    assert manifest["skipped"] == {"missing_image": 1, "malformed_conversation": 2, "image_tag_mismatch": 2}
+    assert manifest["skipped"] == {"missing_image": 1, "malformed_conversation": 2, "image_tag_mismatch": 2,
+                                   "image_outside_root": 0, "video": 0, "system_message": 0}
     assert manifest["skipped_examples"]["image_tag_mismatch"] == ["multi-3", "multi-4"]
     samples = list(wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False))
     for sample, record in zip(samples, records[:3]):
@@ -101,7 +106,9 @@ def test_records_with_repeated_ids_are_kept_and_counted(synth, tmp_path, capsys)
              for _ in range(2)]
     again = [{k: v for k, v in r.items() if k != "image"} for r in again] + [dict(good[2])]
     (tmp_path / "data.json").write_text(json.dumps(good + again))
-    build_shards.main(["--json", str(tmp_path / "data.json"), "--image-root", str(synth), "--out", str(tmp_path / "out")])
+    build_shards.main(
+        ["--input", str(tmp_path / "data.json"), "--image-root", str(synth), "--out", str(tmp_path / "out")]
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["total_samples"] == 9 and manifest["repeated_ids"] == 3
     assert not any(manifest["skipped"].values())
@@ -112,13 +119,16 @@ def test_records_with_repeated_ids_are_kept_and_counted(synth, tmp_path, capsys)
     assert json.loads(samples[6]["json"])["conversations"][1]["value"] == "b"
 
 
-def test_build_is_byte_identical_and_readable(synth, tmp_path):
-    args = ["--json", str(synth / "data.json"), "--image-root", str(synth), "--samples-per-shard", "16"]
+def test_build_is_byte_identical_whatever_the_processes_and_readable(synth, tmp_path):
+    args = ["--input", str(synth / "data.json"), "--image-root", str(synth), "--samples-per-shard", "16"]
     build_shards.main(args + ["--out", str(tmp_path / "a")])
     build_shards.main(args + ["--out", str(tmp_path / "b"), "--workers", "2"])
-    names = sorted(os.listdir(tmp_path / "a"))
-    assert names == sorted(os.listdir(tmp_path / "b")) == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)]
-    for name in names:
+    files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)] + [
+        f"slices/{i:06d}.json" for i in range(4)
+    ]
+    assert files == sorted(str(p.relative_to(tmp_path / "b")) for p in (tmp_path / "b").rglob("*") if p.is_file())
+    for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
     records = json.loads((synth / "data.json").read_text())
@@ -155,14 +165,28 @@ def test_max_image_side_shrinks_large_images_in_their_format_and_is_in_the_manif
         assert difference.mean() < 2
 
 
-def test_rebuild_removes_stale_and_partial_files(synth, tmp_path):
+def test_a_build_with_other_settings_replaces_what_an_earlier_one_left(synth, tmp_path):
+    """Another build's shards, reports and temporary files are gone once the new manifest is
+    written, and its stale manifest as soon as the new build starts; a rerun with the same
+    arguments rebuilds nothing."""
     out = tmp_path / "out"
-    out.mkdir()
-    for stale in ["shard-000000.tar.tmp", "shard-000099.tar", "manifest.json.tmp"]:
-        (out / stale).write_bytes(b"left by an interrupted run")
+    build_shards.build(str(synth / "data.json"), str(synth), str(out), samples_per_shard=10)
+    (out / "shard-000003.tar.999.tmp").write_bytes(b"left by a killed process")
     manifest = build_shards.build(str(synth / "data.json"), str(synth), str(out), samples_per_shard=100)
-    assert sorted(os.listdir(out)) == ["manifest.json", "shard-000000.tar"]
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["manifest.json", "shard-000000.tar", "slices/000000.json"]
     assert manifest["shards"][0]["num_bytes"] == os.path.getsize(out / "shard-000000.tar")
+    result = build_shards.main(["--input", str(synth / "data.json"), "--image-root", str(synth), "--out", str(out),
+                                "--samples-per-shard", "100"])
+    assert (result.slices_built, result.slices_kept) == (0, 1) and result.manifest == manifest
+
+    def fail(*args, **kwargs):
+        assert not (out / "manifest.json").exists(), "the other build's manifest outlived its start"
+        raise RuntimeError("stop")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(build_shards.builder.SliceBuilder, "build_slice", fail)
+        with pytest.raises(RuntimeError, match="stop"):
+            build_shards.build(str(synth / "data.json"), str(synth), str(out), samples_per_shard=30)
 
 
 def test_scene_objects_shrink_from_coarse_to_fine_and_carry_their_answers():

@@ -1,4 +1,5 @@
-"""The sbatch scripts and the submitit launcher, against a real single-node Slurm (slurm/local_cluster.sh).
+"""The sbatch scripts (training and slurm/build_shards.sh) and the submitit launcher, against a real
+single-node Slurm (slurm/local_cluster.sh).
 
 Outside CI these tests skip when the cluster can't be started (not root, Slurm not installed);
 in CI (CI=true) they fail instead.
@@ -182,7 +183,8 @@ def test_sbatch_job_with_a_crashed_task_ends_failed_not_at_its_time_limit(slurm,
     """Task 1 raises at step 3 while task 0 stalls, as a rank blocked in an NCCL collective would,
     blind to its peer's death: srun --kill-on-bad-exit must end the step, and the job, at once."""
     log, marker, output_dir = tmp_path / "job.log", tmp_path / "fault-injected", tmp_path / "out"
-    faults = f"TOKENFLEX_TRAIN_MODULE=tests.crash_at_step,FAULT_AT_STEP=3,FAULT_RAISE_RANK=1,FAULT_STALL_RANK=0,FAULT_MARKER={marker}"
+    faults = (f"TOKENFLEX_TRAIN_MODULE=tests.crash_at_step,FAULT_AT_STEP=3,FAULT_RAISE_RANK=1,FAULT_STALL_RANK=0,"
+              f"FAULT_MARKER={marker}")
     job_id = sbatch(*SBATCH_CPU, "--time=15", f"--export=ALL,{faults}", f"--output={log}", f"--error={log}",
                     "slurm/stage1.sh", *train_args(output_dir))
     deadline = time.time() + 180
@@ -196,3 +198,34 @@ def test_sbatch_job_with_a_crashed_task_ends_failed_not_at_its_time_limit(slurm,
     assert "training finished with exit code" in text
     left = subprocess.run(["pgrep", "-f", str(output_dir)], capture_output=True, text=True).stdout.split()
     assert left == [], f"processes of the job outlived it: {left}"
+
+
+def array_states(job_id: str) -> list[str]:
+    """The accounting state of each task of an array job (empty until they reach the database)."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job_id],
+                         check=False, capture_output=True, text=True).stdout
+    return [line.split("|")[1].split()[0] for line in out.splitlines() if line.strip()]
+
+
+def test_sbatch_array_build_equals_a_one_process_build(slurm, tmp_path):
+    """slurm/build_shards.sh as a 2-task array: each task builds every other slice, the last to
+    finish writes the manifest, and the folder equals a one-process build's byte for byte."""
+    from tools import build_shards, make_synthetic
+
+    make_synthetic.main(["--out", str(tmp_path / "raw"), "--n", "60", "--seed", "2", "--multi-image-fraction", "0.2"])
+    args = ["--input", str(tmp_path / "raw" / "data.json"), "--image-root", str(tmp_path / "raw"),
+            "--samples-per-shard", "8"]
+    build_shards.main(args + ["--out", str(tmp_path / "one")])
+    job_id = sbatch("--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/task-%a.log",
+                    f"--error={tmp_path}/task-%a.log", "slurm/build_shards.sh", *args, "--out", str(tmp_path / "array"))
+    deadline = time.time() + 180
+    while not ((states := array_states(job_id)) and len(states) == 2 and set(states) <= TERMINAL_STATES):
+        assert time.time() < deadline, f"array job {job_id} did not finish: {states}"
+        time.sleep(1)
+    logs = [(tmp_path / f"task-{i}.log").read_text() for i in range(2)]
+    assert states == ["COMPLETED", "COMPLETED"], logs
+    assert all(f"task {i} of 2" in log and "built 4 slices" in log for i, log in enumerate(logs)), logs
+
+    def tree(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    assert tree(tmp_path / "array") == tree(tmp_path / "one")

@@ -24,12 +24,13 @@ import torch.multiprocessing as mp
 from deepspeed.utils import safe_get_full_grad
 from torch.nn import functional as F
 
-from pipeline.config import load_config
-from pipeline.distributed import sum_over_ranks
-from pipeline.engine import build_engine
-from pipeline.model import TokenFlexVLM, supervised_targets
-from pipeline.chat import IGNORE_INDEX
-from pipeline.train import train_step
+from pipeline.engine.engine import build_engine
+from pipeline.model.chat import IGNORE_INDEX
+from pipeline.model.loss import supervised_targets
+from pipeline.model.vlm import TokenFlexVLM
+from pipeline.run.config import load_config
+from pipeline.train.distributed import sum_over_ranks
+from pipeline.train.step import train_step
 from stages import STAGES
 from tests.distributed import REPO
 from tools.demo import free_port
@@ -82,7 +83,7 @@ class Batches:
 
 
 def train_steps(tiny_models, steps, grad_accum, reduction):
-    """Optimizer steps of stage 2 (projector + LM train) through pipeline.train.train_step, on one
+    """Optimizer steps of stage 2 (projector + LM train) through pipeline.train.step.train_step, on one
     engine; steps: this rank's micro-batches of each step. Returns, per step: the loss (shares
     summed over ranks; None when the step was skipped), the full gradients of every trained
     parameter read when the optimizer stepped ({} when it did not; clipping off), the LR
@@ -220,7 +221,7 @@ def test_square_reduction_weighs_each_sample_by_the_root_of_its_tokens_over_rank
 def test_square_weights_tell_packed_samples_apart():
     """Two samples packed in one row (position ids restart) and one in a second row: each token
     weighs 1/sqrt of its own sample's supervised tokens, whatever the row."""
-    from pipeline.model import supervised_weights
+    from pipeline.model.loss import supervised_weights
 
     labels = torch.full((2, 8), IGNORE_INDEX)
     labels[0, 2:4] = 5  # sample A: 2 answer tokens (positions 0-3)

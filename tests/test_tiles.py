@@ -1,12 +1,13 @@
-"""pipeline/tiles: the grid rule, cutting an image into tiles, slot counts and the tiles' layout in the text."""
+"""pipeline/model/tiles.py: the grid rule, cutting an image into tiles, slot counts and the tiles'
+layout in the text."""
 
 import pytest
 import torch
 from PIL import Image
 from transformers import SiglipImageProcessor
 
-from pipeline.images import rgb_pixels, tower_pixels
-from pipeline.tiles import (
+from pipeline.model.images import rgb_pixels, tower_pixels
+from pipeline.model.tiles import (
     TileLayout,
     candidate_grids,
     choose_grid,
@@ -61,7 +62,9 @@ def test_slot_and_tile_counts():
 def quadrants(width, height):
     """An image of four coloured quadrants: red, green / blue, white."""
     image = Image.new("RGB", (width, height))
-    for (x, y), colour in zip([(0, 0), (1, 0), (0, 1), (1, 1)], [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]):
+    for (x, y), colour in zip(
+        [(0, 0), (1, 0), (0, 1), (1, 1)], [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+    ):
         image.paste(colour, (x * width // 2, y * height // 2, (x + 1) * width // 2, (y + 1) * height // 2))
     return image
 

@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import PREEMPTED_EXIT_CODE
-from pipeline.sampler import TokenCountSampler, check_same_across_ranks
+from pipeline.train.checkpoint import PREEMPTED_EXIT_CODE
+from pipeline.train.sampler import TokenCountSampler, check_same_across_ranks
 from tests.distributed import REPO, STAGE1_STEPS, metrics, run_training, stage1_overrides, torchrun_command
 from tools.demo import cpu_training_env, free_port
 
@@ -157,8 +157,14 @@ def test_text_only_micro_batch_on_one_rank_does_not_hang(tiny_models, tmp_path):
 def test_sigusr1_saves_and_exits_with_preempted_code(tiny_models, synthetic_shards, tmp_path):
     out = tmp_path / "run"
     overrides = stage1_overrides(tiny_models, synthetic_shards) + ["train.max_steps=200", "train.save_every=100"]
-    process = subprocess.Popen(torchrun_command("tiny_cpu_stage1.yaml", out, *overrides), cwd=REPO, env=cpu_training_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        torchrun_command("tiny_cpu_stage1.yaml", out, *overrides),
+        cwd=REPO,
+        env=cpu_training_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2):
         assert process.poll() is None and time.time() < deadline

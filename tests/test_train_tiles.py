@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.model import TokenFlexVLM
+from pipeline.model.vlm import TokenFlexVLM
 from tests.distributed import metrics, run_training
 
 pytestmark = pytest.mark.timeout(600)
@@ -27,8 +27,10 @@ def tiled_stage1(tiny_models, tiled, tmp_path_factory):
 
 
 def test_every_rank_runs_the_same_shapes_on_different_tiles(tiled_stage1):
-    ranks = [[json.loads(line) for line in (tiled_stage1.parent / "shapes" / f"rank-{r}.jsonl").read_text().splitlines()]
-             for r in range(2)]
+    ranks = [
+        [json.loads(line) for line in (tiled_stage1.parent / "shapes" / f"rank-{r}.jsonl").read_text().splitlines()]
+        for r in range(2)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == 6
     for a, b in zip(*ranks):
         # image_grids lists the real images only: it shapes no tensor the model runs on

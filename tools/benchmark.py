@@ -4,7 +4,7 @@ r"""Score model folders on lmms-eval tasks at several vision-token counts N.
         --tasks mme,pope,gqa,textvqa_val --tokens 16,64,144,256 --batch-size 8 --out results/bench
     python -m tools.benchmark runs/tiled/final --tasks mme --tokens 64,144 --tiles 1,6 --out results/bench-tiles
 
-Runs lmms-eval (install it with requirements-eval.txt; see the README) once per model, tile limit
+Runs lmms-eval (install it with requirements-eval.txt; see docs/evaluation.md) once per model, tile limit
 (--tiles; default: the folder's own), N and task, with the `tokenflex` model at those, then times
 the prefill (vision encoding + prompt forward, the part N and tiles change) of one probe batch:
 --batch-size prompts with an image each (as many tower inputs wide as the tile limit),
@@ -17,8 +17,8 @@ with --model-card, each model's rows also go into its folder's README.md.
 
 A task that fails stops the sweep: the message names the model, N and task, the results
 finished so far stay in OUT (results.json also keeps the traceback), and the exit code is 1.
-Tasks lmms-eval downloads from the Hugging Face hub need the network, or its cache; see the
-README for tasks pointed at local data.
+Tasks lmms-eval downloads from the Hugging Face hub need the network, or its cache; see
+docs/evaluation.md for tasks pointed at local data.
 """
 
 import argparse
@@ -27,7 +27,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.model_card import set_evaluation
+from pipeline.export.model_card import set_evaluation
 from tools.options import (
     add_model_options,
     add_placement_options,
@@ -62,7 +62,7 @@ def main(argv=None):
     names = model_names(parser, args)
     device, dtype = placement(parser, args)
     try:
-        from pipeline.lmms_eval_model import SweepError, sweep
+        from pipeline.eval.lmms_eval_sweep import SweepError, sweep
     except ModuleNotFoundError as error:
         parser.error(f"{error}: install lmms-eval with `pip install --no-deps -r requirements-eval.txt`")
     tasks = [t for t in args.tasks.split(",") if t]

@@ -14,8 +14,8 @@ that folder (model.init_from).
 import argparse
 import sys
 
-from pipeline.convert import ConversionError, convert_checkpoint
-from pipeline.inference import DTYPES
+from pipeline.export.convert import ConversionError, convert_checkpoint
+from pipeline.model.runtime import DTYPES
 
 USAGE_ERROR = 2
 
@@ -25,7 +25,9 @@ def main(argv=None):
     parser.add_argument("ckpt_dir", help="run output_dir, its checkpoints/ folder, or a step-XXXXXX folder")
     parser.add_argument("out_dir", help="model folder to write")
     parser.add_argument("--tag", help="checkpoint to convert, e.g. step-000100 (default: the one `latest` names)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight dtype in the folder (default: fp32)")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="fp32", help="weight dtype in the folder (default: fp32)"
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file; bigger models are "
                         "split into shards with an index (default: 5GB)")
     parser.add_argument("--no-verify", action="store_true",

@@ -64,7 +64,7 @@ def make_models_and_data(out, split_sizes, env, log_dir=None):
     for split, count in split_sizes.items():
         run(f"synthetic {split} data", [py, "-m", "tools.make_synthetic", "--out", out / "synthetic" / split,
                                         "--n", count, "--split", split], env, log(f"synthetic_{split}"))
-        run(f"{split} shards", [py, "-m", "tools.build_shards", "--json", out / "synthetic" / split / "data.json",
+        run(f"{split} shards", [py, "-m", "tools.build_shards", "--input", out / "synthetic" / split / "data.json",
                                 "--image-root", out / "synthetic" / split, "--out", out / "shards" / split,
                                 "--samples-per-shard", max(1, min(500, count // 8))], env, log(f"shards_{split}"))
 
@@ -83,7 +83,9 @@ def stage_command(stage, data_root, output_dir, ranks, *overrides):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything goes (default: runs/demo)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="where everything goes (default: runs/demo)"
+    )
     parser.add_argument("--ranks", type=int, default=2, help="training processes (default: 2)")
     parser.add_argument("--samples", type=int, default=TRAIN_SAMPLES,
                         help=f"synthetic training records (default: {TRAIN_SAMPLES})")

@@ -2,7 +2,8 @@ r"""Evaluate model folders on held-out shards at several vision-token counts N.
 
     python -m tools.evaluate runs/flex/final runs/fixed64/final --names flex,fixed64 \
         --shards data/shards/val --tokens 16,36,64,100,144,196,256 --out results/flex-vs-fixed
-    python -m tools.evaluate runs/tiled/final --shards data/shards/val --tokens 16,64,144 --tiles 1,4 --out results/tiles
+    python -m tools.evaluate runs/tiled/final --shards data/shards/val --tokens 16,64,144 --tiles 1,4 \
+        --out results/tiles
 
 Per model, tile limit and N: exact-match accuracy (overall and per question_type), loss of the
 reference answer, vision tokens per image (tiles x N plus row ends), median prefill latency and
@@ -12,7 +13,7 @@ a row per model, tile limit and N), OUT/accuracy_vs_tokens.png and OUT/accuracy_
 (accuracy against vision tokens per image, one curve per model and tile limit).
 
 --tokens adaptive answers each image question at the smallest N of a ladder (--ladder, default
-16,64,144,256) whose answer's probability reaches a threshold (pipeline/adaptive.py): --threshold
+16,64,144,256) whose answer's probability reaches a threshold (pipeline/eval/adaptive.py): --threshold
 gives it, or --calibrate VALIDATION_SHARDS picks, on a validation split, the one with the fewest
 mean vision tokens within --max-drop points of the best fixed N's accuracy there. The image is
 encoded once and re-pooled for each try. Per model it reports each ladder N as a fixed N, the
@@ -31,8 +32,9 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.adaptive import DEFAULT_LADDER, evaluate_adaptive
-from pipeline.evaluate import evaluate
+from pipeline.eval.adaptive import DEFAULT_LADDER
+from pipeline.eval.adaptive_study import evaluate_adaptive
+from pipeline.eval.heldout import evaluate
 from tools.options import (
     add_model_options,
     add_placement_options,

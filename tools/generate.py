@@ -5,9 +5,10 @@
     python -m tools.generate runs/stage2/final --image a.png --image b.png --prompt "Same colour?" --tiles 4
 
 Each --image adds an image marker (and a newline) before the prompt, in the order given. --tiles:
-at most this many tiles per image (pipeline/tiles.py; default: what the folder records; several
-images take at most its multi-image limit each). One N prints the answer; several print a table
-of N, median prefill time (vision encoding + prompt forward) and answer. N must be a perfect square n*n (n >= 1) no larger than the encoder's patch grid.
+at most this many tiles per image (pipeline/model/tiles.py; default: what the folder records;
+several images take at most its multi-image limit each). One N prints the answer; several print
+a table of N, median prefill time (vision encoding + prompt forward) and answer. N must be a
+perfect square n*n (n >= 1) no larger than the encoder's patch grid.
 On a GPU the model runs in bf16 by default (--device, --dtype).
 """
 
@@ -18,7 +19,7 @@ import sys
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.model import TokenFlexVLM
+from pipeline.model.vlm import TokenFlexVLM
 from tools.options import add_placement_options, parse_token_counts, placement
 
 
@@ -29,7 +30,9 @@ def main(argv=None):
                         help="image file; repeat for several images, in order; leave out for a text-only prompt")
     parser.add_argument("--prompt", required=True, help="the question")
     parser.add_argument("--tokens", default="64", help="vision token count(s) N, comma-separated (default: 64)")
-    parser.add_argument("--tiles", type=int, help="at most this many tiles per image (default: the folder's data.max_tiles)")
+    parser.add_argument(
+        "--tiles", type=int, help="at most this many tiles per image (default: the folder's data.max_tiles)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens (default: 32)")
     add_placement_options(parser)
     args = parser.parse_args(argv)

@@ -42,7 +42,7 @@ import random
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from pipeline.chat import IMAGE_TOKEN
+from pipeline.model.chat import IMAGE_TOKEN
 
 # Every question asks the colour of one object, and each object draws its colour from its own
 # palette: the question says which set of words can answer, the image which word of it. The

@@ -1,8 +1,8 @@
 """Command-line options shared by the model tools: model folders and names, token and tile counts,
 device and dtype."""
 
-from pipeline.evaluate import default_names
-from pipeline.inference import DTYPES, inference_placement
+from pipeline.eval.heldout import default_names
+from pipeline.model.runtime import DTYPES, inference_placement
 
 
 def add_model_options(parser):
@@ -33,7 +33,7 @@ def parse_token_counts(text):
 
 
 def add_tiles_option(parser):
-    parser.add_argument("--tiles", help="comma-separated tile limits per image, e.g. 1,4 (pipeline/tiles.py; "
+    parser.add_argument("--tiles", help="comma-separated tile limits per image, e.g. 1,4 (pipeline/model/tiles.py; "
                                         "default: what each model folder records, its data.max_tiles)")
 
 

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.images import normalize_pixels, pixel_table
+from pipeline.model.images import normalize_pixels, pixel_table
 from tools.make_synthetic import BACKGROUNDS, DOT_COLOURS, LARGE_COLOURS, SHAPES, SMALL_COLOURS, draw_shape
 
 # Pretraining backgrounds: colours of no task palette, so no pretraining image is a task image.

@@ -1,5 +1,5 @@
-"""Tables and plots of tools.evaluate's results (pipeline.evaluate's result dicts; with --tokens
-adaptive, pipeline.adaptive's policy rows) and of tools.benchmark's (pipeline.lmms_eval_model.sweep's):
+"""Tables and plots of tools.evaluate's results (pipeline.eval.heldout's result dicts; with --tokens
+adaptive, pipeline.eval.adaptive's policy rows) and of tools.benchmark's (pipeline.eval.lmms_eval_sweep.sweep's):
 one row per model (and tile limit) and N, several models side by side; tools.evaluate's accuracy
 against vision tokens per image, one curve per tile limit (plot_tiles). Both give each row's
 prefill latency as prefill_ms (the median) with its spread, prefill_ms_q1 to prefill_ms_q3."""
@@ -7,7 +7,6 @@ prefill latency as prefill_ms (the median) with its spread, prefill_ms_q1 to pre
 import math
 
 import numpy as np
-
 
 # ---- the prefill latency and its spread ----
 
@@ -87,7 +86,9 @@ def plot(results, path):
         x = [r["num_vision_tokens"] for r in rows]
         for t in types:
             y = [r["accuracy"] if t == "overall" else r["accuracy_by_type"].get(t, math.nan) for r in rows]
-            accuracy_ax.plot(x, y, styles[model], marker="o", color=colours[t], linewidth=2.5 if t == "overall" else 1.2)
+            accuracy_ax.plot(
+                x, y, styles[model], marker="o", color=colours[t], linewidth=2.5 if t == "overall" else 1.2
+            )
         plot_latency(latency_ax, results, model, linestyle=styles[model], color="black")
     type_handles = [Line2D([], [], color=colours[t], label=t) for t in types]
     model_handles = [Line2D([], [], color="gray", linestyle=styles[m], label=m) for m in models]
@@ -289,7 +290,7 @@ def plot_adaptive(report, path):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from pipeline.adaptive import ladder_arrays, simulate
+    from pipeline.eval.adaptive_study import ladder_arrays, simulate
 
     results, ladder = report["results"], report["ladder"]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))

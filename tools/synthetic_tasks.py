@@ -99,9 +99,18 @@ def features(kind):
     if kind == "mme":
         return datasets.Features({"question_id": text, "image": datasets.Image(), "question": text, "answer": text,
                                   "category": text})
-    return datasets.Features({"question": text, **{f"choice_{c.lower()}": text for c in LETTERS}, "answer": text,
-                              "data_id": text, "data_type": text, "question_id": text,
-                              "question_type_id": datasets.Value("int16"), "image": datasets.Sequence(datasets.Image())})
+    return datasets.Features(
+        {
+            "question": text,
+            **{f"choice_{c.lower()}": text for c in LETTERS},
+            "answer": text,
+            "data_id": text,
+            "data_type": text,
+            "question_id": text,
+            "question_type_id": datasets.Value("int16"),
+            "image": datasets.Sequence(datasets.Image()),
+        }
+    )
 
 
 BUILDERS = {"pope": pope_rows, "mme": mme_rows, "seedbench": seedbench_rows}

@@ -1,22 +1,21 @@
 """Packed training batches for one rank, resumable at any world size and worker count.
 
-The main process expands each sample's image markers to their slots at the step's N (N per tile
-plus row ends, pipeline/tiles.py) and packs whole samples (pipeline/packing.py) into
-`rows_per_batch` rows of exactly `seq_len` tokens and a fixed tile budget, so that for a given N
-every rank's batch has the same shapes (ZeRO-3 ranks must run
-the same collective sequence). Samples come from pipeline/data/stream.py; the resume state is
-pipeline/data/state.py's.
+The main process keeps a window of decoded samples from its stream (pipeline/data/stream.py),
+drops those that can't fit at the step's N, chooses each row's samples (packing.py) and
+assembles them into a batch of fixed shapes (assemble.py). The resume state is state.py's.
 """
 
 import copy
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import torch
+from transformers import PreTrainedTokenizerBase
 
-from pipeline.chat import IGNORE_INDEX, IMAGE_TOKEN, expand_image_markers
+from pipeline.data.assemble import PackedBatch, assemble, slots_of, tiles_of
 from pipeline.data.decode import Decoder, measure_text_tokens_per_tile
 from pipeline.data.mixture import load_mixture
+from pipeline.data.packing import choose_row, image_slots_fit, sample_length, tile_budget
 from pipeline.data.plan import count
 from pipeline.data.state import (
     VERSION,
@@ -27,9 +26,12 @@ from pipeline.data.state import (
     summed_counters,
 )
 from pipeline.data.stream import RankStream
-from pipeline.images import tower_size
-from pipeline.packing import choose_row, image_slots_fit, sample_length, tile_budget
-from pipeline.tiles import image_slots
+from pipeline.model.chat import IMAGE_TOKEN
+from pipeline.model.images import tower_size
+from pipeline.run.config import DataConfig
+
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +39,17 @@ UNFIT_LIMIT = 1000  # samples dropped in a row, at one N, before the packer give
 
 
 class TrainBatches:
-    """Endless packed training batches for one rank.
-
-    next_batch(N) returns tensors input_ids, labels, position_ids and source_ids (the mixture
-    source of each token, -1 for padding) of shape (rows_per_batch, seq_len), pixel_values (tile
-    budget, 3, H, W) uint8 with image_mask (real tiles first, in slot order; zero dummies after),
-    image_grids ((images, 2): each real image's (rows, cols), in order), and a stats dict: counts and running totals, "samples" ((source, shard, key, epoch) of each packed
-    sample, to trace a batch back to its data) and "epoch" (the oldest epoch a worker of this rank
-    is still reading).
+    """Endless packed training batches for one rank: next_batch(N) gives a PackedBatch (assemble.py),
+    whose stats also hold "epoch", the oldest epoch a worker of this rank is still reading.
 
     states: every rank's state_dict() from a checkpoint, in rank order, or None to start afresh.
+    (About 160 lines: the pack window, the stream and its resume state are one state, saved together.)
     """
 
     COUNTERS = ("samples_packed", "truncated", "dropped", "skipped_corrupt", "skipped_invalid")
 
-    def __init__(self, cfg, tokenizer, image_processor, rank: int = 0, world_size: int = 1, states: list | None = None):
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor",
+                 rank: int = 0, world_size: int = 1, states: list[dict] | None = None):
         self.cfg, self.tokenizer, self.image_processor = cfg, tokenizer, image_processor
         self.rank, self.world_size = rank, world_size
         self.mixture = load_mixture(cfg.shards)
@@ -69,7 +67,10 @@ class TrainBatches:
         else:
             self.text_tokens_per_tile = cfg.text_tokens_per_image
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.counters = {**dict.fromkeys(self.COUNTERS, 0), "samples_by_source": {s.name: 0 for s in self.mixture.sources}}
+        self.counters = {
+            **dict.fromkeys(self.COUNTERS, 0),
+            "samples_by_source": {s.name: 0 for s in self.mixture.sources},
+        }
         for state in states or []:
             check_compatible(state, self._identity())
         if not states:
@@ -165,60 +166,33 @@ class TrainBatches:
                                  f"{budget}. Raise data.seq_len, lower data.max_tiles or take {n} out of "
                                  f"tokens.counts")
 
-    def next_batch(self, num_vision_tokens: int) -> dict:
+    def next_batch(self, num_vision_tokens: int) -> PackedBatch:
+        """The next packed batch at N: row by row, the window's samples that fill the row best
+        (packing.choose_row), assembled (assemble.py); its stats beside it."""
         cfg, n = self.cfg, num_vision_tokens
-        max_tiles = self.tile_budget(n)
-        shape = (cfg.rows_per_batch, cfg.seq_len)
-        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
-        source_ids = torch.full(shape, -1, dtype=torch.long)
-        pixels = torch.zeros((max_tiles, *self.pixel_shape), dtype=torch.uint8)
-        image_mask = torch.zeros(max_tiles, dtype=torch.bool)
-        grids = []
-        num_tiles = real_tokens = 0
-        packed = []  # (source, shard, key, epoch) of each sample, for the stats
-        names = [s.name for s in self.mixture.sources]
+        budget = self.tile_budget(n)
+        rows, tiles_used = [], 0
         for row in range(cfg.rows_per_batch):
             self._drop_unfit(n)
             picks = choose_row([sample_length(len(s["input_ids"]), slots_of(s, n), cfg.seq_len) for s in self.window],
-                               [tiles_of(s) for s in self.window], cfg.seq_len, max_tiles - num_tiles,
-                               (max_tiles - num_tiles) / (cfg.rows_per_batch - row))
-            used = 0
-            for sample in [self.window[i] for i in picks]:
-                ids, labs = expand_image_markers(sample["input_ids"], sample["labels"], self.image_token_id,
-                                                 slots_of(sample, n))
-                if len(ids) > cfg.seq_len:
-                    ids, labs = ids[:cfg.seq_len], labs[:cfg.seq_len]
-                    self.counters["truncated"] += 1
-                end = used + len(ids)
-                input_ids[row, used:end] = torch.tensor(ids)
-                labels[row, used:end] = torch.tensor(labs)
-                position_ids[row, used:end] = torch.arange(len(ids))
-                source_ids[row, used:end] = sample["source"]
-                tiles = tiles_of(sample)
-                if tiles:
-                    pixels[num_tiles:num_tiles + tiles] = sample["pixel_values"]
-                    image_mask[num_tiles:num_tiles + tiles] = True
-                    num_tiles += tiles
-                    grids += sample["image_grids"]
-                packed.append((names[sample["source"]], os.path.basename(sample["shard"]), sample["key"], sample["epoch"]))
-                self.counters["samples_by_source"][names[sample["source"]]] += 1
-                used = end
+                               [tiles_of(s) for s in self.window], cfg.seq_len, budget - tiles_used,
+                               (budget - tiles_used) / (cfg.rows_per_batch - row))
+            rows.append([self.window[i] for i in picks])
             self.window = [s for i, s in enumerate(self.window) if i not in set(picks)]
-            real_tokens += used
-            # The padding tail is a sequence of its own, so real tokens never attend to it.
-            position_ids[row, used:] = torch.arange(cfg.seq_len - used)
-        num_samples = len(packed)
-        self.counters["samples_packed"] += num_samples
-        stats = {"samples": packed, "num_samples": num_samples, "num_images": len(grids), "num_tiles": num_tiles,
-                 "tile_budget": max_tiles,
-                 "real_tokens": real_tokens, "pad_tokens": input_ids.numel() - real_tokens,
-                 "epoch": self.stream.epoch,
+            tiles_used += sum(tiles_of(s) for s in rows[-1])
+        batch, truncated, real_tokens = assemble(rows, n, cfg.seq_len, budget, self.pixel_shape,
+                                                 self.tokenizer.pad_token_id, self.image_token_id)
+        names = [s.name for s in self.mixture.sources]
+        packed = [(names[s["source"]], os.path.basename(s["shard"]), s["key"], s["epoch"]) for row in rows for s in row]
+        for name, *_ in packed:
+            self.counters["samples_by_source"][name] += 1
+        self.counters["truncated"] += truncated
+        self.counters["samples_packed"] += len(packed)
+        stats = {"samples": packed, "num_samples": len(packed), "num_images": len(batch["image_grids"]),
+                 "num_tiles": tiles_used, "tile_budget": budget, "real_tokens": real_tokens,
+                 "pad_tokens": batch["input_ids"].numel() - real_tokens, "epoch": self.stream.epoch,
                  **{"total_" + k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "source_ids": source_ids,
-                "pixel_values": pixels, "image_mask": image_mask,
-                "image_grids": torch.tensor(grids, dtype=torch.long).view(-1, 2), "stats": stats}
+        return PackedBatch(**batch, stats=stats)
 
     def state_dict(self) -> dict:
         """Small and layout-independent (see pipeline/data/state.py): the stream's position, the
@@ -228,12 +202,3 @@ class TrainBatches:
                 "window": [[s["worker"], s["epoch"], s["position"], s["index"]] for s in self.window],
                 "counters": {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}
 
-
-def slots_of(sample: dict, num_vision_tokens: int) -> list[int]:
-    """Each of the sample's images' slots at N (pipeline/tiles.py)."""
-    return [image_slots(grid, num_vision_tokens) for grid in sample["image_grids"]]
-
-
-def tiles_of(sample: dict) -> int:
-    """Tiles the vision tower encodes for the sample."""
-    return 0 if sample["pixel_values"] is None else len(sample["pixel_values"])

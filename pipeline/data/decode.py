@@ -1,6 +1,6 @@
 """From a shard's sample (bytes by extension) to what training uses: token ids with one image
-marker per image, labels, and the images as tiles of the tower's 8-bit pixels (pipeline/tiles.py,
-pipeline/images.py; the model normalizes them on its device) with each image's grid.
+marker per image, labels, and the images as tiles of the tower's 8-bit pixels (pipeline/model/tiles.py,
+pipeline/model/images.py; the model normalizes them on its device) with each image's grid.
 
 A record's "image" is a path (its bytes under the sample's image extension, e.g. key.jpg) or a
 list of paths (tools.build_shards stores image i as key.<i>.<ext>, e.g. key.0.jpg, key.1.png).
@@ -12,16 +12,20 @@ import io
 import json
 import logging
 import tarfile
+from typing import TYPE_CHECKING
 
 import simplejpeg
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.chat import prompt_ids, tokenize_record
 from pipeline.data.mixture import Mixture
-from pipeline.images import rgb_pixels
-from pipeline.tiles import choose_grid, image_slots, recorded_tiling, sample_tiles, tile_count, tiles_allowed
+from pipeline.model.chat import prompt_ids, tokenize_record
+from pipeline.model.images import rgb_pixels
+from pipeline.model.tiles import choose_grid, image_slots, recorded_tiling, sample_tiles, tile_count, tiles_allowed
+
+if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
+    from transformers.image_processing_utils import BaseImageProcessor
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ def image_members(sample: dict, record: dict) -> list[bytes]:
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
-    """(H, W, 3) uint8: an image file's pixels, as pipeline.images.rgb_pixels makes of PIL's decode.
+    """(H, W, 3) uint8: an image file's pixels, as pipeline.model.images.rgb_pixels makes of PIL's decode.
     Colour and grayscale JPEGs go through simplejpeg: libjpeg-turbo in one call straight to RGB,
     the same pixels in about half the time PIL takes to decode and convert them
     (bench/loader_results.md). Other JPEGs (CMYK: PIL converts them its own way), damaged ones and
@@ -72,12 +76,13 @@ def decode_rgb(data: bytes) -> torch.Tensor:
 
 class Decoder:
     """Decodes samples for one tokenizer and image processor. image_aspect, max_tiles and
-    multi_image_max_tiles: None takes the processor's recorded ones (pipeline/images.py,
-    pipeline/tiles.py). with_record adds the record itself, prompt_ids (for generation) and answer
+    multi_image_max_tiles: None takes the processor's recorded ones (pipeline/model/images.py,
+    pipeline/model/tiles.py). with_record adds the record itself, prompt_ids (for generation) and answer
     (the last reply), for evaluation."""
 
-    def __init__(self, tokenizer, image_processor, image_aspect: str | None = None, with_record: bool = False,
-                 max_tiles: int | None = None, multi_image_max_tiles: int | None = None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: "BaseImageProcessor",
+                 image_aspect: str | None = None, with_record: bool = False, max_tiles: int | None = None,
+                 multi_image_max_tiles: int | None = None):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_aspect, self.with_record = image_aspect, with_record
         self.max_tiles, self.multi_image_max_tiles = recorded_tiling(image_processor, max_tiles, multi_image_max_tiles)

@@ -10,6 +10,7 @@ The loader takes one handover from each worker in turn, so the combined stream i
 group, worker 1's first group, ..., then worker 0's second group, and so on (stream_index).
 """
 
+import os
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -78,6 +79,8 @@ def as_is(handover: dict) -> dict:
 def loader_items(stream: IterableDataset, num_workers: int, **loader_options) -> Iterator[dict]:
     """A stream's items (its __iter__ yields handovers), read by num_workers DataLoader workers (0:
     in this process), in the combined order."""
+    if num_workers:  # workers fork after the tokenizer is built: its thread pool must not be in use then
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=as_is, **loader_options)
     for handover in loader:
         yield from unpack(handover)

@@ -79,7 +79,9 @@ class Mixture:
     def fingerprint(self) -> list:
         """What must not change for a saved position in the data to keep its meaning. Shard names
         only, not their folders: the data may move."""
-        return [[s.name, [os.path.basename(u) for u in s.urls], list(s.sizes), s.repeat, s.weight] for s in self.sources]
+        return [
+            [s.name, [os.path.basename(u) for u in s.urls], list(s.sizes), s.repeat, s.weight] for s in self.sources
+        ]
 
 
 def resolve_source(spec: str, where: str = "data.shards") -> tuple[list[str], list[int]]:
@@ -90,7 +92,9 @@ def resolve_source(spec: str, where: str = "data.shards") -> tuple[list[str], li
     if os.path.isdir(spec):
         manifest_path = os.path.join(spec, "manifest.json")
         if not os.path.exists(manifest_path):
-            raise FileNotFoundError(f"{where}: {spec} is a folder without manifest.json (build it with tools.build_shards)")
+            raise FileNotFoundError(
+                f"{where}: {spec} is a folder without manifest.json (build it with tools.build_shards)"
+            )
         with open(manifest_path) as f:
             shards = [(os.path.join(spec, s["name"]), s["num_samples"]) for s in json.load(f)["shards"]]
     elif os.path.isfile(spec) or "{" in spec:
@@ -136,7 +140,7 @@ def load_mixture(shards: str) -> Mixture:
     return Mixture(tuple(sources))
 
 
-def _source(entry, index: int, path: Path) -> Source:
+def _source(entry: object, index: int, path: Path) -> Source:
     name = entry.get("name") if isinstance(entry, dict) else None
     label = f"mixture {path}, source {name!r}" if name else f"mixture {path}, source #{index + 1}"
     if not isinstance(entry, dict) or not isinstance(name, str) or not NAME.match(name):

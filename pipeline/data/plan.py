@@ -61,7 +61,9 @@ def epoch_pieces(mixture: Mixture, seed: int, epoch: int) -> list[Piece]:
 
 def in_order_pieces(mixture: Mixture) -> list[Piece]:
     """Every sample once, sources and shards in their listed order (evaluation)."""
-    return [Piece(i, shard, 0, size) for i, source in enumerate(mixture.sources) for shard, size in enumerate(source.sizes)]
+    return [
+        Piece(i, shard, 0, size) for i, source in enumerate(mixture.sources) for shard, size in enumerate(source.sizes)
+    ]
 
 
 def count(intervals: Intervals) -> int:

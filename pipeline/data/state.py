@@ -14,6 +14,8 @@ into equal shares for the new ranks x workers ("open epochs"); later epochs are 
 new layout as usual. Either way no position of an epoch is consumed twice or skipped.
 """
 
+from collections.abc import Iterable
+
 from pipeline.data.plan import Intervals, count, merge, slice_intervals, worker_task
 
 VERSION = 3
@@ -22,7 +24,7 @@ VERSION = 3
 class Progress:
     """What the main process knows of one worker's current epoch (see the module docstring)."""
 
-    def __init__(self, epoch: int, read: int = 0, missing=()):
+    def __init__(self, epoch: int, read: int = 0, missing: Iterable[int] = ()):
         self.epoch, self.read, self.missing = epoch, read, set(missing)
 
     def update(self, epoch: int, read: int, position: int, task: Intervals) -> None:
@@ -48,7 +50,9 @@ def remaining_positions(states: list[dict], length: int) -> dict[int, Intervals]
     layout = states[0]["layout"]
     world_size, num_workers = layout["world_size"], layout["num_workers"]
     open_epochs = {e: i for state in states for e, i in open_epochs_of(state).items()}
-    workers = [(state["layout"]["rank"], w, progress) for state in states for w, progress in enumerate(state["workers"])]
+    workers = [
+        (state["layout"]["rank"], w, progress) for state in states for w, progress in enumerate(state["workers"])
+    ]
     window = [(epoch, position) for state in states for _, epoch, position, _ in state["window"]]
     first = min([p["epoch"] for _, _, p in workers] + [epoch for epoch, _ in window])
     last = max(p["epoch"] for _, _, p in workers)

@@ -11,15 +11,8 @@ handover.stream_index), its epoch and position, where its worker's epoch began
 main process in handovers of several (pipeline/data/handover.py), which sets the combined order.
 """
 
-import atexit
-import ctypes
-import functools
 import logging
-import multiprocessing.util  # registers multiprocessing's exit handler before ours (see _exiting)
-import os
 import random
-import signal
-import sys
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +30,7 @@ from pipeline.data.handover import (
     loader_items,
     stream_index,
 )
-from pipeline.data.mixture import load_mixture
+from pipeline.data.mixture import Mixture, load_mixture
 from pipeline.data.plan import (
     EpochPieces,
     Intervals,
@@ -50,12 +43,11 @@ from pipeline.data.plan import (
 )
 from pipeline.data.shards import ReadingBoard, ShardError, read_shard
 from pipeline.data.state import Progress
+from pipeline.data.workers import worker_init
+from pipeline.run.config import DataConfig
 
 if TYPE_CHECKING:  # for annotations only: transformers' image processor base is slow to import
     from transformers.image_processing_utils import BaseImageProcessor
-
-# Workers are forked after the tokenizer is built; its thread pool must not be in use then.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +63,9 @@ class SampleStream(IterableDataset):
     post the shard they read.
     """
 
-    def __init__(self, mixture, decoder: Decoder, rank: int = 0, world_size: int = 1, *, endless: bool = True,
-                 seed: int = 0, shuffle_buffer: int = 0, first_epoch: int = 0, open_epochs=None, replay=None,
+    def __init__(self, mixture: Mixture, decoder: Decoder, rank: int = 0, world_size: int = 1, *, endless: bool = True,
+                 seed: int = 0, shuffle_buffer: int = 0, first_epoch: int = 0,
+                 open_epochs: dict[int, Intervals] | None = None, replay: list[dict] | None = None,
                  board: ReadingBoard | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -172,8 +165,8 @@ class RankStream:
     layout), restarts each worker where the plan says; open_epochs: see SampleStream.
     """
 
-    def __init__(self, mixture, decoder: Decoder, cfg, rank: int, world_size: int, first_epoch: int,
-                 open_epochs: dict, replay: list | None = None):
+    def __init__(self, mixture: Mixture, decoder: Decoder, cfg: DataConfig, rank: int, world_size: int,
+                 first_epoch: int, open_epochs: dict[int, Intervals], replay: list[dict] | None = None):
         self.rank, self.world_size, self.timeout = rank, world_size, cfg.read_timeout_s
         self.num_workers, self.length, self.open_epochs = max(1, cfg.num_workers), mixture.epoch_length(), open_epochs
         restarts = [w["restart"] for w in replay] if replay else [(first_epoch, 0)] * self.num_workers
@@ -189,7 +182,7 @@ class RankStream:
         prefetch = max(2, per_worker) if cfg.num_workers else None
         self.items = loader_items(stream, cfg.num_workers, prefetch_factor=prefetch,
                                   timeout=self.timeout if cfg.num_workers else 0,
-                                  worker_init_fn=functools.partial(loader_worker_setup, _exiting))
+                                  worker_init_fn=worker_init())
 
     @property
     def epoch(self) -> int:
@@ -212,7 +205,9 @@ class RankStream:
         worker, epoch = item["worker"], item["epoch"]
         self.latest[worker] = tuple(item["epoch_start"])
         if item["position"] is not None:  # not a filler
-            task = worker_task(self.length, self.open_epochs, epoch, self.world_size, self.num_workers, self.rank, worker)
+            task = worker_task(
+                self.length, self.open_epochs, epoch, self.world_size, self.num_workers, self.rank, worker
+            )
             self.progress[worker].update(epoch, item["read"], item["position"], task)
         return item
 
@@ -246,24 +241,3 @@ def iter_samples(shards: str | Path, tokenizer: PreTrainedTokenizerBase, image_p
     for item in loader_items(stream, num_workers):
         if item["kind"] == "sample":
             yield item
-
-
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-# Set as this process exits. multiprocessing's own exit handler terminates (SIGTERM), then joins,
-# its child processes; atexit runs handlers last-registered first, so this one runs before it.
-_exiting = multiprocessing.RawValue(ctypes.c_bool, False)
-atexit.register(setattr, _exiting, "value", True)
-
-
-def loader_worker_setup(exiting: ctypes.c_bool, worker_id: int) -> None:
-    """Runs in each training loader worker; `exiting` is _exiting (passed on, for any start method).
-
-    Slurm signals every process of a job step: USR1 before the time limit, TERM on preemption.
-    A worker ignores both, so that its training process can finish the step and save, until
-    that process exits, on success or on an exception: then TERM ends the worker, or the exit
-    would wait for it forever. If the training process dies without exiting (SIGKILL), the
-    kernel kills the worker (PR_SET_PDEATHSIG, Linux only)."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if exiting.value else None)
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
