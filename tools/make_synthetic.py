@@ -53,11 +53,12 @@ from pipeline.model.chat import IMAGE_TOKEN
 #   two dots      8 px each, side by side  fine: which colour is on the left
 # The dot pair fills the width of one cell of the 4 x 4 grid that N = 16 pools the tower's 16 x 16
 # patches into, and sits on the patch grid (its top on a multiple of 4 px): at N = 16 one token
-# averages both dots, the same whichever is left; from N = 64 on each dot has tokens of its own.
-# The question asks for the left one, the first of the two in the tokens' row-major order: in
-# issue 30's probes a tiny LM learned that within the demo's order of samples, but not the left or
-# the right one asked at random. The 10 px dot's colour that this question replaced stayed at
-# chance after the demo's training, at every N.
+# averages both dots' features, which keeps only the trace of left and right that the tower's
+# position-dependent features leave; from N = 64 on each dot has tokens of its own. The question
+# asks for the left one, the first of the two in the tokens' row-major order: in issue 30's probes
+# a tiny LM learned that, but not the left or the right one asked at random. The 10 px dot's
+# colour that this question replaced stayed at chance after the demo's training, at every N;
+# bench/fine_question_trials.md has what training on this one gave.
 BACKGROUNDS = {"white": (250, 250, 250), "gray": (128, 128, 128), "pink": (250, 160, 200), "cyan": (120, 230, 240)}
 LARGE_COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20)}
 SMALL_COLOURS = {"black": (10, 10, 10), "orange": (250, 130, 0), "purple": (130, 30, 170), "brown": (110, 60, 20)}
