@@ -1,8 +1,8 @@
 """Do tiles pay where resolution matters? Models trained with 1 and with 4 tiles per image, on the tiny CPU models.
 
 Data: synthetic scenes (tools.make_synthetic) of which half are 4x as wide as high or as high as
-wide (--wide-fraction 0.5: one 64 px tile shrinks their 10 px dot to 2.5 px, a 1 x 4 grid sees it
-whole) and a fifth are two-scene records (--multi-image-fraction 0.2). Trains, with the demo's
+wide (--wide-fraction 0.5: one 64 px tile shrinks each of their 8 px dots to 2 px, a 1 x 4 grid
+sees them whole) and a fifth are two-scene records (--multi-image-fraction 0.2). Trains, with the demo's
 recipe (configs/tiny_cpu_stage{1,2}.yaml, both stages, 2 ranks, N drawn from {16, 64, 144}):
   tiles1  data.max_tiles 1 (one tile per image)
   tiles4  data.max_tiles 4, data.multi_image_max_tiles 2

@@ -27,8 +27,10 @@ def require_lmms_eval():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Folder with vision/, qwen2/ and llama/ tiny random-init checkpoints."""
-    return make_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+    """Folder with vision/, qwen2/ and llama/ tiny random-init checkpoints (the tower's minute of
+    pretraining skipped: the tests need its shapes, not its sight; tests/test_pretrain_vision.py
+    tests the pretraining)."""
+    return make_tiny_models(tmp_path_factory.mktemp("tiny_models"), vision_pretrain_steps=0)
 
 
 @pytest.fixture(scope="session")

@@ -195,18 +195,50 @@ def test_a_build_with_other_settings_replaces_what_an_earlier_one_left(synth, tm
 
 def test_scene_objects_shrink_from_coarse_to_fine_and_carry_their_answers():
     """Each question's answer is the colour of its object in the image, and the objects get
-    smaller from coarse to fine (the detail a question needs is its object's size)."""
+    smaller from coarse to fine (the detail a question needs is its object's size): the fine
+    question asks the colour of the left one of two 8 px dots of two different colours."""
     rng = random.Random(0)
     for _ in range(20):
         image, facts = make_synthetic.render_scene(rng, 64)
-        pixels = list(image.getdata())
-        area = {key: pixels.count(palette[facts[key]]) for key, palette in [
+        pixels = np.asarray(image)
+        area = {key: int((pixels == palette[facts[key]]).all(-1).sum()) for key, palette in [
             ("background", make_synthetic.BACKGROUNDS), ("large", make_synthetic.LARGE_COLOURS),
-            ("small", make_synthetic.SMALL_COLOURS), ("dot", make_synthetic.DOT_COLOURS)]}
-        assert area["dot"] == 10 * 10 and 14 * 14 <= area["small"] <= 18 * 18
-        assert area["background"] > area["large"] > area["small"] > area["dot"]
+            ("small", make_synthetic.SMALL_COLOURS), ("left_dot", make_synthetic.DOT_COLOURS),
+            ("right_dot", make_synthetic.DOT_COLOURS)]}
+        assert facts["left_dot"] != facts["right_dot"] and area["left_dot"] == area["right_dot"] == 8 * 8
+        assert 14 * 14 <= area["small"] <= 18 * 18
+        assert area["background"] > area["large"] > area["left_dot"] and area["small"] > area["left_dot"]
+        assert area["large"] >= 0.9 * area["small"]  # (a 24 px triangle covers 300 px, an 18 px square 324)
+        left_columns = np.nonzero((pixels == make_synthetic.DOT_COLOURS[facts["left_dot"]]).all(-1).any(0))[0]
+        right_columns = np.nonzero((pixels == make_synthetic.DOT_COLOURS[facts["right_dot"]]).all(-1).any(0))[0]
+        assert left_columns.max() + 1 == right_columns.min()  # side by side, the left one on the left
         answers = {question: answer for _, question, answer in make_synthetic.image_questions(facts)}
-        assert answers["What colour is the tiny dot?"] == facts["dot"]
+        assert answers["What colour is the left dot?"] == facts["left_dot"]
+
+
+def test_the_fine_answer_is_lost_in_16_px_cell_means_and_kept_in_8_and_4_px_ones():
+    """The two dots fill the width of one cell of the 4 x 4 grid that N = 16 pools 64 px into, on
+    the 4 px patch grid: swapping their colours changes the answer and the image, but not the
+    16 px cells' mean colours, while the means of 8 px cells (N = 64) and of 4 px patches (N = 256)
+    change. (The tower's patch features depend on position too, so their pooled mean at N = 16
+    still keeps a trace of which colour is left: the trained demo model reads it above chance.)"""
+    def means(image, side):
+        pixels = np.asarray(image, dtype=float)
+        return pixels.reshape(64 // side, side, 64 // side, side, 3).mean((1, 3))
+
+    rng = random.Random(1)
+    for _ in range(50):
+        scene = make_synthetic.draw_scene(rng, 64)
+        left, right = scene["boxes"][2:]
+        assert left[0] % 16 == 0 and right[0] == left[0] + 8 and left[1] == right[1] and left[2] == right[2] == 8
+        assert left[1] % 4 == 0 and left[1] // 16 == (left[1] + 7) // 16  # inside one 16 px row of cells
+        facts = scene["facts"]
+        swapped = scene | {"facts": facts | {"left_dot": facts["right_dot"], "right_dot": facts["left_dot"]}}
+        image, image_swapped = make_synthetic.render(scene), make_synthetic.render(swapped)
+        assert image.tobytes() != image_swapped.tobytes()
+        assert np.allclose(means(image, 16), means(image_swapped, 16))
+        assert not np.allclose(means(image, 8), means(image_swapped, 8))
+        assert not np.allclose(means(image, 4), means(image_swapped, 4))
 
 
 def test_multi_turn_records_ask_every_question_and_score_types_equally(tmp_path):
@@ -220,6 +252,14 @@ def test_multi_turn_records_ask_every_question_and_score_types_equally(tmp_path)
         assert len(set(questions)) == len(questions)  # no question asked twice
     scored = [r["question_type"] for r in records]
     assert all(0.27 < scored.count(t) / len(scored) < 0.4 for t in ("coarse", "medium", "fine"))
+
+
+def test_fine_fraction_sets_the_share_of_scored_fine_questions(tmp_path):
+    make_synthetic.main(["--out", str(tmp_path), "--n", "600", "--fine-fraction", "0.6",
+                         "--text-only-fraction", "0"])
+    scored = [r["question_type"] for r in json.loads((tmp_path / "data.json").read_text())]
+    assert 0.54 < scored.count("fine") / len(scored) < 0.66
+    assert all(0.15 < scored.count(t) / len(scored) < 0.25 for t in ("coarse", "medium"))
 
 
 def test_splits_share_no_image_no_text_question_and_no_id(tmp_path):

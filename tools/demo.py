@@ -57,7 +57,8 @@ def make_models_and_data(out, split_sizes, env, log_dir=None):
     def log(name):
         return Path(log_dir) / f"{name}.log" if log_dir else None
 
-    run("tiny random-init SigLIP, Qwen2 and Llama, and a sentencepiece tokenizer",
+    run("tiny models: SigLIP pretrained for a minute on generated scenes, random-init Qwen2 and Llama, "
+        "and a sentencepiece tokenizer",
         [py, "-m", "tools.make_tiny_models", out / "tiny"], env, log("tiny_models"))
     # At least 8 shards of each split: every training rank x loader worker reads its own.
     for split, count in split_sizes.items():

@@ -1,19 +1,24 @@
-"""Write tiny random-init models of real architectures, loadable with transformers' from_pretrained.
+"""Write tiny models of real architectures, loadable with transformers' from_pretrained.
 
-    OUT/vision   SigLIP vision tower (64 px, 4 px patches -> 16x16 grid) + its image processor
+    OUT/vision   SigLIP vision tower (64 px, 4 px patches -> 16x16 grid) + its image processor,
+                 pretrained for about a minute on generated scenes to tell each patch's colour and
+                 kind of object (tools/pretrain_vision.py; its figures in pretraining.json);
+                 --vision-pretrain-steps 0 leaves it random-init
     OUT/qwen2    Qwen2 causal LM + a Qwen2-Instruct-style tokenizer: ChatML's tokens in its own
                  vocabulary, Qwen's chat template, no BOS, EOS <|im_end|>
     OUT/llama    Llama causal LM + a Llama-3-Instruct-style tokenizer: <|begin_of_text|> (BOS,
                  added by the tokenizer), the header tokens, EOS <|eot_id|>, Meta's chat template
     OUT/base     Llama causal LM + a base tokenizer (Llama-2 style: BOS <s> added, EOS </s>, no chat template)
 
-The three tokenizers share one sentencepiece BPE model trained here on generated text, so nothing
-is downloaded. Tests and the demo start from these folders exactly as users start from real ones:
-like the real checkpoints, the Qwen2 LM has a spare embedding row for the image marker and the others none.
+The LMs are random-init. The three tokenizers share one sentencepiece BPE model trained here on
+generated text, so nothing is downloaded. Tests and the demo start from these folders exactly as
+users start from real ones: like the real checkpoints, the Qwen2 LM has a spare embedding row for
+the image marker and the others none.
 """
 
 import argparse
 import io
+import json
 import random
 from pathlib import Path
 
@@ -30,6 +35,9 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+
+from tools.pretrain_vision import STEPS as VISION_PRETRAIN_STEPS
+from tools.pretrain_vision import pretrain_vision_tower, write_report
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 4
@@ -110,13 +118,22 @@ def lm_config_kwargs(vocab_size):
                 tie_word_embeddings=True)
 
 
-def make_tiny_models(out, seed=0):
+def make_tiny_models(out, seed=0, vision_pretrain_steps=VISION_PRETRAIN_STEPS):
+    """OUT/vision, qwen2, llama, base and tokenizer; vision_pretrain_steps 0: a random-init tower.
+    The same seed gives the same files' weights; the LMs do not depend on the tower's pretraining."""
     out = Path(out)
     torch.manual_seed(seed)
     vision_config = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
-    SiglipVisionModel(vision_config).save_pretrained(out / "vision")
-    SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(out / "vision")
+    tower = SiglipVisionModel(vision_config)
+    processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    if vision_pretrain_steps:
+        # (it leaves torch's random state as it was: the LMs below are what they were before it)
+        report = pretrain_vision_tower(tower, processor, steps=vision_pretrain_steps, seed=seed)
+    tower.save_pretrained(out / "vision")
+    processor.save_pretrained(out / "vision")
+    if vision_pretrain_steps:
+        write_report(report, out / "vision")
 
     classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
                "base": (LlamaConfig, LlamaForCausalLM)}
@@ -137,10 +154,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder to write vision/, qwen2/, llama/, base/ into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vision-pretrain-steps", type=int, default=VISION_PRETRAIN_STEPS,
+                        help=f"steps of the vision tower's pretraining (default: {VISION_PRETRAIN_STEPS}; "
+                             "0: random init)")
     args = parser.parse_args(argv)
-    make_tiny_models(args.out, args.seed)
+    if args.vision_pretrain_steps < 0:
+        parser.error("--vision-pretrain-steps must be >= 0")
+    make_tiny_models(args.out, args.seed, args.vision_pretrain_steps)
+    pretrained = args.vision_pretrain_steps and json.loads((args.out / "vision" / "pretraining.json").read_text())
+    tower = (f"pretrained {args.vision_pretrain_steps} steps in {pretrained['seconds']} s, held-out patches' colour "
+             f"{pretrained['held_out']['colour_accuracy']:.3f}, kind {pretrained['held_out']['kind_accuracy']:.3f}"
+             if pretrained else "random-init")
     print(f"tiny models written to {args.out}: vision/ ({IMAGE_SIZE}px, {IMAGE_SIZE // PATCH_SIZE}x"
-          f"{IMAGE_SIZE // PATCH_SIZE} patches), qwen2/, llama/, base/")
+          f"{IMAGE_SIZE // PATCH_SIZE} patches, {tower}), qwen2/, llama/, base/ (random-init)")
 
 
 if __name__ == "__main__":

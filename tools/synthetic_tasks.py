@@ -36,7 +36,7 @@ from tools.make_synthetic import BACKGROUNDS, DOT_COLOURS, LARGE_COLOURS, SMALL_
 from tools.synthetic_clips import DIRECTIONS, QUESTIONS
 
 OBJECT_PALETTES = {"background": BACKGROUNDS, "large shape": LARGE_COLOURS, "small square": SMALL_COLOURS,
-                   "tiny dot": DOT_COLOURS}
+                   "left dot": DOT_COLOURS}
 COLOUR_QUESTION = re.compile(r"What colour is the (.+?)\?")
 LETTERS = "ABCD"
 # MVBench's task (its dataset here): the clip questions it asks, and their candidates
