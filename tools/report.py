@@ -115,55 +115,50 @@ def plot_tiles(results, path):
     """Accuracy against the vision tokens per image (tiles x N plus row ends), one curve per model
     and tile limit, each point one N: where a model trades resolution (tiles) against tokens per
     tile (N), the curve to pick an operating point from."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = {}
     for model in dict.fromkeys(r["model"] for r in results):
-        rows = sorted((r for r in results if r["model"] == model and r["vision_tokens_per_image"]),
-                      key=lambda r: r["vision_tokens_per_image"])
+        rows = [r for r in results if r["model"] == model and r["vision_tokens_per_image"]]
         if rows:
-            ax.plot([r["vision_tokens_per_image"] for r in rows], [r["accuracy"] for r in rows], marker="o",
-                    label=f"{model}" if "tiles=" in model else f"{model} tiles={rows[0]['num_tiles']}")
-            for r in rows:
-                ax.annotate(f"N={r['num_vision_tokens']}", (r["vision_tokens_per_image"], r["accuracy"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("vision tokens per image (tiles x N + row ends, mean over images)")
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            curves[model if "tiles=" in model else f"{model} tiles={rows[0]['num_tiles']}"] = rows
+    plot_accuracy_curves(curves, path, "vision_tokens_per_image", lambda r: f"N={r['num_vision_tokens']}",
+                         "vision tokens per image (tiles x N + row ends, mean over images)")
 
 
 def plot_frames(results, path):
     """Accuracy against the vision tokens per clip (frames x (M + a frame end)), one curve per model,
     N and frame count, each point one M: where frames trade against tokens per frame under one
     budget (a vertical line through the curves), the curve to pick an operating point from."""
+    def key(r):
+        return r["model"], r["num_vision_tokens"], r["num_frames"]
+
+    clip_rows = [r for r in results if r.get("vision_tokens_per_clip")]
+    keys = dict.fromkeys(map(key, clip_rows))
+    curves = {}
+    for model, n, frames in keys:
+        label = model + (f" N={n}" if len({k[1] for k in keys}) > 1 else "") + ("" if "frames=" in model
+                                                                                 else f" frames={frames}")
+        curves[label] = [r for r in clip_rows if key(r) == (model, n, frames)]
+    plot_accuracy_curves(curves, path, "vision_tokens_per_clip", lambda r: f"M={r['num_frame_tokens']}",
+                         "vision tokens per clip (frames x (M + a frame end), mean over clips)")
+
+
+def plot_accuracy_curves(curves: dict, path, x_key: str, point_label, xlabel: str) -> None:
+    """One accuracy curve per label (its rows sorted by x_key, on a log-2 axis), each point annotated
+    with point_label(row)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    curves = dict.fromkeys((r["model"], r["num_vision_tokens"], r["num_frames"]) for r in results
-                           if r.get("vision_tokens_per_clip"))
-    for model, n, frames in curves:
-        rows = sorted((r for r in results if (r["model"], r["num_vision_tokens"], r["num_frames"]) == (model, n, frames)
-                       and r.get("vision_tokens_per_clip")), key=lambda r: r["vision_tokens_per_clip"])
-        label = model + (f" N={n}" if len({c[1] for c in curves}) > 1 else "") + ("" if "frames=" in model
-                                                                                   else f" frames={frames}")
-        ax.plot([r["vision_tokens_per_clip"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+    for label, rows in curves.items():
+        rows = sorted(rows, key=lambda r: r[x_key])
+        ax.plot([r[x_key] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
         for r in rows:
-            ax.annotate(f"M={r['num_frame_tokens']}", (r["vision_tokens_per_clip"], r["accuracy"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
+            ax.annotate(point_label(r), (r[x_key], r["accuracy"]), fontsize=7, textcoords="offset points",
+                        xytext=(3, 3))
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("vision tokens per clip (frames x (M + a frame end), mean over clips)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
