@@ -1,4 +1,4 @@
-"""TokenFLEX as an lmms-eval model, at one vision-token count N per run:
+r"""TokenFLEX as an lmms-eval model, at one vision-token count N per run:
 
     python -m lmms_eval --model tokenflex --tasks mme,pope --batch_size 8 \
         --model_args pretrained=runs/stage2/final,num_vision_tokens=64,num_tiles=4,device=cuda,dtype=bfloat16
