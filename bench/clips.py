@@ -8,18 +8,18 @@ keyframe every `keyframe_seconds` (2 s, as streaming encoders set it; 0: x264's 
 keyframe every 250 frames or at a scene cut).
 """
 
-import io
 import random
 from pathlib import Path
 
-import av
 import numpy as np
 from matplotlib import cbook
 from PIL import Image
 
 from bench.photos import mosaic
+from tools.synthetic_clips import encode_mp4
 
 WIDTH, HEIGHT, FPS, SECONDS = 640, 360, 30, 30
+ENCODER = {"crf": "23", "preset": "medium"}  # a typical published clip's settings, x264's threads
 
 
 def camera_frames(canvas: Image.Image, rng: random.Random, frames: int) -> list[np.ndarray]:
@@ -37,22 +37,6 @@ def camera_frames(canvas: Image.Image, rng: random.Random, frames: int) -> list[
     return views
 
 
-def encode(frames: list[np.ndarray], keyframe_seconds: float) -> bytes:
-    out = io.BytesIO()
-    with av.open(out, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.options = {"crf": "23", "preset": "medium"}
-        if keyframe_seconds:
-            stream.codec_context.gop_size = round(keyframe_seconds * FPS)
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
-
-
 def write_clips(out_dir: Path, n: int, keyframe_seconds: float, seed: int = 0) -> list[str]:
     """n clips as out_dir/clip-<i>.mp4; returns their file names."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,5 +47,6 @@ def write_clips(out_dir: Path, n: int, keyframe_seconds: float, seed: int = 0) -
     for i in range(n):
         canvas = mosaic(photo, 4, rng)
         names.append(f"clip-{i}.mp4")
-        (out_dir / names[-1]).write_bytes(encode(camera_frames(canvas, rng, FPS * SECONDS), keyframe_seconds))
+        (out_dir / names[-1]).write_bytes(encode_mp4(camera_frames(canvas, rng, FPS * SECONDS), FPS, ENCODER,
+                                                         keyframe_seconds))
     return names
