@@ -234,15 +234,8 @@ def benchmark_table(report):
 def plot_benchmark(results, path):
     """One panel per task metric and one for the prefill latency (median, q1–q3 as error bars;
     its title says when the spread is larger than the differences), against N; one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     panels = [*metric_names(results), "prefill ms"]
-    columns = min(3, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    fig, axes = panel_grid(len(panels))
     ns = sorted({r["num_vision_tokens"] for r in results})
     for ax, panel in zip(axes.flat, panels):
         for model in dict.fromkeys(r["model"] for r in results):
@@ -258,25 +251,14 @@ def plot_benchmark(results, path):
         ax.set_xlabel("vision tokens N")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_panels(fig, axes, len(panels), path)
 
 
 def plot_benchmark_frames(results, path):
     """One panel per task metric against the vision tokens a clip takes at most (frames x (M + a
     frame end)), one curve per model, N and frame count, each point one M."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     metrics = metric_names(results)
-    columns = min(3, len(metrics))
-    rows = math.ceil(len(metrics) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    fig, axes = panel_grid(len(metrics))
     curves = dict.fromkeys((r["name"], r["num_tiles"], r["num_vision_tokens"], r["num_frames"]) for r in results)
     for ax, metric in zip(axes.flat, metrics):
         for name, tiles, n, frames in curves:
@@ -290,7 +272,26 @@ def plot_benchmark_frames(results, path):
         ax.set_xlabel("vision tokens per clip, at most")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(metrics):]:
+    save_panels(fig, axes, len(metrics), path)
+
+
+def panel_grid(count: int):
+    """A figure of count panels, three to a row, and its 2-D array of axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    columns = min(3, count)
+    rows = math.ceil(count / columns)
+    return plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+
+
+def save_panels(fig, axes, used: int, path) -> None:
+    """Hide the grid's panels past the first `used`, then write the figure and close it."""
+    from matplotlib import pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
