@@ -1,5 +1,6 @@
 """Does flexibility pay, and what makes it pay? TokenFLEX models against fixed-N specialists, on the
-tiny CPU models (configs/tiny_cpu_stage{1,2}.yaml, both stages, 2 ranks).
+tiny CPU models, each trained as the demo trains (tools.demo.RUNS: stage 1, then stage 2 in two
+parts, the fine question first; 2 ranks).
 
 Studies (--studies, comma-separated; each reuses the models an earlier one trained in --out):
   main      flex {16: 1, 64: 1, 144: 1} against fixed16, fixed64 and fixed144 (3 seeds)
@@ -12,23 +13,21 @@ Studies (--studies, comma-separated; each reuses the models an earlier one train
   pooling   flex-resize: the projector's resize_avg pooling instead of adaptive average pooling (2 seeds)
 Every model sees the same data with the same seeds (train, data and tokens seed = the run's seed).
 Sample-matched models run as many steps as the flex model's samples take at their counts, compute-
-matched ones as many as its useful FLOPs take; both measured with the project's packer on the
-training shards before training (stage 1 and stage 2 alike). The data are tools.make_synthetic's
-splits (disjoint scenes and text questions); every model is evaluated on the test split only
-(nothing is tuned on it): in the main study at N = 16, 36, 64, 100, 144, 196 and 256 (36, 100,
-196 and 256 are seen by none), in the ablations at 16, 64, 144 and 256. Figures are mean ±
-standard deviation over seeds.
+matched ones as many as its useful FLOPs take; both measured with the project's packer on each
+run's training shards before training (every run alike). The flex model runs the configs' steps.
+The data are tools.make_synthetic's splits (disjoint scenes and text questions); every model is
+evaluated on the test split only (nothing is tuned on it): in the main study at N = 16, 36, 64,
+100, 144, 196 and 256 (36, 100, 196 and 256 are seen by none), in the ablations at 16, 64, 144 and
+256. Figures are mean ± standard deviation over seeds.
 
     python -m bench.flex_vs_fixed --studies main --write-results          # the main table
     python -m bench.flex_vs_fixed --studies main,weights,loss,compute,smallest --write-results
     python -m bench.flex_vs_fixed --quick                                 # minutes: checks it runs (tests)
 
-Time, estimated from a timed piece (80 stage-2 steps and an evaluation, 2026-11-29, on the 2 cores
-shared at load 6: 0.70 s a step, i.e. about 0.2 s on free cores) and from the previous study's
-prefill times: main alone about 35 min on 2 free cores; main and the four ablations above (24
-trainings, about 8,500 steps, 132,000 answers) 50-70 min on 2 free cores, about 1.5-2 hours on
-shared ones. Evaluation is the least certain part: a trained model's short answers decode faster
-than those of the barely trained model that was timed.
+Time, estimated from the demo's run of the same recipe (2026-12-06, 2 free cores: stage 1 16 s,
+stage 2's parts 375 s and 175 s, 200 records at 7 N in 18 s): about 10 minutes a model and seed,
+so about 2 hours for main (12 trainings, 84,000 answers) and as long again for every further 12
+models and seeds of the ablations. The results files say what a run took.
 
 Writes OUT/<study>/results.{md,json} and accuracy_vs_tokens.png per study; --write-results copies
 them to bench/flex_vs_fixed_results.{md,json} and bench/flex_vs_fixed_accuracy.png (main) and
@@ -58,17 +57,13 @@ from pipeline.model.vlm import TokenFlexVLM
 from pipeline.run.config import load_config
 from pipeline.train.flops import Work, step_flops
 from stages import STAGES
-from tools.demo import REPO, cpu_training_env, make_models_and_data, run, stage_command
+from tools.demo import DATA_SIZES, REPO, RUNS, cpu_training_env, make_models_and_data, run, stage_command
 from tools.report import plot_accuracy_panels
 
 FLEX = {16: 1, 64: 1, 144: 1}
 EVAL_COUNTS = [16, 36, 64, 100, 144, 196, 256]  # the main study's; 36, 100, 196 and 256 are seen by no model
 ABLATION_COUNTS = [16, 64, 144, 256]  # the ablations': evaluation is most of a study's time
 EVAL_BATCH_SIZE = 32
-# The flex model's stage-2 steps: a third of configs/tiny_cpu_stage2.yaml's 900, to shorten the
-# studies (24 trainings, 132,000 answers): about an hour on 2 free CPU cores by an estimate from a
-# short timed piece, several hours on shared ones (bench/flex_vs_fixed_results.md: 61 and 128 min)
-STAGE2_STEPS = 300
 
 
 @dataclass(frozen=True)
@@ -126,12 +121,13 @@ STUDIES = {
 }
 TYPES = ["overall", "coarse", "medium", "fine", "text"]
 PACKER_BATCHES = 30  # batches per rank and N for measuring samples and FLOPs per step
-QUICK = {"steps": {1: 2, 2: 4}, "packer_batches": 4, "seeds": [0], "models": 2,  # each study's first two
-         "splits": {"train": 240, "validation": 24, "test": 48}}
+QUICK = {"steps": {"stage1": 2, "stage2_fine": 4, "stage2": 4}, "packer_batches": 4, "seeds": [0],
+         "models": 2,  # each study's first two
+         "splits": {"train": 240, "train_fine": 240, "validation": 24, "test": 48}}
 
 
-def stage_config(stage):
-    return REPO / "configs" / f"tiny_cpu_stage{stage}.yaml"
+def run_config(name, overrides=()):
+    return load_config(REPO / RUNS[name][0], list(overrides))
 
 
 def results_paths(study):
@@ -143,15 +139,16 @@ def results_paths(study):
 # ---- steps: matching the flex model's samples or its compute ----
 
 def per_step_costs(data_root, counts, ranks, batches=PACKER_BATCHES):
-    """{stage: {N: {"samples": mean samples one optimizer step packs (all ranks), "flops": its
-    useful training FLOPs (pipeline.train.flops.step_flops, with the stage's trained parts)}}}, from
-    each stage's packer (pipeline.data.batches.TrainBatches) on the training shards; nothing trains."""
+    """{run: {N: {"samples": mean samples one optimizer step packs (all ranks), "flops": its
+    useful training FLOPs (pipeline.train.flops.step_flops, with the run's trained parts)}}} for
+    each run of RUNS, from its packer (pipeline.data.batches.TrainBatches) on its training shards;
+    nothing trains."""
     model = TokenFlexVLM.from_components(data_root / "tiny" / "vision", data_root / "tiny" / "qwen2")
     costs = {}
-    for stage, name in ((1, "align"), (2, "finetune")):
-        cfg = load_config(stage_config(stage), [f"data.shards={data_root / 'shards' / 'train'}"])
-        STAGES[name].freeze_backbones(model, cfg)
-        costs[stage] = {}
+    for name, (_, data) in RUNS.items():
+        cfg = run_config(name, [f"data.shards={data_root / 'shards' / data}"])
+        STAGES[cfg.train.stage].freeze_backbones(model, cfg)
+        costs[name] = {}
         for n in counts:
             samples = flops = 0.0
             for rank in range(ranks):
@@ -160,7 +157,7 @@ def per_step_costs(data_root, counts, ranks, batches=PACKER_BATCHES):
                     batch = stream.next_batch(n)
                     samples += batch.pop("stats")["num_samples"]
                     flops += step_flops(model, n, Work.of(batch, model.tokenizer.pad_token_id))[0]
-            costs[stage][n] = {"samples": samples / batches, "flops": flops / batches}
+            costs[name][n] = {"samples": samples / batches, "flops": flops / batches}
     return costs
 
 
@@ -179,20 +176,19 @@ def scaled_steps(base_steps, per_n, model):
 # ---- training and evaluation of one model and seed, reused when asked again ----
 
 def train(name, seed, data_root, run_dir, steps, ranks, env):
-    """Stage 1 then stage 2 of one model; returns its final model folder."""
+    """The runs of RUNS in order, for one model; returns its final model folder."""
     model = MODELS[name]
     counts_yaml = "{" + ", ".join(f"{n}: {w}" for n, w in model.counts.items()) + "}"
     shared = [f"tokens.counts={counts_yaml}", f"train.seed={seed}", f"data.seed={seed}", f"tokens.seed={seed}",
               f"train.loss_reduction={model.loss_reduction}", "wandb.mode=disabled"]
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    for stage in (1, 2):
-        overrides = [*shared, f"train.max_steps={steps[stage]}", f"train.save_every={steps[stage]}"]
-        if stage == 1:
+    for part in RUNS:
+        overrides = [*shared, f"train.max_steps={steps[part]}", f"train.save_every={steps[part]}"]
+        if part == "stage1":
             overrides.append(f"model.projector_options={{pooling: {model.pooling}}}")
-        run(f"{name}, seed {seed}: stage {stage}, {steps[stage]} steps",
-            stage_command(stage, data_root, run_dir / f"stage{stage}", ranks, *overrides), env,
-            log=run_dir / f"stage{stage}.log")
+        run(f"{name}, seed {seed}: {part}, {steps[part]} steps",
+            stage_command(part, data_root, run_dir / part, ranks, *overrides), env, log=run_dir / f"{part}.log")
     return run_dir / "stage2" / "final"
 
 
@@ -215,7 +211,7 @@ def trained_and_evaluated(name, seed, out, steps, counts, ranks, env):
         print(f"{name}, seed {seed}: reusing {run_dir}", flush=True)
     else:
         train(name, seed, out, run_dir, steps, ranks, env)
-        record = {"steps": steps_key, "trained": {str(s): run_totals(run_dir / f"stage{s}") for s in (1, 2)},
+        record = {"steps": steps_key, "trained": {part: run_totals(run_dir / part) for part in RUNS},
                   "results": []}
     missing = [n for n in counts if n not in {r["num_vision_tokens"] for r in record["results"]}]
     if missing:
@@ -337,11 +333,9 @@ def write_report(out, args, name, study, settings, records, wall_s):
     table = summarise(results, study.models, study.seeds)
     costs, test = settings["per_step"], settings["splits"]["test"]
     argv = " ".join(args.argv)
-    per_step = ", ".join(f"{n}: {v['samples']:.1f} samples, {v['flops'] / 1e9:.1f} GFLOP" for n, v in costs[2].items())
+    per_step = "; ".join(f"{part}: " + ", ".join(f"{n}: {v['samples']:.1f} samples, {v['flops'] / 1e9:.1f} GFLOP"
+                                                 for n, v in costs[part].items()) for part in RUNS if part != "stage1")
     base = settings["base_steps"]
-    cut = ("" if base[2] == settings["config_steps"] else
-           f"; configs/tiny_cpu_stage2.yaml says {settings['config_steps']}, cut so that all the studies fit in the "
-           f"time given (--stage2-steps)")
     trained = trained_means(records)
     header = [
         f"# Flex vs fixed, study `{name}`: {study.question} (tiny CPU models)\n",
@@ -352,12 +346,13 @@ def write_report(out, args, name, study, settings, records, wall_s):
         ),
         (
             f"Models: {', '.join(f'{m} {MODELS[m].describe()}' for m in study.models)}; seeds {study.seeds}. "
-            f"Training: configs/tiny_cpu_stage1.yaml then tiny_cpu_stage2.yaml, 2 ranks, {settings['splits']['train']} "
-            f"synthetic training records, the flex model's steps {base[1]} + {base[2]} (stage 1 + stage 2{cut}); "
+            f"Training: the demo's runs, {' then '.join(f'{part} ({RUNS[part][0]})' for part in RUNS)}, 2 ranks, "
+            f"{settings['splits']['train']} synthetic training records and {settings['splits']['train_fine']} "
+            f"fine-only ones, the flex model's steps {' + '.join(str(base[part]) for part in RUNS)} (the configs'); "
             f"the others' steps match its samples or, compute-matched, its useful training FLOPs: "
-            f"{', '.join(f'{m} {s[1]}+{s[2]}' for m, s in settings['steps'].items() if m in study.models)}. "
-            f"Per stage-2 step (both ranks) at N: {per_step}. "
-            f"Stage 2 as trained (mean over seeds): "
+            f"{', '.join(f'{m} ' + '+'.join(map(str, settings['steps'][m].values())) for m in study.models)}. "
+            f"Per step (both ranks) at N: {per_step}. "
+            f"Stage 2 as trained, both parts (mean over seeds): "
             f"{', '.join(f'{m} {v[0]:.0f} samples, {v[1] / 1e12:.1f} TFLOP' for m, v in trained.items())}.\n"
         ),
         (
@@ -389,12 +384,13 @@ def write_report(out, args, name, study, settings, records, wall_s):
 
 
 def trained_means(records):
-    """{model: (stage-2 samples, stage-2 useful FLOPs)}, mean over the records' seeds."""
+    """{model: (stage-2 samples, stage-2 useful FLOPs)}, both parts, mean over the records' seeds."""
     by_model = {}
     for record in records:
-        by_model.setdefault(record["results"][0]["study_model"], []).append(record["trained"]["2"])
-    return {m: (statistics.mean(t["samples"] for t in v), statistics.mean(t["useful_flops"] for t in v))
-            for m, v in by_model.items()}
+        parts = [record["trained"][part] for part in RUNS if part != "stage1"]
+        by_model.setdefault(record["results"][0]["study_model"], []).append(
+            (sum(t["samples"] for t in parts), sum(t["useful_flops"] for t in parts)))
+    return {m: (statistics.mean(t[0] for t in v), statistics.mean(t[1] for t in v)) for m, v in by_model.items()}
 
 
 def parse_args(argv):
@@ -406,13 +402,11 @@ def parse_args(argv):
     parser.add_argument("--seeds", help="comma-separated seeds for every study (default: each study's own)")
     parser.add_argument("--train-samples", type=int, default=10000, help="synthetic training records")
     parser.add_argument("--test-samples", type=int, default=1000, help="synthetic test records")
-    parser.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS,
-                        help="the flex model's stage-2 steps (default: %(default)s; configs/tiny_cpu_stage2.yaml "
-                             "has 900)")
     parser.add_argument("--ranks", type=int, default=2, help="training processes per run (default: 2)")
     parser.add_argument("--quick", action="store_true",
-                        help="each study's first two models only (main: flex and fixed16), seed 0, 2+4 steps, 240 "
-                             "training and 48 test records: checks the study runs end to end, measures nothing")
+                        help="each study's first two models only (main: flex and fixed16), seed 0, 2+4+4 steps, "
+                             "240 training records of each kind and 48 test records: checks the study runs end to "
+                             "end, measures nothing")
     parser.add_argument("--write-results", action="store_true", help="copy the results into bench/")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
@@ -420,8 +414,8 @@ def parse_args(argv):
     unknown = sorted(set(args.studies) - set(STUDIES))
     if unknown:
         parser.error(f"unknown study {unknown[0]}; choose from {', '.join(STUDIES)}")
-    if min(args.test_samples, args.train_samples, args.stage2_steps) < 1:
-        parser.error("--train-samples, --test-samples and --stage2-steps must be >= 1")
+    if min(args.test_samples, args.train_samples) < 1:
+        parser.error("--train-samples and --test-samples must be >= 1")
     return args
 
 
@@ -448,29 +442,27 @@ def main(argv=None):
     env = cpu_training_env()
     out.mkdir(parents=True, exist_ok=True)
     studies = studies_to_run(args)
-    splits = QUICK["splits"] if args.quick else {"train": args.train_samples, "validation": 300,
-                                                 "test": args.test_samples}
+    splits = QUICK["splits"] if args.quick else DATA_SIZES | {"train": args.train_samples, "validation": 300,
+                                                              "test": args.test_samples}
     data_settings = out / "data_settings.json"
     if not (data_settings.exists() and json.loads(data_settings.read_text()) == splits):
         make_models_and_data(out, splits, env, log_dir=out)
         data_settings.write_text(json.dumps(splits))
 
-    config_steps = load_config(stage_config(2)).train.max_steps
-    base = QUICK["steps"] if args.quick else {1: load_config(stage_config(1)).train.max_steps,
-                                              2: args.stage2_steps}
+    base = QUICK["steps"] if args.quick else {part: run_config(part).train.max_steps for part in RUNS}
     models = list(dict.fromkeys(m for study in studies.values() for m in study.models))
     costs = per_step_costs(out, sorted({n for m in models + ["flex"] for n in MODELS[m].counts}), args.ranks,
                            QUICK["packer_batches"] if args.quick else PACKER_BATCHES)
-    steps = {m: {s: scaled_steps(base[s], costs[s], MODELS[m]) for s in (1, 2)} for m in models}
-    planned = sum(steps[m][1] + steps[m][2] for study in studies.values() for m in set(study.models)
+    steps = {m: {part: scaled_steps(base[part], costs[part], MODELS[m]) for part in RUNS} for m in models}
+    planned = sum(sum(steps[m].values()) for study in studies.values() for m in set(study.models)
                   for _ in study.seeds)
-    print(f"per stage-2 step at N: {costs[2]}\nsteps per model (stage 1, stage 2): {steps}\n"
+    print(f"per step at N: {costs}\nsteps per model and run: {steps}\n"
           f"at most {planned} training steps in all (fewer where a study reuses another's models)", flush=True)
 
     settings = {"commit": commit, "date": datetime.date.today().isoformat(),
                 "machine": (f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores, no GPU (load average "
                             f"{load:.1f} at the start)"),
-                "splits": splits, "base_steps": base, "config_steps": config_steps, "steps": steps,
+                "splits": splits, "base_steps": base, "steps": steps,
                 "per_step": costs, "quick": args.quick}
     for name, study in studies.items():
         records = [trained_and_evaluated(m, seed, out, steps[m], study.counts, args.ranks, env)

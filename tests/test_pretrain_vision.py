@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
@@ -16,6 +17,7 @@ from tools.pretrain_vision import (
     COLOURS,
     KINDS,
     PRETRAINING_BACKGROUNDS,
+    SHOWN,
     patch_majority,
     pretrain_vision_tower,
     pretraining_scene,
@@ -67,11 +69,17 @@ def test_pretraining_learns_each_patch_colour():
     """80 short steps already tell most patches' colour on held-out scenes, those that objects
     cover too, where the heads of the untrained tower are at chance."""
     model, processor = tower()
-    learned = pretrain_vision_tower(model, processor, steps=80, scenes=400, batch=16, lr=5e-3, held_out=50)["held_out"]
+    report = pretrain_vision_tower(model, processor, steps=80, scenes=400, batch=16, lr=5e-3, held_out=50)
+    learned = report["held_out"]
     model, processor = tower()
     untrained = pretrain_vision_tower(model, processor, steps=0, scenes=16, batch=16, held_out=50)["held_out"]
     assert learned["colour_accuracy"] > 0.85 and learned["object_patch_colour_accuracy"] > 0.4
     assert untrained["colour_accuracy"] < 0.1 and untrained["object_patch_colour_accuracy"] < 0.1
+    # the figure's scenes are the held-out set's first, with what the heads read in their patches
+    pixels, colours, kinds = pretraining_set(SHOWN, "pretrain-held-out:0", 64, 4)
+    shown = report["shown"]
+    assert np.array_equal(shown["pixels"], pixels.permute(0, 2, 3, 1).numpy())
+    assert (shown["colour"] == colours.numpy()).mean() > 0.8 and (shown["kind"] == kinds.numpy()).mean() > 0.6
 
 
 def test_make_tiny_models_pretrains_the_tower_the_same_each_time_and_leaves_the_lms_as_they_were(tmp_path):
@@ -84,8 +92,11 @@ def test_make_tiny_models_pretrains_the_tower_the_same_each_time_and_leaves_the_
         pretrained, random_tower = (load_file(tmp_path / name / lm / "model.safetensors") for name in ("a", "random"))
         assert all(torch.equal(pretrained[k], random_tower[k]) for k in pretrained), lm
     report = json.loads((tmp_path / "a" / "vision" / "pretraining.json").read_text())
-    assert report["steps"] == 2 and report["seed"] == 0
+    assert report["steps"] == 2 and report["seed"] == 0 and "shown" not in report
+    with Image.open(tmp_path / "a" / "vision" / "pretraining.png") as figure:  # scenes beside what the heads read
+        assert figure.width > 500 and figure.height > 200 * SHOWN
     assert not (tmp_path / "random" / "vision" / "pretraining.json").exists()
+    assert not (tmp_path / "random" / "vision" / "pretraining.png").exists()
 
 
 def test_labels_are_the_pixels_colours_and_kinds():

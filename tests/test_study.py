@@ -66,9 +66,11 @@ def test_quick_study_trains_evaluates_on_the_test_split_and_reuses_its_models(tm
         (model, 0, n) for model in ("flex", "fixed16") for n in EVAL_COUNTS}
     assert all(r["samples"] == 48 for r in report["runs"])  # the test split, whole
     settings = report["settings"]
-    per_n = {int(n): v for n, v in settings["per_step"]["2"].items()}
+    per_n = {int(n): v for n, v in settings["per_step"]["stage2"].items()}
     assert per_n[16]["samples"] > per_n[64]["samples"] > per_n[144]["samples"]  # fewer slots: more samples a step
-    assert settings["steps"]["fixed16"]["2"] < settings["steps"]["flex"]["2"]
+    assert settings["steps"]["fixed16"]["stage2"] < settings["steps"]["flex"]["stage2"]
+    assert list(settings["steps"]["flex"]) == ["stage1", "stage2_fine", "stage2"]  # the demo's runs, in order
+    assert (tmp_path / "runs" / "fixed16-seed0" / "stage2_fine" / "final").is_dir()
     markdown = (tmp_path / "main" / "results.md").read_text()
     assert "fixed16 at N=16:" in markdown and "fixed16: flex ahead at" in markdown and "48 records" in markdown
     assert all(f"N={n}" in markdown for n in EVAL_COUNTS)
@@ -76,5 +78,5 @@ def test_quick_study_trains_evaluates_on_the_test_split_and_reuses_its_models(tm
     # an ablation in the same folder reuses the trained flex model instead of training it again
     result = subprocess.run(command + ["--studies", "weights"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "flex, seed 0: reusing" in result.stdout and "flex-235, seed 0: stage 2" in result.stdout
+    assert "flex, seed 0: reusing" in result.stdout and "flex-235, seed 0: stage2," in result.stdout
     assert "**flex-235 minus flex**" in (tmp_path / "weights" / "results.md").read_text()

@@ -50,6 +50,7 @@ BATCH = 64
 LR = 2e-3
 SCENES = 8000  # rendered once; 300 steps of 64 see each about 2.4 times
 HELD_OUT = 200  # scenes of another seed space, for the figures pretraining.json reports
+SHOWN = 4  # held-out scenes pretraining.png shows with what the heads read in each patch
 FEATURE_LAYER = -2  # the hidden state LLaVA-1.5 and this pipeline feed the projector (model.vision_feature_layer)
 
 
@@ -142,7 +143,9 @@ def pretrain_vision_tower(tower: nn.Module, image_processor, steps: int = STEPS,
                           held_out: int = HELD_OUT) -> dict:
     """Train the tower in place on the per-patch objective; returns what it learned: the heads'
     accuracy per patch on held-out scenes (colour on every patch and on the patches that objects
-    cover most of, kind), the last step's loss, the seconds it took."""
+    cover most of, kind), the last step's loss, the seconds it took, and under "shown" the first
+    SHOWN held-out scenes' pixels with the colour and kind the heads read in each patch (arrays,
+    for write_report's figure)."""
     started = time.perf_counter()
     size, patch = tower.config.image_size, tower.config.patch_size
     table = pixel_table(image_processor)
@@ -171,7 +174,8 @@ def pretrain_vision_tower(tower: nn.Module, image_processor, steps: int = STEPS,
                       "steps": steps, "batch": batch, "lr": lr,
                       "scenes": scenes, "seed": seed, "final_loss": round(loss.item(), 4)}
             if held_out:
-                report["held_out"] = held_out_accuracy(tower, heads, table, held_out, seed, size, patch)
+                report["held_out"], report["shown"] = held_out_accuracy(tower, heads, table, held_out, seed, size,
+                                                                        patch)
     finally:
         torch.set_num_threads(threads)
     report["seconds"] = round(time.perf_counter() - started, 1)
@@ -180,16 +184,57 @@ def pretrain_vision_tower(tower: nn.Module, image_processor, steps: int = STEPS,
 
 @torch.no_grad()
 def held_out_accuracy(tower: nn.Module, heads: PatchHeads, table: torch.Tensor, count: int, seed: int, size: int,
-                      patch: int) -> dict:
-    """The feature layer's heads per patch on count scenes of a seed space of their own."""
+                      patch: int) -> tuple[dict, dict]:
+    """The feature layer's heads per patch on count scenes of a seed space of their own: their
+    accuracies, and the first SHOWN scenes with the colour and kind read in each patch."""
     pixels, colours, kinds = pretraining_set(count, f"pretrain-held-out:{seed}", size, patch)
     hidden = features(tower, pixels, table)
-    colour_right = heads.colour(hidden).argmax(-1) == colours
+    colour_read, kind_read = heads.colour(hidden).argmax(-1), heads.kind(hidden).argmax(-1)
+    colour_right = colour_read == colours
     on_objects = kinds != 0  # patches mostly covered by an object, not by the background
-    return {"scenes": count, "colour_accuracy": round(colour_right.float().mean().item(), 4),
-            "object_patch_colour_accuracy": round(colour_right[on_objects].float().mean().item(), 4),
-            "kind_accuracy": round((heads.kind(hidden).argmax(-1) == kinds).float().mean().item(), 4)}
+    accuracy = {"scenes": count, "colour_accuracy": round(colour_right.float().mean().item(), 4),
+                "object_patch_colour_accuracy": round(colour_right[on_objects].float().mean().item(), 4),
+                "kind_accuracy": round((kind_read == kinds).float().mean().item(), 4)}
+    shown = {"pixels": pixels[:SHOWN].permute(0, 2, 3, 1).numpy(), "colour": colour_read[:SHOWN].numpy(),
+             "kind": kind_read[:SHOWN].numpy()}
+    return accuracy, shown
 
 
 def write_report(report: dict, folder: Path) -> None:
-    (Path(folder) / "pretraining.json").write_text(json.dumps(report, indent=1) + "\n")
+    """FOLDER/pretraining.json (the report's figures) and, after a held-out measurement,
+    pretraining.png: held-out scenes beside the colour and the kind the heads read in each patch."""
+    figures = {k: v for k, v in report.items() if k != "shown"}
+    (Path(folder) / "pretraining.json").write_text(json.dumps(figures, indent=1) + "\n")
+    if "shown" in report:
+        plot_patches_read(report["shown"], figures["held_out"], Path(folder) / "pretraining.png")
+
+
+def plot_patches_read(shown: dict, accuracy: dict, path: Path) -> None:
+    """One row per scene: the image, each patch painted the colour its head reads, and each patch
+    painted the kind read (a legend names them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.patches import Patch
+
+    palette = np.array(list(COLOURS.values()), dtype=np.uint8)
+    kind_palette = np.array([(255, 255, 255), (230, 120, 0), (40, 90, 200), (30, 150, 60)], dtype=np.uint8)
+    scenes, grid = shown["colour"].shape[0], math.isqrt(shown["colour"].shape[1])
+    fig, axes = plt.subplots(scenes, 3, figsize=(7, 2.4 * scenes + 0.6), squeeze=False)
+    titles = ("held-out scene", f"colour read per patch ({accuracy['colour_accuracy']:.0%} right)",
+              f"kind read per patch ({accuracy['kind_accuracy']:.0%} right)")
+    for row, axs in enumerate(axes):
+        panels = (shown["pixels"][row], palette[shown["colour"][row]].reshape(grid, grid, 3),
+                  kind_palette[shown["kind"][row]].reshape(grid, grid, 3))
+        for ax, panel, title in zip(axs, panels, titles, strict=True):
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=8)
+    fig.legend(handles=[Patch(facecolor=kind_palette[i] / 255, edgecolor="black", label=kind)
+                        for i, kind in enumerate(KINDS)], loc="lower center", ncol=len(KINDS), fontsize=8)
+    fig.suptitle(f"The tiny tower after pretraining, on held-out scenes ({accuracy['scenes']} measured)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
