@@ -29,7 +29,7 @@ from bench.flex_vs_fixed import git_commit
 from pipeline.eval.adaptive import DEFAULT_LADDER
 from pipeline.eval.adaptive_study import evaluate_adaptive
 from pipeline.run.config import load_config
-from tools.demo import REPO
+from tools.demo import REPO, RUNS
 from tools.evaluate import write_adaptive
 from tools.options import parse_token_counts
 from tools.report import goal_check
@@ -79,8 +79,8 @@ def header(report, args, commit, load, wall_s):
         (f"Command: `python -m bench.adaptive{' ' + argv if argv else ''}`, at commit {commit}, on {machine}, "
          f"{datetime.date.today().isoformat()}; {wall_s / 60:.0f} min for the evaluation (the model was trained "
          f"by tools.demo in {args.demo}, run in {result['dtype']}).\n"),
-        (f"The model: tools.demo's (configs/tiny_cpu_stage1.yaml then tiny_cpu_stage2.yaml, trained at N drawn "
-         f"from {load_config(REPO / 'configs' / 'tiny_cpu_stage2.yaml').tokens.counts} (count: weight)). The "
+        (f"The model: tools.demo's ({' then '.join(config for config, _ in RUNS.values())}, trained at N drawn "
+         f"from {load_config(REPO / RUNS['stage2'][0]).tokens.counts} (count: weight)). The "
          f"threshold is calibrated on the demo's validation split only; the figures below are on its test split "
          f"({samples} records, no scene or text question shared with training or validation). One accuracy "
          f"carries a sampling error of up to ±{100 * (0.25 / samples) ** 0.5:.1f} points (more per question type), "
