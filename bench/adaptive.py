@@ -77,7 +77,7 @@ def header(report, args, commit, load, wall_s):
     return "\n".join([
         "# Adaptive N on the demo's task (tiny CPU models)\n",
         (f"Command: `python -m bench.adaptive{' ' + argv if argv else ''}`, at commit {commit}, on {machine}, "
-         f"{datetime.date.today().isoformat()}; {wall_s / 60:.0f} min for the evaluation (the model was trained "
+         f"{datetime.date.today().isoformat()}; {wall_s:.0f} s for the evaluation (the model was trained "
          f"by tools.demo in {args.demo}, run in {result['dtype']}).\n"),
         (f"The model: tools.demo's ({' then '.join(config for config, _ in RUNS.values())}, trained at N drawn "
          f"from {load_config(REPO / RUNS['stage2'][0]).tokens.counts} (count: weight)). The "
