@@ -1,4 +1,4 @@
-"""The whole pipeline end to end on CPU, in a few minutes, with tiny real models:
+"""The whole pipeline end to end on CPU, in about a quarter of an hour, with tiny real models:
 
   tiny models -> synthetic shards -> stage 1 (2 ranks, ZeRO-3) -> stage 2 in two parts (2 ranks)
   -> checkpoint conversion -> greedy generation at N = 64, 144, 256 -> evaluation table and plot
